@@ -1,0 +1,87 @@
+"""The ``pomt`` command line: options -> validated config -> library call -> rendering.
+
+Each subcommand lives in ``pomt_cli.commands.<name>`` and is registered here. Commands
+parse and render; the library computes. Every user error reaches :func:`main` as a
+:class:`~pomt_cli.errors.PomtError` (or a click usage error) and is printed as one line
+on standard error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from pomt_cli import __version__
+from pomt_cli.errors import PomtError
+
+app = typer.Typer(
+    name="pomt",
+    help="Prune Vision Transformer tokens where the device's latency curve says it pays.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Typer may vendor click (typer._click) or use click itself: take the exception types from
+# wherever its BadParameter lives.
+_click_errors = sys.modules[typer.BadParameter.__module__]
+_UsageError = _click_errors.UsageError
+_ClickException = _click_errors.ClickException
+_NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pomt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Prune Vision Transformer tokens where the device's latency curve says it pays."""
+
+
+def _register() -> None:
+    from pomt_cli.commands import COMMANDS
+
+    for register in COMMANDS:
+        register(app)
+
+
+_register()
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` as one line on standard error and exit with code 2."""
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``pomt`` console script."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="pomt")
+    except PomtError as exc:
+        fail(str(exc))
+    except _NoArgsIsHelp as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else "")
+        sys.exit(0)
+    except _UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "pomt"
+        fail(f"{exc.format_message()} (see `{command} --help`)")
+    except _ClickException as exc:
+        fail(exc.format_message())
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
