@@ -1,0 +1,80 @@
+"""The shared core: prune (POMT, Top-K) or merge (ToMe) tokens inside timm ViTs, in place.
+
+>>> apply(model, "pomt", r=56, layer=3)   # prune 56 tokens once, in block 3
+>>> apply(model, "tome", r=8)             # merge 8 tokens in every block
+>>> apply(model, "topk", r=[8] * 12)      # prune 8 tokens in every block
+>>> remove(model)                         # back to the original model
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from pomt_cli.pruning.geometry import TokenGeometry, forward_kept, geometry
+from pomt_cli.pruning.ideal import forward_ideal
+from pomt_cli.pruning.patch import METHODS, attach, detach, plan_blocks
+
+__all__ = [
+    "METHODS",
+    "TokenGeometry",
+    "apply",
+    "forward_ideal",
+    "forward_kept",
+    "geometry",
+    "planned_token_counts",
+    "remove",
+    "token_counts",
+]
+
+R = int | Sequence[int] | tuple[int, float]
+
+
+def apply(model: nn.Module, method: str, r: R = 0, layer: int = 3) -> nn.Module:
+    """Patch ``model`` in place to reduce tokens with ``method``; returns the model.
+
+    Args:
+        model: a timm VisionTransformer (vit_*, deit_* incl. distilled, *_dinov2, *_reg4_dinov2).
+        method: ``"none"`` (undo any patch), ``"pomt"``, ``"tome"`` or ``"topk"``.
+        r: POMT: tokens pruned once, in block ``layer``. ToMe: tokens merged per block, an
+            int, a list with one entry per block, or ``(r, inflection)``. Top-K: tokens
+            pruned per block, an int or a list with one entry per block.
+        layer: the block where POMT prunes.
+
+    Raises:
+        ValueError: unsupported model, unknown method, r too large or layer out of range.
+    """
+    g = geometry(model)
+    plans, counts = plan_blocks(g, method, r, layer)
+    detach(model)
+    if method != "none":
+        attach(model, plans)
+        model.pomt_config = {"method": method, "r": r, "layer": layer, "planned_tokens": counts}
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the model behaves as before; returns it."""
+    detach(model)
+    return model
+
+
+def planned_token_counts(model: nn.Module) -> list[int]:
+    """Tokens entering each block, then tokens leaving the last, as the patch plans them."""
+    config = getattr(model, "pomt_config", None)
+    if config is not None:
+        return list(config["planned_tokens"])
+    g = geometry(model)
+    return [g.num_tokens] * (g.num_blocks + 1)
+
+
+def token_counts(model: nn.Module) -> list[int]:
+    """Tokens entering each block in the last forward pass, then tokens leaving the last block.
+
+    For an unpatched model (or before the first forward pass) this is the planned count.
+    """
+    seen = [getattr(blk, "pomt_tokens", None) for blk in model.blocks]
+    if any(s is None for s in seen):
+        return planned_token_counts(model)
+    return [s[0] for s in seen] + [seen[-1][1]]

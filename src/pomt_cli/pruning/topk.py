@@ -1,0 +1,45 @@
+"""Top-K pruning: keep the tokens the class token attends to most.
+
+Pure tensor functions; :mod:`pomt_cli.pruning.patch` attaches them to timm blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int) -> torch.Tensor:
+    """The class token's attention to each non-prefix token, averaged over heads.
+
+    Only the class token's row of the attention matrix is computed.
+
+    Args:
+        q: (B, H, N, D) queries; the class token is token 0.
+        k: (B, H, N, D) keys.
+        scale: the attention's logit scale (head_dim ** -0.5).
+        num_prefix: p.
+
+    Returns:
+        (B, N - p) float32 scores.
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
+
+
+def keep_top(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int) -> torch.Tensor:
+    """Keep the prefix tokens and the N - r - p highest-scoring others, in their original order.
+
+    Args:
+        x: (B, N, C) tokens.
+        scores: (B, N - p) scores of the non-prefix tokens.
+        r: tokens to remove.
+        num_prefix: p.
+
+    Returns:
+        (B, N - r, C).
+    """
+    B, N, C = x.shape
+    p = num_prefix
+    kept_idx = scores.topk(N - r - p, dim=-1, sorted=False).indices.sort(dim=-1).values + p
+    index = torch.cat([torch.arange(p, device=x.device).expand(B, p), kept_idx], dim=1)
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, C))
