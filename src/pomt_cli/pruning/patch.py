@@ -186,8 +186,9 @@ def plan_blocks(
         limit = (n - p) // 2 if method == "tome" else n - p - 1
         if ri > limit:
             what = "merged (ToMe merges at most half of the non-prefix tokens)" if method == "tome" else "pruned"
+            where = "" if n == g.num_tokens else f" left at block {i}"
             raise ValueError(
-                f"r={ri} is too large: {g.name} has {n} tokens ({p} prefix) at block {i}, "
+                f"r={ri} is too large: {g.name} has {n} tokens ({p} prefix){where}, "
                 f"at most {limit} can be {what} at block {i}"
             )
         counts.append(n - ri)
