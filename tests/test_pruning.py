@@ -257,3 +257,49 @@ def test_ideal_and_kept_forwards_match_the_model_at_full_count():
         torch.testing.assert_close(forward_ideal(model, x, [18] * 4), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(forward_kept(model, x, torch.arange(16)), expected, rtol=1e-5, atol=1e-6)
         assert forward_kept(model, x, torch.tensor([[0, 5], [3, 1]])).shape == expected.shape
+
+
+def _tome_reference(model, x, r: int) -> torch.Tensor:
+    """ToMe written out per image from its definition, with explicit attention everywhere."""
+    p = model.num_prefix_tokens
+    outputs = []
+    for img in x:
+        t = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]
+        size = torch.ones(t.shape[0])
+        for blk in model.blocks:
+            a_mod = blk.attn
+            N, C = t.shape
+            h = blk.norm1(t)
+            q, k, v = a_mod.qkv(h).reshape(N, 3, a_mod.num_heads, a_mod.head_dim).permute(1, 2, 0, 3)
+            logits = q @ k.transpose(-2, -1) / a_mod.head_dim**0.5 + size.log()  # proportional attention
+            out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(N, C)
+            t = t + blk.ls1(a_mod.proj(out))
+            metric = k.mean(0)
+            a_idx, b_idx = list(range(p, N, 2)), list(range(p + 1, N, 2))
+            cos = F.normalize(metric[a_idx], dim=-1) @ F.normalize(metric[b_idx], dim=-1).T
+            best, partner = cos.max(-1)
+            merged = torch.argsort(best, descending=True)[:r].tolist()
+            new_t, new_size = {}, {}
+            for j, i in enumerate(b_idx):
+                new_t[i], new_size[i] = t[i] * size[i], size[i]
+            for j in merged:
+                i, dst = a_idx[j], b_idx[partner[j]]
+                new_t[dst] = new_t[dst] + t[i] * size[i]
+                new_size[dst] = new_size[dst] + size[i]
+            keep_a = [a_idx[j] for j in range(len(a_idx)) if j not in merged]
+            order = list(range(p)) + keep_a + b_idx
+            t = torch.stack([new_t[i] / new_size[i] if i in new_t else t[i] for i in order])
+            size = torch.stack([new_size[i] if i in new_size else size[i] for i in order])
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        outputs.append(model.forward_head(model.norm(t[None])))
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2_reg4"])
+def test_tome_matches_its_definition(name):
+    model = family(name)
+    x = images(2, seed=11)
+    with torch.no_grad():
+        expected = _tome_reference(model, x, r=3)
+        actual = apply(model, "tome", r=3)(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)

@@ -54,14 +54,16 @@ def bipartite_matching(
 
     Returns:
         ``(merged, partner, unmerged)``: (B, r) indices into A of the merged tokens, (B, r)
-        indices into B of their partners, (B, |A| - r) indices into A of the tokens kept.
+        indices into B of their partners, (B, |A| - r) indices into A of the tokens kept,
+        in ascending order.
     """
     m = metric[:, num_prefix:].float()
     m = m / m.norm(dim=-1, keepdim=True)
     similarity = m[:, 0::2] @ m[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|)
     best, partner = similarity.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
-    merged, unmerged = order[:, :r], order[:, r:]
+    # Unmerged A tokens keep their original order, so the next block's alternation stays spatial.
+    merged, unmerged = order[:, :r], order[:, r:].sort(dim=-1).values
     return merged, partner.gather(1, merged), unmerged
 
 
