@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.models.vision_transformer import Attention
 from torch import nn
 
 from pomt_cli.pruning import pomt, tome, topk
@@ -42,9 +42,10 @@ def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _project(attn: Attention, o: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) attention output -> (B, N, C), as timm's Attention finishes."""
-    B, _, N, _ = o.shape
-    o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
-    return attn.proj_drop(attn.proj(attn.norm(o)))
+    B, H, N, D = o.shape
+    o = o.transpose(1, 2).reshape(B, N, H * D)
+    norm = getattr(attn, "norm", None)  # scale_norm; absent in early timm 1.0 releases
+    return attn.proj_drop(attn.proj(o if norm is None else norm(o)))
 
 
 def _fused(attn: Attention, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ def importance(attn: torch.Tensor, v: torch.Tensor, num_prefix: int) -> torch.Te
     """
     p = num_prefix
     # Attention received: max over heads, non-prefix queries and keys, sum over queries.
-    received = attn.amax(dim=1)[:, p:, p:].float().sum(dim=1)
+    received = attn.amax(dim=1)[:, p:, p:].sum(dim=1, dtype=torch.float32)
     received = received / received.amax(dim=-1, keepdim=True)
     # Value magnitude: max over heads, sum over features, softmax over all N tokens.
     magnitude = v.amax(dim=1).float().sum(dim=-1).softmax(dim=-1)[:, p:]
