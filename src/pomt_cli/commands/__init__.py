@@ -7,3 +7,8 @@ from collections.abc import Callable
 import typer
 
 COMMANDS: list[Callable[[typer.Typer], None]] = []
+
+from pomt_cli.commands import profile  # noqa: E402
+COMMANDS.append(profile.register)
+from pomt_cli.commands import clocks  # noqa: E402
+COMMANDS.append(clocks.register)

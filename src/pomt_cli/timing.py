@@ -1,0 +1,345 @@
+"""The timing engine: how long one call takes on a device, with its uncertainty.
+
+:func:`measure` times a zero-argument callable (one forward pass) and returns a
+:class:`Measurement`: the median, p10 and p90 of the per-call times, a 95% confidence
+interval of the median, the sample count, the raw samples and how the run ended.
+
+- CUDA: events recorded on the stream around every call, read after one synchronisation
+  per chunk of calls; optionally the call is captured once in a CUDA graph (warmed up on
+  a side stream first) and the graph's replays are timed, which removes the CPU's launch
+  overhead. CPU and MPS: ``time.perf_counter`` around each call, with a device
+  synchronisation on MPS.
+- Repetitions are adaptive: after ``min_samples`` calls the engine stops as soon as the
+  confidence interval of the median lies within ``rel_precision`` of the median, or when
+  the time budget is spent. The interval comes from order statistics (the binomial
+  distribution of the number of samples below the median), so it needs no bootstrap and
+  no assumption about the shape of the noise.
+- Running out of memory is a result (status ``"oom"``), not a crash.
+
+A measurement is a value with its context, in the spirit of ``torch.utils.benchmark``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from statistics import NormalDist
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["ok", "budget", "oom"]
+Mode = Literal["eager", "cuda_graph"]
+
+#: The most calls timed between two synchronisations on CUDA.
+MAX_CHUNK = 256
+
+
+class Measurement(BaseModel):
+    """The time of one call, measured many times.
+
+    Statistics are in milliseconds per call and ``None`` when there are no samples
+    (status ``"oom"``). ``status`` is ``"ok"`` when the confidence interval of the median
+    reached the requested precision, ``"budget"`` when the time budget (or
+    ``max_samples``) ran out first, and ``"oom"`` when the call ran out of memory.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    status: Status
+    mode: Mode
+    samples: int = Field(description="timed calls")
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    ci_low_ms: float | None = Field(None, description="lower end of the CI of the median")
+    ci_high_ms: float | None = Field(None, description="upper end of the CI of the median")
+    mean_ms: float | None = None
+    std_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    confidence: float = 0.95
+    rel_precision: float = Field(description="the precision asked for (half-width / median)")
+    warmup_calls: int = 0
+    elapsed_s: float = Field(description="wall time spent, warm-up and capture included")
+    raw_ms: list[float] = Field(default_factory=list, description="per-call times in the order taken")
+    error: str | None = Field(None, description="the out-of-memory message, for status oom")
+
+    @property
+    def rel_halfwidth(self) -> float | None:
+        """The larger distance from the median to an end of its CI, relative to the median."""
+        if self.median_ms is None or self.ci_low_ms is None or self.ci_high_ms is None or self.median_ms <= 0:
+            return None
+        return max(self.median_ms - self.ci_low_ms, self.ci_high_ms - self.median_ms) / self.median_ms
+
+
+def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
+    """0-based ranks (lo, hi) of the sorted samples bounding the median with ``confidence``.
+
+    The number of samples below the true median is Binomial(n, 1/2), so the interval
+    ``[x_(j), x_(n-1-j)]`` (0-based) covers it with probability ``1 - 2 P(B <= j)``; ``j`` is
+    the largest rank that keeps that at least ``confidence``. Exact for ``n <= 1000``,
+    the normal approximation beyond. ``None`` when ``n`` is too small for any interval
+    (``n < 6`` at 95%).
+    """
+    tail = (1.0 - confidence) / 2.0
+    if n <= 0:
+        return None
+    if n <= 1000:
+        total = 2**n
+        cdf = 0
+        j = -1
+        for i in range(n // 2 + 1):
+            cdf += math.comb(n, i)
+            if cdf / total > tail:
+                break
+            j = i
+        if j < 0:
+            return None
+        return j, n - 1 - j
+    z = NormalDist().inv_cdf(1.0 - tail)
+    j = int(math.floor(n / 2.0 - z * math.sqrt(n) / 2.0)) - 1
+    return max(j, 0), n - 1 - max(j, 0)
+
+
+def summarize(
+    raw_ms: list[float],
+    *,
+    status: Status,
+    mode: Mode,
+    rel_precision: float,
+    warmup_calls: int = 0,
+    elapsed_s: float = 0.0,
+    confidence: float = 0.95,
+) -> Measurement:
+    """A :class:`Measurement` from per-call times in milliseconds (any order)."""
+    if not raw_ms:
+        return Measurement(status=status, mode=mode, samples=0, rel_precision=rel_precision,
+                           warmup_calls=warmup_calls, elapsed_s=elapsed_s, confidence=confidence)
+    values = np.asarray(raw_ms, dtype=np.float64)
+    ordered = np.sort(values)
+    ranks = median_ci_ranks(len(ordered), confidence)
+    lo, hi = (float(ordered[ranks[0]]), float(ordered[ranks[1]])) if ranks else (None, None)
+    p10, median, p90 = np.percentile(values, [10, 50, 90])
+    return Measurement(
+        status=status,
+        mode=mode,
+        samples=len(values),
+        median_ms=float(median),
+        p10_ms=float(p10),
+        p90_ms=float(p90),
+        ci_low_ms=lo,
+        ci_high_ms=hi,
+        mean_ms=float(values.mean()),
+        std_ms=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        min_ms=float(ordered[0]),
+        max_ms=float(ordered[-1]),
+        confidence=confidence,
+        rel_precision=rel_precision,
+        warmup_calls=warmup_calls,
+        elapsed_s=elapsed_s,
+        raw_ms=[float(v) for v in values],
+    )
+
+
+def precise_enough(ordered_ms: np.ndarray, rel_precision: float, confidence: float = 0.95) -> bool:
+    """Whether the CI of the median of the sorted samples lies within ``rel_precision`` of it."""
+    ranks = median_ci_ranks(len(ordered_ms), confidence)
+    if ranks is None:
+        return False
+    median = float(np.median(ordered_ms))
+    if median <= 0:
+        return False
+    lo, hi = float(ordered_ms[ranks[0]]), float(ordered_ms[ranks[1]])
+    return max(median - lo, hi - median) <= rel_precision * median
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says a device (CUDA, MPS, CPU) ran out of memory."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return "out of memory" in text or "can't allocate memory" in text
+    return False
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for all work queued on ``device`` (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect garbage and return cached blocks to the device, after an out-of-memory error."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Keep Python's garbage collector from running inside timed calls (as timeit does)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _time_with_clock(fn: Callable[[], Any], count: int, device: torch.device,
+                     clock: Callable[[], float]) -> list[float]:
+    """Per-call milliseconds from a host clock, synchronising the device after each call."""
+    out = []
+    for _ in range(count):
+        start = clock()
+        fn()
+        synchronize(device)
+        out.append((clock() - start) * 1e3)
+    return out
+
+
+def _time_with_events(fn: Callable[[], Any], count: int, device: torch.device) -> list[float]:
+    """Per-call milliseconds from CUDA events around each call; one synchronisation per chunk.
+
+    Calls are queued back to back, so the device never idles between them for the host's
+    sake; each call's time is the interval between its own two events on the stream.
+    """
+    stream = torch.cuda.current_stream(device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+    for start, end in zip(starts, ends):
+        start.record(stream)
+        fn()
+        end.record(stream)
+    ends[-1].synchronize()
+    return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+
+def _capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after ``warmup`` calls on a side stream.
+
+    ``fn`` must read and write only tensors that outlive the graph (its inputs are
+    captured by address, as CUDA graphs require).
+    """
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    synchronize(device)
+    return graph
+
+
+def measure(
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | str,
+    rel_precision: float = 0.01,
+    budget_s: float = 1.0,
+    min_samples: int = 10,
+    max_samples: int = 10_000,
+    warmup: int = 3,
+    cuda_graphs: bool = False,
+    confidence: float = 0.95,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Measurement:
+    """Time ``fn()`` on ``device`` until the median is known to ``rel_precision`` or ``budget_s`` is spent.
+
+    Args:
+        fn: one call of the workload, e.g. a forward pass on fixed input tensors. Run it
+            under ``torch.inference_mode()`` if it should not record autograd history.
+        device: where ``fn`` runs; decides the timer (CUDA events, or ``clock`` with a
+            device synchronisation).
+        rel_precision: stop once the CI of the median lies within this fraction of it.
+        budget_s: wall-clock seconds for this measurement, warm-up included. At least
+            one sample is always taken.
+        min_samples: the fewest timed calls before the precision rule may stop.
+        max_samples: the most timed calls.
+        warmup: untimed calls first (at least one; fewer when they would eat more than a
+            quarter of the budget). With ``cuda_graphs`` they run on a side stream before
+            the capture.
+        cuda_graphs: capture ``fn`` once in a CUDA graph and time its replays (CUDA only).
+        confidence: the confidence level of the interval of the median.
+        clock: the host clock for CPU/MPS timing and for the budget (seconds). Tests pass
+            a fake clock that ``fn`` advances.
+
+    Raises:
+        ValueError: ``cuda_graphs`` on a device other than CUDA, or a parameter out of range.
+        Exception: whatever ``fn`` raises, except running out of memory.
+    """
+    device = torch.device(device)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+    if not 0 < rel_precision < 1:
+        raise ValueError(f"rel_precision must lie in (0, 1), got {rel_precision}")
+    if budget_s <= 0 or min_samples < 1 or max_samples < min_samples or warmup < 0:
+        raise ValueError("budget_s must be positive and 1 <= min_samples <= max_samples, warmup >= 0")
+    mode: Mode = "cuda_graph" if cuda_graphs else "eager"
+    began = clock()
+    samples: list[float] = []
+    warm = 0
+    oom_message: str | None = None
+
+    def elapsed() -> float:
+        return clock() - began
+
+    try:
+        with _gc_paused():
+            timed = fn
+            estimate_ms = 0.0
+            if cuda_graphs:
+                graph = _capture_graph(fn, device, warmup)
+                timed = graph.replay
+                warm = max(1, warmup)
+            while warm < max(1, warmup) and not (warm >= 1 and elapsed() > budget_s / 4):
+                estimate_ms = _time_with_clock(timed, 1, device, clock)[0]
+                warm += 1
+            if cuda_graphs:
+                estimate_ms = _time_with_clock(timed, 1, device, clock)[0]  # one replay untimed
+            status: Status = "budget"
+            while True:
+                remaining_ms = (budget_s - elapsed()) * 1e3
+                if samples and remaining_ms <= 0:
+                    break
+                wanted = min_samples - len(samples) if len(samples) < min_samples else math.ceil(len(samples) / 4)
+                fits = int(remaining_ms // estimate_ms) if estimate_ms > 0 else wanted
+                count = max(1, min(wanted, fits, max_samples - len(samples), MAX_CHUNK))
+                if device.type == "cuda":
+                    samples.extend(_time_with_events(timed, count, device))
+                else:
+                    samples.extend(_time_with_clock(timed, count, device, clock))
+                ordered = np.sort(np.asarray(samples))
+                estimate_ms = float(np.median(ordered))
+                if len(samples) >= min_samples and precise_enough(ordered, rel_precision, confidence):
+                    status = "ok"
+                    break
+                if len(samples) >= max_samples:
+                    break
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        oom_message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if oom_message is not None:
+        # Outside the except block, so the traceback's frames (and their tensors) are gone.
+        release_memory(device)
+        return Measurement(status="oom", mode=mode, samples=0, rel_precision=rel_precision,
+                           warmup_calls=warm, elapsed_s=elapsed(), confidence=confidence, error=oom_message)
+    return summarize(samples, status=status, mode=mode, rel_precision=rel_precision,
+                     warmup_calls=warm, elapsed_s=elapsed(), confidence=confidence)

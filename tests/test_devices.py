@@ -1,0 +1,340 @@
+"""Device presets and the clock helper, run for real against fake nvidia-smi, nvpmodel,
+jetson_clocks and cpupower executables put first on PATH that record their arguments.
+
+Nothing here touches a real clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pomt_cli.cli import main
+from pomt_cli.devices import (
+    ClockController,
+    load_preset,
+    locked_clocks,
+    preset_names,
+    resolve_torch_device,
+)
+from pomt_cli.errors import PomtError
+
+PRESETS = {"a100", "cpu", "h100", "nvidia", "orin", "tx2", "xavier"}
+
+FAKE_TOOL = """#!/bin/sh
+echo "$(basename "$0")${*:+ $*}" >> "$FAKE_LOG"
+if [ -n "$FAKE_FAIL" ]; then
+  case "$(basename "$0") $*" in *"$FAKE_FAIL"*) echo "fake failure: insufficient permissions" >&2; exit 3;; esac
+fi
+"""
+FAKE_OUTPUT = {
+    "nvidia-smi": """case "$*" in
+  *clocks.max.graphics,clocks.max.memory*) echo "1980, 2619";;
+  *clocks.max.graphics*) echo "1980";;
+  *--query-gpu=name*) echo "name, pstate, clocks.current.graphics [MHz]"; echo "NVIDIA Fake, P0, 1980 MHz";;
+esac
+""",
+    "nvpmodel": """case "$*" in -q) printf 'NV Fan Mode:quiet\\nNV Power Mode: MODE_30W\\n2\\n';; esac
+""",
+    "jetson_clocks": """case "$*" in --show) echo "SOC family:tegra234  Machine:Fake Orin";; esac
+""",
+    "cpupower": "",
+}
+
+
+class FakeTools:
+    """Fake clock tools in ``bin``; each call appends ``tool args`` to ``log``."""
+
+    def __init__(self, root: Path) -> None:
+        self.bin = root / "bin"
+        self.bin.mkdir()
+        self.log = root / "calls.log"
+        self.log.touch()
+        self.state = root / "state"
+        for name, body in FAKE_OUTPUT.items():
+            path = self.bin / name
+            path.write_text(FAKE_TOOL + body)
+            path.chmod(0o755)
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """An environment for subprocesses: the fakes first on PATH, the state folder, the log."""
+        env = dict(os.environ)
+        env.update(PATH=f"{self.bin}{os.pathsep}{env['PATH']}", FAKE_LOG=str(self.log),
+                   POMT_STATE_DIR=str(self.state), **extra)
+        return env
+
+    def remove(self, name: str) -> None:
+        (self.bin / name).unlink()
+
+
+@pytest.fixture
+def fake_tools(tmp_path, monkeypatch) -> FakeTools:
+    """Fake tools on PATH for this process; root is assumed (os.geteuid patched to 0)."""
+    tools = FakeTools(tmp_path)
+    for key, value in tools.env().items():
+        if key in ("PATH", "FAKE_LOG", "POMT_STATE_DIR"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    return tools
+
+
+def preset_file(tmp_path: Path, name: str, *, needs_root: bool = False, requires_path: str | None = None) -> Path:
+    """A copy of a bundled preset as a file, with ``needs_root`` and ``requires_path`` replaced."""
+    text = (Path(__file__).parents[1] / "src/pomt_cli/configs/devices" / f"{name}.toml").read_text()
+    text = text.replace("needs_root = true", f"needs_root = {str(needs_root).lower()}")
+    if requires_path is not None:
+        text = "\n".join(
+            f'requires_path = "{requires_path}"' if line.startswith("requires_path") else line
+            for line in text.splitlines()
+        )
+    path = tmp_path / f"fake-{name}.toml"
+    path.write_text(text)
+    return path
+
+
+ORIN_LOCK = ["nvpmodel -q", "jetson_clocks --store {s}/jetson_clocks.conf", "nvpmodel -m 0", "jetson_clocks"]
+ORIN_STATUS = ["nvpmodel -q", "jetson_clocks --show"]
+ORIN_RESTORE = ["nvpmodel -m 2", "jetson_clocks --restore {s}/jetson_clocks.conf"]
+
+
+def expand(lines: list[str], state_dir: Path) -> list[str]:
+    return [line.format(s=state_dir) for line in lines]
+
+
+def test_bundled_presets_load_and_validate():
+    assert set(preset_names()) == PRESETS
+    for name in PRESETS:
+        preset = load_preset(name)
+        assert preset.name == name and preset.display_name
+        assert torch.device(preset.torch_device).type in ("cuda", "cpu")
+        assert preset.clocks.lock and preset.clocks.restore and preset.clocks.status
+    assert load_preset("orin").clocks.read[0].names == ["nvpmodel_mode"]
+    assert load_preset("nvidia").clocks.read[0].names == ["max_graphics", "max_memory"]
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(PomtError, match="unknown device 'jetson-nano'.*a100, cpu, h100, nvidia, orin, tx2, xavier"):
+        load_preset("jetson-nano")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("display_name = 'x'\ntorch_device = [", "not valid TOML"),
+        ("display_name = 'x'\ntorch_device = 'cpu'\n", "invalid at clocks"),
+        ("display_name = 'x'\ntorch_device = 'cpu'\ncolour = 1\n[clocks]\nlock = [['a']]\nrestore = [['b']]\n",
+         "invalid at colour"),
+        ("display_name = 'x'\ntorch_device = 'cpu'\n[clocks]\nlock = [['a', '{mode}']]\nrestore = [['b']]\n",
+         "mode"),
+        ("display_name = 'x'\ntorch_device = 'cpu'\n[clocks]\nread = [{argv = ['q'], pattern = '\\d+'}]\n"
+         "lock = [['a']]\nrestore = [['b']]\n", "named group"),
+    ],
+)
+def test_preset_files_are_validated(tmp_path, text, message):
+    path = tmp_path / "custom.toml"
+    path.write_text(text)
+    with pytest.raises(PomtError, match=message):
+        load_preset(str(path))
+
+
+def test_preset_from_a_path(tmp_path):
+    preset = load_preset(str(preset_file(tmp_path, "nvidia")))
+    assert preset.name == "fake-nvidia" and not preset.clocks.needs_root
+
+
+def test_resolve_torch_device():
+    assert resolve_torch_device("cpu") == torch.device("cpu")
+    with pytest.raises(PomtError, match="not a device name"):
+        resolve_torch_device("gpu please")
+    if not torch.cuda.is_available():
+        with pytest.raises(PomtError, match="CUDA is not available"):
+            resolve_torch_device("cuda")
+
+
+def test_orin_lock_and_restore_run_in_order_with_the_saved_mode(fake_tools):
+    ctl = ClockController(load_preset("orin"), "cpu")
+    with locked_clocks(load_preset("orin"), torch_device="cpu") as state:
+        assert state.mode == "locked" and state.locked
+        assert state.values == {"nvpmodel_mode": "2"}
+        assert "Fake Orin" in state.status
+        saved = json.loads(ctl.state_file.read_text())
+        assert saved["values"] == {"nvpmodel_mode": "2"}
+        assert fake_tools.calls() == expand(ORIN_LOCK + ORIN_STATUS, ctl.state_dir)
+    assert fake_tools.calls() == expand(ORIN_LOCK + ORIN_STATUS + ORIN_RESTORE, ctl.state_dir)
+    assert not ctl.state_file.exists()
+
+
+def test_nvidia_locks_graphics_and_memory_at_their_maximum(fake_tools):
+    with locked_clocks(load_preset("nvidia"), torch_device="cpu") as state:
+        assert state.values == {"max_graphics": "1980", "max_memory": "2619"}
+    calls = fake_tools.calls()
+    assert calls[1:3] == ["nvidia-smi -i 0 --lock-gpu-clocks=1980,1980", "nvidia-smi -i 0 --lock-memory-clocks=2619,2619"]
+    assert calls[-2:] == ["nvidia-smi -i 0 --reset-gpu-clocks", "nvidia-smi -i 0 --reset-memory-clocks"]
+
+
+def test_restore_runs_after_an_exception(fake_tools):
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        with locked_clocks(load_preset("h100"), torch_device="cpu"):
+            raise RuntimeError("measurement failed")
+    calls = fake_tools.calls()
+    assert calls[1] == "nvidia-smi -i 0 --lock-gpu-clocks=1980,1980"
+    assert calls[-1] == "nvidia-smi -i 0 --reset-gpu-clocks"
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, time
+from pomt_cli.devices import load_preset, locked_clocks
+with locked_clocks(load_preset(sys.argv[1]), torch_device="cpu"):
+    print("locked", flush=True)
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    time.sleep(30)
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("sig, returncode", [("SIGINT", (130, -signal.SIGINT)), ("SIGTERM", (143,))])
+def test_restore_runs_after_a_signal(tmp_path, sig, returncode):
+    tools = FakeTools(tmp_path)
+    preset = preset_file(tmp_path, "orin")
+    done = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, str(preset), sig], env=tools.env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode in returncode, done.stderr
+    assert "locked" in done.stdout and "not reached" not in done.stdout
+    state_dir = tools.state / "clocks" / "fake-orin"
+    assert tools.calls() == expand(ORIN_LOCK + ORIN_STATUS + ORIN_RESTORE, state_dir)
+    assert not (state_dir / "state.json").exists()
+
+
+def test_missing_tool_changes_nothing_and_names_the_commands(fake_tools):
+    fake_tools.remove("jetson_clocks")
+    with pytest.raises(PomtError) as err:
+        with locked_clocks(load_preset("orin"), torch_device="cpu"):
+            pytest.fail("must not get here")
+    message = str(err.value)
+    assert "jetson_clocks, not found on PATH" in message and "\n" not in message
+    assert "sudo nvpmodel -m 0 && sudo jetson_clocks" in message and "--no-lock-clocks" in message
+    assert fake_tools.calls() == []
+
+
+def test_missing_root_changes_nothing(fake_tools, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(PomtError, match=r"needs root: run `sudo pomt clocks lock --device a100`"):
+        with locked_clocks(load_preset("a100"), torch_device="cpu"):
+            pytest.fail("must not get here")
+    assert fake_tools.calls() == []
+
+
+def test_a_failing_lock_command_is_undone(fake_tools, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "nvpmodel -m 0")
+    ctl = ClockController(load_preset("orin"), "cpu")
+    with pytest.raises(PomtError, match=r"`nvpmodel -m 0` failed \(exit 3: fake failure"):
+        with locked_clocks(load_preset("orin"), torch_device="cpu"):
+            pytest.fail("must not get here")
+    assert fake_tools.calls() == expand(ORIN_LOCK[:3] + ORIN_RESTORE, ctl.state_dir)
+    assert not ctl.state_file.exists()
+
+
+def test_unparseable_read_changes_nothing(fake_tools, tmp_path):
+    (fake_tools.bin / "nvpmodel").write_text(FAKE_TOOL + "echo 'NV Power Mode: unknown'\n")
+    with pytest.raises(PomtError, match="does not match"):
+        with locked_clocks(load_preset("orin"), torch_device="cpu"):
+            pytest.fail("must not get here")
+    assert fake_tools.calls() == ["nvpmodel -q"]
+
+
+def test_unlocked_and_already_locked_run_no_lock_commands(fake_tools):
+    with locked_clocks(load_preset("orin"), torch_device="cpu", enabled=False) as state:
+        assert state.mode == "unlocked" and not state.locked
+    assert fake_tools.calls() == ORIN_STATUS
+    ctl = ClockController(load_preset("orin"), "cpu")
+    ctl.lock()
+    before = len(fake_tools.calls())
+    with locked_clocks(load_preset("orin"), torch_device="cpu") as state:
+        assert state.mode == "already_locked" and state.locked
+    assert fake_tools.calls()[before:] == ORIN_STATUS  # neither locked again nor restored
+    assert ctl.state_file.exists()
+    ctl.restore()
+    assert fake_tools.calls()[-2:] == expand(ORIN_RESTORE, ctl.state_dir)
+
+
+def test_cpu_without_cpufreq_is_unavailable_and_with_it_sets_the_governor(fake_tools, tmp_path):
+    missing = tmp_path / "no-cpufreq" / "scaling_governor"
+    with locked_clocks(load_preset(str(preset_file(tmp_path, "cpu", requires_path=str(missing))))) as state:
+        assert state.mode == "unavailable" and "does not exist" in state.detail
+    assert fake_tools.calls() == []
+    governor = tmp_path / "scaling_governor"
+    governor.write_text("powersave\n")
+    text = preset_file(tmp_path, "cpu", requires_path=str(governor)).read_text()
+    text = text.replace("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor", str(governor))
+    path = tmp_path / "cpu-here.toml"
+    path.write_text(text)
+    with locked_clocks(load_preset(str(path))) as state:
+        assert state.mode == "locked" and state.values == {"governor": "powersave"}
+    calls = fake_tools.calls()
+    assert "cpupower frequency-set --governor performance" in calls
+    assert calls[-1] == "cpupower frequency-set --governor powersave"
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_clocks_commands(fake_tools, capsys):
+    code, out, _ = run_cli(["clocks", "lock", "--device", "orin", "--dry-run"], capsys)
+    assert code == 0
+    assert "nvpmodel -m 0" in out and "jetson_clocks --store" in out and "nothing was run" in out
+    assert fake_tools.calls() == []
+
+    code, out, _ = run_cli(["clocks", "lock", "--device", "orin"], capsys)
+    assert code == 0 and "nvpmodel_mode=2" in out
+    code, out, _ = run_cli(["clocks", "status", "--device", "orin"], capsys)
+    assert code == 0 and "locked by pomt" in out and "NV Power Mode: MODE_30W" in out
+    code, out, _ = run_cli(["clocks", "lock", "--device", "orin"], capsys)
+    assert code == 2  # a second lock would overwrite the saved state
+    code, out, _ = run_cli(["clocks", "restore", "--device", "orin"], capsys)
+    assert code == 0 and "restored" in out
+    state_dir = Path(os.environ["POMT_STATE_DIR"]) / "clocks" / "orin"
+    assert fake_tools.calls() == expand(ORIN_LOCK, state_dir) + ORIN_STATUS + expand(ORIN_RESTORE, state_dir)
+
+    code, _, err = run_cli(["clocks", "restore", "--device", "orin"], capsys)
+    assert code == 2 and "no saved clock state" in err and len(err.strip().splitlines()) == 1
+
+
+def test_clocks_status_without_the_tools_is_a_one_line_error(fake_tools, capsys):
+    fake_tools.remove("nvpmodel")
+    code, _, err = run_cli(["clocks", "status", "--device", "tx2"], capsys)
+    assert code == 2
+    assert err.startswith("error:") and "nvpmodel" in err and len(err.strip().splitlines()) == 1
+
+
+def test_state_root_is_shared_between_processes(tmp_path):
+    tools = FakeTools(tmp_path)
+    preset = preset_file(tmp_path, "nvidia")
+    script = textwrap.dedent("""
+        import sys
+        from pomt_cli.devices import ClockController, load_preset
+        ctl = ClockController(load_preset(sys.argv[1]), "cpu")
+        getattr(ctl, sys.argv[2])()
+    """)
+    for action in ("lock", "restore"):
+        subprocess.run([sys.executable, "-c", script, str(preset), action], env=tools.env(), check=True, timeout=60)
+    assert tools.calls()[-2:] == ["nvidia-smi -i 0 --reset-gpu-clocks", "nvidia-smi -i 0 --reset-memory-clocks"]
+    assert not (tools.state / "clocks" / "fake-nvidia-0" / "state.json").exists()
