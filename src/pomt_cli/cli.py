@@ -15,6 +15,7 @@ from rich.console import Console
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
+from pomt_cli.profiles import set_command_line
 
 app = typer.Typer(
     name="pomt",
@@ -68,8 +69,12 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pomt`` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    set_command_line(args)
     try:
-        app(args=argv, standalone_mode=False, prog_name="pomt")
+        # Outside standalone mode Typer returns the exit code of typer.Exit (and 130 for
+        # Ctrl-C) instead of exiting; commands themselves return None.
+        code = app(args=args, standalone_mode=False, prog_name="pomt")
     except PomtError as exc:
         fail(str(exc))
     except _NoArgsIsHelp as exc:
@@ -85,3 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    if code == 130:
+        err_console.print("aborted")
+    if isinstance(code, int) and code:
+        sys.exit(code)

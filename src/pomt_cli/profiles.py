@@ -31,6 +31,20 @@ LATENCY_COLUMNS = ("batch_size", "tokens", "latency_ms", "p10_ms", "p90_ms", "sa
 ACCURACY_COLUMNS = ("tokens", "accuracy", "top5", "images")
 
 
+_command_line: list[str] | None = None
+
+
+def set_command_line(args: list[str]) -> None:
+    """Record the arguments of this ``pomt`` invocation (the CLI calls this first)."""
+    global _command_line
+    _command_line = list(args)
+
+
+def command_line() -> str:
+    """The ``pomt ...`` command line of this invocation, as a shell would read it."""
+    return shlex.join(["pomt", *(sys.argv[1:] if _command_line is None else _command_line)])
+
+
 class ProfileMeta(BaseModel):
     """What every profile records about the model and the run."""
 
@@ -46,7 +60,7 @@ class ProfileMeta(BaseModel):
     dtype: str
     grid: list[int] = Field(description="kept-token counts n, in the order given")
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    command: str = Field(default_factory=lambda: shlex.join(["pomt", *sys.argv[1:]]))
+    command: str = Field(default_factory=command_line)
     pomt_version: str = __version__
     torch_version: str = torch.__version__
     timm_version: str = timm.__version__

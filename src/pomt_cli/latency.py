@@ -1,0 +1,470 @@
+"""The latency profile: L(n), the time of one forward pass when n tokens enter the first block.
+
+For each batch size B and kept-token count n of the grid, the workload is one forward pass
+of the model on random (B, C, H, W) inputs in which the p prefix tokens and n - p patch
+tokens chosen at random (once per point, outside the timed region) enter the first
+block, so that every block runs on n tokens (:func:`pomt_cli.pruning.forward_kept`).
+
+:func:`profile_latency` builds the workload and visits the grid in a shuffled order (so
+that drift does not masquerade as a step), timing each point with
+:func:`pomt_cli.timing.measure`; afterwards it re-measures points that disagree with both
+neighbours. :func:`find_steps` finds the largest drops of the curve.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import torch
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from torch import nn
+
+from pomt_cli.devices import ClockState
+from pomt_cli.errors import PomtError
+from pomt_cli.options import DTYPES
+from pomt_cli.profiles import ProfileMeta, read_profile
+from pomt_cli.pruning.geometry import TokenGeometry, forward_kept, geometry
+from pomt_cli.timing import Measurement, is_out_of_memory, measure, release_memory
+
+#: Columns of a latency profile, in file order (the first seven are profiles.LATENCY_COLUMNS).
+SCHEMA: dict[str, pl.DataType] = {
+    "batch_size": pl.Int64,
+    "tokens": pl.Int64,
+    "latency_ms": pl.Float64,
+    "p10_ms": pl.Float64,
+    "p90_ms": pl.Float64,
+    "samples": pl.Int64,
+    "status": pl.String,
+    "ci_low_ms": pl.Float64,
+    "ci_high_ms": pl.Float64,
+    "mean_ms": pl.Float64,
+    "std_ms": pl.Float64,
+    "min_ms": pl.Float64,
+    "max_ms": pl.Float64,
+    "attempts": pl.Int64,
+    "visit": pl.Int64,
+    "time_s": pl.Float64,
+}
+
+Point = tuple[int, int]
+"""(batch size, kept tokens n)."""
+
+
+class LatencySettings(BaseModel):
+    """What to measure and how precisely."""
+
+    batch_sizes: list[int] = Field(min_length=1)
+    grid: list[int] = Field(min_length=1, description="kept-token counts n")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    cuda_graphs: bool = False
+    rel_precision: float = Field(0.01, gt=0, lt=1)
+    budget_s: float = Field(1.0, gt=0, description="seconds per grid point")
+    min_samples: int = Field(10, ge=1)
+    warmup: int = Field(3, ge=0)
+    seed: int = 0
+    remeasure_rounds: int = Field(2, ge=0, description="rounds of re-measuring spikes")
+
+    @field_validator("batch_sizes", "grid")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values):
+            raise ValueError("batch sizes and token counts must be positive")
+        return values
+
+    @property
+    def timing_mode(self) -> Literal["eager", "cuda_graphs"]:
+        return "cuda_graphs" if self.cuda_graphs else "eager"
+
+    @property
+    def spike_tol(self) -> float:
+        """How far (relative) a point must lie from a neighbour to disagree with it."""
+        return 2 * self.rel_precision
+
+    def points(self) -> list[Point]:
+        """Every (batch size, n), batch sizes as given and n in grid order."""
+        return [(b, n) for b in self.batch_sizes for n in self.grid]
+
+
+class LatencyMeta(ProfileMeta):
+    """Metadata of a latency profile (see docs/FORMATS.md)."""
+
+    kind: Literal["latency"] = "latency"
+    batch_sizes: list[int]
+    timing_mode: Literal["eager", "cuda_graphs"]
+    device_preset: str
+    device_display_name: str
+    device_name: str
+    torch_device: str
+    clocks: ClockState
+    clocks_locked: bool
+    pretrained: bool = False
+    checkpoint: str | None = None
+    rel_precision: float
+    budget_s: float
+    min_samples: int
+    warmup: int
+    seed: int
+    remeasure_rounds: int
+    num_threads: int = Field(default_factory=torch.get_num_threads)
+    float32_matmul_precision: str = Field(default_factory=torch.get_float32_matmul_precision)
+    complete: bool = Field(False, description="every point measured and spikes re-measured")
+    elapsed_s: float = Field(0.0, description="seconds spent measuring, over all resumed runs")
+    resumed_rows: int = Field(0, description="rows taken over from an interrupted run (--resume)")
+
+
+@dataclass(frozen=True)
+class GridProgress:
+    """One step of a profile run, for progress bars and checkpoints.
+
+    ``measurement`` is None when a point starts and set when it is done; ``frame`` (the
+    profile so far) is set when a point is done.
+    """
+
+    phase: Literal["measure", "remeasure"]
+    batch_size: int
+    tokens: int
+    done: int
+    total: int
+    measurement: Measurement | None = None
+    frame: pl.DataFrame | None = None
+
+
+ProgressFn = Callable[[GridProgress], None]
+
+
+def empty_frame() -> pl.DataFrame:
+    return pl.DataFrame(schema=SCHEMA)
+
+
+def _row(batch_size: int, tokens: int, m: Measurement, attempts: int, visit: int, time_s: float) -> dict:
+    return {
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "latency_ms": m.median_ms,
+        "p10_ms": m.p10_ms,
+        "p90_ms": m.p90_ms,
+        "samples": m.samples,
+        "status": m.status,
+        "ci_low_ms": m.ci_low_ms,
+        "ci_high_ms": m.ci_high_ms,
+        "mean_ms": m.mean_ms,
+        "std_ms": m.std_ms,
+        "min_ms": m.min_ms,
+        "max_ms": m.max_ms,
+        "attempts": attempts,
+        "visit": visit,
+        "time_s": time_s,
+    }
+
+
+def _frame(rows: dict[Point, dict]) -> pl.DataFrame:
+    if not rows:
+        return empty_frame()
+    frame = pl.DataFrame(list(rows.values()), schema=SCHEMA, orient="row")
+    return frame.sort(["batch_size", "tokens"], descending=[False, True])
+
+
+def _interval(row: dict) -> tuple[float, float]:
+    lo, hi = row.get("ci_low_ms"), row.get("ci_high_ms")
+    median = row["latency_ms"]
+    return (median if lo is None else lo, median if hi is None else hi)
+
+
+def _disagree(a: dict, b: dict, tol: float) -> int:
+    """+1 if ``a`` is clearly slower than ``b``, -1 if clearly faster, else 0.
+
+    Clearly: the medians differ by more than ``tol`` (relative) and the confidence
+    intervals do not overlap.
+    """
+    la, lb = a["latency_ms"], b["latency_ms"]
+    (a_lo, a_hi), (b_lo, b_hi) = _interval(a), _interval(b)
+    if abs(la - lb) <= tol * min(la, lb):
+        return 0
+    if a_lo > b_hi:
+        return 1
+    if a_hi < b_lo:
+        return -1
+    return 0
+
+
+def find_spikes(frame: pl.DataFrame, tol: float) -> list[Point]:
+    """Points that disagree with both grid neighbours in the same direction: spikes, not steps.
+
+    A step (``L`` jumps between n and n - 1 and stays) leaves each point agreeing with one
+    neighbour; a spike (one point above or below both) agrees with neither. End points
+    and points without a latency (out of memory) are never spikes; neighbours are the
+    nearest measured points.
+    """
+    spikes: list[Point] = []
+    measured = frame.filter(pl.col("latency_ms").is_not_null())
+    for (batch_size,), part in measured.group_by(["batch_size"], maintain_order=True):
+        rows = part.sort("tokens", descending=True).to_dicts()
+        for left, mid, right in zip(rows, rows[1:], rows[2:]):
+            a, c = _disagree(mid, left, tol), _disagree(mid, right, tol)
+            if a != 0 and a == c:
+                spikes.append((int(batch_size), int(mid["tokens"])))
+    return spikes
+
+
+def run_grid(
+    points: Sequence[Point],
+    measure_point: Callable[[int, int], Measurement],
+    *,
+    seed: int = 0,
+    spike_tol: float = 0.02,
+    remeasure_rounds: int = 2,
+    previous: pl.DataFrame | None = None,
+    progress: ProgressFn | None = None,
+) -> pl.DataFrame:
+    """Measure every point in a seeded shuffled order, then re-measure spikes.
+
+    Args:
+        points: the (batch size, n) to measure.
+        measure_point: times one point; returns its :class:`Measurement`.
+        seed: seeds the visiting order.
+        spike_tol: see :func:`find_spikes`.
+        remeasure_rounds: how often spikes are looked for and re-measured. Of the
+            measurements of a point the one with the lowest median is kept:
+            interference (other processes, interrupts, clock changes) only adds time.
+        previous: rows already measured (from an interrupted run); they are kept as they
+            are and not measured again.
+        progress: called when each point starts and ends.
+
+    Returns:
+        The profile frame (:data:`SCHEMA`), sorted by batch size and descending n.
+    """
+    rows: dict[Point, dict] = {}
+    if previous is not None and previous.height:
+        full = previous.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in SCHEMA.items() if c not in previous.columns])
+        for row in full.select(list(SCHEMA)).to_dicts():
+            rows[(int(row["batch_size"]), int(row["tokens"]))] = row
+    order = list(points)
+    random.Random(seed).shuffle(order)
+    todo = [p for p in order if p not in rows]
+    total = len(todo)
+    visit = max((r["visit"] or 0 for r in rows.values()), default=-1) + 1
+    done = 0
+
+    def run(point: Point, phase: Literal["measure", "remeasure"]) -> None:
+        nonlocal visit, done
+        b, n = point
+        if progress:
+            progress(GridProgress(phase, b, n, done, total))
+        started = time.perf_counter()
+        m = measure_point(b, n)
+        spent = time.perf_counter() - started
+        old = rows.get(point)
+        if old is None:
+            rows[point] = _row(b, n, m, 1, visit, spent)
+        else:
+            attempts, time_s = (old["attempts"] or 1) + 1, (old["time_s"] or 0.0) + spent
+            better = m.median_ms is not None and (old["latency_ms"] is None or m.median_ms < old["latency_ms"])
+            rows[point] = _row(b, n, m, attempts, visit, time_s) if better else {**old, "attempts": attempts, "time_s": time_s}
+        visit += 1
+        done += 1
+        if progress:
+            progress(GridProgress(phase, b, n, done, total, m, _frame(rows)))
+
+    for point in todo:
+        run(point, "measure")
+    rng = random.Random(seed + 1)
+    for _ in range(remeasure_rounds):
+        spikes = find_spikes(_frame(rows), spike_tol)
+        if not spikes:
+            break
+        rng.shuffle(spikes)
+        total += len(spikes)
+        for point in spikes:
+            run(point, "remeasure")
+    return _frame(rows)
+
+
+def kept_patches(num_patches: int, kept: int, seed: int) -> torch.Tensor:
+    """(kept,) sorted random indices into the patch tokens, the same for a given seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_patches, generator=generator)[:kept].sort().values
+
+
+def profile_latency(
+    model: nn.Module,
+    settings: LatencySettings,
+    *,
+    device: torch.device,
+    previous: pl.DataFrame | None = None,
+    progress: ProgressFn | None = None,
+) -> pl.DataFrame:
+    """The latency profile of ``model`` on ``device``: one row per (batch size, n).
+
+    The model is moved to ``device`` and ``settings.dtype``. Points already in
+    ``previous`` are not measured again.
+
+    Raises:
+        PomtError: the model is not a supported ViT, the grid does not fit it, the model
+            itself does not fit in the device's memory, or CUDA graphs without CUDA.
+    """
+    try:
+        g = geometry(model)
+    except ValueError as exc:
+        raise PomtError(str(exc)) from None
+    if settings.cuda_graphs and device.type != "cuda":
+        raise PomtError(f"CUDA graphs need a CUDA device, but the torch device is {device}: leave out --cuda-graphs")
+    bad = [n for n in settings.grid if not g.num_prefix < n <= g.num_tokens]
+    if bad:
+        raise PomtError(f"token counts {bad[:5]} do not fit {g.describe()}: use n in {g.num_prefix + 1}..{g.num_tokens}")
+    dtype = DTYPES[settings.dtype]
+    try:
+        model = model.eval().to(device=device, dtype=dtype)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise PomtError(f"{g.name} does not fit in the memory of {device}") from None
+        raise
+    images: dict[int, torch.Tensor] = {}
+
+    def measure_point(batch_size: int, tokens: int) -> Measurement:
+        try:
+            if batch_size not in images:
+                generator = torch.Generator().manual_seed(settings.seed)
+                cpu = torch.randn(batch_size, *g.input_size, generator=generator)
+                images[batch_size] = cpu.to(device=device, dtype=dtype)
+            keep = kept_patches(g.num_patches, tokens - g.num_prefix, settings.seed * 100_003 + tokens).to(device)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            failed = True
+        else:
+            failed = False
+        if failed:
+            release_memory(device)
+            return Measurement(status="oom", mode="cuda_graph" if settings.cuda_graphs else "eager", samples=0,
+                               rel_precision=settings.rel_precision, elapsed_s=0.0, error="inputs do not fit")
+        x = images[batch_size]
+        with torch.inference_mode():
+            return measure(
+                lambda: forward_kept(model, x, keep),
+                device=device,
+                rel_precision=settings.rel_precision,
+                budget_s=settings.budget_s,
+                min_samples=settings.min_samples,
+                warmup=settings.warmup,
+                cuda_graphs=settings.cuda_graphs,
+            )
+
+    return run_grid(
+        settings.points(),
+        measure_point,
+        seed=settings.seed,
+        spike_tol=settings.spike_tol,
+        remeasure_rounds=settings.remeasure_rounds,
+        previous=previous,
+        progress=progress,
+    )
+
+
+#: Neighbouring pairs of grid points over which find_steps takes the curve's local trend.
+TREND_WINDOW = 15
+
+
+def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> pl.DataFrame:
+    """The largest latency steps: drops between adjacent grid points well beyond the curve's trend.
+
+    For adjacent measured points n > n - k of one batch size the relative drop is
+    ``d = (L(n) - L(n-k)) / L(n)``. A smooth curve drops by about ``s k / L(n)``, where
+    ``s`` is its local slope in ms per token (the running median of
+    ``(L(n) - L(n-k)) / k`` over :data:`TREND_WINDOW` neighbouring pairs, which follows a
+    curve that bends and does not mistake a fixed overhead for steps); the excess
+    ``d - s k / L(n)`` of a step is above ``min_drop`` and above the excesses' own spread
+    (3 x their scaled median absolute deviation).
+
+    Returns:
+        One row per step, at most ``top`` per batch size, largest excess first:
+        ``batch_size, from_tokens, to_tokens, k, from_ms, to_ms, drop_pct, excess_pct``.
+    """
+    schema = {"batch_size": pl.Int64, "from_tokens": pl.Int64, "to_tokens": pl.Int64, "k": pl.Int64,
+              "from_ms": pl.Float64, "to_ms": pl.Float64, "drop_pct": pl.Float64, "excess_pct": pl.Float64}
+    measured = frame.filter(pl.col("latency_ms").is_not_null() & (pl.col("latency_ms") > 0))
+    found: list[dict] = []
+    for (batch_size,), part in measured.group_by(["batch_size"], maintain_order=True):
+        curve = part.sort("tokens", descending=True).select("tokens", "latency_ms")
+        if curve.height < 3:
+            continue
+        pairs = pl.DataFrame({
+            "from_tokens": curve["tokens"][:-1],
+            "to_tokens": curve["tokens"][1:],
+            "from_ms": curve["latency_ms"][:-1],
+            "to_ms": curve["latency_ms"][1:],
+        }).with_columns(
+            k=pl.col("from_tokens") - pl.col("to_tokens"),
+            drop=(pl.col("from_ms") - pl.col("to_ms")) / pl.col("from_ms"),
+        )
+        slope = ((pl.col("from_ms") - pl.col("to_ms")) / pl.col("k")).rolling_median(
+            window_size=TREND_WINDOW, center=True, min_samples=1)
+        pairs = pairs.with_columns(excess=pl.col("drop") - slope * pl.col("k") / pl.col("from_ms"))
+        spread = pairs.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
+        steps = (
+            pairs.filter((pl.col("drop") > 0) & (pl.col("excess") > max(min_drop, 3 * spread)))
+            .sort("excess", descending=True)
+            .head(top)
+        )
+        for row in steps.to_dicts():
+            found.append({
+                "batch_size": int(batch_size), "from_tokens": row["from_tokens"], "to_tokens": row["to_tokens"],
+                "k": row["k"], "from_ms": row["from_ms"], "to_ms": row["to_ms"],
+                "drop_pct": 100 * row["drop"], "excess_pct": 100 * row["excess"],
+            })
+    return pl.DataFrame(found, schema=schema, orient="row") if found else pl.DataFrame(schema=schema)
+
+
+_RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "dtype", "batch_sizes", "grid", "timing_mode",
+                  "device_preset", "torch_device")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{value[0]}, {value[1]}, ..., {value[-1]}] ({len(value)} values)"
+    return str(value)
+
+
+def read_latency_profile(path: str | Path) -> tuple[pl.DataFrame, LatencyMeta]:
+    """The frame and metadata of a latency profile file.
+
+    Raises:
+        PomtError: not a readable pomt latency profile.
+    """
+    frame, raw = read_profile(path, "latency")
+    try:
+        meta = LatencyMeta.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PomtError(
+            f"{path} is not a latency profile of this pomt version (metadata field "
+            f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}): measure it again"
+        ) from None
+    return frame, meta
+
+
+def resume_rows(path: str | Path, expected: LatencyMeta) -> tuple[pl.DataFrame, LatencyMeta]:
+    """The finished rows of the profile at ``path``, checked to belong to the run ``expected`` describes.
+
+    Raises:
+        PomtError: the file is not a latency profile, or was measured for another model,
+            grid, batch sizes, dtype, timing mode or device.
+    """
+    frame, meta = read_latency_profile(path)
+    for name in _RESUME_FIELDS:
+        old, new = getattr(meta, name), getattr(expected, name)
+        if old != new:
+            raise PomtError(
+                f"--resume {path} was measured with {name} {_show(old)}, but this run has {_show(new)}: "
+                "resume with the same options, or leave out --resume to start afresh"
+            )
+    wanted = {(b, n) for b in expected.batch_sizes for n in expected.grid}
+    found = set(zip(frame["batch_size"].to_list(), frame["tokens"].to_list()))
+    if found - wanted:
+        raise PomtError(f"--resume {path} holds points outside its own grid: it is damaged; start afresh")
+    return frame, meta

@@ -1,0 +1,373 @@
+"""`pomt profile` and its library: grid logic on synthetic data, real runs on small models.
+
+Latency values are never asserted; the tests check what was measured, in which order,
+what was re-measured, what was written, and how bad input is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from conftest import tiny_vit
+from test_devices import FakeTools, preset_file
+
+from pomt_cli.cli import main
+from pomt_cli.errors import PomtError
+from pomt_cli.latency import (
+    SCHEMA,
+    LatencySettings,
+    find_spikes,
+    find_steps,
+    kept_patches,
+    profile_latency,
+    read_latency_profile,
+    run_grid,
+)
+from pomt_cli.plots import plot_latency
+from pomt_cli.profiles import LATENCY_COLUMNS, read_profile, write_profile
+from pomt_cli.timing import Measurement, summarize
+
+
+def curve(latency: dict[int, float | None], batch_size: int = 1, halfwidth: float = 0.002) -> pl.DataFrame:
+    """A profile frame from n -> latency (ms), with a CI of +-halfwidth (relative)."""
+    rows = []
+    for n, ms in latency.items():
+        rows.append({
+            "batch_size": batch_size, "tokens": n, "latency_ms": ms,
+            "p10_ms": ms, "p90_ms": ms, "samples": 0 if ms is None else 20,
+            "status": "oom" if ms is None else "ok",
+            "ci_low_ms": None if ms is None else ms * (1 - halfwidth),
+            "ci_high_ms": None if ms is None else ms * (1 + halfwidth),
+        })
+    return pl.DataFrame(rows)
+
+
+def linear(ns, per_token: float = 0.05, base: float = 2.0) -> dict[int, float]:
+    return {n: base + per_token * n for n in ns}
+
+
+def test_a_spike_is_found_and_a_step_is_not():
+    lat = linear(range(200, 140, -1))
+    lat[180] *= 1.10  # one slow point: a spike
+    lat.update({n: v * 0.8 for n, v in lat.items() if n <= 160})  # a step between 161 and 160
+    lat[150] *= 0.90  # one fast point: a spike too
+    assert find_spikes(curve(lat), tol=0.02) == [(1, 180), (1, 150)]
+
+
+def test_spikes_need_a_clear_difference():
+    lat = linear(range(100, 80, -1))
+    lat[90] *= 1.015  # within the 2% tolerance
+    assert find_spikes(curve(lat), tol=0.02) == []
+    lat[90] *= 1.05
+    assert find_spikes(curve(lat), tol=0.02) == [(1, 90)]
+    assert find_spikes(curve(lat, halfwidth=0.05), tol=0.02) == []  # intervals overlap: noise, not a spike
+
+
+def test_a_coarse_monotone_grid_has_no_spikes_and_oom_points_are_skipped():
+    assert find_spikes(curve(linear(range(197, 16, -20), per_token=1.0)), tol=0.02) == []
+    lat = linear(range(50, 40, -1))
+    lat[45] = None  # out of memory: its neighbours become neighbours
+    lat[46] *= 1.2
+    assert find_spikes(curve(lat), tol=0.02) == [(1, 46)]
+
+
+def fake_measurement(ms: float | None) -> Measurement:
+    if ms is None:
+        return Measurement(status="oom", mode="eager", samples=0, rel_precision=0.01, elapsed_s=0.0)
+    return summarize([ms * f for f in (0.999, 1.0, 1.0, 1.0, 1.001, 1.0, 0.9995, 1.0005, 1.0, 1.0)],
+                     status="ok", mode="eager", rel_precision=0.01)
+
+
+class FakeDevice:
+    """measure_point for run_grid: a linear curve, with optional transient or lasting oddities."""
+
+    def __init__(self, transient: dict | None = None, lasting: dict | None = None, oom=()) -> None:
+        self.transient = dict(transient or {})
+        self.lasting = lasting or {}
+        self.oom = set(oom)
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, batch_size: int, tokens: int) -> Measurement:
+        self.calls.append((batch_size, tokens))
+        if (batch_size, tokens) in self.oom:
+            return fake_measurement(None)
+        ms = batch_size * (1.0 + 0.05 * tokens)
+        ms *= self.transient.pop((batch_size, tokens), 1.0) * self.lasting.get((batch_size, tokens), 1.0)
+        return fake_measurement(ms)
+
+
+POINTS = [(b, n) for b in (1, 4) for n in range(60, 40, -1)]
+
+
+def test_run_grid_visits_every_point_once_in_a_seeded_shuffled_order():
+    device = FakeDevice()
+    frame = run_grid(POINTS, device, seed=0)
+    assert sorted(device.calls) == sorted(POINTS) and len(device.calls) == len(POINTS)
+    assert device.calls != POINTS  # shuffled
+    again = FakeDevice()
+    run_grid(POINTS, again, seed=0)
+    assert again.calls == device.calls
+    other = FakeDevice()
+    run_grid(POINTS, other, seed=1)
+    assert other.calls != device.calls
+    assert frame.columns == list(SCHEMA)
+    assert frame["tokens"].to_list()[:3] == [60, 59, 58]  # sorted by batch size, n descending
+    assert frame["visit"].sort().to_list() == list(range(len(POINTS)))
+
+
+def test_run_grid_remeasures_a_transient_spike_and_keeps_the_faster_measurement():
+    device = FakeDevice(transient={(4, 50): 1.3})
+    frame = run_grid(POINTS, device, seed=0, spike_tol=0.02, remeasure_rounds=2)
+    assert device.calls.count((4, 50)) == 2
+    assert len(device.calls) == len(POINTS) + 1
+    row = frame.filter((pl.col("batch_size") == 4) & (pl.col("tokens") == 50)).row(0, named=True)
+    assert row["attempts"] == 2
+    assert row["latency_ms"] == pytest.approx(4 * (1 + 0.05 * 50), rel=1e-3)
+    assert find_spikes(frame, 0.02) == []
+
+
+def test_run_grid_keeps_a_lasting_feature_after_the_rounds():
+    device = FakeDevice(lasting={(1, 48): 0.8})
+    frame = run_grid(POINTS, device, seed=0, spike_tol=0.02, remeasure_rounds=2)
+    assert device.calls.count((1, 48)) == 3  # measured, then re-measured in each of two rounds
+    row = frame.filter((pl.col("batch_size") == 1) & (pl.col("tokens") == 48)).row(0, named=True)
+    assert row["attempts"] == 3 and row["latency_ms"] == pytest.approx(0.8 * (1 + 0.05 * 48), rel=1e-3)
+    none = FakeDevice(lasting={(1, 48): 0.8})
+    run_grid(POINTS, none, seed=0, remeasure_rounds=0)
+    assert none.calls.count((1, 48)) == 1
+
+
+def test_run_grid_records_out_of_memory_and_goes_on():
+    device = FakeDevice(oom=[(4, n) for n in range(60, 55, -1)])
+    frame = run_grid(POINTS, device, seed=0)
+    oom = frame.filter(pl.col("status") == "oom")
+    assert sorted(oom["tokens"].to_list()) == [56, 57, 58, 59, 60]
+    assert oom["latency_ms"].null_count() == 5 and oom["samples"].to_list() == [0] * 5
+    assert frame.filter(pl.col("status") == "ok").height == len(POINTS) - 5
+
+
+def test_run_grid_resumes_without_measuring_finished_points():
+    first = run_grid(POINTS, FakeDevice(), seed=0)
+    previous = first.filter(pl.col("tokens") > 50).with_columns(pl.lit(123.0).alias("latency_ms"))
+    device = FakeDevice()
+    events = []
+    frame = run_grid(POINTS, device, seed=0, previous=previous, progress=events.append)
+    assert sorted(device.calls) == sorted(p for p in POINTS if p[1] <= 50)
+    assert frame.filter(pl.col("tokens") > 50)["latency_ms"].to_list() == [123.0] * previous.height
+    done = [e for e in events if e.frame is not None]
+    assert [e.done for e in done] == list(range(1, len(device.calls) + 1))
+    assert all(e.total == len(device.calls) for e in done)
+    assert done[-1].frame.height == len(POINTS)
+
+
+def test_find_steps_finds_the_large_drops_beyond_the_trend():
+    rng = torch.Generator().manual_seed(0)
+    ns = list(range(197, 1, -1))
+    lat = {}
+    for n in ns:
+        ms = 0.04 * n + 1.0
+        ms *= 0.80 if n <= 176 else 1.0
+        ms *= 0.78 if n <= 88 else 1.0
+        lat[n] = ms * (1 + 0.003 * float(torch.randn(1, generator=rng)))
+    steps = find_steps(curve(lat, batch_size=64), top=5)
+    first = steps.row(0, named=True)
+    second = steps.row(1, named=True)
+    assert {(first["from_tokens"], first["to_tokens"]), (second["from_tokens"], second["to_tokens"])} == {
+        (177, 176), (89, 88)}
+    assert steps.filter(pl.col("from_tokens") == 177)["drop_pct"].item() == pytest.approx(20.5, abs=1.5)
+    assert steps.filter(pl.col("from_tokens") == 89)["drop_pct"].item() == pytest.approx(23, abs=1.5)
+    assert steps.height == 2  # noise alone makes no steps
+
+
+def test_find_steps_on_smooth_and_coarse_curves_finds_nothing():
+    assert find_steps(curve(linear(range(197, 1, -1)))).is_empty()
+    assert find_steps(curve(linear(range(197, 16, -20), per_token=1.0))).is_empty()
+
+
+def test_kept_patches_are_sorted_unique_and_seeded():
+    keep = kept_patches(196, 100, seed=7)
+    assert keep.shape == (100,) and keep.dtype == torch.int64
+    assert torch.equal(keep, keep.sort().values) and keep.unique().numel() == 100
+    assert torch.equal(keep, kept_patches(196, 100, seed=7))
+    assert not torch.equal(keep, kept_patches(196, 100, seed=8))
+    assert torch.equal(kept_patches(196, 196, seed=1), torch.arange(196))
+
+
+def test_profile_latency_on_a_tiny_vit():
+    model = tiny_vit()  # 16 patches + 1 class token
+    settings = LatencySettings(batch_sizes=[1, 2], grid=[17, 9, 2], budget_s=0.05, min_samples=3, warmup=1)
+    events = []
+    frame = profile_latency(model, settings, device=torch.device("cpu"), progress=events.append)
+    assert frame.height == 6
+    assert frame.select("batch_size", "tokens").rows() == [(1, 17), (1, 9), (1, 2), (2, 17), (2, 9), (2, 2)]
+    assert set(frame["status"]) <= {"ok", "budget"}
+    assert (frame["latency_ms"] > 0).all() and (frame["samples"] >= 1).all()
+    assert (frame["p10_ms"] <= frame["latency_ms"]).all() and (frame["latency_ms"] <= frame["p90_ms"]).all()
+    assert len([e for e in events if e.frame is None]) >= 6
+    with pytest.raises(PomtError, match="CUDA graphs need a CUDA device"):
+        profile_latency(model, settings.model_copy(update={"cuda_graphs": True}), device=torch.device("cpu"))
+    with pytest.raises(PomtError, match="do not fit"):
+        profile_latency(model, settings.model_copy(update={"grid": [18]}), device=torch.device("cpu"))
+
+
+def test_plot_latency_writes_a_png(tmp_path):
+    lat = linear(range(60, 40, -1))
+    frame = pl.concat([curve(lat, 1), curve({**{n: 10 * v for n, v in lat.items()}, 41: None}, 8)], how="vertical")
+    steps = pl.DataFrame({"batch_size": [8], "from_tokens": [50], "to_tokens": [49], "k": [1], "from_ms": [45.0],
+                          "to_ms": [36.0], "drop_pct": [20.0], "excess_pct": [19.9]})
+    path = plot_latency(frame, tmp_path / "latency.png", title="test", steps=steps)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert [p.name for p in tmp_path.iterdir()] == ["latency.png"]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+FAST = ["--budget", "0.1", "--min-samples", "3", "--warmup", "1"]
+TINY = ["--device", "cpu", "--model", "deit_tiny_patch16_224", "--batch-size", "1"]
+STEM = "latency_deit-tiny-patch16-224_cpu_bs1_float32"
+
+
+def test_profile_command_writes_the_profile_and_the_plot(tmp_path, capsys):
+    code, out, err = run_cli(["profile", *TINY, "--tokens", "197:97:50", "--no-lock-clocks",
+                              "--output-dir", str(tmp_path), *FAST], capsys)
+    assert code == 0, err
+    parquet, png = tmp_path / f"{STEM}.parquet", tmp_path / f"{STEM}.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([parquet.name, png.name])
+    frame, meta = read_profile(parquet, "latency")
+    assert frame.columns[: len(LATENCY_COLUMNS)] == list(LATENCY_COLUMNS)
+    assert frame["tokens"].to_list() == [197, 147, 97] and frame["batch_size"].to_list() == [1, 1, 1]
+    assert meta["model"] == "deit_tiny_patch16_224" and (meta["num_tokens"], meta["num_prefix"]) == (197, 1)
+    assert meta["grid"] == [197, 147, 97] and meta["batch_sizes"] == [1]
+    assert meta["timing_mode"] == "eager" and meta["device_preset"] == "cpu" and meta["complete"]
+    assert meta["clocks"]["mode"] == "unlocked" and meta["clocks_locked"] is False
+    assert "--no-lock-clocks" in meta["command"] and meta["torch_version"] == torch.__version__
+    assert "profile:" in out and "grid's stride is 50" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
+    args = ["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(tmp_path), *FAST]
+    assert run_cli(args, capsys)[0] == 0
+    parquet = tmp_path / f"{STEM}.parquet"
+    frame, meta = read_latency_profile(parquet)
+    partial = frame.filter(pl.col("tokens") != 147).with_columns(pl.lit(99.0).alias("latency_ms"))
+    write_profile(parquet, partial, meta.model_copy(update={"complete": False}))
+    code, out, err = run_cli([*args, "--resume", str(parquet)], capsys)
+    assert code == 0, err
+    resumed, meta2 = read_latency_profile(parquet)
+    assert resumed["tokens"].to_list() == [197, 147, 97]
+    assert resumed.filter(pl.col("tokens") != 147)["latency_ms"].to_list() == [99.0, 99.0]  # not measured again
+    assert resumed.filter(pl.col("tokens") == 147)["latency_ms"].item() != 99.0
+    assert meta2.complete and meta2.resumed_rows == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no_such_vit"], "unknown model 'no_such_vit'"),
+        (["--model", "resnet18"], "not supported"),
+        (["--tokens", "197:1:1"], "STOP 1 must exceed"),
+        (["--tokens", "197:17:0"], "STRIDE must be positive"),
+        (["--tokens", "300:17:1"], "exceeds the model's 197 tokens"),
+        (["--batch-size", "0"], "is below 1"),
+        (["--dtype", "float8"], "unknown dtype"),
+        (["--device", "jetson-nano"], "unknown device 'jetson-nano'"),
+        (["--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+        (["--rel-precision", "0"], "--rel-precision"),
+        (["--budget", "-1"], "--budget"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, args, message):
+    out_dir = tmp_path / "runs"
+    # Click keeps the last value of a repeated option, so the bad one comes last.
+    code, _, err = run_cli(["profile", *TINY, "--output-dir", str(out_dir), *FAST, *args], capsys)
+    assert code == 2
+    assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+    assert not out_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent(tmp_path, capsys):
+    code, _, err = run_cli(["profile", *TINY, "--torch-device", "cuda", "--output-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "CUDA is not available" in err
+    code, _, err = run_cli(["profile", *TINY[2:], "--device", "h100", "--output-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "CUDA is not available" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run_cli(["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(blocker / "runs"), *FAST],
+                           capsys)
+    assert code == 2 and "cannot write to --output-dir" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_from_another_model_or_grid_is_refused(tmp_path, capsys):
+    args = ["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(tmp_path), *FAST]
+    assert run_cli(args, capsys)[0] == 0
+    parquet = tmp_path / f"{STEM}.parquet"
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    other = tmp_path / "other"
+    for changed, message in (
+        (["--tokens", "197:17:20"], "measured with grid [197, 147, 97]"),
+        (["--model", "vit_tiny_patch16_224"], "measured with model deit_tiny_patch16_224"),
+        (["--dtype", "bfloat16"], "measured with dtype float32"),
+    ):
+        run = [*args[:1], *TINY, *changed, "--output-dir", str(other), *FAST, "--resume", str(parquet)]
+        if "--tokens" not in changed:
+            run += ["--tokens", "197:97:50"]
+        code, _, err = run_cli(run, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    not_a_profile = tmp_path / "x.parquet"
+    not_a_profile.write_bytes(b"nonsense")
+    code, _, err = run_cli([*args, "--resume", str(not_a_profile)], capsys)
+    assert code == 2 and "not a readable Parquet file" in err
+    assert not other.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "x.parquet"} == before
+
+
+def test_ctrl_c_restores_the_clocks_and_keeps_progress_for_resume(tmp_path):
+    tools = FakeTools(tmp_path)
+    preset = preset_file(tmp_path, "nvidia")
+    out_dir = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "pomt_cli", "profile", "--device", str(preset), "--torch-device", "cpu",
+           "--model", "deit_tiny_patch16_224", "--tokens", "197:2:1", "--threads", "1", "--output-dir", str(out_dir),
+           *FAST]
+    proc = subprocess.Popen(cmd, env=tools.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parquet = out_dir / "latency_deit-tiny-patch16-224_fake-nvidia_bs1_float32.parquet"
+    deadline = time.monotonic() + 120
+    while not parquet.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    calls = tools.calls()
+    assert calls[1:3] == ["nvidia-smi -i 0 --lock-gpu-clocks=1980,1980", "nvidia-smi -i 0 --lock-memory-clocks=2619,2619"]
+    assert calls[-2:] == ["nvidia-smi -i 0 --reset-gpu-clocks", "nvidia-smi -i 0 --reset-memory-clocks"]
+    frame, meta = read_latency_profile(parquet)
+    assert not meta.complete and 0 < frame.height < 196
+    assert meta.clocks.mode == "locked" and meta.clocks.values["max_graphics"] == "1980"
+    assert not list(out_dir.glob(".*.tmp"))
+    assert json.loads(pl.read_parquet_metadata(parquet)["pomt"])["complete"] is False
+    assert not any((tools.state / "clocks").glob("*/state.json"))
+    assert os.environ.get("FAKE_LOG") is None  # the fakes ran only in the child
