@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
 from torch import nn
 
+from pomt_cli import digits
 from pomt_cli.errors import PomtError
+
+WeightsSource = Literal["pretrained", "checkpoint", "bundled", "random"]
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -61,13 +65,16 @@ def create_model(
     """A timm model in eval mode.
 
     Args:
-        name: a timm model name, e.g. ``deit_small_patch16_224``.
+        name: a timm model name, e.g. ``deit_small_patch16_224``, or ``digits-vit`` (bundled).
         pretrained: load timm's pretrained weights (from the local cache or the hub).
+            ``digits-vit`` always starts from its bundled weights.
         checkpoint: a local weights file, loaded after creation (strict).
         num_classes: override the head size (for checkpoints trained on other label sets).
     """
     if pretrained and checkpoint is not None:
         raise PomtError("give either --pretrained or --checkpoint, not both")
+    if name == digits.NAME:
+        return _create_digits_vit(checkpoint, num_classes)
     if not timm.is_model(name):
         raise PomtError(f"unknown model {name!r}: give a timm model name such as deit_small_patch16_224")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
@@ -91,3 +98,40 @@ def create_model(
             first = str(exc).splitlines()[0]
             raise PomtError(f"checkpoint {checkpoint} does not fit {name}: {first[:200]}") from None
     return model.eval()
+
+
+def _create_digits_vit(checkpoint: str | Path | None, num_classes: int | None) -> nn.Module:
+    """The bundled digits-vit with its committed weights, or with ``checkpoint``'s."""
+    if num_classes is not None and num_classes != digits.ARCHITECTURE["num_classes"]:
+        raise PomtError(f"{digits.NAME} classifies {digits.ARCHITECTURE['num_classes']} digits, not {num_classes} classes")
+    model = digits.build_digits_vit()
+    path = digits.CHECKPOINT if checkpoint is None else Path(checkpoint)
+    try:
+        model.load_state_dict(load_state_dict(path), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise PomtError(f"checkpoint {path} does not fit {digits.NAME}: {first[:200]}") from None
+    return model.eval()
+
+
+def weights_source(name: str, *, pretrained: bool, checkpoint: str | Path | None) -> WeightsSource:
+    """Where :func:`create_model` takes the weights from for these options."""
+    if checkpoint is not None:
+        return "checkpoint"
+    if name == digits.NAME:
+        return "bundled"
+    return "pretrained" if pretrained else "random"
+
+
+def check_num_classes(model: nn.Module, num_classes: int, data: str) -> None:
+    """Check that the model's classifier head has one output per class of the data set.
+
+    Raises:
+        PomtError: the head has a different size (or the model has no classifier).
+    """
+    head = int(getattr(model, "num_classes", 0) or 0)
+    if head != num_classes:
+        raise PomtError(
+            f"the model's head has {head} classes but {data} has {num_classes}: "
+            "give a checkpoint trained on these classes, or a data set with one folder per model class"
+        )

@@ -108,3 +108,26 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Check, without creating anything, that ``output_dir`` is or can become a writable folder.
+
+    Commands call this before long work, so that a bad ``--output-dir`` fails at once;
+    :func:`prepare_output_dir` creates the folder when the results are ready.
+
+    Raises:
+        PomtError: a file is in the way, or the folder (or its nearest existing parent)
+            is not writable.
+    """
+    path = Path(output_dir)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise PomtError(f"--output-dir {path}: {probe} is a file, not a folder: give a folder path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PomtError(f"cannot write to --output-dir {path} ({probe} is not writable): choose a writable folder")
+    return path

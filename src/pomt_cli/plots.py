@@ -7,12 +7,16 @@ atomically through :func:`save_figure`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pomt_cli.outputs import atomic_output
+
+if TYPE_CHECKING:
+    from pomt_cli.selection import Report
 
 #: Above this ratio between the largest and smallest latency the y axis is logarithmic.
 LOG_SCALE_RATIO = 20.0
@@ -79,4 +83,87 @@ def plot_latency(
     ax.set_title(title, fontsize=10)
     if frame.height:
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_accuracy(frame: pl.DataFrame, path: str | Path, *, title: str) -> Path:
+    """Top-1 (and top-5) accuracy in percent against kept tokens n, written as a PNG.
+
+    Args:
+        frame: an accuracy profile (``tokens``, ``accuracy``, ``top5``).
+        path: the PNG to write (atomically).
+        title: the figure's title.
+    """
+    fig, ax = new_figure()
+    curve = frame.sort("tokens")
+    marker = "." if curve.height < 60 else None
+    ax.plot(curve["tokens"], curve["accuracy"], lw=1.5, marker=marker, label="top-1")
+    ax.plot(curve["tokens"], curve["top5"], lw=1.0, ls="--", marker=marker, label="top-5")
+    ax.set_xlabel("kept tokens n (leaving the last block)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)
+
+
+#: Inches per batch size's panel in the compute-r figure.
+PANEL_HEIGHT = 3.6
+
+
+def _panel(ax: Axes, curve: pl.DataFrame, report: Report, batch_size: int) -> None:
+    """One batch size: latency on the left axis, accuracy and utility on two right axes."""
+    choice = report.choice_for(batch_size)
+    marker = "." if curve.height < 60 else None
+    curve = curve.sort("tokens")
+    acc_ax = ax.twinx()
+    util_ax = ax.twinx()
+    util_ax.spines["right"].set_position(("axes", 1.12))
+    lines = [
+        ax.plot(curve["tokens"], curve["latency_ms"], color="tab:blue", lw=1.4, marker=marker, label="latency")[0],
+        acc_ax.plot(curve["tokens"], curve["accuracy"], color="tab:red", lw=1.4, marker=marker,
+                    label="top-1 accuracy")[0],
+        util_ax.plot(curve["tokens"], curve["utility"], color="tab:green", lw=1.1, ls="--",
+                     label=f"utility (\u03b1={report.alpha:g})")[0],
+    ]
+    if report.latency_budget_ms is not None:
+        lines.append(ax.axhline(report.latency_budget_ms, color="tab:blue", lw=0.9, ls=":",
+                                label=f"latency budget {report.latency_budget_ms:g} ms"))
+    if report.max_accuracy_drop is not None and choice is not None:
+        floor = choice.accuracy + choice.accuracy_lost - report.max_accuracy_drop
+        lines.append(acc_ax.axhline(floor, color="tab:red", lw=0.9, ls=":",
+                                    label=f"accuracy floor (\u2212{report.max_accuracy_drop:g} pts)"))
+    if choice is not None:
+        lines.append(ax.axvline(choice.tokens, color="black", lw=1.0, ls="-.",
+                                label=f"n* = {choice.tokens} (R = {choice.R})"))
+    ax.set_xlabel("kept tokens n")
+    ax.set_ylabel("latency (ms)", color="tab:blue")
+    acc_ax.set_ylabel("top-1 accuracy (%)", color="tab:red")
+    util_ax.set_ylabel("utility", color="tab:green")
+    util_ax.set_ylim(0, 1.05)
+    ax.set_title(f"batch {batch_size}", fontsize=9)
+    util_ax.legend(handles=lines, fontsize=7, loc="lower right")
+
+
+def plot_selection(curves: dict[int, pl.DataFrame], report: Report, path: str | Path, *, title: str) -> Path:
+    """Latency, accuracy and utility against kept tokens, n* marked; one panel per batch size.
+
+    Args:
+        curves: per batch size, the scored points (:func:`pomt_cli.selection.score`).
+        report: the report (for the choices, alpha and budgets).
+        path: the PNG to write (atomically).
+        title: the figure's title.
+    """
+    batch_sizes = list(curves)
+    fig, first = new_figure(9.0, PANEL_HEIGHT * max(1, len(batch_sizes)))
+    grid = fig.add_gridspec(max(1, len(batch_sizes)), 1)
+    first.set_subplotspec(grid[0])
+    axes = [first]
+    for i in range(1, len(batch_sizes)):
+        ax = fig.add_subplot(grid[i])
+        ax.grid(True, alpha=0.3)
+        axes.append(ax)
+    for ax, b in zip(axes, batch_sizes):
+        _panel(ax, curves[b], report, b)
+    fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

@@ -12,3 +12,5 @@ from pomt_cli.commands import profile  # noqa: E402
 COMMANDS.append(profile.register)
 from pomt_cli.commands import clocks  # noqa: E402
 COMMANDS.append(clocks.register)
+from pomt_cli.commands import estimate_accuracy  # noqa: E402
+COMMANDS.append(estimate_accuracy.register)

@@ -128,7 +128,7 @@ def profile(
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the profile and its plot."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue this interrupted profile; finished points are kept."),
     top_steps: int = typer.Option(8, "--top-steps", help="Steps listed per batch size."),
-) -> None:
+) -> dict[str, Path]:
     """Measure latency against kept tokens n: the device's latency-workload curve, its largest steps and a plot."""
     preset = load_preset(device)
     tdev = resolve_torch_device(torch_device or preset.torch_device)
@@ -195,6 +195,7 @@ def profile(
         out.print(item)
     out.print(f"profile: {parquet}")
     out.print(f"plot:    {png}")
+    return {"profile": parquet, "plot": png}
 
 
 def _measure(net, settings: LatencySettings, tdev: torch.device, preset, lock_clocks: bool, meta: LatencyMeta,

@@ -1,0 +1,285 @@
+"""estimate-accuracy: image folders, timm transforms, estimators, the bundled digits model, torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import create_transform, resolve_data_config
+
+from pomt_cli import digits
+from pomt_cli.accuracy import (
+    EstimateConfig,
+    Processes,
+    accuracy_grid,
+    estimate_hits,
+    random_patch_order,
+    run_estimate,
+    spread,
+)
+from pomt_cli.data import Preprocess, balanced_subset, list_images, load_images
+from pomt_cli.errors import PomtError
+from pomt_cli.models import create_model
+from pomt_cli.profiles import read_profile
+from pomt_cli.pruning import apply, geometry, remove
+
+CPU = Processes(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def image_folder(root: Path, sizes: dict[str, int], *, size=(40, 30), seed: int = 0) -> Path:
+    """One subfolder per class with ``sizes[class]`` random JPEGs (classes differ in mean colour)."""
+    rng = np.random.default_rng(seed)
+    for c, (name, count) in enumerate(sizes.items()):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 60, (*size[::-1], 3), dtype=np.uint8) + np.uint8(60 * c)
+            Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg", quality=90)
+    return root
+
+
+def tiny_model(num_classes: int = 3) -> torch.nn.Module:
+    """A random 32x32 patch-8 ViT with a pretrained config like timm's own (bicubic, crop 0.875)."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                             depth=3, num_heads=3, num_classes=num_classes).eval()
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_list_images_sorts_classes_and_finds_every_image(tmp_path):
+    root = image_folder(tmp_path / "val", {"b_cls": 3, "a_cls": 2, "c_cls": 4})
+    (root / "a_cls" / "notes.txt").write_text("not an image")
+    listing = list_images(root)
+    assert listing.classes == ["a_cls", "b_cls", "c_cls"]
+    assert [r.label for r in listing.records] == [0, 0, 1, 1, 1, 2, 2, 2, 2]
+    assert listing.available == 9 and listing.source == str(root.resolve())
+
+
+def test_balanced_subset_is_balanced_deterministic_and_order_free(tmp_path):
+    root = image_folder(tmp_path / "val", {"a": 10, "b": 2, "c": 7}, size=(8, 8))
+    listing = list_images(root)
+    subset = balanced_subset(listing.records, 3, 9)
+    counts = [sum(r.label == c for r in subset) for c in range(3)]
+    assert counts == [4, 2, 3]  # the small class gives all it has, the others share the rest evenly
+    again = balanced_subset(list(reversed(listing.records)), 3, 9)
+    assert [r.name for r in again] == [r.name for r in subset]
+    assert [r.name for r in list_images(root, limit=9).records] == [r.name for r in subset]
+    # A larger limit keeps the smaller one's images (one fixed order per class).
+    assert {r.name for r in subset} <= {r.name for r in balanced_subset(listing.records, 3, 12)}
+
+
+@pytest.mark.parametrize("limit, message", [(0, "at least 1"), (20, "exceeds the 19 images")])
+def test_bad_limits(tmp_path, limit, message):
+    root = image_folder(tmp_path / "val", {"a": 10, "b": 2, "c": 7}, size=(8, 8))
+    with pytest.raises(PomtError, match=message):
+        list_images(root, limit=limit)
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(PomtError, match="does not exist"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PomtError, match="no class folders"):
+        list_images(tmp_path / "empty")
+    (tmp_path / "hollow" / "a").mkdir(parents=True)
+    with pytest.raises(PomtError, match="holds no images"):
+        list_images(tmp_path / "hollow")
+
+
+def test_preprocess_equals_timms_own_eval_transform(tmp_path):
+    root = image_folder(tmp_path / "val", {"a": 2, "b": 1}, size=(53, 41))
+    model = tiny_model()
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_pct": 0.875, "interpolation": "bicubic",
+                            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    timm_transform = create_transform(**resolve_data_config(model=model, use_test_size=True) | {"input_size": (3, 32, 32)})
+    ours = Preprocess.from_model(model)
+    listing = list_images(root)
+    data = load_images(listing, ours, workers=2)
+    expected = torch.stack([timm_transform(Image.open(r.path).convert("RGB")) for r in listing.records])
+    got = ours.normalize(data.images)
+    assert got.shape == expected.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_corrupt_images_are_skipped_and_reported(tmp_path):
+    root = image_folder(tmp_path / "val", {"a": 3, "b": 3}, size=(16, 16))
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no jpeg")
+    (root / "a" / "empty.png").write_bytes(b"")
+    model = tiny_model(2)
+    listing = list_images(root)
+    data = load_images(listing, Preprocess.from_model(model))
+    assert len(data) == 6 and sorted(name for name, _ in data.skipped) == ["a/empty.png", "b/broken.jpg"]
+    assert "broken.jpg" not in " ".join(data.names)
+
+
+# --- estimators -------------------------------------------------------------------------------
+
+
+def test_random_order_is_per_image_and_nested():
+    names = ["x/1.jpg", "x/2.jpg", "y/3.jpg"]
+    order = random_patch_order(names, seed=0, num_patches=16)
+    assert sorted(order[0].tolist()) == list(range(16)) and not torch.equal(order[0], order[1])
+    alone = random_patch_order(names[2:], seed=0, num_patches=16)
+    assert torch.equal(order[2], alone[0])  # independent of the other images
+    assert not torch.equal(random_patch_order(names, seed=1, num_patches=16), order)
+
+
+@pytest.mark.parametrize("total, patches, blocks, halving", [(100, 196, 12, False), (150, 196, 12, True),
+                                                             (60, 64, 4, True), (63, 64, 4, False)])
+def test_spread_reaches_the_target_within_the_rules(total, patches, blocks, halving):
+    per_block = spread(total, patches, blocks, halving=halving)
+    assert sum(per_block) == total and len(per_block) == blocks
+    left = patches
+    for r in per_block:
+        assert r >= 0 and (not halving or r <= left // 2)
+        left -= r
+    with pytest.raises(ValueError):
+        spread(patches, patches, blocks, halving=halving)
+
+
+def _data(tmp_path, model, sizes=None):
+    root = image_folder(tmp_path / "val", sizes or {"a": 5, "b": 4, "c": 3}, size=(36, 36))
+    listing = list_images(root)
+    return listing, load_images(listing, Preprocess.from_model(model))
+
+
+def test_random_estimator_with_all_tokens_is_the_plain_model(tmp_path):
+    model = tiny_model()
+    _, data = _data(tmp_path, model)
+    hits, block_tokens = estimate_hits(model, data, [17, 9, 2], batch_size=5)
+    with torch.inference_mode():
+        logits = model(data.preprocess.normalize(data.images))
+    top1 = int((logits.argmax(-1) == data.labels).sum())
+    assert hits[0, 0].item() == top1 and hits[0, 1].item() == len(data)  # 3 classes: top-5 is always right
+    assert block_tokens == [[17] * 4, [9] * 4, [2] * 4]
+
+
+@pytest.mark.parametrize("estimator", ["pomt", "topk", "tome"])
+def test_method_estimators_run_the_method_with_the_setting_that_leaves_n(tmp_path, estimator):
+    model = tiny_model()
+    listing, data = _data(tmp_path, model)
+    g = geometry(model)
+    grid = accuracy_grid("17:5:6", g, estimator)
+    hits, block_tokens = estimate_hits(model, data, grid, estimator=estimator, layer=1, batch_size=4)
+    x = data.preprocess.normalize(data.images)
+    for j, n in enumerate(grid):
+        assert block_tokens[j][-1] == n
+        kwargs = {"r": 17 - n, "layer": 1} if estimator == "pomt" else {"r": spread(17 - n, 16, 3, halving=estimator == "tome")}
+        with torch.inference_mode():
+            logits = apply(model, estimator, **kwargs)(x)
+        remove(model)
+        assert hits[j, 0].item() == int((logits.argmax(-1) == data.labels).sum())
+
+
+def test_random_weights_are_refused_unless_allowed(tmp_path):
+    root = image_folder(tmp_path / "val", {"a": 2, "b": 2}, size=(8, 8))
+    config = EstimateConfig(model="vit_tiny_patch16_224", data=str(root))
+    with pytest.raises(PomtError, match="random weights"):
+        run_estimate(config, CPU)
+
+
+# --- the bundled digits model ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+    return run_estimate(EstimateConfig(model=digits.NAME, data="digits", batch_size=128), CPU)
+
+
+def test_digits_vit_is_accurate_with_all_tokens_and_falls_as_tokens_go(digits_run):
+    frame, meta = digits_run.frame, digits_run.meta
+    assert meta.num_tokens == 65 and meta.num_prefix == 1 and meta.weights == "bundled"
+    assert frame["tokens"].to_list() == list(range(65, 1, -1))
+    acc = dict(zip(frame["tokens"].to_list(), frame["accuracy"].to_list()))
+    assert acc[65] >= 95.0
+    assert meta.num_images == len(digits.digits_split("test").labels) == 454
+    # The curve falls: each quarter of the grid is less accurate than the one before, and
+    # a couple of patches leave little more than chance.
+    quarters = [np.mean([acc[n] for n in range(hi, hi - 16, -1)]) for hi in (65, 49, 33, 17)]
+    assert quarters == sorted(quarters, reverse=True) and quarters[0] - quarters[-1] > 20
+    assert acc[2] < 50.0
+
+
+def test_digits_checkpoint_option_and_sha(tmp_path, digits_run):
+    model = create_model(digits.NAME)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.bias"] = state["head.bias"] + torch.linspace(0, 1, 10)
+    path = tmp_path / "tweaked.safetensors"
+    save_file(state, str(path))
+    run = run_estimate(EstimateConfig(model=digits.NAME, data="digits", checkpoint=path, tokens="65:65:1"), CPU)
+    assert run.meta.weights == "checkpoint" and run.meta.weights_file == str(path.resolve())
+    assert run.meta.weights_sha256 != digits_run.meta.weights_sha256
+
+
+def test_estimate_accuracy_command(tmp_path, pomt):
+    out = tmp_path / "runs"
+    done = pomt("estimate-accuracy", "--model", "digits-vit", "--data", "digits", "--tokens", "65:5:20",
+                "--limit", "200", "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    parquet = out / "accuracy_digits-vit_float32_random_digits.parquet"
+    assert sorted(p.name for p in out.iterdir()) == sorted([parquet.name, parquet.with_suffix(".png").name])
+    frame, meta = read_profile(parquet, "accuracy")
+    assert frame["tokens"].to_list() == [65, 45, 25, 5] and frame["images"].to_list() == [200] * 4
+    assert meta["limit"] == 200 and len(meta["images"]) == 200 and meta["estimator"] == "random"
+    assert meta["command"].startswith("pomt estimate-accuracy --model digits-vit")
+    assert "200 images of 10 classes" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "vit_tiny_patch16_224"], "random weights"),
+        (["--limit", "455"], "exceeds the 454 images"),
+        (["--estimator", "best"], "unknown --estimator 'best'"),
+        (["--tokens", "65:0:5"], "STOP 0 must exceed"),
+        (["--estimator", "pomt", "--layer", "9"], "--estimator pomt"),
+        (["--data", "NOFOLDER"], "does not exist"),
+        (["--checkpoint", "NOFILE.safetensors"], "NOFILE"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, pomt, args, message):
+    out = tmp_path / "runs"
+    base = ["estimate-accuracy", "--model", "digits-vit", "--data", "digits", "--output-dir", str(out)]
+    done = pomt(*base, *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error:") and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_class_count_mismatch(tmp_path, pomt):
+    root = image_folder(tmp_path / "val", {"a": 2, "b": 2}, size=(8, 8))
+    done = pomt("estimate-accuracy", "--model", "digits-vit", "--data", str(root), "--output-dir", str(tmp_path / "o"))
+    assert done.returncode == 2 and "10 classes but --data" in done.stderr and "2" in done.stderr
+
+
+def test_torchrun_gives_the_same_profile_as_one_process(tmp_path, pomt):
+    args = ["estimate-accuracy", "--model", "digits-vit", "--data", "digits", "--tokens", "65:2:9",
+            "--batch-size", "50", "--torch-device", "cpu"]
+    single = pomt(*args, "--output-dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    double = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "pomt_cli", *args,
+                             "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert double.returncode == 0, double.stderr
+    name = "accuracy_digits-vit_float32_random_digits.parquet"
+    one, meta_one = read_profile(tmp_path / "one" / name, "accuracy")
+    two, meta_two = read_profile(tmp_path / "two" / name, "accuracy")
+    assert one.equals(two)
+    different = {k for k in meta_one if meta_one[k] != meta_two[k]}
+    assert different <= {"created", "command"}, different
+    assert "in 2 processes" in double.stdout
+    assert sorted((tmp_path / "two").iterdir()) == [tmp_path / "two" / name, tmp_path / "two" / name.replace("parquet", "png")]
