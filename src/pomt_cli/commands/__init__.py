@@ -14,3 +14,5 @@ from pomt_cli.commands import clocks  # noqa: E402
 COMMANDS.append(clocks.register)
 from pomt_cli.commands import estimate_accuracy  # noqa: E402
 COMMANDS.append(estimate_accuracy.register)
+from pomt_cli.commands import compute_r  # noqa: E402
+COMMANDS.append(compute_r.register)

@@ -1,0 +1,91 @@
+"""``pomt compute-r``: R, the tokens to prune, from a latency profile and an accuracy profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pomt_cli.options import parse_int_list
+from pomt_cli.outputs import output_path, output_stem, prepare_output_dir
+from pomt_cli.plots import plot_selection
+from pomt_cli.selection import Choice, Report, SelectionSettings, compute_r as select_r, write_report
+
+out = Console(highlight=False)
+
+_CRITERION_TITLES = {
+    "utility": "largest utility",
+    "latency_budget": "most accurate within the latency budget",
+    "max_accuracy_drop": "fastest within the accuracy drop",
+}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compute-r")(compute_r)
+
+
+def r_line(choice: Choice, num_tokens: int) -> str:
+    """``R = 56 (n* = 141 of 197 tokens kept) at batch 4``."""
+    return f"R = {choice.R} (n* = {choice.tokens} of {num_tokens} tokens kept) at batch {choice.batch_size}"
+
+
+def candidates_table(candidates: pl.DataFrame, report: Report, batch_size: int) -> Table:
+    """The best points of one batch size by the report's criterion, best first."""
+    table = Table(title=f"Best candidates at batch {batch_size} ({_CRITERION_TITLES[report.criterion]})",
+                  title_justify="left")
+    for name in ("n", "R", "latency (ms)", "latency saved", "accuracy (%)", "accuracy lost (pts)",
+                 f"utility (\u03b1={report.alpha:g})"):
+        table.add_column(name, justify="right")
+    for row in candidates.iter_rows(named=True):
+        table.add_row(
+            str(row["tokens"]), str(row["R"]), f"{row['latency_ms']:.3f}", f"{row['latency_saved_pct']:.1f}%",
+            f"{row['accuracy']:.2f}", f"{row['accuracy_lost']:.2f}", f"{row['utility']:.4f}",
+        )
+    return table
+
+
+def compute_r(
+    latency: Path = typer.Option(..., "--latency", help="Latency profile (.parquet from pomt profile)."),
+    accuracy: Path = typer.Option(..., "--accuracy", help="Accuracy profile (.parquet from pomt estimate-accuracy)."),
+    alpha: float | None = typer.Option(
+        None, "--alpha", help="Utility weight of latency in [0, 1] (default 0.5); n* maximises the utility."
+    ),
+    latency_budget: float | None = typer.Option(
+        None, "--latency-budget", metavar="MS", help="Instead: the most accurate n whose latency is at most MS."
+    ),
+    max_accuracy_drop: float | None = typer.Option(
+        None, "--max-accuracy-drop", metavar="PCT",
+        help="Instead: the fastest n that loses at most PCT points of top-1 accuracy against the largest n.",
+    ),
+    batch_size: str | None = typer.Option(
+        None, "--batch-size", help="Only these batch sizes of the latency profile, comma-separated (default: all)."
+    ),
+    output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the report and its plot."),
+) -> dict[str, Path]:
+    """Choose R, the tokens to prune: where the latency saved pays for the accuracy lost."""
+    settings = SelectionSettings.from_options(alpha, latency_budget, max_accuracy_drop)
+    batch_sizes = parse_int_list(batch_size, "--batch-size") if batch_size is not None else None
+    selection = select_r(latency, accuracy, settings, batch_sizes)
+    report = selection.report
+    folder = prepare_output_dir(output_dir)
+    stem = output_stem("compute_r", report.model, device=report.latency.device_preset,
+                       batch_size=[c.batch_size for c in report.choices], dtype=report.latency.dtype)
+    json_path, png_path = output_path(folder, stem, "json"), output_path(folder, stem, "png")
+    device = report.latency.device_display_name or report.latency.device_preset or "unknown device"
+    title = (f"{report.model}, latency on {device} ({report.latency.dtype}), "
+             f"accuracy estimator: {report.accuracy.estimator or '?'}")
+    plot_selection(selection.curves, report, png_path, title=title)
+    write_report(report, json_path)
+
+    for choice in report.choices:
+        out.print(r_line(choice, report.num_tokens))
+    for note in report.notes:
+        out.print(f"note: {note}")
+    for choice in report.choices:
+        out.print(candidates_table(selection.candidates[choice.batch_size], report, choice.batch_size))
+    out.print(f"report: {json_path}")
+    out.print(f"plot:   {png_path}")
+    return {"report": json_path, "plot": png_path}

@@ -1,0 +1,454 @@
+"""Choosing R: how many tokens to prune, from a latency profile and an accuracy profile.
+
+The two profiles are joined on the kept-token count n. For each batch size of the latency
+profile, every common grid point gets
+
+- the paper's utility ``U(n) = alpha * (1 - L(n) / max L) + (1 - alpha) * A(n) / max A``
+  (maxima over the common points of that batch size),
+- the latency saved and the accuracy lost relative to the largest common n (the full
+  model when the grid contains N),
+
+and one n is chosen by one criterion: the largest utility (ties: the larger n), the most
+accurate n within a latency budget, or the fastest n within an accuracy drop. The answer
+is ``R = N - n``: pruning R tokens leaves n of the N tokens.
+
+Everything here returns data and raises :class:`~pomt_cli.errors.PomtError` for bad input;
+the report (:class:`Report`) is the JSON file that ``pomt bench --r-from`` reads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pomt_cli import __version__
+from pomt_cli.errors import PomtError
+from pomt_cli.outputs import atomic_write_text
+from pomt_cli.profiles import command_line, read_profile
+
+REPORT_FORMAT_VERSION = 1
+DEFAULT_ALPHA = 0.5
+#: Candidates listed per batch size.
+TOP_CANDIDATES = 10
+#: Utilities closer than this count as a tie (broken towards the larger n).
+UTILITY_TIE = 1e-12
+
+Criterion = Literal["utility", "latency_budget", "max_accuracy_drop"]
+
+#: Metadata fields that must agree between the two profiles (the token geometry).
+GEOMETRY_FIELDS = ("model", "num_tokens", "num_prefix", "num_blocks", "embed_dim")
+
+
+class SelectionSettings(BaseModel):
+    """Which criterion chooses n, and its parameter.
+
+    ``alpha`` is always set: it weighs the utility column (shown in every mode) and
+    chooses n only when ``criterion`` is ``"utility"``.
+    """
+
+    criterion: Criterion = "utility"
+    alpha: float = Field(DEFAULT_ALPHA, ge=0.0, le=1.0)
+    latency_budget_ms: float | None = None
+    max_accuracy_drop: float | None = Field(None, ge=0.0)
+
+    @classmethod
+    def from_options(
+        cls,
+        alpha: float | None = None,
+        latency_budget_ms: float | None = None,
+        max_accuracy_drop: float | None = None,
+    ) -> SelectionSettings:
+        """The settings for the command's options; at most one of them may be given.
+
+        Raises:
+            PomtError: several criteria, alpha outside [0, 1], a negative accuracy drop,
+                or a non-positive latency budget.
+        """
+        given = [name for name, value in (("--alpha", alpha), ("--latency-budget", latency_budget_ms),
+                                          ("--max-accuracy-drop", max_accuracy_drop)) if value is not None]
+        if len(given) > 1:
+            raise PomtError(f"{' and '.join(given)} are different ways to choose n: give only one of them")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise PomtError(f"--alpha {alpha} must lie between 0 and 1 (1 weighs only latency, 0 only accuracy)")
+        if latency_budget_ms is not None:
+            if not latency_budget_ms > 0:
+                raise PomtError(f"--latency-budget {latency_budget_ms} must be a positive number of milliseconds")
+            return cls(criterion="latency_budget", latency_budget_ms=latency_budget_ms)
+        if max_accuracy_drop is not None:
+            if not max_accuracy_drop >= 0:
+                raise PomtError(f"--max-accuracy-drop {max_accuracy_drop} must be at least 0 (percentage points "
+                                "of top-1 accuracy; 0 allows no loss)")
+            return cls(criterion="max_accuracy_drop", max_accuracy_drop=max_accuracy_drop)
+        return cls(alpha=DEFAULT_ALPHA if alpha is None else alpha)
+
+
+class Choice(BaseModel):
+    """The chosen n for one batch size."""
+
+    batch_size: int
+    R: int = Field(description="tokens to prune, N - n")
+    tokens: int = Field(description="n*, tokens kept")
+    latency_ms: float
+    latency_saved_pct: float = Field(description="100 * (1 - L(n*) / L(n_max))")
+    accuracy: float = Field(description="top-1 accuracy (%) at n*")
+    accuracy_lost: float = Field(description="A(n_max) - A(n*), percentage points")
+    utility: float = Field(description="U(n*) with the report's alpha")
+    reference_tokens: int = Field(description="n_max, the largest n both profiles contain")
+
+
+class ProfileInput(BaseModel):
+    """Where an input profile came from."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    path: str = Field(description="the file, resolved")
+    sha256: str
+    kind: Literal["latency", "accuracy"]
+    dtype: str
+    host: str | None = None
+    created: str | None = None
+    device_preset: str | None = None
+    device_display_name: str | None = None
+    device_name: str | None = None
+    timing_mode: str | None = None
+    estimator: str | None = None
+    device_type: str | None = None
+    num_images: int | None = None
+
+
+class Report(BaseModel):
+    """The JSON report of ``pomt compute-r`` (format in docs/FORMATS.md)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    format_version: int = REPORT_FORMAT_VERSION
+    kind: Literal["compute_r"] = "compute_r"
+    model: str
+    num_tokens: int
+    num_prefix: int
+    num_blocks: int
+    embed_dim: int
+    criterion: Criterion
+    alpha: float
+    latency_budget_ms: float | None = None
+    max_accuracy_drop: float | None = None
+    R: int = Field(description="R of the first batch size")
+    tokens: int = Field(description="n* of the first batch size")
+    batch_size: int = Field(description="the first batch size")
+    choices: list[Choice] = Field(min_length=1)
+    latency: ProfileInput
+    accuracy: ProfileInput
+    notes: list[str] = Field(default_factory=list)
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    command: str = Field(default_factory=command_line)
+    pomt_version: str = __version__
+
+    def choice_for(self, batch_size: int) -> Choice | None:
+        """The choice made for ``batch_size``, or None when the report has none."""
+        return next((c for c in self.choices if c.batch_size == batch_size), None)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`compute_r` found.
+
+    Attributes:
+        report: the report to write.
+        curves: per batch size, every common point scored (:func:`score`), n descending.
+        candidates: per batch size, the best points by the criterion (at most
+            :data:`TOP_CANDIDATES`), best first; the first row is the choice.
+    """
+
+    report: Report
+    curves: dict[int, pl.DataFrame]
+    candidates: dict[int, pl.DataFrame]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def utility(latency_ms: pl.Series, accuracy: pl.Series, alpha: float) -> pl.Series:
+    """The paper's utility ``alpha * (1 - L / max L) + (1 - alpha) * A / max A``.
+
+    When every accuracy is 0 the accuracy term is 0 (it cannot tell the points apart).
+
+    Args:
+        latency_ms: L(n) of the candidate points.
+        accuracy: A(n) of the same points, in the same order.
+        alpha: weight of latency, in [0, 1].
+    """
+    max_l = latency_ms.max()
+    max_a = accuracy.max()
+    latency_term = 1.0 - latency_ms / max_l
+    accuracy_term = accuracy / max_a if max_a and max_a > 0 else accuracy * 0.0
+    return (alpha * latency_term + (1.0 - alpha) * accuracy_term).alias("utility")
+
+
+def score(points: pl.DataFrame, num_tokens: int, alpha: float) -> pl.DataFrame:
+    """Every point with R, the latency saved, the accuracy lost and the utility.
+
+    Args:
+        points: columns ``tokens, latency_ms, accuracy`` (one batch size, at least one row).
+        num_tokens: N.
+        alpha: the utility's weight of latency.
+
+    Returns:
+        ``tokens, R, latency_ms, latency_saved_pct, accuracy, accuracy_lost, utility``,
+        n descending. The reference of the saving and the loss is the largest n.
+    """
+    frame = points.select("tokens", "latency_ms", "accuracy").sort("tokens", descending=True)
+    ref_latency = frame["latency_ms"][0]
+    ref_accuracy = frame["accuracy"][0]
+    return frame.with_columns(
+        R=num_tokens - pl.col("tokens"),
+        latency_saved_pct=100.0 * (1.0 - pl.col("latency_ms") / ref_latency),
+        accuracy_lost=ref_accuracy - pl.col("accuracy"),
+        utility=utility(frame["latency_ms"], frame["accuracy"], alpha),
+    ).select("tokens", "R", "latency_ms", "latency_saved_pct", "accuracy", "accuracy_lost", "utility")
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to a precision that shows it (two decimals, more below 1)."""
+    decimals = 2 if value >= 1 or value <= 0 else 2 - math.floor(math.log10(value))
+    factor = 10**decimals
+    rounded = math.ceil(value * factor - 1e-9) / factor
+    return rounded if rounded >= value else rounded + 1 / factor
+
+
+def _fmt(value: float) -> str:
+    """A latency or accuracy as the messages show it (trailing zeros dropped)."""
+    return f"{_round_up(value):.6f}".rstrip("0").rstrip(".")
+
+
+def rank(scored: pl.DataFrame, settings: SelectionSettings, batch_size: int) -> pl.DataFrame:
+    """The points that meet the criterion, best first (the first row is the choice).
+
+    - utility: largest utility first; utilities within :data:`UTILITY_TIE` tie and the
+      larger n wins (prune less).
+    - latency budget: points with ``L <= budget``, highest accuracy first; ties: lower
+      latency, then the larger n.
+    - accuracy drop: points with ``A >= A(n_max) - drop``, lowest latency first; ties:
+      higher accuracy, then the larger n.
+
+    Args:
+        scored: a frame of :func:`score` (one batch size).
+        settings: the criterion.
+        batch_size: for the messages.
+
+    Raises:
+        PomtError: no point meets the latency budget (the message gives the fastest point).
+    """
+    if settings.criterion == "utility":
+        best = scored["utility"].max()
+        tie = (pl.col("utility") >= best - UTILITY_TIE).cast(pl.Int8)
+        return (scored.with_columns(_tie=tie)
+                .sort(["_tie", "utility", "tokens"], descending=[True, True, True])
+                .drop("_tie"))
+    if settings.criterion == "latency_budget":
+        budget = settings.latency_budget_ms
+        feasible = scored.filter(pl.col("latency_ms") <= budget)
+        if feasible.is_empty():
+            fastest = scored.sort(["latency_ms", "tokens"], descending=[False, True]).row(0, named=True)
+            raise PomtError(
+                f"no n meets --latency-budget {budget:g} ms at batch {batch_size}: the fastest point is "
+                f"n={fastest['tokens']} at {fastest['latency_ms']:.2f} ms; give at least {_fmt(fastest['latency_ms'])}"
+            )
+        return feasible.sort(["accuracy", "latency_ms", "tokens"], descending=[True, False, True])
+    reference = scored.sort("tokens", descending=True)["accuracy"][0]
+    threshold = reference - settings.max_accuracy_drop
+    # The largest n (the reference) always qualifies for a drop >= 0; the small slack
+    # keeps a drop given to the displayed precision from missing a point by rounding.
+    feasible = scored.filter(pl.col("accuracy") >= threshold - 1e-9)
+    return feasible.sort(["latency_ms", "accuracy", "tokens"], descending=[False, True, True])
+
+
+def check_geometry(latency_meta: dict, accuracy_meta: dict, latency_path: Path, accuracy_path: Path) -> list[str]:
+    """Refuse profiles of different token geometries; describe allowed differences.
+
+    Returns:
+        One note per difference that is allowed: device, dtype, machine, an incomplete
+        latency profile.
+
+    Raises:
+        PomtError: model name, N, p, depth or width differ.
+    """
+    differing = [f for f in GEOMETRY_FIELDS if latency_meta.get(f) != accuracy_meta.get(f)]
+    if differing:
+        parts = ", ".join(f"{f} {latency_meta.get(f)} vs {accuracy_meta.get(f)}" for f in differing)
+        raise PomtError(
+            f"{latency_path} and {accuracy_path} describe different models ({parts}): "
+            "profile latency and accuracy of the same model"
+        )
+    notes: list[str] = []
+    lat_device = str(latency_meta.get("torch_device", "")).split(":")[0]
+    acc_device = accuracy_meta.get("device_type")
+    if lat_device and acc_device and lat_device != acc_device:
+        notes.append(f"latency was measured on {latency_meta.get('device_preset', lat_device)} "
+                     f"({lat_device}), accuracy estimated on {acc_device}")
+    if latency_meta.get("dtype") != accuracy_meta.get("dtype"):
+        notes.append(f"latency was measured in {latency_meta.get('dtype')}, "
+                     f"accuracy estimated in {accuracy_meta.get('dtype')}")
+    if latency_meta.get("host") != accuracy_meta.get("host"):
+        notes.append(f"the profiles come from different machines (latency: {latency_meta.get('host')}, "
+                     f"accuracy: {accuracy_meta.get('host')})")
+    if latency_meta.get("complete") is False:
+        notes.append(f"{latency_path} is an interrupted profile: only its measured points are used")
+    return notes
+
+
+def common_points(
+    latency: pl.DataFrame,
+    accuracy: pl.DataFrame,
+    batch_size: int,
+    latency_path: Path,
+    accuracy_path: Path,
+) -> pl.DataFrame:
+    """The grid points of ``batch_size`` with a measured latency and an accuracy.
+
+    Returns:
+        ``tokens, latency_ms, accuracy``, n descending.
+
+    Raises:
+        PomtError: fewer than 2 points in common.
+    """
+    lat = (latency.filter((pl.col("batch_size") == batch_size) & (pl.col("status") != "oom")
+                          & pl.col("latency_ms").is_not_null() & pl.col("latency_ms").is_not_nan())
+           .unique("tokens", keep="last").select("tokens", "latency_ms"))
+    acc = (accuracy.filter(pl.col("accuracy").is_not_null() & pl.col("accuracy").is_not_nan())
+           .unique("tokens", keep="last").select("tokens", "accuracy"))
+    joined = lat.join(acc, on="tokens", how="inner").sort("tokens", descending=True)
+    if joined.height < 2:
+        raise PomtError(
+            f"{latency_path} and {accuracy_path} have {joined.height} grid point(s) in common at batch "
+            f"{batch_size} (the latency profile has {lat.height} measured point(s), the accuracy profile "
+            f"{acc.height}); at least 2 are needed: profile both on the same --tokens grid"
+        )
+    return joined
+
+
+def _input_record(path: Path, meta: dict) -> ProfileInput:
+    """The report's record of one input profile."""
+    fields = {k: meta[k] for k in ProfileInput.model_fields if k in meta and k not in ("path", "sha256")}
+    return ProfileInput(path=str(path.resolve()), sha256=sha256_file(path), **fields)
+
+
+def compute_r(
+    latency_path: str | Path,
+    accuracy_path: str | Path,
+    settings: SelectionSettings,
+    batch_sizes: Sequence[int] | None = None,
+) -> Selection:
+    """Read both profiles, check that they fit together and choose n for each batch size.
+
+    Args:
+        latency_path: a latency profile (``pomt profile``).
+        accuracy_path: an accuracy profile (``pomt estimate-accuracy``).
+        settings: the criterion.
+        batch_sizes: only these batch sizes of the latency profile (default: all, in the
+            profile's order).
+
+    Raises:
+        PomtError: a missing, corrupt or wrong-kind file, different models, a batch size
+            the profile lacks, fewer than 2 common points, an infeasible budget.
+    """
+    latency_path, accuracy_path = Path(latency_path), Path(accuracy_path)
+    latency, latency_meta = read_profile(latency_path, "latency")
+    accuracy, accuracy_meta = read_profile(accuracy_path, "accuracy")
+    notes = check_geometry(latency_meta, accuracy_meta, latency_path, accuracy_path)
+    available = list(latency_meta.get("batch_sizes") or [])
+    for b in latency["batch_size"].unique(maintain_order=True).to_list():
+        if b not in available:
+            available.append(b)
+    if batch_sizes is None:
+        chosen = [b for b in available if not latency.filter(pl.col("batch_size") == b).is_empty()]
+    else:
+        missing = [b for b in batch_sizes if b not in available]
+        if missing:
+            raise PomtError(
+                f"--batch-size {','.join(map(str, missing))} is not in {latency_path} (it has batch size(s) "
+                f"{', '.join(map(str, available)) or 'none'}): give one of those or profile that batch size"
+            )
+        chosen = list(batch_sizes)
+    if not chosen:
+        raise PomtError(f"{latency_path} holds no measured points: run pomt profile again")
+
+    num_tokens = int(latency_meta["num_tokens"])
+    curves: dict[int, pl.DataFrame] = {}
+    candidates: dict[int, pl.DataFrame] = {}
+    choices: list[Choice] = []
+    for b in chosen:
+        points = common_points(latency, accuracy, b, latency_path, accuracy_path)
+        scored = score(points, num_tokens, settings.alpha)
+        ranked = rank(scored, settings, b)
+        best = ranked.row(0, named=True)
+        curves[b] = scored
+        candidates[b] = ranked.head(TOP_CANDIDATES)
+        choices.append(Choice(batch_size=b, reference_tokens=int(scored["tokens"][0]),
+                              **{k: best[k] for k in ("R", "tokens", "latency_ms", "latency_saved_pct",
+                                                      "accuracy", "accuracy_lost", "utility")}))
+
+    first = choices[0]
+    report = Report(
+        model=latency_meta["model"], num_tokens=num_tokens, num_prefix=int(latency_meta["num_prefix"]),
+        num_blocks=int(latency_meta["num_blocks"]), embed_dim=int(latency_meta["embed_dim"]),
+        criterion=settings.criterion, alpha=settings.alpha, latency_budget_ms=settings.latency_budget_ms,
+        max_accuracy_drop=settings.max_accuracy_drop, R=first.R, tokens=first.tokens,
+        batch_size=first.batch_size, choices=choices,
+        latency=_input_record(latency_path, latency_meta), accuracy=_input_record(accuracy_path, accuracy_meta),
+        notes=notes,
+    )
+    return Selection(report=report, curves=curves, candidates=candidates)
+
+
+def write_report(report: Report, path: str | Path) -> Path:
+    """Write ``report`` to ``path`` as indented JSON, atomically."""
+    return atomic_write_text(path, report.model_dump_json(indent=2) + "\n")
+
+
+def read_report(path: str | Path, model: str | None = None) -> Report:
+    """The report in ``path``, checked to be for ``model`` when given.
+
+    Raises:
+        PomtError: the file is missing, not JSON, not a compute-r report, or computed for
+            another model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PomtError(f"report {path} does not exist: give the .json file written by pomt compute-r")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise PomtError(
+            f"report {path} is not readable JSON: is it corrupt? write it again with pomt compute-r"
+        ) from None
+    if not isinstance(data, dict) or data.get("kind") != "compute_r":
+        raise PomtError(f"{path} is not a pomt compute-r report: give the .json file written by pomt compute-r")
+    try:
+        report = Report.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the report"
+        raise PomtError(
+            f"report {path} is damaged ({where}: {first['msg']}): write it again with pomt compute-r"
+        ) from None
+    if model is not None and report.model != model:
+        raise PomtError(
+            f"{path} was computed for {report.model}, not {model}: run pomt compute-r with profiles of {model}, "
+            "or give --r directly"
+        )
+    return report

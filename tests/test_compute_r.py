@@ -1,0 +1,371 @@
+"""`pomt compute-r` and its library, on synthetic profiles whose answers are known by hand.
+
+The latency curves have steps where the utility must jump; the accuracy curve falls
+slowly and then fast. N = 17 (16 patches and a class token), as in the tiny test ViT.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pomt_cli.cli import main
+from pomt_cli.errors import PomtError
+from pomt_cli.outputs import output_stem
+from pomt_cli.profiles import ProfileMeta, write_profile
+from pomt_cli.selection import (
+    SelectionSettings,
+    compute_r,
+    rank,
+    read_report,
+    score,
+    utility,
+    write_report,
+)
+
+MODEL = "vit_tiny_patch16_224"
+N = 17
+GEOMETRY = dict(model=MODEL, num_tokens=N, num_prefix=1, num_blocks=3, embed_dim=48)
+
+# Batch 4: a step between n = 15 and n = 13 (latency nearly halves for 2 points of accuracy).
+LAT_B4 = {17: 10.0, 15: 9.8, 13: 5.2, 11: 5.0, 9: 4.8, 7: 4.6, 5: 4.4, 3: 4.213}
+# Batch 1: the step lies between n = 11 and n = 9.
+LAT_B1 = {17: 4.0, 15: 3.9, 13: 3.8, 11: 3.7, 9: 2.0, 7: 1.9, 5: 1.8, 3: 1.7}
+# Accuracy on a finer grid than latency: the points 16, 14, ... are not in the latency grid.
+ACC = {17: 80.0, 16: 80.0, 15: 80.0, 14: 79.0, 13: 78.0, 12: 75.0, 11: 70.0, 10: 66.0, 9: 60.0,
+       8: 50.0, 7: 40.0, 6: 30.0, 5: 20.0, 4: 15.0, 3: 10.0, 2: 5.0}
+
+
+def latency_frame(curves: dict[int, dict[int, float | None]]) -> pl.DataFrame:
+    """A latency profile frame; None is an out-of-memory point."""
+    rows = [
+        {"batch_size": b, "tokens": n, "latency_ms": ms, "p10_ms": ms, "p90_ms": ms,
+         "samples": 0 if ms is None else 20, "status": "oom" if ms is None else "ok"}
+        for b, curve in curves.items() for n, ms in curve.items()
+    ]
+    return pl.DataFrame(rows, schema={"batch_size": pl.Int64, "tokens": pl.Int64, "latency_ms": pl.Float64,
+                                      "p10_ms": pl.Float64, "p90_ms": pl.Float64, "samples": pl.Int64,
+                                      "status": pl.String})
+
+
+def write_latency(path: Path, curves: dict[int, dict[int, float | None]] | None = None, **meta) -> Path:
+    """A latency profile file at ``path`` (default curves: batch 1 and batch 4)."""
+    curves = curves if curves is not None else {1: LAT_B1, 4: LAT_B4}
+    fields = {**GEOMETRY, "dtype": "float16", "grid": sorted({n for c in curves.values() for n in c}, reverse=True),
+              "batch_sizes": list(curves), "device_preset": "orin", "device_display_name": "Jetson AGX Orin",
+              "device_name": "Orin", "torch_device": "cuda:0", "timing_mode": "eager", "host": "board",
+              "complete": True, **meta}
+    return write_profile(path, latency_frame(curves), ProfileMeta(kind="latency", **fields))
+
+
+def write_accuracy(path: Path, accuracy: dict[int, float] | None = None, **meta) -> Path:
+    """An accuracy profile file at ``path``."""
+    accuracy = accuracy if accuracy is not None else ACC
+    frame = pl.DataFrame({"tokens": list(accuracy), "accuracy": list(accuracy.values()),
+                          "top5": [min(100.0, a + 10) for a in accuracy.values()],
+                          "images": [1000] * len(accuracy)})
+    fields = {**GEOMETRY, "dtype": "float32", "grid": list(accuracy), "estimator": "random", "weights": "random",
+              "weights_sha256": "0" * 64, "data": "digits", "num_images": 1000, "num_classes": 10,
+              "device_type": "cpu", "host": "workstation", **meta}
+    return write_profile(path, frame, ProfileMeta(kind="accuracy", **fields))
+
+
+@pytest.fixture
+def profiles(tmp_path) -> tuple[Path, Path]:
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    return write_latency(folder / "lat.parquet"), write_accuracy(folder / "acc.parquet")
+
+
+def points(latency: dict[int, float]) -> pl.DataFrame:
+    return pl.DataFrame({"tokens": list(latency), "latency_ms": list(latency.values()),
+                         "accuracy": [ACC[n] for n in latency]})
+
+
+# Library
+
+
+def test_utility_by_hand():
+    u = utility(pl.Series([10.0, 5.0, 4.0]), pl.Series([80.0, 60.0, 20.0]), alpha=0.5)
+    assert u.to_list() == pytest.approx([0.5, 0.5 * 0.5 + 0.5 * 0.75, 0.5 * 0.6 + 0.5 * 0.25])
+    assert utility(pl.Series([10.0, 5.0]), pl.Series([80.0, 60.0]), alpha=1.0).to_list() == pytest.approx([0, 0.5])
+    assert utility(pl.Series([10.0, 5.0]), pl.Series([80.0, 60.0]), alpha=0.0).to_list() == pytest.approx([1, 0.75])
+
+
+def test_score_columns_by_hand():
+    scored = score(points(LAT_B4), N, alpha=0.5)
+    row = scored.filter(pl.col("tokens") == 13).row(0, named=True)
+    assert row["R"] == 4
+    assert row["latency_saved_pct"] == pytest.approx(48.0)
+    assert row["accuracy_lost"] == pytest.approx(2.0)
+    assert row["utility"] == pytest.approx(0.5 * 0.48 + 0.5 * 78 / 80)
+    assert scored["tokens"].to_list() == sorted(LAT_B4, reverse=True)
+
+
+def test_argmax_picks_the_step():
+    settings = SelectionSettings.from_options()
+    ranked = rank(score(points(LAT_B4), N, settings.alpha), settings, batch_size=4)
+    assert ranked["tokens"].head(3).to_list() == [13, 11, 9]  # 0.7275, 0.6875, 0.635
+    ranked = rank(score(points(LAT_B1), N, settings.alpha), settings, batch_size=1)
+    assert ranked["tokens"][0] == 9
+
+
+def test_utility_ties_go_to_the_larger_n():
+    frame = pl.DataFrame({"tokens": [5, 17, 9], "latency_ms": [5.0, 10.0, 8.0], "accuracy": [40.0, 80.0, 60.0]})
+    # U(17) = 0 + 0.5 * 1 = 0.5; U(5) = 0.5 * 0.5 + 0.5 * 0.5 = 0.5; U(9) = 0.1 + 0.375 = 0.475.
+    settings = SelectionSettings.from_options(alpha=0.5)
+    assert rank(score(frame, N, 0.5), settings, 1)["tokens"].to_list() == [17, 5, 9]
+
+
+@pytest.mark.parametrize("budget, expected", [(6.0, 13), (9.9, 15), (10.0, 15), (4.5, 5), (4.213, 3)])
+def test_latency_budget_picks_the_most_accurate_feasible_n(budget, expected):
+    settings = SelectionSettings.from_options(latency_budget_ms=budget)
+    assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == expected
+
+
+def test_infeasible_latency_budget_names_the_nearest_feasible_value():
+    settings = SelectionSettings.from_options(latency_budget_ms=1.0)
+    with pytest.raises(PomtError) as info:
+        rank(score(points(LAT_B4), N, settings.alpha), settings, 4)
+    assert str(info.value) == ("no n meets --latency-budget 1 ms at batch 4: the fastest point is n=3 at 4.21 ms; "
+                               "give at least 4.22")
+    # The suggested value is feasible.
+    settings = SelectionSettings.from_options(latency_budget_ms=4.22)
+    assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == 3
+
+
+@pytest.mark.parametrize("drop, expected", [(0.0, 15), (2.0, 13), (10.0, 11), (100.0, 3)])
+def test_max_accuracy_drop_picks_the_fastest_n_within_the_drop(drop, expected):
+    settings = SelectionSettings.from_options(max_accuracy_drop=drop)
+    assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == expected
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alpha": 1.5}, "--alpha 1.5 must lie between 0 and 1"),
+    ({"alpha": -0.1}, "--alpha -0.1 must lie between 0 and 1"),
+    ({"alpha": 0.5, "latency_budget_ms": 3.0}, "--alpha and --latency-budget are different ways"),
+    ({"latency_budget_ms": 3.0, "max_accuracy_drop": 1.0}, "--latency-budget and --max-accuracy-drop"),
+    ({"max_accuracy_drop": -1.0}, "--max-accuracy-drop -1.0 must be at least 0"),
+    ({"latency_budget_ms": 0.0}, "--latency-budget 0.0 must be a positive"),
+])
+def test_settings_refuse_bad_options(kwargs, message):
+    with pytest.raises(PomtError, match=message):
+        SelectionSettings.from_options(**kwargs)
+
+
+def test_one_r_per_batch_size_and_the_filter(profiles):
+    lat, acc = profiles
+    selection = compute_r(lat, acc, SelectionSettings.from_options())
+    report = selection.report
+    assert [(c.batch_size, c.tokens, c.R) for c in report.choices] == [(1, 9, 8), (4, 13, 4)]
+    assert (report.batch_size, report.tokens, report.R) == (1, 9, 8)
+    # Only the latency grid's points are used, though the accuracy grid is finer.
+    assert selection.curves[4]["tokens"].to_list() == sorted(LAT_B4, reverse=True)
+    assert len(selection.candidates[4]) == len(LAT_B4)
+    only4 = compute_r(lat, acc, SelectionSettings.from_options(), batch_sizes=[4]).report
+    assert [(c.batch_size, c.R) for c in only4.choices] == [(4, 4)]
+    assert (only4.batch_size, only4.R) == (4, 4)
+    with pytest.raises(PomtError, match=r"--batch-size 8 is not in .*lat.parquet \(it has batch size\(s\) 1, 4\)"):
+        compute_r(lat, acc, SelectionSettings.from_options(), batch_sizes=[8])
+
+
+def test_out_of_memory_points_are_left_out_and_the_reference_moves(tmp_path):
+    curve = dict(LAT_B4)
+    curve[17] = None  # out of memory: 15 becomes the reference
+    lat = write_latency(tmp_path / "lat.parquet", {4: curve})
+    acc = write_accuracy(tmp_path / "acc.parquet")
+    choice = compute_r(lat, acc, SelectionSettings.from_options(max_accuracy_drop=0.0)).report.choices[0]
+    assert choice.reference_tokens == 15
+    assert choice.tokens == 15 and choice.latency_saved_pct == 0.0
+    choice = compute_r(lat, acc, SelectionSettings.from_options()).report.choices[0]
+    assert choice.latency_saved_pct == pytest.approx(100 * (1 - 5.2 / 9.8))
+
+
+def test_allowed_differences_are_noted_and_inputs_recorded(profiles):
+    lat, acc = profiles
+    report = compute_r(lat, acc, SelectionSettings.from_options()).report
+    notes = " | ".join(report.notes)
+    assert "float16" in notes and "float32" in notes
+    assert "different machines" in notes and "board" in notes
+    assert "accuracy estimated on cpu" in notes
+    assert report.latency.path == str(lat.resolve()) and report.accuracy.path == str(acc.resolve())
+    assert len(report.latency.sha256) == 64 and report.latency.sha256 != report.accuracy.sha256
+    assert report.latency.device_preset == "orin" and report.accuracy.estimator == "random"
+
+
+@pytest.mark.parametrize("field, value", [("model", "deit_tiny_patch16_224"), ("num_tokens", 18),
+                                          ("num_prefix", 2), ("num_blocks", 12), ("embed_dim", 192)])
+def test_profiles_of_different_geometry_are_refused(tmp_path, field, value):
+    lat = write_latency(tmp_path / "lat.parquet")
+    acc = write_accuracy(tmp_path / "acc.parquet", **{field: value})
+    with pytest.raises(PomtError, match=f"describe different models \\({field} "):
+        compute_r(lat, acc, SelectionSettings.from_options())
+
+
+def test_too_few_common_points_names_both_counts(tmp_path):
+    lat = write_latency(tmp_path / "lat.parquet", {4: {17: 10.0, 15: 9.0, 13: 5.0}})
+    acc = write_accuracy(tmp_path / "acc.parquet", {16: 80.0, 15: 79.0, 14: 78.0, 12: 70.0})
+    with pytest.raises(PomtError) as info:
+        compute_r(lat, acc, SelectionSettings.from_options())
+    message = str(info.value)
+    assert "1 grid point(s) in common at batch 4" in message
+    assert "3 measured point(s), the accuracy profile 4" in message
+
+
+def test_report_round_trip_and_model_check(tmp_path, profiles):
+    lat, acc = profiles
+    report = compute_r(lat, acc, SelectionSettings.from_options(latency_budget_ms=6.0)).report
+    path = write_report(report, tmp_path / "r.json")
+    again = read_report(path, model=MODEL)
+    assert again == report
+    assert again.criterion == "latency_budget" and again.latency_budget_ms == 6.0
+    assert again.choice_for(4).tokens == 13 and again.choice_for(8) is None
+    with pytest.raises(PomtError, match=f"r.json was computed for {MODEL}, not deit_small_patch16_224: "):
+        read_report(path, model="deit_small_patch16_224")
+    with pytest.raises(PomtError, match="does not exist"):
+        read_report(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PomtError, match="not readable JSON"):
+        read_report(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"kind": "bench"}))
+    with pytest.raises(PomtError, match="not a pomt compute-r report"):
+        read_report(tmp_path / "other.json")
+    damaged = json.loads(path.read_text())
+    del damaged["choices"]
+    (tmp_path / "damaged.json").write_text(json.dumps(damaged))
+    with pytest.raises(PomtError, match="damaged \\(choices"):
+        read_report(tmp_path / "damaged.json")
+
+
+# CLI
+
+
+def run_in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``pomt ARGS`` in this process; (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(code: int, stderr: str, out_dir: Path, message: str) -> None:
+    """Exit code 2, one line starting with ``error:`` that contains ``message``, nothing written."""
+    assert code == 2, stderr
+    assert stderr.startswith("error:"), stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "Traceback" not in stderr
+    assert message in stderr, stderr
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_cli_happy_path(tmp_path, profiles, pomt):
+    lat, acc = profiles
+    out_dir = tmp_path / "runs"
+    proc = pomt("compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir", str(out_dir))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "R = 8 (n* = 9 of 17 tokens kept) at batch 1"
+    assert lines[1] == "R = 4 (n* = 13 of 17 tokens kept) at batch 4"
+    assert "note: latency was measured in float16" in proc.stdout
+    assert "Best candidates at batch 4" in proc.stdout
+    stem = output_stem("compute_r", MODEL, device="orin", batch_size=[1, 4], dtype="float16")
+    report_path, png = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    assert png.is_file() and png.read_bytes().startswith(b"\x89PNG")
+    data = json.loads(report_path.read_text())
+    assert data["kind"] == "compute_r" and data["format_version"] == 1
+    assert (data["model"], data["num_tokens"], data["num_prefix"], data["num_blocks"], data["embed_dim"]) == (
+        MODEL, 17, 1, 3, 48)
+    assert data["criterion"] == "utility" and data["alpha"] == 0.5
+    assert (data["R"], data["tokens"], data["batch_size"]) == (8, 9, 1)
+    b4 = data["choices"][1]
+    assert b4["batch_size"] == 4 and b4["R"] == 4 and b4["tokens"] == 13
+    assert b4["latency_ms"] == 5.2 and b4["accuracy"] == 78.0
+    assert b4["latency_saved_pct"] == pytest.approx(48.0) and b4["accuracy_lost"] == pytest.approx(2.0)
+    assert b4["utility"] == pytest.approx(0.7275)
+    assert data["latency"]["path"] == str(lat.resolve()) and len(data["latency"]["sha256"]) == 64
+    assert data["latency"]["device_preset"] == "orin" and data["accuracy"]["estimator"] == "random"
+    assert data["command"].startswith("pomt compute-r") and data["created"] and data["pomt_version"]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([report_path.name, png.name])
+
+
+def test_cli_budget_modes_and_batch_filter(tmp_path, profiles, capsys):
+    lat, acc = profiles
+    out_dir = tmp_path / "runs"
+    base = ["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir", str(out_dir)]
+    code, out, err = run_in_process([*base, "--latency-budget", "6", "--batch-size", "4"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == "R = 4 (n* = 13 of 17 tokens kept) at batch 4"
+    stem = output_stem("compute_r", MODEL, device="orin", batch_size=[4], dtype="float16")
+    data = json.loads((out_dir / f"{stem}.json").read_text())
+    assert data["criterion"] == "latency_budget" and data["latency_budget_ms"] == 6.0 and len(data["choices"]) == 1
+    code, out, err = run_in_process([*base, "--max-accuracy-drop", "10", "--batch-size", "4"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == "R = 6 (n* = 11 of 17 tokens kept) at batch 4"
+    code, out, err = run_in_process([*base, "--alpha", "0", "--batch-size", "4"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == "R = 0 (n* = 17 of 17 tokens kept) at batch 4"  # accuracy only; tie 17/15
+
+
+def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (arguments after compute-r, a part of the expected message); profiles written."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    lat = write_latency(folder / "lat.parquet")
+    acc = write_accuracy(folder / "acc.parquet")
+    other = write_accuracy(folder / "other.parquet", model="deit_tiny_patch16_224")
+    apart = write_accuracy(folder / "apart.parquet", {16: 80.0, 14: 79.0})
+    corrupt = folder / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not a parquet file")
+    a_file = folder / "a_file"
+    a_file.write_text("x")
+    both = ["--latency", str(lat), "--accuracy", str(acc)]
+    return {
+        "missing": (["--latency", str(folder / "nope.parquet"), "--accuracy", str(acc)], "does not exist"),
+        "corrupt": (["--latency", str(lat), "--accuracy", str(corrupt)], "not a readable Parquet file"),
+        "other model": (["--latency", str(lat), "--accuracy", str(other)], "describe different models"),
+        "latency as accuracy": (["--latency", str(lat), "--accuracy", str(lat)],
+                                "is a latency profile, but an accuracy profile is needed"),
+        "accuracy as latency": (["--latency", str(acc), "--accuracy", str(acc)],
+                                "is a accuracy profile, but a latency profile is needed"),
+        "alpha": ([*both, "--alpha", "1.5"], "--alpha 1.5 must lie between 0 and 1"),
+        "two modes": ([*both, "--alpha", "0.3", "--max-accuracy-drop", "1"], "give only one of them"),
+        "no common points": (["--latency", str(lat), "--accuracy", str(apart)], "0 grid point(s) in common"),
+        "infeasible budget": ([*both, "--latency-budget", "1.0", "--batch-size", "4"],
+                              "no n meets --latency-budget 1 ms at batch 4: the fastest point is n=3 at 4.21 ms; "
+                              "give at least 4.22"),
+        "batch size": ([*both, "--batch-size", "8"], "--batch-size 8 is not in"),
+        "unwritable": ([*both, "--output-dir", str(a_file / "runs")], "cannot write to --output-dir"),
+    }
+
+
+def test_cli_bad_input_in_process(tmp_path, capsys):
+    for name, (args, message) in bad_cases(tmp_path).items():
+        out_dir = tmp_path / f"runs-{name.replace(' ', '-')}"
+        if "--output-dir" not in args:
+            args = [*args, "--output-dir", str(out_dir)]
+        code, _, err = run_in_process(["compute-r", *args], capsys)
+        assert_refused(code, err, out_dir, message)
+
+
+@pytest.mark.parametrize("names", [("corrupt", "infeasible budget")])
+def test_cli_bad_input_in_a_subprocess(tmp_path, pomt, names):
+    cases = bad_cases(tmp_path)
+    runs = {}
+    for name in names:
+        args, message = cases[name]
+        out_dir = tmp_path / f"runs-{name.replace(' ', '-')}"
+        if "--output-dir" not in args:
+            args = [*args, "--output-dir", str(out_dir)]
+        runs[name] = (["compute-r", *args], message, out_dir)
+    with ThreadPoolExecutor(len(runs)) as pool:
+        procs = dict(zip(runs, pool.map(lambda run: pomt(*run[0]), runs.values())))
+    for name, proc in procs.items():
+        _, message, out_dir = runs[name]
+        assert_refused(proc.returncode, proc.stderr, out_dir, message)
