@@ -16,3 +16,7 @@ from pomt_cli.commands import estimate_accuracy  # noqa: E402
 COMMANDS.append(estimate_accuracy.register)
 from pomt_cli.commands import compute_r  # noqa: E402
 COMMANDS.append(compute_r.register)
+from pomt_cli.commands import bench  # noqa: E402
+COMMANDS.append(bench.register)
+from pomt_cli.commands import demo  # noqa: E402
+COMMANDS.append(demo.register)

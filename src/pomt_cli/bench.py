@@ -1,0 +1,238 @@
+"""The pruned model against the baseline, ToMe and Top-K: latency (and accuracy) side by side.
+
+:func:`run_bench` patches one model in turn with each method's setting and times a forward
+pass on random inputs with the timing engine (:func:`pomt_cli.timing.measure`), for each
+batch size. Methods are timed in interleaved rounds (each round visits the methods in a
+fresh seeded order) and a method's samples are pooled over the rounds, so that drift and
+background load fall on all methods alike and ratios are fair. With labelled images,
+each method is also evaluated once on them (top-1, top-5).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import polars as pl
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from pomt_cli.data import LabelledImages, evaluate
+from pomt_cli.errors import PomtError
+from pomt_cli.pruning import apply, geometry, remove, token_counts
+from pomt_cli.timing import Measurement, measure, summarize
+
+Method = Literal["none", "pomt", "tome", "topk"]
+METHODS: tuple[str, ...] = ("none", "pomt", "tome", "topk")
+
+SCHEMA: dict[str, pl.DataType] = {
+    "batch_size": pl.Int64,
+    "method": pl.String,
+    "setting": pl.String,
+    "tokens_out": pl.Int64,
+    "latency_ms": pl.Float64,
+    "p10_ms": pl.Float64,
+    "p90_ms": pl.Float64,
+    "ci_low_ms": pl.Float64,
+    "ci_high_ms": pl.Float64,
+    "samples": pl.Int64,
+    "status": pl.String,
+    "latency_change_pct": pl.Float64,
+    "speedup": pl.Float64,
+    "accuracy": pl.Float64,
+    "top5": pl.Float64,
+    "accuracy_change": pl.Float64,
+    "images": pl.Int64,
+}
+"""Columns of a bench report, one row per (batch size, method)."""
+
+
+class MethodSetting(BaseModel):
+    """One method with its setting, as ``pomt_cli.pruning.apply`` takes it."""
+
+    method: Method
+    r: int | list[int] = 0
+    layer: int = 3
+
+    @property
+    def label(self) -> str:
+        """``none``, ``pomt r=56 @3`` (r tokens pruned in block 3), ``tome r=8``."""
+        if self.method == "none":
+            return "none"
+        r = self.r if isinstance(self.r, int) else "[" + ",".join(str(v) for v in self.r) + "]"
+        return f"{self.method} r={r}" + (f" @{self.layer}" if self.method == "pomt" else "")
+
+    @property
+    def slug(self) -> str:
+        """The setting in a file name: ``none``, ``pomt-r56-l3``, ``tome-r8``."""
+        if self.method == "none":
+            return "none"
+        r = self.r if isinstance(self.r, int) else "x".join(str(v) for v in self.r)
+        return f"{self.method}-r{r}" + (f"-l{self.layer}" if self.method == "pomt" else "")
+
+    def apply_to(self, model: nn.Module) -> nn.Module:
+        return apply(model, self.method, r=self.r, layer=self.layer)
+
+
+class BenchTiming(BaseModel):
+    """How latency is measured (the timing engine's settings)."""
+
+    dtype: torch.dtype = Field(torch.float32)
+    cuda_graphs: bool = False
+    rel_precision: float = Field(0.01, gt=0, lt=1)
+    budget_s: float = Field(2.0, gt=0, description="seconds per method and round")
+    min_samples: int = Field(10, ge=1)
+    warmup: int = Field(3, ge=0)
+    rounds: int = Field(3, ge=1)
+    seed: int = 0
+
+    model_config = {"arbitrary_types_allowed": True}
+
+
+@dataclass(frozen=True)
+class BenchProgress:
+    """One method timed in one round (for progress bars)."""
+
+    done: int
+    total: int
+    batch_size: int
+    method: str
+    round: int
+
+
+def check_settings(model: nn.Module, settings: Sequence[MethodSetting]) -> list[int]:
+    """Tokens leaving the last block for each setting; every setting checked against the model.
+
+    Raises:
+        PomtError: a setting the model cannot take (r too large, layer out of range...).
+    """
+    leaving = []
+    try:
+        for s in settings:
+            leaving.append(_planned_out(s.apply_to(model)))
+    except ValueError as exc:
+        raise PomtError(f"{s.label}: {exc}") from None
+    finally:
+        remove(model)
+    return leaving
+
+
+def _planned_out(model: nn.Module) -> int:
+    return int(model.pomt_config["planned_tokens"][-1]) if hasattr(model, "pomt_config") else geometry(model).num_tokens
+
+
+def _pooled(parts: list[Measurement], rel_precision: float) -> Measurement:
+    """One measurement from the samples of several rounds."""
+    if any(m.status == "oom" for m in parts):
+        return next(m for m in parts if m.status == "oom")
+    samples = [v for m in parts for v in m.raw_ms]
+    status = "ok" if all(m.status == "ok" for m in parts) else "budget"
+    return summarize(samples, status=status, mode=parts[0].mode, rel_precision=rel_precision,
+                     warmup_calls=sum(m.warmup_calls for m in parts), elapsed_s=sum(m.elapsed_s for m in parts))
+
+
+def time_methods(
+    model: nn.Module,
+    plan: Mapping[int, Sequence[MethodSetting]],
+    timing: BenchTiming,
+    *,
+    device: torch.device,
+    on_progress: Callable[[BenchProgress], None] | None = None,
+) -> dict[tuple[int, str], tuple[Measurement, int]]:
+    """Latency of each batch size's settings (``plan``), in interleaved rounds.
+
+    The model must be on ``device`` in ``timing.dtype``; it is left unpatched.
+
+    Returns:
+        ``{(batch_size, label): (measurement, tokens leaving the last block)}``.
+    """
+    g = geometry(model)
+    rng = random.Random(timing.seed)
+    total = sum(len(settings) for settings in plan.values()) * timing.rounds
+    done = 0
+    results: dict[tuple[int, str], tuple[Measurement, int]] = {}
+    try:
+        for batch_size, settings in plan.items():
+            generator = torch.Generator().manual_seed(timing.seed)
+            images = torch.randn(batch_size, *g.input_size, generator=generator).to(device=device, dtype=timing.dtype)
+            parts: dict[str, list[Measurement]] = {s.label: [] for s in settings}
+            leaving: dict[str, int] = {}
+            for round_ in range(timing.rounds):
+                order = list(settings)
+                rng.shuffle(order)
+                for s in order:
+                    s.apply_to(model)
+                    with torch.inference_mode():
+                        m = measure(lambda: model(images), device=device, rel_precision=timing.rel_precision,
+                                    budget_s=timing.budget_s, min_samples=timing.min_samples, warmup=timing.warmup,
+                                    cuda_graphs=timing.cuda_graphs)
+                    if m.status != "oom" and s.label not in leaving:
+                        with torch.inference_mode():
+                            model(images[:1])
+                        leaving[s.label] = token_counts(model)[-1]
+                    parts[s.label].append(m)
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(BenchProgress(done, total, batch_size, s.label, round_))
+            for s in settings:
+                pooled = _pooled(parts[s.label], timing.rel_precision)
+                results[(batch_size, s.label)] = (pooled, leaving.get(s.label, _planned_out(s.apply_to(model))))
+            remove(model)
+            del images
+    finally:
+        remove(model)
+    return results
+
+
+def accuracy_of_methods(
+    model: nn.Module,
+    settings: Sequence[MethodSetting],
+    data: LabelledImages,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_done: Callable[[str], None] | None = None,
+) -> dict[str, tuple[float, float, int]]:
+    """``{label: (top-1 %, top-5 %, images)}`` of each setting on ``data`` (model left unpatched)."""
+    out = {}
+    try:
+        for s in settings:
+            counts = evaluate(s.apply_to(model), data, batch_size=batch_size, device=device, dtype=dtype)
+            out[s.label] = (counts.top1_percent, counts.top5_percent, counts.images)
+            if on_done is not None:
+                on_done(s.label)
+    finally:
+        remove(model)
+    return out
+
+
+def bench_frame(
+    plan: Mapping[int, Sequence[MethodSetting]],
+    timed: dict[tuple[int, str], tuple[Measurement, int]],
+    accuracy: dict[str, tuple[float, float, int]] | None,
+) -> pl.DataFrame:
+    """The report: one row per (batch size, method), changes against ``none`` when it was run."""
+    rows = []
+    for b, settings in plan.items():
+        base = timed.get((b, "none"))
+        base_ms = base[0].median_ms if base else None
+        base_acc = accuracy.get("none") if accuracy else None
+        for s in settings:
+            m, leaving = timed[(b, s.label)]
+            acc = accuracy.get(s.label) if accuracy else None
+            change = 100 * (m.median_ms / base_ms - 1) if base_ms and m.median_ms else None
+            rows.append({
+                "batch_size": b, "method": s.method, "setting": s.label, "tokens_out": leaving,
+                "latency_ms": m.median_ms, "p10_ms": m.p10_ms, "p90_ms": m.p90_ms,
+                "ci_low_ms": m.ci_low_ms, "ci_high_ms": m.ci_high_ms, "samples": m.samples, "status": m.status,
+                "latency_change_pct": change,
+                "speedup": base_ms / m.median_ms if base_ms and m.median_ms else None,
+                "accuracy": acc[0] if acc else None, "top5": acc[1] if acc else None,
+                "accuracy_change": acc[0] - base_acc[0] if acc and base_acc else None,
+                "images": acc[2] if acc else None,
+            })
+    return pl.DataFrame(rows, schema=SCHEMA, orient="row")

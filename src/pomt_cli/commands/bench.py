@@ -1,0 +1,220 @@
+"""``pomt bench``: the pruned model against the baseline, ToMe and Top-K, side by side."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+import polars as pl
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pomt_cli import __version__
+from pomt_cli.bench import METHODS, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, time_methods
+from pomt_cli.data import load_labelled
+from pomt_cli.devices import device_name, load_preset, locked_clocks, resolve_torch_device
+from pomt_cli.errors import PomtError
+from pomt_cli.models import create_model, weights_source
+from pomt_cli.options import parse_dtype, parse_int_list
+from pomt_cli.outputs import atomic_output, check_output_dir, output_path, output_stem, prepare_output_dir
+from pomt_cli.profiles import command_line
+from pomt_cli.pruning import geometry
+from pomt_cli.selection import read_report
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+METADATA_KEY = "pomt"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
+
+
+def _r_per_batch(r: int | None, r_from: Path | None, model: str, batch_sizes: list[int] | None) -> tuple[dict[int, int] | None, list[int] | None, str | None]:
+    """POMT's r for each batch size (from -r or a compute-r report), and the batch sizes to run."""
+    if r is not None and r_from is not None:
+        raise PomtError("give either -r or --r-from, not both")
+    if r_from is None:
+        return (None if r is None else {b: r for b in batch_sizes or [1]}), batch_sizes, None
+    report = read_report(r_from, model=model)
+    chosen = {c.batch_size: c.R for c in report.choices}
+    if batch_sizes is None:
+        batch_sizes = sorted(chosen)
+    missing = [b for b in batch_sizes if b not in chosen]
+    if missing:
+        raise PomtError(
+            f"--r-from {r_from} gives R for batch size(s) {', '.join(map(str, sorted(chosen)))}, not for "
+            f"{', '.join(map(str, missing))}: profile those batch sizes and run compute-r again, or give -r"
+        )
+    return chosen, batch_sizes, str(Path(r_from).resolve())
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("left"), TimeRemainingColumn(), console=err)
+
+
+def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> Table:
+    table = Table(title=title, title_justify="left")
+    columns = ["batch", "method", "tokens out", "median ms", "p10-p90 ms", "vs none"]
+    if with_accuracy:
+        columns += ["top-1 %", "change (pts)"]
+    for name in columns:
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for row in frame.iter_rows(named=True):
+        if row["latency_ms"] is None:
+            latency, spread, change = "out of memory", "", ""
+        else:
+            latency, spread = f"{row['latency_ms']:.3f}", f"{row['p10_ms']:.3g}-{row['p90_ms']:.3g}"
+            change = "" if row["method"] == "none" or row["latency_change_pct"] is None else (
+                f"{row['latency_change_pct']:+.1f}%")
+        cells = [str(row["batch_size"]), row["setting"], str(row["tokens_out"]), latency, spread, change]
+        if with_accuracy:
+            acc_change = "" if row["method"] == "none" or row["accuracy_change"] is None else f"{row['accuracy_change']:+.2f}"
+            cells += [f"{row['accuracy']:.2f}", acc_change]
+        table.add_row(*cells)
+    return table
+
+
+def bench(
+    model: str = typer.Option(..., "--model", help="timm model name, or digits-vit (bundled, trained)."),
+    method: list[str] = typer.Option(
+        [], "--method", help="none, pomt, tome, topk; repeat for a comparison (default: all four). none is always included."
+    ),
+    r: int | None = typer.Option(None, "-r", "--r", help="POMT: tokens pruned in block --layer."),
+    r_from: Path | None = typer.Option(None, "--r-from", help="POMT's R per batch size from a compute-r report (.json)."),
+    layer: int = typer.Option(3, "--layer", help="POMT's pruning block."),
+    tome_r: int = typer.Option(8, "--tome-r", help="ToMe: tokens merged in every block."),
+    topk_r: int = typer.Option(8, "--topk-r", help="Top-K: tokens pruned in every block."),
+    batch_size: str | None = typer.Option(
+        None, "--batch-size", help="Batch sizes, comma-separated (default: the report's with --r-from, else 1)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="Device preset (orin, tx2, xavier, nvidia, a100, h100, cpu) or a .toml."),
+    torch_device: str | None = typer.Option(None, "--torch-device", help="Override the preset's torch device."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights (needed for accuracy)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Weights from a .safetensors or .pth file."),
+    allow_random_weights: bool = typer.Option(
+        False, "--allow-random-weights", help="Measure accuracy with random weights anyway (it means nothing)."
+    ),
+    data: str | None = typer.Option(None, "--data", help="Labelled images for accuracy: an image folder or 'digits'."),
+    limit: int | None = typer.Option(None, "--limit", help="A deterministic class-balanced subset of this many images."),
+    eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="Images per forward pass for accuracy."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Time CUDA graph replays (no launch overhead)."),
+    rel_precision: float = typer.Option(0.01, "--rel-precision", help="Per round: stop once the median's 95% CI is within this fraction."),
+    budget: float = typer.Option(2.0, "--budget", help="Seconds per method and round at most."),
+    rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; samples are pooled over them."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the inputs and the methods' order in each round."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    lock_clocks: bool = typer.Option(True, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing."),
+    output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the CSV and Parquet reports."),
+) -> dict[str, Path]:
+    """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
+    methods = list(dict.fromkeys(["none", *(method or METHODS)]))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(METHODS)}")
+    if not 0 < rel_precision < 1 or budget <= 0 or rounds < 1 or eval_batch_size < 1:
+        raise PomtError("--rel-precision must lie in (0, 1); --budget must be positive; --rounds and --eval-batch-size at least 1")
+    if threads is not None and threads < 1:
+        raise PomtError(f"--threads {threads} must be at least 1")
+    dtype_name, torch_dtype = parse_dtype(dtype)
+    sizes = parse_int_list(batch_size, "--batch-size") if batch_size else None
+    r_by_batch, sizes, report_path = _r_per_batch(r, r_from, model, sizes)
+    sizes = sizes or [1]
+    if "pomt" in methods and r_by_batch is None:
+        raise PomtError("--method pomt needs -r R or --r-from REPORT (from `pomt compute-r`)")
+    if "pomt" not in methods and r_by_batch is not None:
+        methods.append("pomt")
+    preset = load_preset(device)
+    tdev = resolve_torch_device(torch_device or preset.torch_device)
+    if cuda_graphs and tdev.type != "cuda":
+        raise PomtError(f"--cuda-graphs needs a CUDA device, but the torch device is {tdev}: leave it out")
+    source = weights_source(model, pretrained=pretrained, checkpoint=checkpoint)
+    if data is not None and source == "random" and not allow_random_weights:
+        raise PomtError(f"{model} would have random weights, which make accuracy meaningless: give --pretrained or "
+                        "--checkpoint PATH, leave out --data, or pass --allow-random-weights")
+    check_output_dir(output_dir)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    try:
+        g = geometry(net)
+    except ValueError as exc:
+        raise PomtError(str(exc)) from None
+
+    # POMT's r may differ per batch size: one setting per distinct r.
+    plan: dict[int, list[MethodSetting]] = {}
+    for b in sizes:
+        chosen = []
+        for m in methods:
+            if m == "none":
+                chosen.append(MethodSetting(method="none"))
+            elif m == "pomt":
+                chosen.append(MethodSetting(method="pomt", r=r_by_batch[b], layer=layer))
+            else:
+                chosen.append(MethodSetting(method=m, r=tome_r if m == "tome" else topk_r))
+        plan[b] = chosen
+    distinct = list({s.label: s for group in plan.values() for s in group}.values())
+    check_settings(net, distinct)
+    listing = labelled = None
+    if data is not None:
+        listing, labelled = load_labelled(data, net, limit=limit)
+
+    net = net.to(device=tdev, dtype=torch_dtype)
+    timing = BenchTiming(dtype=torch_dtype, cuda_graphs=cuda_graphs, rel_precision=rel_precision, budget_s=budget,
+                         rounds=rounds, seed=seed)
+    with locked_clocks(preset, torch_device=tdev, enabled=lock_clocks) as clocks, _progress() as progress:
+        task = progress.add_task("timing", total=None)
+
+        def on_timed(event: BenchProgress) -> None:
+            progress.update(task, completed=event.done, total=event.total,
+                            description=f"timing batch {event.batch_size}, {event.method}, round {event.round + 1}")
+
+        timed = time_methods(net, plan, timing, device=tdev, on_progress=on_timed)
+    accuracy = None
+    if labelled is not None:
+        with _progress() as progress:
+            task = progress.add_task("evaluating accuracy", total=len(distinct))
+            accuracy = accuracy_of_methods(net, distinct, labelled, batch_size=eval_batch_size, device=tdev,
+                                           dtype=torch_dtype, on_done=lambda _: progress.advance(task))
+    frame = bench_frame(plan, timed, accuracy)
+
+    meta = {
+        "kind": "bench", "format_version": 1, "model": model, "num_tokens": g.num_tokens, "num_prefix": g.num_prefix,
+        "num_blocks": g.num_blocks, "dtype": dtype_name, "batch_sizes": sizes, "methods": methods,
+        "settings": {str(b): [s.model_dump() for s in group] for b, group in plan.items()},
+        "r_from": report_path, "weights": source, "data": listing.source if listing else None,
+        "num_images": len(labelled) if labelled else None, "limit": limit,
+        "skipped_images": len(labelled.skipped) if labelled else None,
+        "device_preset": preset.name, "device_display_name": preset.display_name, "device_name": device_name(tdev),
+        "torch_device": str(tdev), "clocks": clocks.model_dump(), "timing_mode": "cuda_graphs" if cuda_graphs else "eager",
+        "rel_precision": rel_precision, "budget_s": budget, "rounds": rounds, "seed": seed,
+        "num_threads": torch.get_num_threads(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": command_line(),
+        "pomt_version": __version__, "torch_version": torch.__version__,
+    }
+    folder = prepare_output_dir(output_dir)
+    slugs = list(dict.fromkeys(s.slug for group in plan.values() for s in group))
+    stem = output_stem("bench", model, device=preset.name, batch_size=sizes, dtype=dtype_name,
+                       extra=(*slugs, *(["cudagraphs"] if cuda_graphs else [])))
+    csv, parquet = output_path(folder, stem, "csv"), output_path(folder, stem, "parquet")
+    with atomic_output(csv) as tmp:
+        frame.write_csv(tmp)
+    with atomic_output(parquet) as tmp:
+        frame.write_parquet(tmp, metadata={METADATA_KEY: json.dumps(meta)})
+
+    title = (f"{model} on {preset.display_name} ({device_name(tdev)[:40]}), {dtype_name}, "
+             f"{'CUDA graphs' if cuda_graphs else 'eager'}" + (f", {len(labelled)} images" if labelled else ""))
+    if labelled is not None and labelled.skipped:
+        out.print(f"skipped {len(labelled.skipped)} unreadable image(s), e.g. {labelled.skipped[0][0]}")
+    out.print(_render(frame, title, accuracy is not None))
+    out.print(f"clocks: {clocks.mode} ({clocks.detail})" if clocks.detail else f"clocks: {clocks.mode}")
+    out.print(f"report: {csv}")
+    out.print(f"        {parquet}")
+    return {"csv": csv, "parquet": parquet}

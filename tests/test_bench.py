@@ -1,0 +1,151 @@
+"""pomt bench: the methods side by side (tokens, latency bookkeeping, accuracy), its files and errors."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import torch
+
+from conftest import run_pomt, tiny_vit
+from pomt_cli.bench import BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, time_methods
+from pomt_cli.data import evaluate, list_images, load_images, Preprocess
+from pomt_cli.errors import PomtError
+from pomt_cli.pruning import apply, remove
+from test_accuracy import image_folder
+
+FAST = BenchTiming(budget_s=0.05, min_samples=3, warmup=1, rounds=2)
+SETTINGS = [MethodSetting(method="none"), MethodSetting(method="pomt", r=5, layer=1),
+            MethodSetting(method="tome", r=2), MethodSetting(method="topk", r=[1, 2, 3])]
+
+
+def test_labels_and_slugs_name_the_settings():
+    assert [s.label for s in SETTINGS] == ["none", "pomt r=5 @1", "tome r=2", "topk r=[1,2,3]"]
+    assert [s.slug for s in SETTINGS] == ["none", "pomt-r5-l1", "tome-r2", "topk-r1x2x3"]
+
+
+def test_check_settings_gives_tokens_out_and_rejects_what_the_model_cannot_take():
+    model = tiny_vit()
+    assert check_settings(model, SETTINGS) == [17, 12, 11, 11]
+    with pytest.raises(PomtError, match="pomt r=20 @1: r=20 is too large"):
+        check_settings(model, [MethodSetting(method="pomt", r=20, layer=1)])
+    assert not hasattr(model, "pomt_config")  # left unpatched
+
+
+def test_time_methods_pools_rounds_and_reports_tokens_per_batch_size():
+    model = tiny_vit()
+    seen = []
+    plan = {1: SETTINGS, 3: SETTINGS[:2]}
+    timed = time_methods(model, plan, FAST, device=torch.device("cpu"), on_progress=seen.append)
+    assert set(timed) == {(1, s.label) for s in SETTINGS} | {(3, "none"), (3, "pomt r=5 @1")}
+    assert [e.done for e in seen] == list(range(1, 13)) and {e.total for e in seen} == {12}
+    for (b, label), (m, leaving) in timed.items():
+        assert m.status in ("ok", "budget") and m.samples >= FAST.rounds and m.median_ms > 0
+    assert [timed[(1, s.label)][1] for s in SETTINGS] == [17, 12, 11, 11]
+    frame = bench_frame(plan, timed, None)
+    assert frame["setting"].to_list() == [s.label for s in SETTINGS] + ["none", "pomt r=5 @1"]
+    none = frame.filter(pl.col("setting") == "none")
+    pomt = frame.filter((pl.col("setting") != "none") & (pl.col("batch_size") == 3))
+    expected = 100 * (pomt["latency_ms"].item() / none["latency_ms"][1] - 1)
+    assert pomt["latency_change_pct"].item() == pytest.approx(expected)
+    assert none["latency_change_pct"].to_list() == [0.0, 0.0] and frame["accuracy"].null_count() == 6
+    assert not hasattr(model, "pomt_config")
+
+
+def test_accuracy_of_methods_equals_evaluating_each_patched_model(tmp_path):
+    model = tiny_vit(num_classes=3)
+    root = image_folder(tmp_path / "val", {"a": 4, "b": 3, "c": 3}, size=(40, 40))
+    data = load_images(list_images(root), Preprocess.from_model(model))
+    got = accuracy_of_methods(model, SETTINGS, data, batch_size=4, device=torch.device("cpu"), dtype=torch.float32)
+    for s in SETTINGS:
+        counts = evaluate(apply(model, s.method, r=s.r, layer=s.layer), data, batch_size=10)
+        remove(model)
+        assert got[s.label] == (counts.top1_percent, counts.top5_percent, 10)
+
+
+def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
+    out = tmp_path / "runs"
+    done = pomt("bench", "--model", "digits-vit", "--data", "digits", "--limit", "100", "--method", "pomt",
+                "--method", "tome", "-r", "24", "--tome-r", "6", "--batch-size", "2", "--budget", "0.05",
+                "--rounds", "1", "--no-lock-clocks", "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    stem = "bench_digits-vit_cpu_bs2_float32_none_pomt-r24-l3_tome-r6"
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.csv", f"{stem}.parquet"]
+    frame = pl.read_csv(out / f"{stem}.csv")
+    assert frame["setting"].to_list() == ["none", "pomt r=24 @3", "tome r=6"]
+    assert frame["tokens_out"].to_list() == [65, 41, 41] and frame["images"].to_list() == [100] * 3
+    assert frame["accuracy"][0] >= 90 and frame["accuracy_change"][0] == 0
+    meta = json.loads(pl.read_parquet_metadata(out / f"{stem}.parquet")["pomt"])
+    assert meta["model"] == "digits-vit" and meta["weights"] == "bundled" and meta["clocks"]["mode"] == "unlocked"
+    assert pl.read_parquet(out / f"{stem}.parquet").equals(frame, null_equal=True) or \
+        pl.read_parquet(out / f"{stem}.parquet")["latency_ms"].to_list() == frame["latency_ms"].to_list()
+    assert stem in done.stdout.replace("\n", "")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "best"], "unknown --method 'best'"),
+        (["--method", "pomt"], "needs -r R or --r-from"),
+        (["--method", "pomt", "-r", "70"], "r=70 is too large"),
+        (["-r", "5", "--r-from", "x.json"], "not both"),
+        (["--r-from", "missing.json"], "missing.json"),
+        (["--method", "tome", "--tome-r", "40"], "tome r=40"),
+        (["-r", "5", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+        (["--batch-size", "0"], "below 1"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, pomt, args, message):
+    out = tmp_path / "runs"
+    done = pomt("bench", "--model", "digits-vit", "--no-lock-clocks", "--output-dir", str(out), *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error:") and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_random_weights_with_data_are_refused(tmp_path, pomt):
+    done = pomt("bench", "--model", "deit_tiny_patch16_224", "-r", "5", "--data", "digits",
+                "--output-dir", str(tmp_path / "o"))
+    assert done.returncode == 2 and "random weights" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "runs"
+    done = run_pomt("demo", "--output-dir", str(out), "--budget", "0.05")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
+    out = demo_dir
+    names = sorted(p.name for p in out.iterdir())
+    for prefix, suffixes in {"latency_digits-vit_cpu_bs1-32_float32": ("parquet", "png"),
+                             "accuracy_digits-vit_float32_random_digits": ("parquet", "png"),
+                             "compute_r_digits-vit_cpu_bs1-32_float32": ("json", "png")}.items():
+        for suffix in suffixes:
+            assert f"{prefix}.{suffix}" in names
+    report = json.loads((out / "compute_r_digits-vit_cpu_bs1-32_float32.json").read_text())
+    bench = [n for n in names if n.startswith("bench_digits-vit_cpu_bs1-32_float32_none_") and n.endswith(".csv")]
+    assert len(bench) == 1
+    frame = pl.read_csv(out / bench[0])
+    pomt_rows = frame.filter(pl.col("method") == "pomt")
+    assert pomt_rows["tokens_out"].to_list() == [65 - c["R"] for c in report["choices"]]
+    summary = (out / "summary.md").read_text()
+    for choice in report["choices"]:
+        assert f"**R = {choice['R']}**" in summary
+    for image in ("latency_digits-vit_cpu_bs1-32_float32.png", "compute_r_digits-vit_cpu_bs1-32_float32.png"):
+        assert f"]({image})" in summary
+    assert set(frame["setting"].to_list()) <= {line.split(" | ")[1] for line in summary.splitlines()
+                                               if line.startswith("| 1 |") or line.startswith("| 32 |")}
+
+
+def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pomt, demo_dir):
+    path = demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32.json"
+    other = pomt("bench", "--model", "deit_tiny_patch16_224", "--r-from", str(path), "--output-dir", str(tmp_path / "o"))
+    assert other.returncode == 2 and "computed for digits-vit, not deit_tiny_patch16_224" in other.stderr
+    batch = pomt("bench", "--model", "digits-vit", "--r-from", str(path), "--batch-size", "4",
+                 "--output-dir", str(tmp_path / "o"))
+    assert batch.returncode == 2 and "gives R for batch size(s) 1, 32, not for 4" in batch.stderr
+    assert not (tmp_path / "o").exists()
