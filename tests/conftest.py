@@ -44,3 +44,16 @@ def run_pomt(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpr
 @pytest.fixture
 def pomt():
     return run_pomt
+
+
+def run_in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``pomt ARGS`` in this process through the CLI's ``main``; (exit code, stdout, stderr)."""
+    from pomt_cli.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pomt_cli.cli import main
+from conftest import run_in_process
 from pomt_cli.errors import PomtError
 from pomt_cli.outputs import output_stem
 from pomt_cli.profiles import ProfileMeta, write_profile
@@ -244,15 +244,6 @@ def test_report_round_trip_and_model_check(tmp_path, profiles):
 # CLI
 
 
-def run_in_process(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``pomt ARGS`` in this process; (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_refused(code: int, stderr: str, out_dir: Path, message: str) -> None:

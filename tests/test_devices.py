@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pomt_cli.cli import main
+from conftest import run_in_process
 from pomt_cli.devices import (
     ClockController,
     load_preset,
@@ -287,40 +287,32 @@ def test_cpu_without_cpufreq_is_unavailable_and_with_it_sets_the_governor(fake_t
     assert calls[-1] == "cpupower frequency-set --governor powersave"
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_clocks_commands(fake_tools, capsys):
-    code, out, _ = run_cli(["clocks", "lock", "--device", "orin", "--dry-run"], capsys)
+    code, out, _ = run_in_process(["clocks", "lock", "--device", "orin", "--dry-run"], capsys)
     assert code == 0
     assert "nvpmodel -m 0" in out and "jetson_clocks --store" in out and "nothing was run" in out
     assert fake_tools.calls() == []
 
-    code, out, _ = run_cli(["clocks", "lock", "--device", "orin"], capsys)
+    code, out, _ = run_in_process(["clocks", "lock", "--device", "orin"], capsys)
     assert code == 0 and "nvpmodel_mode=2" in out
-    code, out, _ = run_cli(["clocks", "status", "--device", "orin"], capsys)
+    code, out, _ = run_in_process(["clocks", "status", "--device", "orin"], capsys)
     assert code == 0 and "locked by pomt" in out and "NV Power Mode: MODE_30W" in out
-    code, out, _ = run_cli(["clocks", "lock", "--device", "orin"], capsys)
+    code, out, _ = run_in_process(["clocks", "lock", "--device", "orin"], capsys)
     assert code == 2  # a second lock would overwrite the saved state
-    code, out, _ = run_cli(["clocks", "restore", "--device", "orin"], capsys)
+    code, out, _ = run_in_process(["clocks", "restore", "--device", "orin"], capsys)
     assert code == 0 and "restored" in out
     state_dir = Path(os.environ["POMT_STATE_DIR"]) / "clocks" / "orin"
     assert fake_tools.calls() == expand(ORIN_LOCK, state_dir) + ORIN_STATUS + expand(ORIN_RESTORE, state_dir)
 
-    code, _, err = run_cli(["clocks", "restore", "--device", "orin"], capsys)
+    code, _, err = run_in_process(["clocks", "restore", "--device", "orin"], capsys)
     assert code == 2 and "no saved clock state" in err and len(err.strip().splitlines()) == 1
 
 
 def test_clocks_status_without_the_tools_is_a_one_line_error(fake_tools, capsys):
     fake_tools.remove("nvpmodel")
-    code, _, err = run_cli(["clocks", "status", "--device", "tx2"], capsys)
+    code, _, err = run_in_process(["clocks", "status", "--device", "tx2"], capsys)
     assert code == 2
     assert err.startswith("error:") and "nvpmodel" in err and len(err.strip().splitlines()) == 1
 

@@ -12,21 +12,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import run_in_process, tiny_vit
 from test_devices import FakeTools, preset_file
 
-from pomt_cli.cli import main
 from pomt_cli.errors import PomtError
 from pomt_cli.latency import (
     SCHEMA,
     LatencySettings,
     find_spikes,
     find_steps,
+    find_unsettled,
     kept_patches,
     profile_latency,
     read_latency_profile,
@@ -124,15 +123,16 @@ def test_run_grid_visits_every_point_once_in_a_seeded_shuffled_order():
     assert frame["visit"].sort().to_list() == list(range(len(POINTS)))
 
 
-def test_run_grid_remeasures_a_transient_spike_and_keeps_the_faster_measurement():
+def test_run_grid_pools_the_visits_of_a_transient_spike_until_it_is_outvoted():
     device = FakeDevice(transient={(4, 50): 1.3})
     frame = run_grid(POINTS, device, seed=0, spike_tol=0.02, remeasure_rounds=2)
-    assert device.calls.count((4, 50)) == 2
-    assert len(device.calls) == len(POINTS) + 1
+    # Visit 2 pools 10 slow and 10 normal samples (still a spike); visit 3 outvotes the slow ones.
+    assert device.calls.count((4, 50)) == 3
+    assert set(device.calls[len(POINTS):]) <= {(4, n) for n in (50, 49)}  # the spike and the drop it made
     row = frame.filter((pl.col("batch_size") == 4) & (pl.col("tokens") == 50)).row(0, named=True)
-    assert row["attempts"] == 2
+    assert row["attempts"] == 3 and row["samples"] == 30
     assert row["latency_ms"] == pytest.approx(4 * (1 + 0.05 * 50), rel=1e-3)
-    assert find_spikes(frame, 0.02) == []
+    assert find_spikes(frame, 0.02) == [] and find_steps(frame).is_empty()
 
 
 def test_run_grid_keeps_a_lasting_feature_after_the_rounds():
@@ -160,13 +160,87 @@ def test_run_grid_resumes_without_measuring_finished_points():
     previous = first.filter(pl.col("tokens") > 50).with_columns(pl.lit(123.0).alias("latency_ms"))
     device = FakeDevice()
     events = []
-    frame = run_grid(POINTS, device, seed=0, previous=previous, progress=events.append)
+    # No re-measuring rounds: the changed rows make a step whose ends would be confirmed.
+    frame = run_grid(POINTS, device, seed=0, previous=previous, progress=events.append, remeasure_rounds=0)
     assert sorted(device.calls) == sorted(p for p in POINTS if p[1] <= 50)
     assert frame.filter(pl.col("tokens") > 50)["latency_ms"].to_list() == [123.0] * previous.height
     done = [e for e in events if e.frame is not None]
     assert [e.done for e in done] == list(range(1, len(device.calls) + 1))
     assert all(e.total == len(device.calls) for e in done)
     assert done[-1].frame.height == len(POINTS)
+
+
+def noisy_measurement(ms: float) -> Measurement:
+    """A measurement whose samples spread over +-60%: its CI of the median is wide."""
+    return summarize([ms * f for f in (0.4, 1.6, 0.5, 1.5, 1.0, 0.6, 1.4, 0.7, 1.3, 1.0)],
+                     status="budget", mode="eager", rel_precision=0.01)
+
+
+def test_unsettled_neighbours_are_remeasured_although_they_agree_with_each_other():
+    device = FakeDevice(transient={(1, 50): 2.5, (1, 49): 2.5})
+    noisy = {(1, 50), (1, 49)}
+
+    def measure_point(b, n):
+        m = device(b, n)
+        if (b, n) in noisy:
+            noisy.discard((b, n))
+            return noisy_measurement(m.median_ms)
+        return m
+
+    frame = run_grid(POINTS, measure_point, seed=0, spike_tol=0.02, remeasure_rounds=2)
+    assert device.calls.count((1, 50)) >= 2 and device.calls.count((1, 49)) >= 2
+    assert find_unsettled(frame, 0.02) == []
+    assert frame.filter((pl.col("batch_size") == 1) & pl.col("tokens").is_in([49, 50]))["latency_ms"].to_list() == \
+        pytest.approx([1 + 0.05 * 50, 1 + 0.05 * 49], rel=1e-3)
+
+
+def test_run_grid_confirms_steps_drift_made_and_keeps_real_ones():
+    ns = range(120, 60, -1)
+    points = [(1, n) for n in ns]
+    lasting = {(1, n): 0.75 for n in ns if n <= 90}  # a real step between 91 and 90
+    transient = {(1, 110): 1.2, (1, 109): 1.2}  # two neighbours slowed by the same burst
+    device = FakeDevice(transient=transient, lasting=lasting)
+    frame = run_grid(points, device, seed=0, spike_tol=0.02, remeasure_rounds=2)
+    steps = [(r["from_tokens"], r["to_tokens"]) for r in find_steps(frame).iter_rows(named=True)]
+    assert steps == [(91, 90)]
+    assert device.calls.count((1, 91)) == 2 and device.calls.count((1, 90)) == 2  # confirmed once
+    assert device.calls.count((1, 110)) >= 2 and device.calls.count((1, 109)) >= 2
+
+
+def test_a_fast_spell_of_the_machine_leaves_no_dips_behind():
+    device = FakeDevice()
+
+    def drifting(b, n):  # the machine runs 15% faster during four calls early on
+        m = device(b, n)
+        return fake_measurement(m.median_ms * (0.85 if 3 <= len(device.calls) <= 6 else 1.0))
+
+    frame = run_grid(POINTS, drifting, seed=0, spike_tol=0.02, remeasure_rounds=2)
+    assert find_spikes(frame, 0.02) == [] and find_steps(frame).is_empty()
+    expected = [b * (1 + 0.05 * n) for b, n in frame.select("batch_size", "tokens").iter_rows()]
+    assert frame["latency_ms"].to_list() == pytest.approx(expected, rel=1e-3)
+
+
+def test_passes_visit_every_point_in_fresh_orders_and_pool_the_samples():
+    device = FakeDevice()
+
+    def slow_spell(b, n):  # the machine runs 20% slower during the first sweep's second half
+        m = device(b, n)
+        return fake_measurement(m.median_ms * (1.2 if len(POINTS) // 2 < len(device.calls) <= len(POINTS) else 1.0))
+
+    frame = run_grid(POINTS, slow_spell, seed=0, passes=3, remeasure_rounds=0)
+    sweeps = [device.calls[i * len(POINTS):(i + 1) * len(POINTS)] for i in range(3)]
+    assert len(device.calls) == 3 * len(POINTS) and all(sorted(s) == sorted(POINTS) for s in sweeps)
+    assert sweeps[0] != sweeps[1] != sweeps[2]
+    assert frame["samples"].to_list() == [30] * len(POINTS) and frame["attempts"].to_list() == [3] * len(POINTS)
+    expected = [b * (1 + 0.05 * n) for b, n in frame.select("batch_size", "tokens").iter_rows()]
+    assert frame["latency_ms"].to_list() == pytest.approx(expected, rel=2e-3)  # two normal visits outvote one slow
+
+
+def test_find_steps_ignores_drops_within_the_noise():
+    lat = linear(range(197, 1, -1))
+    lat.update({n: v * 0.8 for n, v in lat.items() if n <= 120})
+    assert [(r["from_tokens"], r["to_tokens"]) for r in find_steps(curve(lat)).iter_rows(named=True)] == [(121, 120)]
+    assert find_steps(curve(lat, halfwidth=0.15)).is_empty()  # the intervals overlap: not significant
 
 
 def test_find_steps_finds_the_large_drops_beyond_the_trend():
@@ -229,14 +303,6 @@ def test_plot_latency_writes_a_png(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["latency.png"]
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 FAST = ["--budget", "0.1", "--min-samples", "3", "--warmup", "1"]
@@ -245,7 +311,7 @@ STEM = "latency_deit-tiny-patch16-224_cpu_bs1_float32"
 
 
 def test_profile_command_writes_the_profile_and_the_plot(tmp_path, capsys):
-    code, out, err = run_cli(["profile", *TINY, "--tokens", "197:97:50", "--no-lock-clocks",
+    code, out, err = run_in_process(["profile", *TINY, "--tokens", "197:97:50", "--no-lock-clocks",
                               "--output-dir", str(tmp_path), *FAST], capsys)
     assert code == 0, err
     parquet, png = tmp_path / f"{STEM}.parquet", tmp_path / f"{STEM}.png"
@@ -264,12 +330,12 @@ def test_profile_command_writes_the_profile_and_the_plot(tmp_path, capsys):
 
 def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
     args = ["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(tmp_path), *FAST]
-    assert run_cli(args, capsys)[0] == 0
+    assert run_in_process(args, capsys)[0] == 0
     parquet = tmp_path / f"{STEM}.parquet"
     frame, meta = read_latency_profile(parquet)
     partial = frame.filter(pl.col("tokens") != 147).with_columns(pl.lit(99.0).alias("latency_ms"))
     write_profile(parquet, partial, meta.model_copy(update={"complete": False}))
-    code, out, err = run_cli([*args, "--resume", str(parquet)], capsys)
+    code, out, err = run_in_process([*args, "--resume", str(parquet)], capsys)
     assert code == 0, err
     resumed, meta2 = read_latency_profile(parquet)
     assert resumed["tokens"].to_list() == [197, 147, 97]
@@ -297,7 +363,7 @@ def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, args, message):
     out_dir = tmp_path / "runs"
     # Click keeps the last value of a repeated option, so the bad one comes last.
-    code, _, err = run_cli(["profile", *TINY, "--output-dir", str(out_dir), *FAST, *args], capsys)
+    code, _, err = run_in_process(["profile", *TINY, "--output-dir", str(out_dir), *FAST, *args], capsys)
     assert code == 2
     assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
     assert not out_dir.exists()
@@ -305,9 +371,9 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, args
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_but_absent(tmp_path, capsys):
-    code, _, err = run_cli(["profile", *TINY, "--torch-device", "cuda", "--output-dir", str(tmp_path / "r")], capsys)
+    code, _, err = run_in_process(["profile", *TINY, "--torch-device", "cuda", "--output-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "CUDA is not available" in err
-    code, _, err = run_cli(["profile", *TINY[2:], "--device", "h100", "--output-dir", str(tmp_path / "r")], capsys)
+    code, _, err = run_in_process(["profile", *TINY[2:], "--device", "h100", "--output-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "CUDA is not available" in err
     assert not (tmp_path / "r").exists()
 
@@ -315,14 +381,14 @@ def test_cuda_asked_for_but_absent(tmp_path, capsys):
 def test_unwritable_output_dir(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, _, err = run_cli(["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(blocker / "runs"), *FAST],
+    code, _, err = run_in_process(["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(blocker / "runs"), *FAST],
                            capsys)
     assert code == 2 and "cannot write to --output-dir" in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_from_another_model_or_grid_is_refused(tmp_path, capsys):
     args = ["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(tmp_path), *FAST]
-    assert run_cli(args, capsys)[0] == 0
+    assert run_in_process(args, capsys)[0] == 0
     parquet = tmp_path / f"{STEM}.parquet"
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     other = tmp_path / "other"
@@ -334,11 +400,11 @@ def test_resume_from_another_model_or_grid_is_refused(tmp_path, capsys):
         run = [*args[:1], *TINY, *changed, "--output-dir", str(other), *FAST, "--resume", str(parquet)]
         if "--tokens" not in changed:
             run += ["--tokens", "197:97:50"]
-        code, _, err = run_cli(run, capsys)
+        code, _, err = run_in_process(run, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     not_a_profile = tmp_path / "x.parquet"
     not_a_profile.write_bytes(b"nonsense")
-    code, _, err = run_cli([*args, "--resume", str(not_a_profile)], capsys)
+    code, _, err = run_in_process([*args, "--resume", str(not_a_profile)], capsys)
     assert code == 2 and "not a readable Parquet file" in err
     assert not other.exists()
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "x.parquet"} == before

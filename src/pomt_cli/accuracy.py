@@ -37,7 +37,7 @@ from torch import nn
 from pomt_cli import digits
 from pomt_cli.data import LabelledImages, Listing, Preprocess, count_correct, list_images, load_images
 from pomt_cli.errors import PomtError
-from pomt_cli.models import check_num_classes, create_model, state_dict_sha256, weights_source
+from pomt_cli.models import check_num_classes, create_model, state_dict_sha256, vit_geometry, weights_source
 from pomt_cli.options import parse_dtype, token_grid
 from pomt_cli.outputs import output_path, output_stem
 from pomt_cli.plots import plot_accuracy
@@ -402,10 +402,7 @@ def run_estimate(
     listing: Listing = list_images(config.data, limit=config.limit)
     model, source = _model_for(config, listing.num_classes)
     check_num_classes(model, listing.num_classes, f"--data {config.data}")
-    try:
-        g = geometry(model)
-    except ValueError as exc:
-        raise PomtError(str(exc)) from None
+    g = vit_geometry(model)
     grid = accuracy_grid(config.tokens, g, config.estimator)
     _check_estimator(model, g, config, grid)
     weights_sha = state_dict_sha256(model)

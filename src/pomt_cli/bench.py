@@ -23,7 +23,7 @@ from torch import nn
 from pomt_cli.data import LabelledImages, evaluate
 from pomt_cli.errors import PomtError
 from pomt_cli.pruning import apply, geometry, remove, token_counts
-from pomt_cli.timing import Measurement, measure, summarize
+from pomt_cli.timing import Measurement, is_out_of_memory, measure, release_memory, summarize
 
 Method = Literal["none", "pomt", "tome", "topk"]
 METHODS: tuple[str, ...] = ("none", "pomt", "tome", "topk")
@@ -157,7 +157,22 @@ def time_methods(
     try:
         for batch_size, settings in plan.items():
             generator = torch.Generator().manual_seed(timing.seed)
-            images = torch.randn(batch_size, *g.input_size, generator=generator).to(device=device, dtype=timing.dtype)
+            try:
+                images = torch.randn(batch_size, *g.input_size, generator=generator).to(device=device,
+                                                                                       dtype=timing.dtype)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                images = None
+            if images is None:  # the inputs alone do not fit: every method is out of memory
+                release_memory(device)
+                for s in settings:
+                    results[(batch_size, s.label)] = (
+                        Measurement(status="oom", mode="cuda_graph" if timing.cuda_graphs else "eager", samples=0,
+                                    rel_precision=timing.rel_precision, elapsed_s=0.0, error="inputs do not fit"),
+                        _planned_out(s.apply_to(model)))
+                remove(model)
+                continue
             parts: dict[str, list[Measurement]] = {s.label: [] for s in settings}
             leaving: dict[str, int] = {}
             for round_ in range(timing.rounds):
@@ -181,7 +196,6 @@ def time_methods(
                 pooled = _pooled(parts[s.label], timing.rel_precision)
                 results[(batch_size, s.label)] = (pooled, leaving.get(s.label, _planned_out(s.apply_to(model))))
             remove(model)
-            del images
     finally:
         remove(model)
     return results

@@ -24,8 +24,8 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pomt_cli.errors import PomtError
 from pomt_cli.outputs import atomic_write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 BUILTIN_VARIABLES = frozenset({"gpu", "state_dir"})

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from pomt_cli.errors import PomtError

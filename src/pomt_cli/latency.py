@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import polars as pl
 import torch
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -27,10 +28,11 @@ from torch import nn
 
 from pomt_cli.devices import ClockState
 from pomt_cli.errors import PomtError
+from pomt_cli.models import vit_geometry
 from pomt_cli.options import DTYPES
 from pomt_cli.profiles import ProfileMeta, read_profile
-from pomt_cli.pruning.geometry import TokenGeometry, forward_kept, geometry
-from pomt_cli.timing import Measurement, is_out_of_memory, measure, release_memory
+from pomt_cli.pruning.geometry import forward_kept
+from pomt_cli.timing import Measurement, is_out_of_memory, measure, precise_enough, release_memory, summarize
 
 #: Columns of a latency profile, in file order (the first seven are profiles.LATENCY_COLUMNS).
 SCHEMA: dict[str, pl.DataType] = {
@@ -69,6 +71,7 @@ class LatencySettings(BaseModel):
     warmup: int = Field(3, ge=0)
     seed: int = 0
     remeasure_rounds: int = Field(2, ge=0, description="rounds of re-measuring spikes")
+    passes: int = Field(2, ge=1, description="sweeps over the grid; each visit gets budget_s / passes")
 
     @field_validator("batch_sizes", "grid")
     @classmethod
@@ -111,6 +114,7 @@ class LatencyMeta(ProfileMeta):
     warmup: int
     seed: int
     remeasure_rounds: int
+    passes: int = 1
     num_threads: int = Field(default_factory=torch.get_num_threads)
     float32_matmul_precision: str = Field(default_factory=torch.get_float32_matmul_precision)
     complete: bool = Field(False, description="every point measured and spikes re-measured")
@@ -212,42 +216,68 @@ def find_spikes(frame: pl.DataFrame, tol: float) -> list[Point]:
     return spikes
 
 
+#: Apparent steps per batch size whose ends run_grid measures a second time.
+STEP_CHECKS = 8
+
+#: A point whose CI of the median is wider than this many times the spike tolerance is
+#: re-measured with the spikes (a burst of interference, the process still warming up).
+UNSETTLED_FACTOR = 2.5
+
+
+def find_unsettled(frame: pl.DataFrame, tol: float) -> list[Point]:
+    """Points whose confidence interval of the median is wide: half-width above ``UNSETTLED_FACTOR * tol``.
+
+    Two neighbouring points hit by the same burst of interference agree with each other,
+    so they are no spikes; their wide intervals give them away.
+    """
+    half = (pl.col("ci_high_ms") - pl.col("ci_low_ms")) / 2
+    wide = frame.filter(pl.col("latency_ms").is_not_null() & (half > UNSETTLED_FACTOR * tol * pl.col("latency_ms")))
+    return [(int(b), int(n)) for b, n in wide.select("batch_size", "tokens").iter_rows()]
+
+
 def run_grid(
     points: Sequence[Point],
     measure_point: Callable[[int, int], Measurement],
     *,
     seed: int = 0,
+    passes: int = 1,
     spike_tol: float = 0.02,
     remeasure_rounds: int = 2,
     previous: pl.DataFrame | None = None,
     progress: ProgressFn | None = None,
 ) -> pl.DataFrame:
-    """Measure every point in a seeded shuffled order, then re-measure spikes.
+    """Measure every point in ``passes`` seeded shuffled sweeps, then re-measure what looks wrong.
+
+    A point's samples from all its visits are pooled, and its statistics are those of the
+    pool. A machine whose speed drifts (clock changes, thermal limits, other tenants)
+    then shows each point at several moments, so a slow or fast spell spreads over the
+    curve as noise instead of shaping it into steps or dips.
 
     Args:
         points: the (batch size, n) to measure.
-        measure_point: times one point; returns its :class:`Measurement`.
-        seed: seeds the visiting order.
+        measure_point: times one visit of a point; returns its :class:`Measurement`.
+        seed: seeds the visiting orders.
+        passes: sweeps over the grid, each in a fresh shuffled order.
         spike_tol: see :func:`find_spikes`.
-        remeasure_rounds: how often spikes are looked for and re-measured. Of the
-            measurements of a point the one with the lowest median is kept:
-            interference (other processes, interrupts, clock changes) only adds time.
-        previous: rows already measured (from an interrupted run); they are kept as they
-            are and not measured again.
-        progress: called when each point starts and ends.
+        remeasure_rounds: how often spikes (:func:`find_spikes`), unsettled points
+            (:func:`find_unsettled`) and the ends of apparent steps visited only once
+            (:func:`find_steps`) are looked for and visited again (in a shuffled order).
+        previous: rows already measured (from an interrupted run); they are kept and not
+            visited in the sweeps (a re-measuring visit replaces such a row: its samples
+            are not in the file).
+        progress: called when each visit starts and ends.
 
     Returns:
         The profile frame (:data:`SCHEMA`), sorted by batch size and descending n.
     """
     rows: dict[Point, dict] = {}
+    pooled: dict[Point, list[float]] = {}
     if previous is not None and previous.height:
         full = previous.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in SCHEMA.items() if c not in previous.columns])
         for row in full.select(list(SCHEMA)).to_dicts():
             rows[(int(row["batch_size"]), int(row["tokens"]))] = row
-    order = list(points)
-    random.Random(seed).shuffle(order)
-    todo = [p for p in order if p not in rows]
-    total = len(todo)
+    todo = [p for p in points if p not in rows]
+    total = len(todo) * passes
     visit = max((r["visit"] or 0 for r in rows.values()), default=-1) + 1
     done = 0
 
@@ -260,27 +290,45 @@ def run_grid(
         m = measure_point(b, n)
         spent = time.perf_counter() - started
         old = rows.get(point)
-        if old is None:
-            rows[point] = _row(b, n, m, 1, visit, spent)
+        attempts = 1 if old is None else (old["attempts"] or 1) + 1
+        time_s = spent + (0.0 if old is None else old["time_s"] or 0.0)
+        if m.status == "oom" and old is not None and old["latency_ms"] is not None:
+            rows[point] = {**old, "attempts": attempts, "time_s": time_s}
         else:
-            attempts, time_s = (old["attempts"] or 1) + 1, (old["time_s"] or 0.0) + spent
-            better = m.median_ms is not None and (old["latency_ms"] is None or m.median_ms < old["latency_ms"])
-            rows[point] = _row(b, n, m, attempts, visit, time_s) if better else {**old, "attempts": attempts, "time_s": time_s}
+            if m.status != "oom":
+                samples = pooled.setdefault(point, [])
+                samples.extend(m.raw_ms)
+                status = "ok" if precise_enough(np.sort(samples), m.rel_precision, m.confidence) else "budget"
+                m = summarize(samples, status=status, mode=m.mode, rel_precision=m.rel_precision,
+                              confidence=m.confidence)
+            rows[point] = _row(b, n, m, attempts, visit, time_s)
         visit += 1
         done += 1
         if progress:
             progress(GridProgress(phase, b, n, done, total, m, _frame(rows)))
 
-    for point in todo:
-        run(point, "measure")
+    for sweep in range(passes):
+        order = list(todo)
+        random.Random(seed + 7919 * sweep).shuffle(order)
+        for point in order:
+            run(point, "measure")
     rng = random.Random(seed + 1)
     for _ in range(remeasure_rounds):
-        spikes = find_spikes(_frame(rows), spike_tol)
-        if not spikes:
+        current = _frame(rows)
+        # Both ends of an apparent step are visited again: a spell of drift that hit two
+        # neighbours visited close together looks like a step until then.
+        unvisited = [
+            (int(step["batch_size"]), int(n))
+            for step in find_steps(current, top=STEP_CHECKS).iter_rows(named=True)
+            for n in (step["from_tokens"], step["to_tokens"])
+            if (rows[(int(step["batch_size"]), int(n))]["attempts"] or 1) <= passes
+        ]
+        flagged = list(dict.fromkeys(find_spikes(current, spike_tol) + find_unsettled(current, spike_tol) + unvisited))
+        if not flagged:
             break
-        rng.shuffle(spikes)
-        total += len(spikes)
-        for point in spikes:
+        rng.shuffle(flagged)
+        total += len(flagged)
+        for point in flagged:
             run(point, "remeasure")
     return _frame(rows)
 
@@ -308,10 +356,7 @@ def profile_latency(
         PomtError: the model is not a supported ViT, the grid does not fit it, the model
             itself does not fit in the device's memory, or CUDA graphs without CUDA.
     """
-    try:
-        g = geometry(model)
-    except ValueError as exc:
-        raise PomtError(str(exc)) from None
+    g = vit_geometry(model)
     if settings.cuda_graphs and device.type != "cuda":
         raise PomtError(f"CUDA graphs need a CUDA device, but the torch device is {device}: leave out --cuda-graphs")
     bad = [n for n in settings.grid if not g.num_prefix < n <= g.num_tokens]
@@ -349,16 +394,24 @@ def profile_latency(
                 lambda: forward_kept(model, x, keep),
                 device=device,
                 rel_precision=settings.rel_precision,
-                budget_s=settings.budget_s,
-                min_samples=settings.min_samples,
+                budget_s=settings.budget_s / settings.passes,
+                min_samples=-(-settings.min_samples // settings.passes),
                 warmup=settings.warmup,
                 cuda_graphs=settings.cuda_graphs,
             )
+
+    # The first calls of a process are slow (allocator, kernel selection, caches, clock
+    # ramp-up): one untimed-for-the-record measurement per batch size absorbs them, so
+    # that the first grid points visited are not their victims.
+    for batch_size in settings.batch_sizes:
+        if previous is None or previous.filter(pl.col("batch_size") == batch_size).height < len(settings.grid):
+            measure_point(batch_size, max(settings.grid))
 
     return run_grid(
         settings.points(),
         measure_point,
         seed=settings.seed,
+        passes=settings.passes,
         spike_tol=settings.spike_tol,
         remeasure_rounds=settings.remeasure_rounds,
         previous=previous,
@@ -379,7 +432,8 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
     ``(L(n) - L(n-k)) / k`` over :data:`TREND_WINDOW` neighbouring pairs, which follows a
     curve that bends and does not mistake a fixed overhead for steps); the excess
     ``d - s k / L(n)`` of a step is above ``min_drop`` and above the excesses' own spread
-    (3 x their scaled median absolute deviation).
+    (3 x their scaled median absolute deviation), and the two points' confidence intervals
+    of the median do not overlap.
 
     Returns:
         One row per step, at most ``top`` per batch size, largest excess first:
@@ -390,14 +444,18 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
     measured = frame.filter(pl.col("latency_ms").is_not_null() & (pl.col("latency_ms") > 0))
     found: list[dict] = []
     for (batch_size,), part in measured.group_by(["batch_size"], maintain_order=True):
-        curve = part.sort("tokens", descending=True).select("tokens", "latency_ms")
+        curve = part.sort("tokens", descending=True)
         if curve.height < 3:
             continue
+        low = curve["ci_low_ms"] if "ci_low_ms" in curve.columns else curve["latency_ms"]
+        high = curve["ci_high_ms"] if "ci_high_ms" in curve.columns else curve["latency_ms"]
         pairs = pl.DataFrame({
             "from_tokens": curve["tokens"][:-1],
             "to_tokens": curve["tokens"][1:],
             "from_ms": curve["latency_ms"][:-1],
             "to_ms": curve["latency_ms"][1:],
+            # A step is significant when the intervals of the median do not overlap.
+            "separated": (low[:-1].fill_null(curve["latency_ms"][:-1]) > high[1:].fill_null(curve["latency_ms"][1:])),
         }).with_columns(
             k=pl.col("from_tokens") - pl.col("to_tokens"),
             drop=(pl.col("from_ms") - pl.col("to_ms")) / pl.col("from_ms"),
@@ -407,7 +465,7 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
         pairs = pairs.with_columns(excess=pl.col("drop") - slope * pl.col("k") / pl.col("from_ms"))
         spread = pairs.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
         steps = (
-            pairs.filter((pl.col("drop") > 0) & (pl.col("excess") > max(min_drop, 3 * spread)))
+            pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (pl.col("excess") > max(min_drop, 3 * spread)))
             .sort("excess", descending=True)
             .head(top)
         )

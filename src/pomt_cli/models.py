@@ -12,6 +12,7 @@ from torch import nn
 
 from pomt_cli import digits
 from pomt_cli.errors import PomtError
+from pomt_cli.pruning.geometry import TokenGeometry, geometry
 
 WeightsSource = Literal["pretrained", "checkpoint", "bundled", "random"]
 
@@ -135,3 +136,15 @@ def check_num_classes(model: nn.Module, num_classes: int, data: str) -> None:
             f"the model's head has {head} classes but {data} has {num_classes}: "
             "give a checkpoint trained on these classes, or a data set with one folder per model class"
         )
+
+
+def vit_geometry(model: nn.Module) -> TokenGeometry:
+    """The token geometry of a supported ViT.
+
+    Raises:
+        PomtError: the model is not one of the ViTs the pruning core supports.
+    """
+    try:
+        return geometry(model)
+    except ValueError as exc:
+        raise PomtError(str(exc)) from None

@@ -18,11 +18,10 @@ from pomt_cli.bench import METHODS, BenchProgress, BenchTiming, MethodSetting, a
 from pomt_cli.data import load_labelled
 from pomt_cli.devices import device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
-from pomt_cli.models import create_model, weights_source
+from pomt_cli.models import create_model, vit_geometry, weights_source
 from pomt_cli.options import parse_dtype, parse_int_list
 from pomt_cli.outputs import atomic_output, check_output_dir, output_path, output_stem, prepare_output_dir
 from pomt_cli.profiles import command_line
-from pomt_cli.pruning import geometry
 from pomt_cli.selection import read_report
 
 out = Console(highlight=False)
@@ -143,10 +142,7 @@ def bench(
     if threads is not None:
         torch.set_num_threads(threads)
     net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
-    try:
-        g = geometry(net)
-    except ValueError as exc:
-        raise PomtError(str(exc)) from None
+    g = vit_geometry(net)
 
     # POMT's r may differ per batch size: one setting per distinct r.
     plan: dict[int, list[MethodSetting]] = {}

@@ -29,12 +29,11 @@ from pomt_cli.latency import (
     profile_latency,
     resume_rows,
 )
-from pomt_cli.models import create_model
+from pomt_cli.models import create_model, vit_geometry
 from pomt_cli.options import parse_dtype, parse_int_list, token_grid
 from pomt_cli.outputs import output_path, output_stem, prepare_output_dir
 from pomt_cli.plots import plot_latency
 from pomt_cli.profiles import write_profile
-from pomt_cli.pruning.geometry import geometry
 
 #: Seconds between two checkpoints of an unfinished profile.
 CHECKPOINT_EVERY_S = 1.0
@@ -119,6 +118,9 @@ def profile(
     budget: float = typer.Option(1.0, "--budget", help="Seconds per grid point at most (warm-up included)."),
     min_samples: int = typer.Option(10, "--min-samples", help="Timed calls per point at least."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed calls per point first."),
+    passes: int = typer.Option(
+        2, "--passes", help="Sweeps over the grid in fresh shuffled orders; each point's samples are pooled."
+    ),
     remeasure: int = typer.Option(2, "--remeasure", help="Rounds of re-measuring points that disagree with both neighbours."),
     seed: int = typer.Option(0, "--seed", help="Seeds the visiting order, the inputs and the kept tokens."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
@@ -138,21 +140,19 @@ def profile(
            f"--cuda-graphs needs a CUDA device, but the torch device is {tdev}: leave it out or use --torch-device cuda")
     _check(0 < rel_precision < 1, f"--rel-precision {rel_precision} must lie between 0 and 1, e.g. 0.01 for 1%")
     _check(budget > 0, f"--budget {budget} must be positive (seconds per grid point)")
-    _check(min_samples >= 1 and warmup >= 0 and remeasure >= 0,
-           "--min-samples must be at least 1, --warmup and --remeasure at least 0")
+    _check(min_samples >= 1 and warmup >= 0 and remeasure >= 0 and passes >= 1,
+           "--min-samples and --passes must be at least 1, --warmup and --remeasure at least 0")
     _check(threads is None or threads >= 1, f"--threads {threads} must be at least 1")
     _check(top_steps >= 1, f"--top-steps {top_steps} must be at least 1")
     if threads is not None:
         torch.set_num_threads(threads)
     net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
-    try:
-        g = geometry(net)
-    except ValueError as exc:
-        raise PomtError(str(exc)) from None
+    g = vit_geometry(net)
     grid = token_grid(tokens, g.num_tokens, g.num_prefix)
     settings = LatencySettings(
         batch_sizes=batch_sizes, grid=grid, dtype=dtype_name, cuda_graphs=cuda_graphs, rel_precision=rel_precision,
         budget_s=budget, min_samples=min_samples, warmup=warmup, seed=seed, remeasure_rounds=remeasure,
+        passes=passes,
     )
     meta = LatencyMeta(
         model=model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,
@@ -162,7 +162,7 @@ def profile(
         clocks=ClockState(preset=preset.name, mode="unlocked", detail="not started"),
         clocks_locked=lock_clocks, pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None,
         rel_precision=rel_precision, budget_s=budget, min_samples=min_samples, warmup=warmup, seed=seed,
-        remeasure_rounds=remeasure,
+        remeasure_rounds=remeasure, passes=passes,
     )
     previous = None
     previous_meta = None
