@@ -265,6 +265,12 @@ def test_find_steps_finds_the_large_drops_beyond_the_trend():
 def test_find_steps_on_smooth_and_coarse_curves_finds_nothing():
     assert find_steps(curve(linear(range(197, 1, -1)))).is_empty()
     assert find_steps(curve(linear(range(197, 16, -20), per_token=1.0))).is_empty()
+    coarse = linear(range(197, 16, -20), per_token=1.0)
+    coarse.update({n: v * 0.7 for n, v in coarse.items() if n < 100})  # a drop somewhere in 97..117
+    assert find_steps(curve(coarse)).is_empty()  # 20 tokens apart: a step cannot be placed
+    fine = linear(range(120, 90, -4), per_token=1.0)
+    fine.update({n: v * 0.7 for n, v in fine.items() if n < 100})
+    assert [(r["from_tokens"], r["to_tokens"]) for r in find_steps(curve(fine)).iter_rows(named=True)] == [(100, 96)]
 
 
 def test_kept_patches_are_sorted_unique_and_seeded():

@@ -419,6 +419,10 @@ def profile_latency(
     )
 
 
+#: The widest gap between grid points (in tokens) across which a drop counts as a step: on
+#: a coarser grid a drop cannot be told from the curve's bending.
+MAX_STEP_WIDTH = 4
+
 #: Neighbouring pairs of grid points over which find_steps takes the curve's local trend.
 TREND_WINDOW = 15
 
@@ -432,8 +436,8 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
     ``(L(n) - L(n-k)) / k`` over :data:`TREND_WINDOW` neighbouring pairs, which follows a
     curve that bends and does not mistake a fixed overhead for steps); the excess
     ``d - s k / L(n)`` of a step is above ``min_drop`` and above the excesses' own spread
-    (3 x their scaled median absolute deviation), and the two points' confidence intervals
-    of the median do not overlap.
+    (3 x their scaled median absolute deviation), the two points' confidence intervals
+    of the median do not overlap, and they are at most :data:`MAX_STEP_WIDTH` tokens apart.
 
     Returns:
         One row per step, at most ``top`` per batch size, largest excess first:
@@ -465,7 +469,8 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
         pairs = pairs.with_columns(excess=pl.col("drop") - slope * pl.col("k") / pl.col("from_ms"))
         spread = pairs.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
         steps = (
-            pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (pl.col("excess") > max(min_drop, 3 * spread)))
+            pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (pl.col("k") <= MAX_STEP_WIDTH)
+                         & (pl.col("excess") > max(min_drop, 3 * spread)))
             .sort("excess", descending=True)
             .head(top)
         )

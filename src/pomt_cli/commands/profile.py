@@ -22,6 +22,7 @@ from rich.table import Table
 from pomt_cli.devices import ClockState, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.latency import (
+    MAX_STEP_WIDTH,
     GridProgress,
     LatencyMeta,
     LatencySettings,
@@ -58,7 +59,8 @@ def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int]) -
     for b in batch_sizes:
         part = steps.filter(pl.col("batch_size") == b)
         if part.is_empty():
-            hint = f" (the grid's stride is {stride}; a finer --tokens grid can show steps)" if stride > 1 else ""
+            hint = (f" (the grid's stride is {stride}; steps are looked for between points at most "
+                    f"{MAX_STEP_WIDTH} tokens apart: a finer --tokens grid can show them)" if stride > MAX_STEP_WIDTH else "")
             rendered.append(f"batch {b}: no step stands out from the curve's trend{hint}")
             continue
         table = Table(title=f"Largest latency steps, batch {b}", title_justify="left")
