@@ -36,6 +36,7 @@ from torch import nn
 
 from pomt_cli import digits
 from pomt_cli.data import LabelledImages, Listing, Preprocess, count_correct, list_images, load_images
+from pomt_cli.devices import resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.models import check_num_classes, create_model, state_dict_sha256, vit_geometry, weights_source
 from pomt_cli.options import parse_dtype, token_grid
@@ -240,8 +241,6 @@ class Processes:
 
 
 def _resolve_device(spec: str, local_rank: int, world_size: int) -> torch.device:
-    from pomt_cli.devices import resolve_torch_device
-
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = resolve_torch_device(spec)

@@ -185,6 +185,11 @@ def load_preset(name_or_path: str | Path) -> DevicePreset:
         raise PomtError(f"device preset {path} is invalid at {where}: {first['msg']}") from None
 
 
+def default_preset_name() -> str:
+    """The preset for "this machine": ``nvidia`` where CUDA is available, else ``cpu``."""
+    return "nvidia" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_torch_device(spec: str) -> torch.device:
     """The torch device for ``spec`` (``cuda``, ``cuda:1``, ``cpu``, ``mps``), checked to exist here.
 

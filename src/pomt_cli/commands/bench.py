@@ -16,7 +16,7 @@ from rich.table import Table
 from pomt_cli import __version__
 from pomt_cli.bench import METHODS, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, time_methods
 from pomt_cli.data import load_labelled
-from pomt_cli.devices import device_name, load_preset, locked_clocks, resolve_torch_device
+from pomt_cli.devices import default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.models import create_model, vit_geometry, weights_source
 from pomt_cli.options import parse_dtype, parse_int_list
@@ -93,7 +93,10 @@ def bench(
     batch_size: str | None = typer.Option(
         None, "--batch-size", help="Batch sizes, comma-separated (default: the report's with --r-from, else 1)."
     ),
-    device: str = typer.Option("cpu", "--device", help="Device preset (orin, tx2, xavier, nvidia, a100, h100, cpu) or a .toml."),
+    device: str | None = typer.Option(
+        None, "--device",
+        help="Device preset (orin, tx2, xavier, nvidia, a100, h100, cpu) or a .toml (default: nvidia with CUDA, else cpu).",
+    ),
     torch_device: str | None = typer.Option(None, "--torch-device", help="Override the preset's torch device."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     pretrained: bool = typer.Option(False, "--pretrained", help="timm's pretrained weights (needed for accuracy)."),
@@ -130,7 +133,7 @@ def bench(
         raise PomtError("--method pomt needs -r R or --r-from REPORT (from `pomt compute-r`)")
     if "pomt" not in methods and r_by_batch is not None:
         methods.append("pomt")
-    preset = load_preset(device)
+    preset = load_preset(device or default_preset_name())
     tdev = resolve_torch_device(torch_device or preset.torch_device)
     if cuda_graphs and tdev.type != "cuda":
         raise PomtError(f"--cuda-graphs needs a CUDA device, but the torch device is {tdev}: leave it out")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from pomt_cli import __version__, digits
-from pomt_cli.devices import load_preset
+from pomt_cli.devices import default_preset_name, load_preset
 from pomt_cli.errors import PomtError
 from pomt_cli.latency import find_steps, read_latency_profile
 from pomt_cli.outputs import atomic_write_text, check_output_dir, prepare_output_dir
@@ -108,7 +108,9 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
 
 def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", help="Folder for every file and the summary."),
-    device: str = typer.Option("cpu", "--device", help="Device preset to measure on (cpu, nvidia, orin...)."),
+    device: str | None = typer.Option(
+        None, "--device", help="Device preset to measure on (default: nvidia with CUDA, else cpu; or orin...)."
+    ),
     torch_device: str | None = typer.Option(None, "--torch-device", help="Override the preset's torch device."),
     lock_clocks: bool = typer.Option(
         False, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (needs root)."
@@ -118,6 +120,7 @@ def demo(
     """Run profile, estimate-accuracy, compute-r and bench on the bundled digits model; write a summary page."""
     from pomt_cli.cli import app
 
+    device = device or default_preset_name()
     load_preset(device)  # an unknown preset fails before anything runs
     check_output_dir(output_dir)
     folder = prepare_output_dir(output_dir)
