@@ -282,3 +282,18 @@ def test_torchrun_gives_the_same_profile_as_one_process(tmp_path, pomt):
     assert different <= {"created", "command"}, different
     assert "in 2 processes" in double.stdout
     assert sorted((tmp_path / "two").iterdir()) == [tmp_path / "two" / name, tmp_path / "two" / name.replace("parquet", "png")]
+
+
+def test_a_checkpoint_brings_its_head_size_which_must_match_the_classes(tmp_path):
+    torch.manual_seed(0)
+    trained = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=3).eval()
+    path = tmp_path / "deit_tiny_3cls.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    three = image_folder(tmp_path / "three", {"a": 2, "b": 2, "c": 2}, size=(40, 30))
+    run = run_estimate(EstimateConfig(model="deit_tiny_patch16_224", data=str(three), checkpoint=path,
+                                      tokens="197:97:100"), CPU)
+    assert run.meta.num_classes == 3 and run.meta.weights == "checkpoint"
+    assert run.frame["tokens"].to_list() == [197, 97] and run.frame["images"].to_list() == [6, 6]
+    two = image_folder(tmp_path / "two", {"a": 2, "b": 2}, size=(40, 30))
+    with pytest.raises(PomtError, match="head has 3 classes but --data .* has 2"):
+        run_estimate(EstimateConfig(model="deit_tiny_patch16_224", data=str(two), checkpoint=path), CPU)

@@ -34,7 +34,6 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pomt_cli import digits
 from pomt_cli.data import LabelledImages, Listing, Preprocess, count_correct, list_images, load_images
 from pomt_cli.devices import resolve_torch_device
 from pomt_cli.errors import PomtError
@@ -352,12 +351,8 @@ def _gather(procs: Processes, obj: object) -> list:
     return out
 
 
-def _model_for(config: EstimateConfig, num_classes: int) -> tuple[nn.Module, str]:
-    """The model with its weights, and where they come from.
-
-    A checkpoint's model is built with one output per class of the data set, so that a
-    head trained on other labels fails to load with a message naming the sizes.
-    """
+def _model_for(config: EstimateConfig) -> tuple[nn.Module, str]:
+    """The model with its weights, and where they come from (a checkpoint brings its own head size)."""
     source = weights_source(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint)
     if source == "random" and not config.allow_random_weights:
         raise PomtError(
@@ -365,8 +360,7 @@ def _model_for(config: EstimateConfig, num_classes: int) -> tuple[nn.Module, str
             "--checkpoint PATH (or --allow-random-weights to measure anyway)"
         )
     torch.manual_seed(config.seed)  # random weights, when allowed, are the same in every process
-    model = create_model(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
-                         num_classes=num_classes if source == "checkpoint" and config.model != digits.NAME else None)
+    model = create_model(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint)
     return model, source
 
 
@@ -399,7 +393,7 @@ def run_estimate(
     """
     dtype_name, dtype = parse_dtype(config.dtype)
     listing: Listing = list_images(config.data, limit=config.limit)
-    model, source = _model_for(config, listing.num_classes)
+    model, source = _model_for(config)
     check_num_classes(model, listing.num_classes, f"--data {config.data}")
     g = vit_geometry(model)
     grid = accuracy_grid(config.tokens, g, config.estimator)
