@@ -393,9 +393,6 @@ class TopCounts(BaseModel):
     def top5_percent(self) -> float:
         return 100.0 * self.top5 / self.images if self.images else float("nan")
 
-    def __add__(self, other: TopCounts) -> TopCounts:
-        return TopCounts(images=self.images + other.images, top1=self.top1 + other.top1, top5=self.top5 + other.top5)
-
 
 def count_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
     """(2,) int64 on the logits' device: top-1 and top-k hits.

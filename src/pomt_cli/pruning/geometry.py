@@ -48,11 +48,6 @@ def model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or getattr(model, "pomt_name", None) or type(model).__name__
 
 
-def _base_class(model: nn.Module) -> type:
-    """The model's class before patching (patched classes remember their base)."""
-    return getattr(type(model), "_pomt_base", type(model))
-
-
 def geometry(model: nn.Module) -> TokenGeometry:
     """The token geometry of a supported model.
 
