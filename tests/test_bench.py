@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import torch
 
-from conftest import run_pomt, tiny_vit
+from conftest import run_in_process, run_pomt, tiny_vit
 from pomt_cli.bench import BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, time_methods
 from pomt_cli.data import evaluate, list_images, load_images, Preprocess
 from pomt_cli.errors import PomtError
@@ -149,3 +149,18 @@ def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pom
                  "--output-dir", str(tmp_path / "o"))
     assert batch.returncode == 2 and "gives R for batch size(s) 1, 32, not for 4" in batch.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_default_methods_are_those_with_a_setting(tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["bench", "--model", "digits-vit", "--budget", "0.02", "--rounds", "1", "--no-lock-clocks",
+            "--output-dir", str(out)]
+    code, _, err = run_in_process(args, capsys)
+    assert code == 0, err
+    assert pl.read_csv(out / "bench_digits-vit_cpu_bs1_float32_none_tome-r8_topk-r8.csv")["method"].to_list() == \
+        ["none", "tome", "topk"]
+    code, _, err = run_in_process([*args, "-r", "10"], capsys)
+    assert code == 0, err
+    frame = pl.read_csv(out / "bench_digits-vit_cpu_bs1_float32_none_pomt-r10-l3_tome-r8_topk-r8.csv")
+    assert frame["method"].to_list() == ["none", "pomt", "tome", "topk"] and frame["tokens_out"][1] == 55
+

@@ -83,7 +83,9 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> Table:
 def bench(
     model: str = typer.Option(..., "--model", help="timm model name, or digits-vit (bundled, trained)."),
     method: list[str] = typer.Option(
-        [], "--method", help="none, pomt, tome, topk; repeat for a comparison (default: all four). none is always included."
+        [], "--method",
+        help="none, pomt, tome, topk; repeat for a comparison (default: all four, pomt when -r or --r-from is given). "
+        "none is always included."
     ),
     r: int | None = typer.Option(None, "-r", "--r", help="POMT: tokens pruned in block --layer."),
     r_from: Path | None = typer.Option(None, "--r-from", help="POMT's R per batch size from a compute-r report (.json)."),
@@ -117,7 +119,8 @@ def bench(
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the CSV and Parquet reports."),
 ) -> dict[str, Path]:
     """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
-    methods = list(dict.fromkeys(["none", *(method or METHODS)]))
+    defaults = [m for m in METHODS if m != "pomt" or r is not None or r_from is not None]
+    methods = list(dict.fromkeys(["none", *(method or defaults)]))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(METHODS)}")
