@@ -95,7 +95,7 @@ class FakeDevice:
         self.oom = set(oom)
         self.calls: list[tuple[int, int]] = []
 
-    def __call__(self, batch_size: int, tokens: int) -> Measurement:
+    def __call__(self, batch_size: int, tokens: int, prior: list[float] = ()) -> Measurement:
         self.calls.append((batch_size, tokens))
         if (batch_size, tokens) in self.oom:
             return fake_measurement(None)
@@ -180,7 +180,7 @@ def test_unsettled_neighbours_are_remeasured_although_they_agree_with_each_other
     device = FakeDevice(transient={(1, 50): 2.5, (1, 49): 2.5})
     noisy = {(1, 50), (1, 49)}
 
-    def measure_point(b, n):
+    def measure_point(b, n, prior):
         m = device(b, n)
         if (b, n) in noisy:
             noisy.discard((b, n))
@@ -210,7 +210,7 @@ def test_run_grid_confirms_steps_drift_made_and_keeps_real_ones():
 def test_a_fast_spell_of_the_machine_leaves_no_dips_behind():
     device = FakeDevice()
 
-    def drifting(b, n):  # the machine runs 15% faster during four calls early on
+    def drifting(b, n, prior):  # the machine runs 15% faster during four calls early on
         m = device(b, n)
         return fake_measurement(m.median_ms * (0.85 if 3 <= len(device.calls) <= 6 else 1.0))
 
@@ -223,7 +223,7 @@ def test_a_fast_spell_of_the_machine_leaves_no_dips_behind():
 def test_passes_visit_every_point_in_fresh_orders_and_pool_the_samples():
     device = FakeDevice()
 
-    def slow_spell(b, n):  # the machine runs 20% slower during the first sweep's second half
+    def slow_spell(b, n, prior):  # the machine runs 20% slower during the first sweep's second half
         m = device(b, n)
         return fake_measurement(m.median_ms * (1.2 if len(POINTS) // 2 < len(device.calls) <= len(POINTS) else 1.0))
 
@@ -443,3 +443,28 @@ def test_ctrl_c_restores_the_clocks_and_keeps_progress_for_resume(tmp_path):
     assert json.loads(pl.read_parquet_metadata(parquet)["pomt"])["complete"] is False
     assert not any((tools.state / "clocks").glob("*/state.json"))
     assert os.environ.get("FAKE_LOG") is None  # the fakes ran only in the child
+
+
+def test_a_point_that_spent_its_budget_is_not_visited_again_for_its_noise():
+    device = FakeDevice()
+
+    def measure_point(b, n, prior):
+        m = device(b, n)
+        return noisy_measurement(m.median_ms) if (b, n) == (1, 50) else m
+
+    run_grid(POINTS, measure_point, seed=0, spike_tol=0.02, remeasure_rounds=2, point_budget_s=None)
+    assert device.calls.count((1, 50)) == 3  # noisy: visited again in both rounds
+    device.calls.clear()
+    run_grid(POINTS, measure_point, seed=0, spike_tol=0.02, remeasure_rounds=2, point_budget_s=0.0)
+    assert device.calls.count((1, 50)) == 1
+
+
+def test_later_visits_receive_the_samples_of_earlier_ones():
+    seen: dict[tuple[int, int], list[int]] = {}
+
+    def measure_point(b, n, prior):
+        seen.setdefault((b, n), []).append(len(prior))
+        return fake_measurement(1.0 + n)
+
+    run_grid(POINTS[:3], measure_point, seed=0, passes=3, remeasure_rounds=0)
+    assert all(counts == [0, 10, 20] for counts in seen.values())

@@ -187,3 +187,19 @@ def test_real_clock_on_a_real_computation_gives_a_consistent_measurement():
     assert m.min_ms <= m.p10_ms <= m.median_ms <= m.p90_ms <= m.max_ms
     assert m.ci_low_ms <= m.median_ms <= m.ci_high_ms
     assert m.mode == "eager"
+
+
+def test_samples_of_earlier_visits_count_towards_the_precision():
+    clock = FakeClock()
+    fn = workload(clock, constant(0.01))
+    alone = measure(fn, device="cpu", min_samples=3, warmup=0, budget_s=10, clock=clock)
+    assert alone.samples >= 6  # fewer than 6 samples give no 95% interval of the median
+    clock = FakeClock()
+    fn = workload(clock, constant(0.01))
+    topped_up = measure(fn, device="cpu", min_samples=3, warmup=0, budget_s=10, clock=clock, prior_ms=[10.0] * 20)
+    assert topped_up.status == "ok" and topped_up.samples == 3 and topped_up.raw_ms == pytest.approx([10.0] * 3)
+    clock = FakeClock()
+    fn = workload(clock, constant(0.01))
+    disagreeing = measure(fn, device="cpu", min_samples=3, warmup=0, budget_s=10, clock=clock,
+                          prior_ms=[5.0] * 10 + [20.0] * 10)
+    assert disagreeing.samples > 3  # a wide pool needs more samples

@@ -237,7 +237,7 @@ def find_unsettled(frame: pl.DataFrame, tol: float) -> list[Point]:
 
 def run_grid(
     points: Sequence[Point],
-    measure_point: Callable[[int, int], Measurement],
+    measure_point: Callable[[int, int, list[float]], Measurement],
     *,
     seed: int = 0,
     passes: int = 1,
@@ -245,6 +245,7 @@ def run_grid(
     remeasure_rounds: int = 2,
     previous: pl.DataFrame | None = None,
     progress: ProgressFn | None = None,
+    point_budget_s: float | None = None,
 ) -> pl.DataFrame:
     """Measure every point in ``passes`` seeded shuffled sweeps, then re-measure what looks wrong.
 
@@ -255,7 +256,8 @@ def run_grid(
 
     Args:
         points: the (batch size, n) to measure.
-        measure_point: times one visit of a point; returns its :class:`Measurement`.
+        measure_point: times one visit of a point, given the samples of its earlier visits
+            (empty on the first); returns the visit's :class:`Measurement`.
         seed: seeds the visiting orders.
         passes: sweeps over the grid, each in a fresh shuffled order.
         spike_tol: see :func:`find_spikes`.
@@ -266,6 +268,9 @@ def run_grid(
             visited in the sweeps (a re-measuring visit replaces such a row: its samples
             are not in the file).
         progress: called when each visit starts and ends.
+        point_budget_s: a point that has already spent this many seconds is not visited
+            again for a wide interval (its noise is the device's own, and more visits
+            would only spend time); spikes and step ends are still visited again.
 
     Returns:
         The profile frame (:data:`SCHEMA`), sorted by batch size and descending n.
@@ -287,7 +292,7 @@ def run_grid(
         if progress:
             progress(GridProgress(phase, b, n, done, total))
         started = time.perf_counter()
-        m = measure_point(b, n)
+        m = measure_point(b, n, pooled.get(point, []))
         spent = time.perf_counter() - started
         old = rows.get(point)
         attempts = 1 if old is None else (old["attempts"] or 1) + 1
@@ -323,7 +328,9 @@ def run_grid(
             for n in (step["from_tokens"], step["to_tokens"])
             if (rows[(int(step["batch_size"]), int(n))]["attempts"] or 1) <= passes
         ]
-        flagged = list(dict.fromkeys(find_spikes(current, spike_tol) + find_unsettled(current, spike_tol) + unvisited))
+        unsettled = [p for p in find_unsettled(current, spike_tol)
+                     if point_budget_s is None or (rows[p]["time_s"] or 0.0) < point_budget_s]
+        flagged = list(dict.fromkeys(find_spikes(current, spike_tol) + unsettled + unvisited))
         if not flagged:
             break
         rng.shuffle(flagged)
@@ -371,7 +378,7 @@ def profile_latency(
         raise
     images: dict[int, torch.Tensor] = {}
 
-    def measure_point(batch_size: int, tokens: int) -> Measurement:
+    def measure_point(batch_size: int, tokens: int, prior: list[float]) -> Measurement:
         try:
             if batch_size not in images:
                 generator = torch.Generator().manual_seed(settings.seed)
@@ -396,8 +403,10 @@ def profile_latency(
                 rel_precision=settings.rel_precision,
                 budget_s=settings.budget_s / settings.passes,
                 min_samples=-(-settings.min_samples // settings.passes),
-                warmup=settings.warmup,
+                # Caches for this shape were warmed on the first visit; one call re-primes them.
+                warmup=settings.warmup if not prior else min(1, settings.warmup),
                 cuda_graphs=settings.cuda_graphs,
+                prior_ms=prior,
             )
 
     # The first calls of a process are slow (allocator, kernel selection, caches, clock
@@ -405,7 +414,7 @@ def profile_latency(
     # that the first grid points visited are not their victims.
     for batch_size in settings.batch_sizes:
         if previous is None or previous.filter(pl.col("batch_size") == batch_size).height < len(settings.grid):
-            measure_point(batch_size, max(settings.grid))
+            measure_point(batch_size, max(settings.grid), [])
 
     return run_grid(
         settings.points(),
@@ -416,6 +425,7 @@ def profile_latency(
         remeasure_rounds=settings.remeasure_rounds,
         previous=previous,
         progress=progress,
+        point_budget_s=settings.budget_s,
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from statistics import NormalDist
 from typing import Any, Literal
@@ -259,6 +259,7 @@ def measure(
     cuda_graphs: bool = False,
     confidence: float = 0.95,
     clock: Callable[[], float] = time.perf_counter,
+    prior_ms: Sequence[float] = (),
 ) -> Measurement:
     """Time ``fn()`` on ``device`` until the median is known to ``rel_precision`` or ``budget_s`` is spent.
 
@@ -279,6 +280,10 @@ def measure(
         confidence: the confidence level of the interval of the median.
         clock: the host clock for CPU/MPS timing and for the budget (seconds). Tests pass
             a fake clock that ``fn`` advances.
+        prior_ms: samples of the same call from earlier visits. They count towards the
+            precision rule (this visit stops once the pool of prior and new samples is
+            precise enough, after ``min_samples`` new ones), but the measurement holds only
+            the new samples.
 
     Raises:
         ValueError: ``cuda_graphs`` on a device other than CUDA, or a parameter out of range.
@@ -327,6 +332,8 @@ def measure(
                     samples.extend(_time_with_clock(timed, count, device, clock))
                 ordered = np.sort(np.asarray(samples))
                 estimate_ms = float(np.median(ordered))
+                if prior_ms:
+                    ordered = np.sort(np.concatenate([np.asarray(prior_ms, dtype=np.float64), ordered]))
                 if len(samples) >= min_samples and precise_enough(ordered, rel_precision, confidence):
                     status = "ok"
                     break
