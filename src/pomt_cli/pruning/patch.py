@@ -30,6 +30,9 @@ class BlockPlan:
     method: str
     r: int
     num_prefix: int
+    #: POMT's scoring: "lean" (fused attention, log-probabilities a chunk at a time) or
+    #: "explicit" (the full softmax matrix, as the paper's code; the benchmarks' reference).
+    scoring: str = "lean"
 
 
 def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,10 +81,15 @@ class PrunedBlock(nn.Module):
         q, k, v = _qkv(attn, self.norm1(x))
         # --- modified from timm's Block.forward: the attention returns what the method needs,
         # --- and the tokens are reduced before the MLP.
-        if plan.method == "pomt":
+        if plan.method == "pomt" and (plan.scoring == "explicit" or (attn.training and attn.attn_drop.p > 0)):
             a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = x + self.drop_path1(self.ls1(_project(attn, attn.attn_drop(a) @ v)))
             x = pomt.prune_keep_mean(x, pomt.importance(a, v, plan.num_prefix), plan.r, plan.num_prefix)
+        elif plan.method == "pomt":
+            o, lse = pomt.attention_lse(q, k, v, attn.scale)
+            x = x + self.drop_path1(self.ls1(_project(attn, o)))
+            scores = pomt.importance_lean(q, k, v, lse, attn.scale, plan.num_prefix)
+            x = pomt.prune_keep_mean(x, scores, plan.r, plan.num_prefix)
         elif plan.method == "topk":
             x = x + self.drop_path1(self.ls1(_project(attn, _fused(attn, q, k, v))))
             scores = topk.class_attention(q, k, attn.scale, plan.num_prefix)

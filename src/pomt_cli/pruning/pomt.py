@@ -6,6 +6,15 @@ Pure tensor functions; :mod:`pomt_cli.pruning.patch` attaches them to timm block
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+#: Elements of the log-probability matrix computed at once by :func:`received_attention`
+#: (2**23: 16 MiB in float16, 32 MiB in float32, so one chunk stays in a large GPU's L2).
+CHUNK_ELEMENTS = 1 << 23
+
+#: For each (device type, dtype): the index into :func:`_lse_kernels` of the fused kernel
+#: that returned a correct log-sum-exp, or None when none did (the explicit fallback).
+_LSE_KERNEL: dict[tuple[str, torch.dtype], int | None] = {}
 
 
 def importance(attn: torch.Tensor, v: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -28,6 +37,153 @@ def importance(attn: torch.Tensor, v: torch.Tensor, num_prefix: int) -> torch.Te
     received = received / received.amax(dim=-1, keepdim=True)
     # Value magnitude: max over heads, sum over features, softmax over all N tokens.
     magnitude = v.amax(dim=1).float().sum(dim=-1).softmax(dim=-1)[:, p:]
+    return received + magnitude
+
+
+def _lse_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> list:
+    """PyTorch's fused attention kernels that also return each query's log-sum-exp, best first."""
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        return [lambda: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)]
+    if q.device.type != "cuda":
+        return []
+    kernels = []
+    if q.dtype in (torch.float16, torch.bfloat16):
+        kernels += [
+            lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)[:2],
+            lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2],
+        ]
+    kernels.append(lambda: aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
+                                                                         scale=scale)[:2])
+    return kernels
+
+
+def _as_lse(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The kernel's log-sum-exp as (B, H, N) float32 (kernels pad or add a trailing dimension)."""
+    B, H, N, _ = q.shape
+    if lse.dim() == 4 and lse.shape[-1] == 1:
+        lse = lse[..., 0]
+    if lse.dim() == 3 and lse.shape[:2] == (B, H) and lse.shape[-1] >= N:
+        lse = lse[..., :N]
+    if lse.shape != (B, H, N):
+        raise RuntimeError(f"log-sum-exp of shape {tuple(lse.shape)} for queries of shape {tuple(q.shape)}")
+    return lse.float()
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)  # torch.compiler.is_compiling: torch >= 2.3
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _explicit_lse(q: torch.Tensor, k: torch.Tensor, scale: float, rows: slice = slice(None)) -> torch.Tensor:
+    return ((q[:, :, rows] * scale) @ k.transpose(-2, -1)).float().logsumexp(dim=-1)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and the log-sum-exp of every query's logits, without an N x N matrix where possible.
+
+    Uses PyTorch's fused attention kernels that return the log-sum-exp (cuDNN, flash or
+    memory-efficient attention on CUDA, flash attention on the CPU). The first kernel
+    whose log-sum-exp agrees with an explicit computation on the first call is kept for
+    the device and dtype. Elsewhere (other devices, ONNX export, tracing, compiling) the
+    logits are computed explicitly.
+
+    Args:
+        q, k, v: (B, H, N, D).
+        scale: the logit scale.
+
+    Returns:
+        ``(out, lse)``: (B, H, N, D) in the input dtype, and (B, H, N) float32 with
+        ``lse[b, h, i] = log(sum_j exp(scale * q_i . k_j))``.
+    """
+    key = (q.device.type, q.dtype)
+    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _compiling()
+    if not exporting and _LSE_KERNEL.get(key, 0) is not None:
+        kernels = _lse_kernels(q, k, v, scale)
+        chosen = _LSE_KERNEL.get(key)
+        if chosen is not None:
+            out, lse = kernels[chosen]()
+            return out, _as_lse(lse, q)
+        for i, kernel in enumerate(kernels):
+            try:
+                out, lse = kernel()
+                lse = _as_lse(lse, q)
+                # The first call checks the kernel's convention on one image's first query.
+                expected = _explicit_lse(q[:1], k[:1], scale, slice(0, 1))[..., 0]
+                if torch.allclose(lse[:1, :, 0], expected, rtol=1e-3, atol=1e-2):
+                    _LSE_KERNEL[key] = i
+                    return out, lse
+            except (RuntimeError, AttributeError, TypeError):
+                continue
+        _LSE_KERNEL[key] = None
+    return F.scaled_dot_product_attention(q, k, v, scale=scale), _explicit_lse(q, k, scale)
+
+
+def received_attention(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, num_prefix: int
+) -> torch.Tensor:
+    """Attention received by each non-prefix token: max over heads, summed over non-prefix queries.
+
+    Equal to ``softmax(scale * q @ k^T).amax(dim=1)[:, p:, p:].sum(dim=1)``, computed without
+    the softmax: the maximum over heads of a probability is the exponential of the maximum
+    of its logarithm, ``scale * q_i . k_j - lse[h, i]``, which one matrix product gives
+    when ``-lse`` rides along as extra columns of the queries (split in a high and a low
+    part, so that it keeps float32 precision in float16). Only the non-prefix rows and
+    columns are computed (padded to a multiple of 8 for aligned tensor-core products), a
+    chunk of images at a time (at most :data:`CHUNK_ELEMENTS`).
+
+    Args:
+        q, k: (B, H, N, D) queries and keys.
+        lse: (B, H, N) float32 log-sum-exp of each query's logits (:func:`attention_lse`).
+        scale: the logit scale.
+        num_prefix: p.
+
+    Returns:
+        (B, N - p) float32.
+    """
+    B, H, N, D = q.shape
+    p = num_prefix
+    M = N - p
+    rows = -(-M // 8) * 8
+    width = -(-(D + 2) // 8) * 8
+    neg = -lse[:, :, p:]
+    hi = neg.to(q.dtype)
+    queries = q.new_zeros(B, H, rows, width)
+    torch.mul(q[:, :, p:], scale, out=queries[:, :, :M, :D])
+    queries[:, :, :M, D] = hi
+    queries[:, :, :M, D + 1] = (neg - hi.float()).to(q.dtype)
+    keys = k.new_zeros(B, H, rows, width)
+    keys[:, :, :M, :D] = k[:, :, p:]
+    keys[:, :, :M, D:D + 2] = 1
+    keys = keys.transpose(-2, -1)
+    step = max(1, CHUNK_ELEMENTS // (H * rows * rows))
+
+    def chunk(b0: int, b1: int) -> torch.Tensor:
+        logp = (queries[b0:b1] @ keys[b0:b1]).amax(dim=1)[:, :M, :M]
+        return logp.float().exp().sum(dim=1)
+
+    if step >= B:
+        return chunk(0, B)
+    return torch.cat([chunk(b, min(B, b + step)) for b in range(0, B, step)])
+
+
+def importance_lean(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, scale: float, num_prefix: int
+) -> torch.Tensor:
+    """:func:`importance` from queries, keys and values, without the attention matrix.
+
+    Args:
+        q, k, v: (B, H, N, D).
+        lse: (B, H, N) float32 log-sum-exp of each query's logits (:func:`attention_lse`).
+        scale: the logit scale.
+        num_prefix: p.
+
+    Returns:
+        (B, N - p) float32 scores, equal to ``importance(softmax(scale * q @ k^T), v, p)``.
+    """
+    received = received_attention(q, k, lse, scale, num_prefix)
+    received = received / received.amax(dim=-1, keepdim=True)
+    magnitude = v.amax(dim=1).float().sum(dim=-1).softmax(dim=-1)[:, num_prefix:]
     return received + magnitude
 
 
