@@ -2,65 +2,141 @@
 
 The ideal of a method is the unpatched model's own sub-layers run at the token counts the
 method produces (tokens dropped by slicing, so choosing and merging tokens cost nothing).
-Variants are timed in interleaved rounds within one process, so ratios compare like with
-like. Prints a table per (batch size, dtype).
+``pomt(explicit)`` is POMT's block with the full softmax matrix (as the paper's code
+scores tokens), the reference for the default lean block. Variants are timed with pomt's
+timing engine in interleaved rounds within one process (a fresh shuffled order each
+round, samples pooled over rounds), so ratios compare like with like. Prints a table per
+(batch size, dtype, timing mode).
 
     python scripts/bench_core.py --model deit_small_patch16_224 --batch-size 1,4,64,256 \
-        --dtype float16,float32 --device cuda
+        --dtype float16,float32 --device cuda --cuda-graphs both
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
-import platform
-import statistics
+import random
+from collections.abc import Callable
 
 import timm
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils import benchmark
 
+from pomt_cli.devices import device_name
 from pomt_cli.pruning import apply, forward_ideal, planned_token_counts, remove
+from pomt_cli.timing import Measurement, measure, release_memory, summarize
+
+DEFAULT_SETTINGS = {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}}
 
 
-def variants(model: torch.nn.Module, settings: dict[str, dict]) -> dict[str, tuple[str, dict, list[int]]]:
-    """name -> (method, setting, planned counts) for each method, with its ideal."""
-    out: dict[str, tuple[str, dict, list[int]]] = {"none": ("none", {}, [])}
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One timed forward pass: a method with its setting, or the ideal of its token counts."""
+
+    name: str
+    method: str  # none, pomt, tome, topk, ideal
+    setting: dict
+    counts: list[int]
+    explicit: bool = False
+
+
+def variants(model: torch.nn.Module, settings: dict[str, dict]) -> list[Variant]:
+    """none, then each method followed by its ideal (and POMT's explicit block after POMT)."""
+    out = [Variant("none", "none", {}, [])]
     for method, setting in settings.items():
         counts = planned_token_counts(apply(model, method, **setting))
         remove(model)
-        out[method] = (method, setting, counts)
-        out[f"ideal({method})"] = ("ideal", setting, counts)
+        out.append(Variant(method, method, setting, counts))
+        if method == "pomt":
+            out.append(Variant("pomt(explicit)", method, setting, counts, explicit=True))
+        out.append(Variant(f"ideal({method})", "ideal", setting, counts))
     return out
 
 
-def timed(model, images, method: str, setting: dict, counts: list[int]):
-    """A zero-argument callable that runs one forward pass of the variant."""
-    if method == "ideal":
-        return lambda: forward_ideal(model, images, counts)
-    apply(model, method, **setting)
+def prepare(model: torch.nn.Module, images: torch.Tensor, variant: Variant) -> Callable[[], torch.Tensor]:
+    """Patch ``model`` for ``variant``; a zero-argument callable that runs one forward pass."""
+    remove(model)
+    if variant.method == "ideal":
+        return lambda: forward_ideal(model, images, variant.counts)
+    apply(model, variant.method, **variant.setting)
+    if variant.explicit:
+        for blk in model.blocks:
+            blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring="explicit")
     return lambda: model(images)
 
 
-def run(model_name: str, batch: int, dtype: torch.dtype, device: str, rounds: int, min_time: float,
-        settings: dict[str, dict]) -> dict[str, float]:
-    model = timm.create_model(model_name, pretrained=False).eval().to(device=device, dtype=dtype)
-    c, h, w = model.pretrained_cfg["input_size"]
-    images = torch.randn(batch, c, h, w, device=device, dtype=dtype)
-    samples: dict[str, list[float]] = {}
-    table = variants(model, settings)
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for name, (method, setting, counts) in table.items():
-                fn = timed(model, images, method, setting, counts)
-                for _ in range(3):
-                    fn()  # warm-up
-                m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time)
-                samples.setdefault(name, []).append(m.median * 1e3)
-                remove(model)
-    return {name: statistics.median(v) for name, v in samples.items()}
+def time_variants(model_name: str, batch: int, dtype: torch.dtype, device: str, *, cuda_graphs: bool = False,
+                  rounds: int = 3, budget_s: float = 0.2, settings: dict[str, dict] | None = None,
+                  model_kwargs: dict | None = None, seed: int = 0) -> dict[str, Measurement]:
+    """Each variant's time at one batch size and dtype, in ``rounds`` interleaved rounds (samples pooled)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval().to(device=device,
+                                                                                              dtype=dtype)
+    c, h, w = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
+    table = variants(model, settings or DEFAULT_SETTINGS)
+    parts: dict[str, list[Measurement]] = {v.name: [] for v in table}
+    rng = random.Random(seed)
+    try:
+        images = torch.randn(batch, c, h, w, device=device, dtype=dtype)
+        with torch.inference_mode():
+            for _ in range(rounds):
+                order = list(table)
+                rng.shuffle(order)
+                for variant in order:
+                    fn = prepare(model, images, variant)
+                    parts[variant.name].append(measure(fn, device=device, budget_s=budget_s, rel_precision=0.005,
+                                                       min_samples=10, cuda_graphs=cuda_graphs))
+    finally:
+        remove(model)
+        del model
+        release_memory(torch.device(device))
+    return {name: pooled(ms) for name, ms in parts.items()}
+
+
+def pooled(parts: list[Measurement]) -> Measurement:
+    """One measurement from the samples of several rounds (out of memory if any round was)."""
+    if any(m.status == "oom" for m in parts):
+        return next(m for m in parts if m.status == "oom")
+    return summarize([v for m in parts for v in m.raw_ms], status="ok" if all(m.status == "ok" for m in parts)
+                     else "budget", mode=parts[0].mode, rel_precision=parts[0].rel_precision,
+                     elapsed_s=sum(m.elapsed_s for m in parts))
+
+
+def ratios(ms: dict[str, Measurement]) -> dict[str, dict[str, float | None]]:
+    """Per variant: median ms, change against none, and the ratio to its ideal (None where absent)."""
+    base = ms["none"].median_ms
+    out = {}
+    for name, m in ms.items():
+        method = name.split("(")[0]
+        ideal = ms.get(f"ideal({method})") if not name.startswith("ideal") else None
+        value = m.median_ms
+        out[name] = {
+            "ms": value,
+            "p10_ms": m.p10_ms,
+            "p90_ms": m.p90_ms,
+            "samples": m.samples,
+            "status": m.status,
+            "vs_none": value / base if value and base else None,
+            "vs_ideal": value / ideal.median_ms if value and ideal and ideal.median_ms else None,
+        }
+    return out
+
+
+def render(title: str, rows: dict[str, dict[str, float | None]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("variant", "ms", "vs none", "vs its ideal"):
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    for name, row in rows.items():
+        table.add_row(
+            name,
+            f"{row['ms']:.3f}" if row["ms"] else row["status"],
+            f"{row['vs_none'] - 1:+.1%}" if row["vs_none"] else "",
+            f"{row['vs_ideal']:.3f}x" if row["vs_ideal"] else "",
+        )
+    return table
 
 
 def main() -> None:
@@ -69,11 +145,12 @@ def main() -> None:
     parser.add_argument("--batch-size", default="1,4,64,256")
     parser.add_argument("--dtype", default="float16,float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cuda-graphs", choices=("no", "yes", "both"), default="no")
     parser.add_argument("--pomt-r", type=int, default=56)
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--tome-r", type=int, default=8)
     parser.add_argument("--topk-r", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; samples are pooled")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per variant per round")
     args = parser.parse_args()
     settings = {
@@ -81,28 +158,19 @@ def main() -> None:
         "tome": {"r": args.tome_r},
         "topk": {"r": args.topk_r},
     }
-    console = Console()
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    console = Console(highlight=False)
     console.print(
-        f"{args.model}, random weights, device {args.device} ({device_name}), torch {torch.__version__}, "
-        f"timm {timm.__version__}, {dt.date.today().isoformat()}; median of {args.rounds} interleaved rounds"
+        f"{args.model}, random weights, {device_name(torch.device(args.device))}, torch {torch.__version__}, "
+        f"timm {timm.__version__}, {dt.date.today().isoformat()}; {args.rounds} interleaved rounds, samples pooled"
     )
-    for dtype_name in args.dtype.split(","):
-        dtype = getattr(torch, dtype_name)
-        for batch in (int(b) for b in args.batch_size.split(",")):
-            ms = run(args.model, batch, dtype, args.device, args.rounds, args.min_time, settings)
-            table = Table(title=f"batch {batch}, {dtype_name}")
-            for col in ("variant", "ms", "vs none", "vs its ideal"):
-                table.add_column(col, justify="right" if col != "variant" else "left")
-            for name, value in ms.items():
-                ideal = ms.get(f"ideal({name})")
-                table.add_row(
-                    name,
-                    f"{value:.3f}",
-                    f"{value / ms['none'] - 1:+.1%}",
-                    f"{value / ideal - 1:+.1%}" if ideal else "",
-                )
-            console.print(table)
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.cuda_graphs]
+    for graphs in modes:
+        for dtype_name in args.dtype.split(","):
+            for batch in (int(b) for b in args.batch_size.split(",")):
+                ms = time_variants(args.model, batch, getattr(torch, dtype_name), args.device, cuda_graphs=graphs,
+                                   rounds=args.rounds, budget_s=args.min_time, settings=settings)
+                mode = "CUDA graphs" if graphs else "eager"
+                console.print(render(f"batch {batch}, {dtype_name}, {mode}", ratios(ms)))
 
 
 if __name__ == "__main__":

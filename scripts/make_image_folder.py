@@ -16,6 +16,18 @@ import numpy as np
 from PIL import Image
 
 
+def write_image(root: Path, i: int, classes: int, width: int, height: int, seed: int = 0) -> Path:
+    """Write image ``i`` (class ``i % classes``); its pixels depend on ``seed`` and ``i`` alone."""
+    rng = np.random.default_rng([seed, i])
+    folder = root / f"class_{i % classes:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tint = rng.integers(0, 128, 3, dtype=np.uint8)
+    pixels = rng.integers(0, 128, (height, width, 3), dtype=np.uint8) + tint
+    path = folder / f"img_{i:06d}.JPEG"
+    Image.fromarray(pixels).save(path, quality=85)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
@@ -25,14 +37,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    rng = np.random.default_rng(args.seed)
     for i in range(args.images):
-        c = i % args.classes
-        folder = args.root / f"class_{c:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tint = rng.integers(0, 128, 3, dtype=np.uint8)
-        pixels = rng.integers(0, 128, (height, width, 3), dtype=np.uint8) + tint
-        Image.fromarray(pixels).save(folder / f"img_{i:06d}.JPEG", quality=85)
+        write_image(args.root, i, args.classes, width, height, args.seed)
     print(f"wrote {args.images} images in {min(args.images, args.classes)} class folders under {args.root}")
 
 

@@ -1,0 +1,583 @@
+"""Every GPU claim of pomt, measured by one command: core, profile, bench, accuracy, environment.
+
+    python scripts/gpu_report.py --output-dir runs/gpu           # one CUDA GPU, about 5 minutes
+    python scripts/gpu_report.py --output-dir runs/smoke --smoke # the same code paths on the CPU, tiny models
+
+Writes ``DIR/report.json`` (one key per section) and ``DIR/report.md``, again after every
+section, so that a run cut short still reports what it measured. Each section runs in a
+child process with its own time limit (``--limit SECTION=SECONDS``); a section that
+overruns is stopped, and what it had measured stays in the report, marked as cut short.
+The clocks are never changed: they are read (nvidia-smi, read-only queries) before and
+after, and every command runs with ``--no-lock-clocks``.
+
+Sections:
+- core: the pruning core against the unpatched model and each method's ideal
+  (``scripts/bench_core.py``), batch 1, 4, 64, 256, float16 and float32, eager and CUDA
+  graphs; and the lean POMT scores against exact ones on the device.
+- profile: two consecutive full profiles at batch 64 float32 eager, two at batch 1 and 4
+  float16 with CUDA graphs; wall time, agreement per point, steps.
+- bench: ``pomt bench`` with none, POMT, ToMe and Top-K at batch 4, 64, 256, float16,
+  CUDA graphs.
+- accuracy: ``pomt estimate-accuracy`` on 2,000 generated JPEGs, batch 64, 20 grid points;
+  decoding and evaluation apart.
+- environment: GPU, driver, versions; clocks and temperature before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+
+SECTIONS = ("core", "profile", "bench", "accuracy")
+LIMITS_S = {"core": 180, "profile": 210, "bench": 75, "accuracy": 90}
+SMOKE_LIMITS_S = {"core": 40, "profile": 40, "bench": 30, "accuracy": 40}
+
+FULL = {
+    "device": "cuda", "preset": "nvidia", "model": "deit_small_patch16_224", "model_kwargs": {},
+    "core_batches": [256, 64, 4, 1], "core_dtypes": ["float16", "float32"], "core_graphs": [False, True],
+    "core_settings": {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}},
+    "core_rounds": 3, "core_budget_s": 0.25,
+    "profile_model": "deit_small_patch16_224", "profile_tokens": None,
+    "profiles": [("bs64_float32_eager", ["--batch-size", "64", "--dtype", "float32"]),
+                 ("bs1-4_float16_cudagraphs", ["--batch-size", "1,4", "--dtype", "float16", "--cuda-graphs"]),
+                 ("bs4_float16_cudagraphs", ["--batch-size", "4", "--dtype", "float16", "--cuda-graphs"])],
+    "profile_names": ["bs64_float32_eager", "bs1-4_float16_cudagraphs"],
+    "watch": {64: [(177, 176), (89, 88)]},
+    "bench_model": "deit_small_patch16_224",
+    "bench_args": ["--batch-size", "4,64,256", "--dtype", "float16", "--cuda-graphs", "-r", "56", "--layer", "3",
+                   "--tome-r", "8", "--topk-r", "8", "--budget", "0.5"],
+    "accuracy_model": "deit_small_patch16_224", "accuracy_images": 2000, "accuracy_classes": 1000,
+    "accuracy_tokens": "197:7:10", "accuracy_batch": 64, "accuracy_limit": None, "accuracy_size": (500, 375),
+}
+SMOKE = {
+    **FULL,
+    "device": "cpu", "preset": "cpu", "model": "vit_tiny_patch16_224",
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3},
+    "core_batches": [4, 1], "core_dtypes": ["float32"], "core_graphs": [False],
+    "core_settings": {"pomt": {"r": 5, "layer": 1}, "tome": {"r": 2}, "topk": {"r": 2}},
+    "core_rounds": 2, "core_budget_s": 0.05,
+    "profile_model": "digits-vit", "profile_tokens": "65:5:12",
+    "profiles": [("bs4_float32_eager", ["--batch-size", "4", "--dtype", "float32", "--budget", "0.1"]),
+                 ("bs1-4_float32_eager", ["--batch-size", "1,4", "--dtype", "float32", "--budget", "0.1"])],
+    "profile_names": ["bs4_float32_eager", "bs1-4_float32_eager"],
+    "watch": {4: [(41, 40)]},
+    "bench_model": "digits-vit",
+    "bench_args": ["--batch-size", "1,4", "--dtype", "float32", "-r", "16", "--layer", "1", "--tome-r", "2",
+                   "--topk-r", "2", "--budget", "0.1", "--rounds", "2"],
+    "accuracy_model": "deit_tiny_patch16_224", "accuracy_images": 1000, "accuracy_classes": 1000,
+    "accuracy_tokens": "197:17:90", "accuracy_batch": 8, "accuracy_limit": 24, "accuracy_size": (40, 30),
+}
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class SectionWriter:
+    """A child's results, written to ``DIR/sections/NAME.json`` after every item."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.path = folder / "sections" / f"{name}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data: dict = {}
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        write_json(self.path, self.data)
+
+    def append(self, key: str, value) -> None:
+        self.data.setdefault(key, []).append(value)
+        write_json(self.path, self.data)
+
+
+# --- environment -----------------------------------------------------------------------------
+
+QUERY = ("name,driver_version,pstate,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,"
+         "power.draw,power.limit,clocks_event_reasons.active")
+
+
+def read_gpu() -> dict:
+    """The GPU's clocks, temperature and power as nvidia-smi reports them (read-only queries)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {"nvidia_smi": "not found"}
+    fields = QUERY.split(",")
+    try:
+        done = subprocess.run([smi, f"--query-gpu={QUERY}", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"nvidia_smi": f"failed: {exc}"}
+    if done.returncode != 0:
+        # Older drivers call the last field clocks_throttle_reasons.
+        done = subprocess.run([smi, f"--query-gpu={QUERY.rsplit(',', 1)[0]}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+        fields = fields[:-1]
+    line = done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
+    values = [v.strip() for v in line.split(",")]
+    return dict(zip(fields, values)) if len(values) == len(fields) else {"nvidia_smi": done.stdout + done.stderr}
+
+
+def environment() -> dict:
+    import timm
+    import torch
+
+    import pomt_cli
+
+    info = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "timm": timm.__version__, "pomt": pomt_cli.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    sm_count=props.multi_processor_count)
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# --- sections (each runs in a child process) -----------------------------------------------------
+
+def section_core(cfg: dict, out: SectionWriter, folder: Path) -> None:
+    import torch
+    from bench_core import ratios, time_variants
+
+    out.put("settings", {"model": cfg["model"], "settings": cfg["core_settings"], "rounds": cfg["core_rounds"],
+                         "budget_s_per_variant_and_round": cfg["core_budget_s"]})
+    for dtype_name in cfg["core_dtypes"]:
+        out.append("scores", score_agreement(cfg, getattr(torch, dtype_name)))
+    for graphs in cfg["core_graphs"]:
+        for dtype_name in cfg["core_dtypes"]:
+            for batch in cfg["core_batches"]:
+                began = time.perf_counter()
+                ms = time_variants(cfg["model"], batch, getattr(torch, dtype_name), cfg["device"], cuda_graphs=graphs,
+                                   rounds=cfg["core_rounds"], budget_s=cfg["core_budget_s"],
+                                   settings=cfg["core_settings"], model_kwargs=cfg["model_kwargs"])
+                out.append("tables", {"batch": batch, "dtype": dtype_name, "mode": "cuda_graphs" if graphs else "eager",
+                                      "seconds": round(time.perf_counter() - began, 1), "variants": ratios(ms)})
+
+
+def score_agreement(cfg: dict, dtype) -> dict:
+    """POMT's lean scores and the explicit block's, against exact scores of the same q, k, v."""
+    import timm
+    import torch
+
+    from pomt_cli.pruning import pomt
+    from pomt_cli.pruning.patch import _qkv
+
+    torch.manual_seed(0)
+    model = timm.create_model(cfg["model"], pretrained=False, **cfg["model_kwargs"]).eval()
+    model = model.to(device=cfg["device"], dtype=dtype)
+    layer = cfg["core_settings"]["pomt"]["layer"]
+    c, h, w = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
+    x = torch.randn(8, c, h, w, device=cfg["device"], dtype=dtype)
+    with torch.inference_mode():
+        t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for blk in model.blocks[:layer]:
+            t = blk(t)
+        attn = model.blocks[layer].attn
+        q, k, v = _qkv(attn, model.blocks[layer].norm1(t))
+        p = model.num_prefix_tokens
+        exact = pomt.importance(((q.double() * attn.scale) @ k.double().transpose(-2, -1)).softmax(-1), v.double(), p)
+        o, lse = pomt.attention_lse(q, k, v, attn.scale)
+        lean = pomt.importance_lean(q, k, v, lse, attn.scale, p).double()
+        explicit = pomt.importance(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1), v, p).double()
+        chosen = pomt._LSE_KERNEL.get((q.device.type, q.dtype))
+        fused = "explicit" if chosen is None else ["cudnn", "flash", "efficient"][chosen] if q.is_cuda and q.dtype != torch.float32 else (["efficient"][chosen] if q.is_cuda else "flash (cpu)")
+
+    def rel(a):
+        return float(((a - exact).abs() / exact.abs()).max())
+
+    def same_order(a):
+        return bool(torch.equal(a.argsort(dim=-1, stable=True), exact.argsort(dim=-1, stable=True)))
+
+    return {"dtype": str(dtype).removeprefix("torch."), "fused_lse_kernel": fused,
+            "lean_max_rel_error": rel(lean), "explicit_max_rel_error": rel(explicit),
+            "lean_same_order": same_order(lean), "explicit_same_order": same_order(explicit)}
+
+
+@contextlib.contextmanager
+def quiet(log: Path):
+    """Send a command's stdout and stderr to ``log`` (its rich progress bars included)."""
+    with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        yield
+
+
+def run_cli(args: list[str], log: Path) -> tuple[int, float]:
+    """``pomt ARGS`` in this process; (exit code, wall seconds)."""
+    from pomt_cli.cli import main
+
+    began = time.perf_counter()
+    code = 0
+    with quiet(log):
+        print("+ pomt " + " ".join(args), flush=True)
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, time.perf_counter() - began
+
+
+def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
+    import polars as pl
+
+    from pomt_cli.latency import find_steps, read_latency_profile
+
+    log = folder / "profile-commands.log"
+    for name, extra in cfg["profiles"]:
+        if name not in cfg["profile_names"]:
+            continue
+        runs = []
+        for run in ("a", "b"):
+            target = folder / "profile" / f"{name}-{run}"
+            args = ["profile", "--device", cfg["preset"], "--no-lock-clocks", "--model", cfg["profile_model"],
+                    "--output-dir", str(target), *extra]
+            if cfg["profile_tokens"]:
+                args += ["--tokens", cfg["profile_tokens"]]
+            code, wall = run_cli(args, log)
+            files = sorted(target.glob("latency_*.parquet"))
+            if code != 0 or not files:
+                out.append("profiles", {"name": name, "run": run, "exit_code": code, "wall_s": round(wall, 1)})
+                break
+            frame, meta = read_latency_profile(files[0])
+            steps = find_steps(frame, top=8)
+            runs.append(frame)
+            counts = dict(frame.group_by("status").len().iter_rows())
+            out.append("profiles", {
+                "name": name, "run": run, "command": "pomt " + " ".join(args), "exit_code": code,
+                "wall_s": round(wall, 1), "measuring_s": round(meta.elapsed_s, 1), "points": frame.height,
+                "status_counts": counts, "file": str(files[0].relative_to(folder)),
+                "steps": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
+                          for row in steps.iter_rows(named=True)],
+                "watched": watched(frame, cfg["watch"]),
+            })
+        if len(runs) == 2:
+            key = ["batch_size", "tokens"]
+            both = (runs[0].select(*key, pl.col("latency_ms").alias("l1"))
+                    .join(runs[1].select(*key, pl.col("latency_ms").alias("l2")), on=key).drop_nulls()
+                    .with_columns(rel=(pl.col("l1") - pl.col("l2")).abs() / pl.col("l2")))
+            for (batch,), part in both.sort("batch_size").group_by(["batch_size"], maintain_order=True):
+                out.append("agreement", {"name": name, "batch_size": batch, "points": part.height,
+                                         "median_pct": round(100 * part["rel"].median(), 3),
+                                         "p90_pct": round(100 * part["rel"].quantile(0.9), 3),
+                                         "max_pct": round(100 * part["rel"].max(), 3)})
+
+
+def watched(frame, watch: dict) -> list[dict]:
+    """Latency either side of the steps the issue names (where the grid has both points)."""
+    import polars as pl
+
+    rows = []
+    for batch, pairs in watch.items():
+        part = frame.filter(pl.col("batch_size") == batch)
+        ms = dict(zip(part["tokens"].to_list(), part["latency_ms"].to_list()))
+        for a, b in pairs:
+            if ms.get(a) and ms.get(b):
+                rows.append({"batch_size": batch, "from": a, "to": b, "from_ms": round(ms[a], 4),
+                             "to_ms": round(ms[b], 4), "change_pct": round(100 * (ms[b] / ms[a] - 1), 2)})
+    return rows
+
+
+def section_bench(cfg: dict, out: SectionWriter, folder: Path) -> None:
+    import polars as pl
+
+    target = folder / "bench"
+    args = ["bench", "--device", cfg["preset"], "--no-lock-clocks", "--model", cfg["bench_model"],
+            "--method", "none", "--method", "pomt", "--method", "tome", "--method", "topk",
+            "--output-dir", str(target), *cfg["bench_args"]]
+    code, wall = run_cli(args, folder / "bench-command.log")
+    files = sorted(target.glob("bench_*.parquet"))
+    out.put("command", "pomt " + " ".join(args))
+    out.put("exit_code", code)
+    out.put("wall_s", round(wall, 1))
+    if files:
+        frame = pl.read_parquet(files[0])
+        keep = ["batch_size", "setting", "tokens_out", "latency_ms", "p10_ms", "p90_ms", "samples", "status",
+                "latency_change_pct", "speedup"]
+        out.put("rows", frame.select(keep).to_dicts())
+
+
+def write_image_folder(root: Path, images: int, classes: int, width: int = 500, height: int = 375) -> float:
+    """``scripts/make_image_folder.py``'s folder, written with threads; returns seconds."""
+    from make_image_folder import write_image
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda i: write_image(root, i, classes, width, height, seed=0), range(images)))
+    return time.perf_counter() - began
+
+
+def section_accuracy(cfg: dict, out: SectionWriter, folder: Path) -> None:
+    from pomt_cli.accuracy import EstimateConfig, processes, run_estimate
+
+    root = Path(tempfile.mkdtemp(prefix="pomt-gpu-report-images-"))  # not under DIR: a cut-short run leaves it
+    made = write_image_folder(root, cfg["accuracy_images"], cfg["accuracy_classes"], *cfg["accuracy_size"])
+    out.put("images_written", {"images": cfg["accuracy_images"], "size": list(cfg["accuracy_size"]),
+                               "seconds": round(made, 1)})
+    config = EstimateConfig(model=cfg["accuracy_model"], data=str(root), allow_random_weights=True,
+                            tokens=cfg["accuracy_tokens"], batch_size=cfg["accuracy_batch"],
+                            limit=cfg["accuracy_limit"])
+    out.put("settings", config.model_dump(mode="json"))
+    began = time.perf_counter()
+    with quiet(folder / "accuracy-command.log"), processes(cfg["device"]) as procs:
+        run = run_estimate(config, procs)
+    images, points = run.local_images, len(run.meta.grid)
+    out.put("result", {
+        "images": images, "grid_points": points, "decode_s": round(run.decode_s, 2),
+        "evaluate_s": round(run.evaluate_s, 2), "wall_s": round(time.perf_counter() - began, 1),
+        "images_decoded_per_s": round(images / max(run.decode_s, 1e-9)),
+        "image_passes_per_s": round(images * points / max(run.evaluate_s, 1e-9)),
+        "end_to_end_image_passes_per_s": round(images * points / max(run.decode_s + run.evaluate_s, 1e-9)),
+    })
+    shutil.rmtree(root, ignore_errors=True)
+
+
+RUNNERS = {"core": section_core, "profile": section_profile, "bench": section_bench, "accuracy": section_accuracy}
+
+
+# --- the report --------------------------------------------------------------------------------------
+
+def fmt(value, pattern: str = "{:.3f}") -> str:
+    return "" if value is None else pattern.format(value)
+
+
+def markdown(report: dict) -> str:
+    env = report.get("environment", {})
+    info = env.get("info", {})
+    lines = [f"# pomt GPU report ({info.get('date', '')[:10]})", "",
+             f"`{report['command']}`", "",
+             f"{info.get('gpu', 'no GPU')}; torch {info.get('torch')}, CUDA {info.get('cuda')}, timm "
+             f"{info.get('timm')}, pomt {info.get('pomt')}, Python {info.get('python')}. Clocks were not "
+             "changed; as read before and after:", ""]
+    for when in ("before", "after"):
+        if when in env:
+            lines.append(f"- {when}: " + ", ".join(f"{k} {v}" for k, v in env[when].items()))
+    lines += ["", "| section | status | seconds |", "| --- | --- | ---: |"]
+    for name in SECTIONS:
+        sec = report.get(name)
+        if sec:
+            lines.append(f"| {name} | {sec['status']} | {sec['seconds']} |")
+    lines.append(f"| all | | {report.get('total_s', '')} |")
+
+    core = report.get("core", {}).get("results", {})
+    if core:
+        lines += ["", "## core", "", "Each variant's median ms; in brackets the ratio to the unpatched model and to "
+                  "its ideal. `pomt(explicit)` is the POMT block with the full softmax matrix (the paper's way).", ""]
+        for s in core.get("scores", []):
+            lines.append(f"- scores, {s['dtype']} (log-sum-exp from: {s['fused_lse_kernel']}): lean max rel. "
+                         f"error {s['lean_max_rel_error']:.2e} (same order: {s['lean_same_order']}), explicit "
+                         f"{s['explicit_max_rel_error']:.2e} (same order: {s['explicit_same_order']})")
+        tables = core.get("tables", [])
+        names = list(tables[0]["variants"]) if tables else []
+        lines += ["", "| batch, dtype, mode | " + " | ".join(names) + " |",
+                  "| --- |" + " ---: |" * len(names)]
+        for t in tables:
+            cells = []
+            for n in names:
+                v = t["variants"].get(n, {})
+                extra = f" ({fmt(v.get('vs_none'), '{:.3f}')}" + (
+                    f", {fmt(v.get('vs_ideal'), '{:.3f}')})" if v.get("vs_ideal") else ")")
+                cells.append(fmt(v.get("ms")) + (extra if n != "none" else "") if v.get("ms") else v.get("status", ""))
+            lines.append(f"| {t['batch']}, {t['dtype']}, {t['mode']} | " + " | ".join(cells) + " |")
+
+    prof = report.get("profile", {}).get("results", {})
+    if prof:
+        lines += ["", "## profile", "", "| profile | run | wall s | measuring s | points | statuses | largest steps |",
+                  "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+        for p in prof.get("profiles", []):
+            steps = ", ".join(f"b{s['batch_size']} {s['from_tokens']}\u2192{s['to_tokens']} \u2212{s['drop_pct']:.1f}%"
+                              for s in p.get("steps", [])[:6]) or "none"
+            lines.append(f"| {p['name']} | {p['run']} | {p['wall_s']} | {p.get('measuring_s', '')} | "
+                         f"{p.get('points', '')} | {p.get('status_counts', p.get('exit_code'))} | {steps} |")
+        lines += ["", "| profile | batch | points | median \\|L1\u2212L2\\|/L2 | p90 | max |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for a in prof.get("agreement", []):
+            lines.append(f"| {a['name']} | {a['batch_size']} | {a['points']} | {a['median_pct']}% | {a['p90_pct']}% | "
+                         f"{a['max_pct']}% |")
+        for p in prof.get("profiles", []):
+            for w in p.get("watched", []):
+                lines.append(f"- {p['name']} run {p['run']}, batch {w['batch_size']}: n {w['from']}\u2192{w['to']}: "
+                             f"{w['from_ms']} \u2192 {w['to_ms']} ms ({w['change_pct']:+.2f}%)")
+
+    bench = report.get("bench", {}).get("results", {})
+    if bench:
+        lines += ["", "## bench", "", f"`{bench.get('command', '')}` (exit code {bench.get('exit_code')}, "
+                  f"{bench.get('wall_s')} s)", "", "| batch | method | tokens out | median ms | p10-p90 ms | vs none |",
+                  "| ---: | --- | ---: | ---: | --- | ---: |"]
+        for r in bench.get("rows", []):
+            lines.append(f"| {r['batch_size']} | {r['setting']} | {r['tokens_out']} | {fmt(r['latency_ms'])} | "
+                         f"{fmt(r['p10_ms'])}-{fmt(r['p90_ms'])} | {fmt(r['latency_change_pct'], '{:+.1f}%')} |")
+
+    acc = report.get("accuracy", {}).get("results", {})
+    if acc.get("result"):
+        r = acc["result"]
+        made = acc.get("images_written", {})
+        lines += ["", "## accuracy", "", f"{acc['settings']['model']}, {r['images']} of {made.get('images')} generated "
+                  f"JPEGs of {'x'.join(str(v) for v in made.get('size', []))} px (written in {made.get('seconds')} s), batch {acc['settings']['batch_size']}, {r['grid_points']} grid "
+                  f"points: decoded in {r['decode_s']} s ({r['images_decoded_per_s']} images/s), evaluated in "
+                  f"{r['evaluate_s']} s ({r['image_passes_per_s']} image passes/s); "
+                  f"{r['end_to_end_image_passes_per_s']} image passes/s from JPEG to logits."]
+    lines += ["", "## targets", ""]
+    lines += [f"- {t}" for t in targets(report)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(report: dict) -> list[str]:
+    """The issue's targets, each with the measured figure and whether it was met."""
+    out = []
+    tables = report.get("core", {}).get("results", {}).get("tables", [])
+    for t in tables:
+        pomt = t["variants"].get("pomt", {})
+        if t["batch"] >= 64 and t["mode"] == "eager" and pomt.get("vs_ideal"):
+            ok = pomt["vs_ideal"] <= 1.05
+            out.append(f"POMT \u2264 1.05x its ideal, batch {t['batch']}, {t['dtype']}, eager: "
+                       f"{pomt['vs_ideal']:.3f}x ({'met' if ok else 'missed'})")
+        if t["batch"] >= 256 and t["mode"] == "eager" and pomt.get("vs_none"):
+            ok = pomt["vs_none"] < 1
+            out.append(f"POMT faster than unpatched, batch {t['batch']}, {t['dtype']}, eager: "
+                       f"{pomt['vs_none']:.3f}x ({'met' if ok else 'missed'})")
+    prof = report.get("profile", {}).get("results", {})
+    for p in prof.get("profiles", []):
+        if p["name"].startswith("bs64") and "measuring_s" in p:
+            out.append(f"full profile, batch 64 float32, run {p['run']}: {p['wall_s']} s wall "
+                       f"({'met' if p['wall_s'] <= 30 else 'missed'} \u2264 30 s)")
+    for a in prof.get("agreement", []):
+        out.append(f"agreement, {a['name']}, batch {a['batch_size']}: median {a['median_pct']}% "
+                   f"({'met' if a['median_pct'] <= 1 else 'missed'} \u2264 1%)")
+    if "total_s" in report:
+        out.append(f"whole report: {report['total_s']} s ({'met' if report['total_s'] <= 480 else 'missed'} \u2264 480 s)")
+    return out
+
+
+def write_report(folder: Path, report: dict) -> None:
+    write_json(folder / "report.json", report)
+    tmp = folder / "report.md.tmp"
+    tmp.write_text(markdown(report))
+    os.replace(tmp, folder / "report.md")
+
+
+def run_section(name: str, args, folder: Path) -> dict:
+    """Run one section in a child process under its time limit; its results and how it ended."""
+    limit = args.limits[name]
+    log = folder / "logs" / f"{name}.log"
+    command = [sys.executable, str(Path(__file__).resolve()), "--output-dir", str(folder), "--child", name,
+               "--core-modes", args.core_modes]
+    for flag, value in (("--work-dir", args.work_dir), ("--core-batches", args.core_batches),
+                        ("--profiles", args.profiles)):
+        if value:
+            command += [flag, str(value)]
+    if args.smoke:
+        command.append("--smoke")
+    began = time.perf_counter()
+    with open(log, "w") as fh:
+        child = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait(timeout=limit)
+            status = "complete" if code == 0 else f"failed (exit code {code}; see logs/{name}.log)"
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            status = f"cut short at its limit of {limit} s"
+    path = folder / "sections" / f"{name}.json"
+    try:
+        results = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        results = {}
+    if not status.startswith("complete"):
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        results["log_tail"] = tail
+    return {"status": status, "seconds": round(time.perf_counter() - began, 1), "limit_s": limit,
+            "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="the same code paths on the CPU with tiny models")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    parser.add_argument("--limit", action="append", default=[], metavar="SECTION=SECONDS",
+                        help="a section's time limit (defaults: " + ", ".join(f"{k}={v}" for k, v in LIMITS_S.items())
+                        + ")")
+    parser.add_argument("--work-dir", type=Path, help="where the commands' own files go (default: DIR)")
+    parser.add_argument("--core-batches", help="batch sizes of the core section (default: 256,64,4,1)")
+    parser.add_argument("--core-modes", choices=("eager", "cuda_graphs", "both"), default="both",
+                        help="timing modes of the core section")
+    parser.add_argument("--profiles", help="profiles of the profile section, comma-separated (default: "
+                        + ",".join(FULL["profile_names"]) + "; also bs4_float16_cudagraphs)")
+    parser.add_argument("--child", choices=SECTIONS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.core_batches:
+        cfg["core_batches"] = [int(b) for b in args.core_batches.split(",")]
+    if args.profiles:
+        cfg["profile_names"] = args.profiles.split(",")
+    if args.core_modes != "both":
+        cfg["core_graphs"] = [g for g in cfg["core_graphs"] if g == (args.core_modes == "cuda_graphs")]
+    folder = args.output_dir.resolve()
+    work = (args.work_dir or args.output_dir).resolve()
+    if args.child:
+        RUNNERS[args.child](cfg, SectionWriter(folder, args.child), work)
+        return
+
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU here: run on one, or pass --smoke for the CPU check")
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        sys.exit(f"error: unknown section(s) {', '.join(unknown)}: use {', '.join(SECTIONS)}")
+    args.limits = dict(SMOKE_LIMITS_S if args.smoke else LIMITS_S)
+    for item in args.limit:
+        name, _, seconds = item.partition("=")
+        if name not in SECTIONS or not seconds.replace(".", "", 1).isdigit():
+            sys.exit(f"error: --limit {item}: write SECTION=SECONDS with a section of {', '.join(SECTIONS)}")
+        args.limits[name] = float(seconds)
+    for sub in ("sections", "logs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    if args.work_dir:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    report: dict = {"command": "python scripts/gpu_report.py " + " ".join(sys.argv[1:]), "smoke": args.smoke,
+                    "environment": {"info": environment(), "before": read_gpu()}}
+    write_report(folder, report)
+    for name in sections:
+        report[name] = run_section(name, args, folder)
+        report["total_s"] = round(time.perf_counter() - began, 1)
+        write_report(folder, report)
+        print(f"{name}: {report[name]['status']} in {report[name]['seconds']} s", flush=True)
+    report["environment"]["after"] = read_gpu()
+    report["total_s"] = round(time.perf_counter() - began, 1)
+    write_report(folder, report)
+    print(f"report: {folder / 'report.md'} ({report['total_s']} s)")
+
+
+if __name__ == "__main__":
+    main()

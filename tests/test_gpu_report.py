@@ -1,0 +1,53 @@
+"""scripts/gpu_report.py --smoke: the GPU report's code paths on the CPU, so that the script cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_report.py"
+
+
+def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(tmp_path / "report"), "--smoke"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["smoke"] is True
+    for name in ("core", "profile", "bench", "accuracy"):
+        assert report[name]["status"] == "complete", (name, report[name])
+    core = report["core"]["results"]
+    assert [t["batch"] for t in core["tables"]] == [4, 1]
+    for table in core["tables"]:
+        variants = table["variants"]
+        assert set(variants) == {"none", "pomt", "pomt(explicit)", "ideal(pomt)", "tome", "ideal(tome)", "topk",
+                                 "ideal(topk)"}
+        assert variants["pomt"]["vs_ideal"] > 0 and variants["none"]["vs_none"] == 1.0
+    assert core["scores"][0]["lean_same_order"] and core["scores"][0]["lean_max_rel_error"] < 1e-5
+    profile = report["profile"]["results"]
+    assert [(p["name"], p["run"], p["points"]) for p in profile["profiles"]] == [
+        ("bs4_float32_eager", "a", 6), ("bs4_float32_eager", "b", 6),
+        ("bs1-4_float32_eager", "a", 12), ("bs1-4_float32_eager", "b", 12)]
+    assert {(a["name"], a["batch_size"]) for a in profile["agreement"]} == {
+        ("bs4_float32_eager", 4), ("bs1-4_float32_eager", 1), ("bs1-4_float32_eager", 4)}
+    rows = report["bench"]["results"]["rows"]
+    assert report["bench"]["results"]["exit_code"] == 0
+    assert {(r["batch_size"], r["setting"]) for r in rows} == {
+        (b, s) for b in (1, 4) for s in ("none", "pomt r=16 @1", "tome r=2", "topk r=2")}
+    accuracy = report["accuracy"]["results"]["result"]
+    assert accuracy["images"] == 24 and accuracy["grid_points"] == 3 and accuracy["image_passes_per_s"] > 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for heading in ("## core", "## profile", "## bench", "## accuracy", "## targets"):
+        assert heading in markdown
+
+
+def test_a_section_over_its_limit_is_cut_short_and_the_report_still_written(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(tmp_path), "--smoke",
+                           "--sections", "profile", "--limit", "profile=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["profile"]["status"] == "cut short at its limit of 3.0 s"
+    assert "core" not in report and "## targets" in (tmp_path / "report.md").read_text()
