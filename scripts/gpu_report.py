@@ -455,14 +455,18 @@ def targets(report: dict) -> list[str]:
     tables = report.get("core", {}).get("results", {}).get("tables", [])
     for t in tables:
         pomt = t["variants"].get("pomt", {})
-        if t["batch"] >= 64 and t["mode"] == "eager" and pomt.get("vs_ideal"):
-            ok = pomt["vs_ideal"] <= 1.05
-            out.append(f"POMT \u2264 1.05x its ideal, batch {t['batch']}, {t['dtype']}, eager: "
-                       f"{pomt['vs_ideal']:.3f}x ({'met' if ok else 'missed'})")
-        if t["batch"] >= 256 and t["mode"] == "eager" and pomt.get("vs_none"):
-            ok = pomt["vs_none"] < 1
-            out.append(f"POMT faster than unpatched, batch {t['batch']}, {t['dtype']}, eager: "
-                       f"{pomt['vs_none']:.3f}x ({'met' if ok else 'missed'})")
+        ideal = t["variants"].get("ideal(pomt)", {})
+        where = f"batch {t['batch']}, {t['dtype']}, {t['mode']}"
+        if t["batch"] >= 64 and pomt.get("vs_ideal"):
+            # Where the ideal itself is slower than the unpatched model, the host's Python
+            # overhead (eager launches) is being timed, not the GPU's work.
+            launch_bound = (ideal.get("vs_none") or 0) > 1
+            verdict = ("not meaningful: the ideal is slower than the unpatched model (launch-bound)" if launch_bound
+                       else "met" if pomt["vs_ideal"] <= 1.05 else "missed")
+            out.append(f"POMT \u2264 1.05x its ideal, {where}: {pomt['vs_ideal']:.3f}x ({verdict})")
+        if t["batch"] >= 256 and pomt.get("vs_none"):
+            out.append(f"POMT faster than unpatched, {where}: {pomt['vs_none']:.3f}x "
+                       f"({'met' if pomt['vs_none'] < 1 else 'missed'})")
     prof = report.get("profile", {}).get("results", {})
     for p in prof.get("profiles", []):
         if p["name"].startswith("bs64") and "measuring_s" in p:
