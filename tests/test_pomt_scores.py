@@ -114,3 +114,16 @@ def test_the_log_sum_exp_keeps_float32_precision_in_float16_products():
     lean = pomt.received_attention(q, k, lse.float(), scale, 1).double()
     assert ((lean - exact).abs() / exact).max() < 2e-3
     assert ((lean - exact).abs() / exact).median() < 2e-4
+
+
+def test_exported_and_compiled_graphs_take_the_explicit_path_and_match_eager():
+    arch, overrides = FAMILIES["deit_distilled"]
+    model = apply(tiny_vit(arch, img_size=64, **overrides), "pomt", r=20, layer=1)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+        exported = torch.export.export(model, (x,), strict=False).module()(x)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x)  # fullgraph: no graph break
+    torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
+    assert not pomt.tracing()

@@ -31,7 +31,8 @@ class BlockPlan:
     r: int
     num_prefix: int
     #: POMT's scoring: "lean" (fused attention, log-probabilities a chunk at a time) or
-    #: "explicit" (the full softmax matrix, as the paper's code; the benchmarks' reference).
+    #: "explicit" (the full softmax matrix, as the paper's code; the benchmarks' reference,
+    #: and what exported, traced and compiled graphs get).
     scoring: str = "lean"
 
 
@@ -81,7 +82,8 @@ class PrunedBlock(nn.Module):
         q, k, v = _qkv(attn, self.norm1(x))
         # --- modified from timm's Block.forward: the attention returns what the method needs,
         # --- and the tokens are reduced before the MLP.
-        if plan.method == "pomt" and (plan.scoring == "explicit" or (attn.training and attn.attn_drop.p > 0)):
+        explicit = plan.scoring == "explicit" or (attn.training and attn.attn_drop.p > 0) or pomt.tracing()
+        if plan.method == "pomt" and explicit:
             a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = x + self.drop_path1(self.ls1(_project(attn, attn.attn_drop(a) @ v)))
             x = pomt.prune_keep_mean(x, pomt.importance(a, v, plan.num_prefix), plan.r, plan.num_prefix)

@@ -70,9 +70,15 @@ def _as_lse(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return lse.float()
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)  # torch.compiler.is_compiling: torch >= 2.3
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+def tracing() -> bool:
+    """Whether the model is being traced, exported (ONNX, torch.export) or compiled rather than run.
+
+    Graph capture needs plain functional ops, so the lean block then takes the explicit path.
+    """
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)  # torch.compiler: torch >= 2.3
+    return any(getattr(compiler, name, lambda: False)() for name in ("is_compiling", "is_exporting"))
 
 
 def _explicit_lse(q: torch.Tensor, k: torch.Tensor, scale: float, rows: slice = slice(None)) -> torch.Tensor:
@@ -85,7 +91,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     Uses PyTorch's fused attention kernels that return the log-sum-exp (cuDNN, flash or
     memory-efficient attention on CUDA, flash attention on the CPU). The first kernel
     whose log-sum-exp agrees with an explicit computation on the first call is kept for
-    the device and dtype. Elsewhere (other devices, ONNX export, tracing, compiling) the
+    the device and dtype. Elsewhere (other devices, and under :func:`tracing`) the
     logits are computed explicitly.
 
     Args:
@@ -97,8 +103,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         ``lse[b, h, i] = log(sum_j exp(scale * q_i . k_j))``.
     """
     key = (q.device.type, q.dtype)
-    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _compiling()
-    if not exporting and _LSE_KERNEL.get(key, 0) is not None:
+    if not tracing() and _LSE_KERNEL.get(key, 0) is not None:
         kernels = _lse_kernels(q, k, v, scale)
         chosen = _LSE_KERNEL.get(key)
         if chosen is not None:
