@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
@@ -63,7 +64,7 @@ _register()
 
 def fail(message: str) -> None:
     """Print ``error: message`` as one line on standard error and exit with code 2."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     sys.exit(2)
 
 

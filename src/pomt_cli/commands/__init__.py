@@ -20,3 +20,5 @@ from pomt_cli.commands import bench  # noqa: E402
 COMMANDS.append(bench.register)
 from pomt_cli.commands import demo  # noqa: E402
 COMMANDS.append(demo.register)
+from pomt_cli.commands import export  # noqa: E402
+COMMANDS.append(export.register)

@@ -54,6 +54,11 @@ def _project(attn: Attention, o: torch.Tensor) -> torch.Tensor:
 
 def _fused(attn: Attention, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
     p = attn.attn_drop.p if attn.training else 0.0
+    if mask is not None and pomt.tracing():
+        # Exporters decompose SDPA with a mask into a layout that the following reshape
+        # cannot view (torch 2.14); the same attention written out exports cleanly.
+        a = ((q * attn.scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1)
+        return attn.attn_drop(a) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 

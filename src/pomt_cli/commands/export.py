@@ -1,0 +1,69 @@
+"""``pomt export``: a patched model as an ONNX file, checked against PyTorch with ONNX Runtime."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from pomt_cli.errors import PomtError
+from pomt_cli.export import check_output_file, export_onnx, require_onnx
+from pomt_cli.models import create_model
+from pomt_cli.options import parse_dtype
+
+out = Console(highlight=False, emoji=False)
+
+
+class Method(str, Enum):
+    none = "none"
+    pomt = "pomt"
+    tome = "tome"
+    topk = "topk"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)
+
+
+def export(
+    model: Annotated[str, typer.Option("--model", help="timm model name, or digits-vit (bundled, trained).")],
+    output: Annotated[Path, typer.Option("--output", help="The .onnx file to write (its folder must exist).")],
+    method: Annotated[Method, typer.Option("--method", help="The token reduction built into the graph.")] = Method.none,
+    r: Annotated[int, typer.Option("-r", "--r", min=0, help="POMT: tokens pruned in block --layer; ToMe: merged "
+                                   "per block; Top-K: pruned per block.")] = 0,
+    layer: Annotated[int, typer.Option("--layer", min=0, help="POMT's pruning block.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="The graph's static batch size.")] = 1,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="timm's pretrained weights.")] = False,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Weights from a .safetensors or .pth "
+                                                    "file.")] = None,
+    opset: Annotated[int, typer.Option("--opset", min=17, help="ONNX opset.")] = 18,
+    tolerance: Annotated[float | None, typer.Option(
+        "--tolerance", min=0.0, help="Largest ONNX Runtime vs PyTorch difference, relative to the largest logit "
+        "(default 1e-4 in float32, 1e-2 in float16).")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the check's random batch.")] = 0,
+) -> dict[str, Path]:
+    """Export the model with a token reduction to ONNX (static shapes), check it with ONNX Runtime, keep it only if it matches."""
+    require_onnx()
+    check_output_file(output)
+    _, torch_dtype = parse_dtype(dtype)
+    if method is not Method.pomt and layer != 3:
+        raise PomtError(f"--layer is POMT's pruning block; {method.value} has no layer: leave --layer out")
+    if method is Method.none and r:
+        raise PomtError("-r needs a method: add --method pomt, tome or topk")
+    net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    result = export_onnx(net, output, method=method.value, r=r, layer=layer, batch_size=batch_size,
+                         dtype=torch_dtype, opset=opset, tolerance=tolerance, seed=seed, model_name=model)
+    meta = result.metadata
+    out.print(f"exported {escape(model)} with {method.value}"
+              + (f" r={r}" + (f" at block {layer}" if method is Method.pomt else "") if method is not Method.none else "")
+              + f", batch {batch_size}, {meta['dtype']}, opset {result.opset} in {result.export_s:.1f} s")
+    out.print(f"tokens entering each block, then leaving the last: {meta['tokens_per_block']}")
+    out.print(f"ONNX Runtime against PyTorch on a random batch: max abs difference {result.max_abs_diff:.2e}, "
+              f"relative {result.max_rel_diff:.2e} (tolerance {result.tolerance:g})")
+    out.print(f"onnx: {escape(str(result.path))}")
+    return {"onnx": result.path}

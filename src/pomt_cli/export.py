@@ -1,0 +1,163 @@
+"""ONNX export of a patched model, checked against PyTorch with ONNX Runtime before it is kept.
+
+The graph has static shapes (one batch size, one image size): the token counts of every
+block are fixed by the method's setting, which is what the latency profile measured. The
+file carries, in its ``metadata_props``, the method, its setting, the tokens entering each
+block, the opset, the versions and the difference to PyTorch that was measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pomt_cli import __version__
+from pomt_cli.errors import PomtError
+from pomt_cli.pruning import apply, geometry, planned_token_counts, remove
+
+#: Default largest difference between ONNX Runtime and PyTorch, relative to the largest
+#: PyTorch output, per dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+EXTRA_HINT = 'install the onnx extra: pip install -e ".[onnx]" (onnx, onnxruntime, onnxscript)'
+
+
+def require_onnx() -> None:
+    """Raise a one-line error naming the extra when onnx, onnxruntime or onnxscript is missing."""
+    missing = []
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise PomtError(f"{', '.join(missing)} not installed: {EXTRA_HINT}")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_onnx` wrote and measured."""
+
+    path: Path
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    opset: int
+    metadata: dict[str, str]
+    export_s: float
+    check_s: float
+
+
+def check_output_file(output: str | Path) -> Path:
+    """The output path, refused at once when its folder is missing or not writable, or it is a folder."""
+    path = Path(output)
+    try:
+        folder = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise PomtError(f"--output {path} is a folder: give a file name such as {path / 'model.onnx'}")
+        if not folder.is_dir():
+            raise PomtError(f"--output {path}: the folder {folder} does not exist: create it first")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PomtError(f"--output {path}: the folder {folder} is not writable: choose another")
+    except OSError as exc:
+        raise PomtError(f"--output {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def export_onnx(
+    model: nn.Module,
+    output: str | Path,
+    *,
+    method: str = "none",
+    r=0,
+    layer: int = 3,
+    batch_size: int = 1,
+    dtype: torch.dtype = torch.float32,
+    opset: int = 18,
+    tolerance: float | None = None,
+    seed: int = 0,
+    model_name: str | None = None,
+) -> ExportResult:
+    """Export ``model`` patched with ``method`` to ONNX at ``output`` after checking it with ONNX Runtime.
+
+    The file is written under a temporary name in ``output``'s folder and renamed into
+    place only when ONNX Runtime's logits on a random batch lie within ``tolerance`` of
+    PyTorch's; otherwise nothing is left behind. ``model`` is left unpatched, on the CPU.
+
+    Raises:
+        PomtError: a missing extra, a setting the model cannot take, a graph that does
+            not export, or outputs that differ by more than ``tolerance``.
+    """
+    require_onnx()
+    import onnx
+    import onnxruntime as ort
+
+    path = check_output_file(output)
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    g = geometry(model)
+    try:
+        apply(model, method, r=r, layer=layer)
+    except ValueError as exc:
+        raise PomtError(f"{method}: {exc}") from None
+    counts = planned_token_counts(model)
+    model = model.eval().to(device="cpu", dtype=dtype)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, *g.input_size, generator=generator).to(dtype)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with torch.no_grad():
+            expected = model(images).float()
+        began = time.perf_counter()
+        try:
+            # The exporter prints its progress and warns about its internals: keep both quiet.
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (images,), str(tmp), dynamo=True, opset_version=opset, verbose=False,
+                                  external_data=False)
+        except Exception as exc:  # the exporter fails in many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PomtError(f"{g.name} with {method} does not export to ONNX opset {opset}: {first[:200]}") from None
+        export_s = time.perf_counter() - began
+        began = time.perf_counter()
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: images.float().numpy() if dtype == torch.bfloat16 else images.numpy()}
+        actual = torch.from_numpy(session.run(None, feed)[0]).float()
+        check_s = time.perf_counter() - began
+        max_abs = float((actual - expected).abs().max())
+        max_rel = max_abs / max(float(expected.abs().max()), 1e-12)
+        if not max_rel <= tolerance:
+            raise PomtError(f"ONNX Runtime's outputs differ from PyTorch's by {max_rel:.2e} (relative to the largest "
+                            f"logit), above the tolerance {tolerance:g}: the file was not kept")
+        metadata = {
+            "pomt_version": __version__, "torch_version": torch.__version__, "model": model_name or g.name,
+            "method": method, "r": json.dumps(r), "layer": str(layer) if method == "pomt" else "",
+            "tokens_per_block": json.dumps(counts), "batch_size": str(batch_size),
+            "dtype": str(dtype).removeprefix("torch."), "input_size": json.dumps(list(g.input_size)),
+            "opset": str(opset), "max_abs_diff": f"{max_abs:.3e}", "max_rel_diff": f"{max_rel:.3e}",
+            "onnxruntime_version": ort.__version__,
+        }
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would ignore the umask
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        remove(model)
+    return ExportResult(path=path, max_abs_diff=max_abs, max_rel_diff=max_rel, tolerance=tolerance, opset=opset,
+                        metadata=metadata, export_s=export_s, check_s=check_s)
