@@ -83,3 +83,16 @@ def test_without_the_extra_the_error_names_it(tmp_path, capsys, monkeypatch):
         'error: onnxruntime not installed: install the onnx extra: pip install -e ".[onnx]" (onnx, onnxruntime, '
         "onnxscript)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", list(SETTINGS))
+def test_torch_compile_takes_every_method_as_one_graph(method):
+    from pomt_cli.pruning import apply
+
+    torch._dynamo.reset()
+    model = apply(tiny_vit("deit_tiny_distilled_patch16_224"), method, **SETTINGS[method])
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(images)
+        actual = torch.compile(model, fullgraph=True, backend="eager")(images)  # a graph break raises
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
