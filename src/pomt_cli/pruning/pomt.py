@@ -109,7 +109,8 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         if chosen is not None:
             out, lse = kernels[chosen]()
             return out, _as_lse(lse, q)
-        for i, kernel in enumerate(kernels):
+        capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        for i, kernel in enumerate([] if capturing else kernels):  # the check below cannot run in a capture
             try:
                 out, lse = kernel()
                 lse = _as_lse(lse, q)
@@ -120,7 +121,8 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                     return out, lse
             except (RuntimeError, AttributeError, TypeError):
                 continue
-        _LSE_KERNEL[key] = None
+        if not capturing:
+            _LSE_KERNEL[key] = None
     return F.scaled_dot_product_attention(q, k, v, scale=scale), _explicit_lse(q, k, scale)
 
 
