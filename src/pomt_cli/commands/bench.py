@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pomt_cli import __version__
-from pomt_cli.bench import METHODS, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, time_methods
+from pomt_cli.bench import METHODS, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, fit_settings, time_methods
 from pomt_cli.data import load_labelled
 from pomt_cli.devices import default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
@@ -90,7 +90,9 @@ def bench(
     r: int | None = typer.Option(None, "-r", "--r", help="POMT: tokens pruned in block --layer."),
     r_from: Path | None = typer.Option(None, "--r-from", help="POMT's R per batch size from a compute-r report (.json)."),
     layer: int = typer.Option(3, "--layer", help="POMT's pruning block."),
-    tome_r: int = typer.Option(8, "--tome-r", help="ToMe: tokens merged in every block."),
+    tome_r: int = typer.Option(
+        8, "--tome-r", help="ToMe: tokens merged in every block, capped per block at half the non-prefix tokens (as ToMe)."
+    ),
     topk_r: int = typer.Option(8, "--topk-r", help="Top-K: tokens pruned in every block."),
     batch_size: str | None = typer.Option(
         None, "--batch-size", help="Batch sizes, comma-separated (default: the report's with --r-from, else 1)."
@@ -161,9 +163,8 @@ def bench(
                 chosen.append(MethodSetting(method="pomt", r=r_by_batch[b], layer=layer))
             else:
                 chosen.append(MethodSetting(method=m, r=tome_r if m == "tome" else topk_r))
-        plan[b] = chosen
+        plan[b] = fit_settings(net, chosen)  # checked; ToMe's per-block cap shows in the labels
     distinct = list({s.label: s for group in plan.values() for s in group}.values())
-    check_settings(net, distinct)
     listing = labelled = None
     if data is not None:
         listing, labelled = load_labelled(data, net, limit=limit)
