@@ -108,6 +108,9 @@ def bench(
     allow_random_weights: bool = typer.Option(
         False, "--allow-random-weights", help="Measure accuracy with random weights anyway (it means nothing)."
     ),
+    img_size: int | None = typer.Option(
+        None, "--img-size", help="Input size in pixels, a multiple of the patch size (default: the model's)."
+    ),
     data: str | None = typer.Option(None, "--data", help="Labelled images for accuracy: an image folder or 'digits'."),
     limit: int | None = typer.Option(None, "--limit", help="A deterministic class-balanced subset of this many images."),
     eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="Images per forward pass for accuracy."),
@@ -149,7 +152,7 @@ def bench(
     check_output_dir(output_dir)
     if threads is not None:
         torch.set_num_threads(threads)
-    net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    net = create_model(model, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
     g = vit_geometry(net)
 
     # POMT's r may differ per batch size: one setting per distinct r.
@@ -190,7 +193,7 @@ def bench(
 
     meta = {
         "kind": "bench", "format_version": 1, "model": model, "num_tokens": g.num_tokens, "num_prefix": g.num_prefix,
-        "num_blocks": g.num_blocks, "dtype": dtype_name, "batch_sizes": sizes, "methods": methods,
+        "img_size": list(g.input_size[1:]), "img_size_option": img_size, "num_blocks": g.num_blocks, "dtype": dtype_name, "batch_sizes": sizes, "methods": methods,
         "settings": {str(b): [s.model_dump() for s in group] for b, group in plan.items()},
         "r_from": report_path, "weights": source, "data": listing.source if listing else None,
         "num_images": len(labelled) if labelled else None, "limit": limit,
@@ -204,7 +207,7 @@ def bench(
     }
     folder = prepare_output_dir(output_dir)
     slugs = list(dict.fromkeys(s.slug for group in plan.values() for s in group))
-    stem = output_stem("bench", model, device=preset.name, batch_size=sizes, dtype=dtype_name,
+    stem = output_stem("bench", model, device=preset.name, batch_size=sizes, dtype=dtype_name, img_size=img_size,
                        extra=(*slugs, *(["cudagraphs"] if cuda_graphs else [])))
     csv, parquet = output_path(folder, stem, "csv"), output_path(folder, stem, "parquet")
     with atomic_output(csv) as tmp:
