@@ -10,6 +10,10 @@ round, samples pooled over rounds), so ratios compare like with like. Prints a t
 
     python scripts/bench_core.py --model deit_small_patch16_224 --batch-size 1,4,64,256 \
         --dtype float16,float32 --device cuda --cuda-graphs both
+
+``--tome-before FILE`` adds a variant ``tome(before)``: ToMe with the matching and merging
+functions of another version of ``pomt_cli/pruning/tome.py`` (e.g. one checked out with
+``git show REV:src/pomt_cli/pruning/tome.py > FILE``), timed in the same rounds as ``tome``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib.util
 import random
+import types
 from collections.abc import Callable
 
 import timm
@@ -26,10 +32,29 @@ from rich.console import Console
 from rich.table import Table
 
 from pomt_cli.devices import device_name
-from pomt_cli.pruning import apply, forward_ideal, planned_token_counts, remove
+from pomt_cli.pruning import apply, forward_ideal, patch, planned_token_counts, remove, tome
 from pomt_cli.timing import Measurement, measure, release_memory, summarize
 
 DEFAULT_SETTINGS = {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}}
+
+#: The ToMe module the patched blocks call (swapped for ``tome(before)`` while it is timed).
+CURRENT_TOME = tome
+
+
+def load_tome(path: str) -> types.SimpleNamespace:
+    """Another version's ``bipartite_matching`` and ``merge``, adapted to today's call."""
+    spec = importlib.util.spec_from_file_location("tome_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.bipartite_matching.__code__
+    params = code.co_varnames[: code.co_argcount]
+
+    def matching(metric, r, num_prefix, class_token=True):
+        if "class_token" in params:
+            return module.bipartite_matching(metric, r, num_prefix, class_token)
+        return module.bipartite_matching(metric, r, num_prefix)
+
+    return types.SimpleNamespace(bipartite_matching=matching, merge=module.merge)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +66,13 @@ class Variant:
     setting: dict
     counts: list[int]
     explicit: bool = False
+    tome_module: types.SimpleNamespace | None = None  # another version of tome.py (tome(before))
 
 
-def variants(model: torch.nn.Module, settings: dict[str, dict]) -> list[Variant]:
-    """none, then each method followed by its ideal (and POMT's explicit block after POMT)."""
+def variants(model: torch.nn.Module, settings: dict[str, dict],
+             tome_before: types.SimpleNamespace | None = None) -> list[Variant]:
+    """none, then each method followed by its ideal (and POMT's explicit block after POMT,
+    ToMe's other version after ToMe)."""
     out = [Variant("none", "none", {}, [])]
     for method, setting in settings.items():
         counts = planned_token_counts(apply(model, method, **setting))
@@ -52,6 +80,8 @@ def variants(model: torch.nn.Module, settings: dict[str, dict]) -> list[Variant]
         out.append(Variant(method, method, setting, counts))
         if method == "pomt":
             out.append(Variant("pomt(explicit)", method, setting, counts, explicit=True))
+        if method == "tome" and tome_before is not None:
+            out.append(Variant("tome(before)", method, setting, counts, tome_module=tome_before))
         out.append(Variant(f"ideal({method})", "ideal", setting, counts))
     return out
 
@@ -62,6 +92,8 @@ def prepare(model: torch.nn.Module, images: torch.Tensor, variant: Variant) -> C
     if variant.method == "ideal":
         return lambda: forward_ideal(model, images, variant.counts)
     apply(model, variant.method, **variant.setting)
+    if variant.tome_module is not None:
+        patch.tome = variant.tome_module  # time_variants puts CURRENT_TOME back
     if variant.explicit:
         for blk in model.blocks:
             blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring="explicit")
@@ -70,13 +102,14 @@ def prepare(model: torch.nn.Module, images: torch.Tensor, variant: Variant) -> C
 
 def time_variants(model_name: str, batch: int, dtype: torch.dtype, device: str, *, cuda_graphs: bool = False,
                   rounds: int = 3, budget_s: float = 0.2, settings: dict[str, dict] | None = None,
-                  model_kwargs: dict | None = None, seed: int = 0) -> dict[str, Measurement]:
+                  model_kwargs: dict | None = None, seed: int = 0,
+                  tome_before: types.SimpleNamespace | None = None) -> dict[str, Measurement]:
     """Each variant's time at one batch size and dtype, in ``rounds`` interleaved rounds (samples pooled)."""
     torch.manual_seed(seed)
     model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval().to(device=device,
                                                                                               dtype=dtype)
     c, h, w = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
-    table = variants(model, settings or DEFAULT_SETTINGS)
+    table = variants(model, settings or DEFAULT_SETTINGS, tome_before)
     parts: dict[str, list[Measurement]] = {v.name: [] for v in table}
     rng = random.Random(seed)
     try:
@@ -86,9 +119,13 @@ def time_variants(model_name: str, batch: int, dtype: torch.dtype, device: str, 
                 order = list(table)
                 rng.shuffle(order)
                 for variant in order:
-                    fn = prepare(model, images, variant)
-                    parts[variant.name].append(measure(fn, device=device, budget_s=budget_s, rel_precision=0.005,
-                                                       min_samples=10, cuda_graphs=cuda_graphs))
+                    try:
+                        fn = prepare(model, images, variant)
+                        parts[variant.name].append(measure(fn, device=device, budget_s=budget_s,
+                                                           rel_precision=0.005, min_samples=10,
+                                                           cuda_graphs=cuda_graphs))
+                    finally:
+                        patch.tome = CURRENT_TOME
     finally:
         remove(model)
         del model
@@ -152,12 +189,16 @@ def main() -> None:
     parser.add_argument("--topk-r", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; samples are pooled")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per variant per round")
+    parser.add_argument("--methods", default="pomt,tome,topk", help="methods to time, comma-separated")
+    parser.add_argument("--tome-before", metavar="FILE", help="also time ToMe with this version of tome.py")
     args = parser.parse_args()
     settings = {
         "pomt": {"r": args.pomt_r, "layer": args.layer},
         "tome": {"r": args.tome_r},
         "topk": {"r": args.topk_r},
     }
+    settings = {m: settings[m] for m in args.methods.split(",")}
+    tome_before = load_tome(args.tome_before) if args.tome_before else None
     console = Console(highlight=False)
     console.print(
         f"{args.model}, random weights, {device_name(torch.device(args.device))}, torch {torch.__version__}, "
@@ -168,7 +209,8 @@ def main() -> None:
         for dtype_name in args.dtype.split(","):
             for batch in (int(b) for b in args.batch_size.split(",")):
                 ms = time_variants(args.model, batch, getattr(torch, dtype_name), args.device, cuda_graphs=graphs,
-                                   rounds=args.rounds, budget_s=args.min_time, settings=settings)
+                                   rounds=args.rounds, budget_s=args.min_time, settings=settings,
+                                   tome_before=tome_before)
                 mode = "CUDA graphs" if graphs else "eager"
                 console.print(render(f"batch {batch}, {dtype_name}, {mode}", ratios(ms)))
 

@@ -15,6 +15,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
+from conftest import run_in_process
+
 from pomt_cli import digits
 from pomt_cli.accuracy import (
     EstimateConfig,
@@ -297,3 +299,28 @@ def test_a_checkpoint_brings_its_head_size_which_must_match_the_classes(tmp_path
     two = image_folder(tmp_path / "two", {"a": 2, "b": 2}, size=(40, 30))
     with pytest.raises(PomtError, match="head has 3 classes but --data .* has 2"):
         run_estimate(EstimateConfig(model="deit_tiny_patch16_224", data=str(two), checkpoint=path), CPU)
+
+
+def test_img_size_builds_the_model_for_that_size_and_resamples_a_checkpoint(tmp_path):
+    dinov2 = create_model("vit_small_patch14_reg4_dinov2", img_size=224)
+    g = geometry(dinov2)
+    assert (g.num_tokens, g.num_prefix, g.input_size) == (261, 5, (3, 224, 224))  # timm's default: 518 px
+    saved = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    path = tmp_path / "deit.pth"
+    torch.save(saved.state_dict(), path)
+    small = create_model("deit_tiny_patch16_224", checkpoint=path, img_size=160)
+    assert geometry(small).num_tokens == 101 and small.pos_embed.shape == (1, 101, 192)
+    torch.testing.assert_close(small.pos_embed[:, 0], saved.pos_embed[:, 0])  # the class token's is kept
+    for bad, message in [(0, "must be positive"), (150, "not a multiple of the model's patch size 16")]:
+        with pytest.raises(PomtError, match=message):
+            create_model("deit_tiny_patch16_224", img_size=bad)
+
+
+def test_a_headless_model_with_data_is_a_one_line_error(tmp_path, capsys):
+    for command in (["estimate-accuracy", "--tokens", "257:200:57"], ["bench", "--no-lock-clocks"]):
+        out = tmp_path / command[0]
+        code, _, err = run_in_process(
+            [*command, "--model", "vit_small_patch14_dinov2", "--img-size", "224", "--data", "digits",
+             "--allow-random-weights", "--output-dir", str(out)], capsys)
+        assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+        assert "no classifier head" in err and "--checkpoint" in err and not out.exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_in_process, run_pomt, tiny_vit
-from pomt_cli.bench import BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, time_methods
+from pomt_cli.bench import BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, fit_settings, time_methods
 from pomt_cli.data import evaluate, list_images, load_images, Preprocess
 from pomt_cli.errors import PomtError
 from pomt_cli.pruning import apply, remove
@@ -31,6 +31,31 @@ def test_check_settings_gives_tokens_out_and_rejects_what_the_model_cannot_take(
     with pytest.raises(PomtError, match="pomt r=20 @1: r=20 is too large"):
         check_settings(model, [MethodSetting(method="pomt", r=20, layer=1)])
     assert not hasattr(model, "pomt_config")  # left unpatched
+
+
+def test_fitted_settings_show_tomes_per_block_cap():
+    model = tiny_vit()  # 17 tokens (1 prefix), 3 blocks
+    fitted = fit_settings(model, [MethodSetting(method="tome", r=8), *SETTINGS])
+    assert fitted[0].per_block == [8, 4, 2] and fitted[0].capped_from == 1
+    assert fitted[0].label == "tome r=8 (capped from block 1)" and fitted[0].slug == "tome-r8"
+    assert [s.label for s in fitted[1:]] == [s.label for s in SETTINGS]
+    assert [s.per_block for s in fitted[1:]] == [[0, 0, 0], [0, 5, 0], [2, 2, 2], [1, 2, 3]]
+    assert not hasattr(model, "pomt_config")
+
+
+def test_bench_tome_r16_on_deit_small_runs_with_the_cap(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, stdout, err = run_in_process(
+        ["bench", "--model", "deit_small_patch16_224", "--method", "tome", "--tome-r", "16", "--budget", "0.02",
+         "--rounds", "1", "--no-lock-clocks", "--output-dir", str(out)], capsys)
+    assert code == 0, err
+    stem = "bench_deit-small-patch16-224_cpu_bs1_float32_none_tome-r16"
+    frame = pl.read_csv(out / f"{stem}.csv")
+    # 197 - 16 * 11 = 21 tokens enter block 11, which merges (21 - 1) // 2 = 10, as ToMe does
+    assert frame["setting"].to_list() == ["none", "tome r=16 (capped from block 11)"]
+    assert frame["tokens_out"].to_list() == [197, 11]
+    meta = json.loads(pl.read_parquet_metadata(out / f"{stem}.parquet")["pomt"])
+    assert meta["settings"]["1"][1]["per_block"] == [16] * 11 + [10]
 
 
 def test_time_methods_pools_rounds_and_reports_tokens_per_batch_size():
@@ -91,7 +116,7 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
         (["--method", "pomt", "-r", "70"], "r=70 is too large"),
         (["-r", "5", "--r-from", "x.json"], "not both"),
         (["--r-from", "missing.json"], "missing.json"),
-        (["--method", "tome", "--tome-r", "40"], "tome r=40"),
+        (["--method", "tome", "--tome-r", "-1"], "tome r=-1: r=-1 at block 0 is negative"),
         (["-r", "5", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
         (["--batch-size", "0"], "below 1"),
     ],

@@ -364,6 +364,8 @@ def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
         (["--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
         (["--rel-precision", "0"], "--rel-precision"),
         (["--budget", "-1"], "--budget"),
+        (["--img-size", "0"], "--img-size 0 must be positive"),
+        (["--img-size", "100"], "--img-size 100 is not a multiple of the model's patch size 16: give e.g. 96 or 112"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, args, message):
@@ -468,3 +470,16 @@ def test_later_visits_receive_the_samples_of_earlier_ones():
 
     run_grid(POINTS[:3], measure_point, seed=0, passes=3, remeasure_rounds=0)
     assert all(counts == [0, 10, 20] for counts in seen.values())
+
+
+def test_dinov2_at_the_papers_224_px_has_257_tokens(tmp_path, capsys):
+    args = ["profile", "--device", "cpu", "--model", "vit_small_patch14_dinov2", "--img-size", "224",
+            "--tokens", "257:141:116", "--no-lock-clocks", "--passes", "1", "--remeasure", "0",
+            "--output-dir", str(tmp_path), *FAST]
+    code, _, err = run_in_process(args, capsys)
+    assert code == 0, err
+    stem = "latency_vit-small-patch14-dinov2_cpu_bs1_float32_img224"
+    frame, meta = read_profile(tmp_path / f"{stem}.parquet", "latency")
+    assert (meta["num_tokens"], meta["num_prefix"]) == (257, 1) and meta["grid"] == [257, 141]
+    assert meta["img_size"] == [224, 224] and meta["img_size_option"] == 224
+    assert frame["tokens"].to_list() == [257, 141] and (tmp_path / f"{stem}.png").exists()

@@ -9,11 +9,13 @@ from conftest import tiny_vit
 
 from pomt_cli.pruning import (
     apply,
+    capped_from,
     forward_ideal,
     forward_kept,
     geometry,
     planned_token_counts,
     remove,
+    removed_per_block,
     token_counts,
 )
 from pomt_cli.pruning import tome
@@ -175,21 +177,41 @@ def test_tome_merge_is_a_size_weighted_average():
     p, C = 1, 4
     x = torch.randn(1, 7, C)
     size = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 5.0]).view(1, 7, 1)
-    merged = torch.tensor([[1]])  # A token 1 (token index p + 2)
-    partner = torch.tensor([[2]])  # into B token 2 (token index p + 5)
-    unmerged = torch.tensor([[0, 2]])
+    # A = tokens 0 (the class token, protected), 2, 4, 6; B = tokens 1, 3, 5.
+    merged = torch.tensor([[0]])  # A's first free token: token 2
+    partner = torch.tensor([[1]])  # into B's second token: token 3
+    unmerged = torch.tensor([[1, 2]])  # tokens 4, 6
     out, new_size = tome.merge(x, size, (merged, partner, unmerged), p)
     assert out.shape == (1, 6, C) and new_size.sum() == size.sum()
-    expected = (x[0, 3] * 3 + x[0, 6] * 5) / 8
-    torch.testing.assert_close(out[0, -1], expected)
-    torch.testing.assert_close(out[0, 0], x[0, 0])  # the prefix token is untouched
+    # prefix, A's unmerged (4, 6), B (1, 3 + 2, 5)
+    assert new_size.flatten().tolist() == [1.0, 1.0, 5.0, 2.0, 4.0, 1.0]
+    torch.testing.assert_close(out[0, 4], (x[0, 2] * 1 + x[0, 3] * 3) / 4)
+    torch.testing.assert_close(out[0, [0, 1, 2, 3, 5]], x[0, [0, 4, 6, 1, 5]])
+
+
+def test_tome_merge_uses_only_ops_that_export():
+    """Size-weighted sums added with scatter_add, then a division: no scatter_reduce, whose "mean" does not export to ONNX."""
+
+    class Merge(torch.nn.Module):
+        def forward(self, x, size, merged, partner, unmerged):
+            return tome.merge(x, size, (merged, partner, unmerged), 1)
+
+    x, size = torch.randn(2, 7, 4), torch.ones(2, 7, 1)
+    indices = (torch.tensor([[0], [2]]), torch.tensor([[1], [0]]), torch.tensor([[1, 2], [0, 1]]))
+    graph = torch.export.export(Merge(), (x, size, *indices)).graph
+    ops = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert any("scatter_add" in op for op in ops) and not any("scatter_reduce" in op for op in ops)
 
 
 def test_tome_matching_pairs_the_most_similar_tokens():
     metric = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.1], [1.0, 0.1]]])
     merged, partner, unmerged = tome.bipartite_matching(metric, 1, num_prefix=1)
-    # A = tokens 1, 3 ([1,0], [0,1.1]); B = tokens 2, 4 ([0,1], [1,0.1]); token 3 ~ token 2 (cos 1)
-    assert merged.tolist() == [[1]] and partner.tolist() == [[0]] and unmerged.tolist() == [[0]]
+    # The whole sequence alternates: A = tokens 0 (class, protected), 2, 4; B = tokens 1, 3.
+    # Token 2 [0,1] ~ token 3 [0,1.1] (cos 1) beats token 4 [1,0.1] ~ token 1 [1,0].
+    assert merged.tolist() == [[0]] and partner.tolist() == [[1]] and unmerged.tolist() == [[1]]
+    # Two prefix tokens (class + distillation): token 1 leaves B, token 4 can only go to 3.
+    merged, partner, unmerged = tome.bipartite_matching(metric, 1, num_prefix=2)
+    assert merged.tolist() == [[0]] and partner.tolist() == [[0]] and unmerged.tolist() == [[1]]
 
 
 def test_tome_schedule_with_inflection_keeps_the_mean():
@@ -236,8 +258,10 @@ def test_errors_name_the_limit():
         apply(model, "pomt", r=16, layer=2)
     with pytest.raises(ValueError, match="layer=3 is out of range: .* 3 blocks"):
         apply(model, "pomt", r=2, layer=3)
-    with pytest.raises(ValueError, match="at most 8 can be merged"):
-        apply(model, "tome", r=9)
+    with pytest.raises(ValueError, match="r=-1 at block 0 is negative"):
+        apply(model, "tome", r=-1)
+    with pytest.raises(ValueError, match="r=-1 at block 0 is negative"):
+        apply(model, "tome", r=(1, 2.0))  # inflection beyond the original's [-1, 1]
     with pytest.raises(ValueError, match="unknown method 'merge'"):
         apply(model, "merge", r=1)
     with pytest.raises(ValueError, match="has 7 tokens \\(1 prefix\\) left at block 2, at most 5 can be pruned at block 2"):
@@ -259,47 +283,116 @@ def test_ideal_and_kept_forwards_match_the_model_at_full_count():
         assert forward_kept(model, x, torch.tensor([[0, 5], [3, 1]])).shape == expected.shape
 
 
-def _tome_reference(model, x, r: int) -> torch.Tensor:
-    """ToMe written out per image from its definition, with explicit attention everywhere."""
+
+
+# ToMe against a reference written from the original (facebookresearch/ToMe: merge.py's
+# bipartite_soft_matching + merge_wavg, patch/timm.py, utils.parse_r), one image at a time.
+# Models large enough for r = 8 and r = 16: 64 patch tokens, 4 blocks.
+TOME_FAMILIES = {
+    "deit": ("deit_tiny_patch16_224", {}),  # p = 1
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),  # p = 2
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", {"init_values": 0.5}),  # p = 5
+    "no_class_token": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),  # p = 0
+}
+
+
+def tome_model(name: str) -> torch.nn.Module:
+    arch, overrides = TOME_FAMILIES[name]
+    return tiny_vit(arch, img_size=64, depth=4, **overrides)
+
+
+def _parse_r(r, depth: int) -> list[int]:
+    """The original's parse_r: a linear schedule from int(r (1 - inflection)) to 2 r minus that."""
+    r, inflection = r if isinstance(r, tuple) else (r, 0.0)
+    first = int(r * (1.0 - inflection))
+    step = (2 * r - first - first) / (depth - 1)
+    return [int(first + step * i) for i in range(depth)]
+
+
+def _tome_reference(model, x, r) -> tuple[torch.Tensor, list[int]]:
+    """ToMe on each image alone, with explicit attention; the logits and the tokens entering each block.
+
+    The whole sequence alternates into A (even positions) and B (odd positions). Every prefix
+    token is protected: an A-side one by -inf on its row (it never merges into B), a B-side
+    one by -inf on its column (nothing merges into it). r is capped at (tokens - p) // 2.
+    A's unmerged tokens (the protected ones rank last) are sorted by position when there is a
+    class token; the result is the prefix tokens, A's other unmerged tokens, then B's others.
+    """
     p = model.num_prefix_tokens
+    has_class_token = model.cls_token is not None
+    schedule = _parse_r(r, len(model.blocks))
     outputs = []
     for img in x:
         t = model.norm_pre(model._pos_embed(model.patch_embed(img[None])))[0]
-        size = torch.ones(t.shape[0])
-        for blk in model.blocks:
+        size = None
+        counts = []
+        for blk, r_block in zip(model.blocks, schedule):
             a_mod = blk.attn
             N, C = t.shape
+            counts.append(N)
             h = blk.norm1(t)
             q, k, v = a_mod.qkv(h).reshape(N, 3, a_mod.num_heads, a_mod.head_dim).permute(1, 2, 0, 3)
-            logits = q @ k.transpose(-2, -1) / a_mod.head_dim**0.5 + size.log()  # proportional attention
-            out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(N, C)
-            t = t + blk.ls1(a_mod.proj(out))
-            metric = k.mean(0)
-            a_idx, b_idx = list(range(p, N, 2)), list(range(p + 1, N, 2))
-            cos = F.normalize(metric[a_idx], dim=-1) @ F.normalize(metric[b_idx], dim=-1).T
-            best, partner = cos.max(-1)
-            merged = torch.argsort(best, descending=True)[:r].tolist()
-            new_t, new_size = {}, {}
-            for j, i in enumerate(b_idx):
-                new_t[i], new_size[i] = t[i] * size[i], size[i]
-            for j in merged:
-                i, dst = a_idx[j], b_idx[partner[j]]
-                new_t[dst] = new_t[dst] + t[i] * size[i]
-                new_size[dst] = new_size[dst] + size[i]
-            keep_a = [a_idx[j] for j in range(len(a_idx)) if j not in merged]
-            order = list(range(p)) + keep_a + b_idx
-            t = torch.stack([new_t[i] / new_size[i] if i in new_t else t[i] for i in order])
-            size = torch.stack([new_size[i] if i in new_size else size[i] for i in order])
+            logits = q @ k.transpose(-2, -1) * a_mod.scale
+            if size is not None:
+                logits = logits + size.log()  # proportional attention
+            t = t + blk.ls1(a_mod.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(N, C)))
+            r_block = min(r_block, (N - p) // 2)
+            if size is None:
+                size = torch.ones(N)
+            if r_block > 0:
+                metric = F.normalize(k.mean(0), dim=-1)
+                A, B = list(range(0, N, 2)), list(range(1, N, 2))
+                best, partner = [], []
+                for i in A:
+                    cos = [float("-inf") if i < p or j < p else float(metric[i] @ metric[j]) for j in B]
+                    best.append(max(cos))
+                    partner.append(B[cos.index(max(cos))])
+                ranked = [A[j] for j in torch.tensor(best).argsort(descending=True).tolist()]
+                merged, unmerged = ranked[:r_block], ranked[r_block:]
+                if has_class_token:
+                    unmerged = sorted(unmerged)
+                total = {j: t[j] * size[j] for j in B}
+                weight = {j: size[j] for j in B}
+                for i in merged:
+                    total[partner[A.index(i)]] = total[partner[A.index(i)]] + t[i] * size[i]
+                    weight[partner[A.index(i)]] = weight[partner[A.index(i)]] + size[i]
+                merged_t = {**{i: t[i] for i in unmerged}, **{j: total[j] / weight[j] for j in B}}
+                merged_size = {**{i: size[i] for i in unmerged}, **{j: weight[j] for j in B}}
+                order = list(range(p)) + [i for i in unmerged if i >= p] + [j for j in B if j >= p]
+                t = torch.stack([merged_t[i] for i in order])
+                size = torch.stack([merged_size[i] for i in order])
             t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        counts.append(t.shape[0])
         outputs.append(model.forward_head(model.norm(t[None])))
-    return torch.cat(outputs)
+    return torch.cat(outputs), counts
 
 
-@pytest.mark.parametrize("name", ["vit", "dinov2_reg4"])
-def test_tome_matches_its_definition(name):
-    model = family(name)
-    x = images(2, seed=11)
+@pytest.mark.parametrize("name", TOME_FAMILIES)
+@pytest.mark.parametrize("r", [8, 16, (8, -1.0), (6, 0.5)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_tome_matches_the_original(name, r, batch):
+    model = tome_model(name)
+    x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
-        expected = _tome_reference(model, x, r=3)
-        actual = apply(model, "tome", r=3)(x)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+        expected, counts = _tome_reference(model, x, r)
+        actual = apply(model, "tome", r=r)(x)
+    assert planned_token_counts(model) == counts and token_counts(model) == counts
+    assert (actual - expected).norm() <= 1e-5 * expected.norm()
+
+
+def test_tome_caps_r_per_block_like_the_original():
+    model = tome_model("deit")  # 65 tokens, 4 blocks
+    apply(model, "tome", r=16)
+    assert planned_token_counts(model) == [65, 49, 33, 17, 9]
+    assert removed_per_block(model) == [16, 16, 16, 8] and capped_from(model) == 3
+    apply(model, "tome", r=8)
+    assert capped_from(model) is None
+    apply(model, "tome", r=100)  # the original takes any r and merges half of the free tokens
+    assert planned_token_counts(model) == [65, 33, 17, 9, 5] and capped_from(model) == 0
+
+
+def test_tome_schedule_is_the_originals_parse_r():
+    for r in [0, 1, 7, 8, 13, 16]:
+        for inflection in [-1.0, -0.7, -0.5, -0.3, 0.0, 0.25, 0.5, 1.0]:
+            for depth in [2, 4, 12, 24]:
+                assert tome.schedule((r, inflection), depth) == _parse_r((r, inflection), depth)

@@ -286,6 +286,7 @@ class EstimateConfig(BaseModel):
     pretrained: bool = False
     checkpoint: Path | None = None
     allow_random_weights: bool = False
+    img_size: int | None = None
     limit: int | None = None
     tokens: str | None = None
     estimator: Estimator = "random"
@@ -360,7 +361,8 @@ def _model_for(config: EstimateConfig) -> tuple[nn.Module, str]:
             "--checkpoint PATH (or --allow-random-weights to measure anyway)"
         )
     torch.manual_seed(config.seed)  # random weights, when allowed, are the same in every process
-    model = create_model(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint)
+    model = create_model(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
+                         img_size=config.img_size)
     return model, source
 
 
@@ -438,6 +440,7 @@ def run_estimate(
     meta = AccuracyMeta(
         model=config.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,
         embed_dim=g.embed_dim, dtype=dtype_name, grid=grid, estimator=config.estimator,
+        img_size=list(g.input_size[1:]), img_size_option=config.img_size,
         layer=config.layer if config.estimator == "pomt" else None, seed=config.seed, weights=source,
         weights_file=str(Path(config.checkpoint).resolve()) if config.checkpoint else None,
         weights_sha256=weights_sha, data=listing.source, num_images=images, num_classes=listing.num_classes,
@@ -453,7 +456,8 @@ def accuracy_stem(meta: AccuracyMeta) -> str:
     """The file stem of an accuracy profile: model, dtype, estimator (and POMT's layer), data set."""
     estimator = f"pomt-layer{meta.layer}" if meta.estimator == "pomt" else meta.estimator
     data_name = Path(meta.data).name if meta.data != "digits" else "digits"
-    return output_stem("accuracy", meta.model, dtype=meta.dtype, extra=(estimator, data_name))
+    return output_stem("accuracy", meta.model, dtype=meta.dtype, img_size=meta.img_size_option,
+                       extra=(estimator, data_name))
 
 
 def write_accuracy(run: AccuracyRun, output_dir: str | Path) -> tuple[Path, Path]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from pomt_cli.data import LabelledImages, evaluate
 from pomt_cli.errors import PomtError
-from pomt_cli.pruning import apply, geometry, remove, token_counts
+from pomt_cli.pruning import apply, capped_from, geometry, remove, removed_per_block, token_counts
 from pomt_cli.timing import Measurement, is_out_of_memory, measure, release_memory, summarize
 
 Method = Literal["none", "pomt", "tome", "topk"]
@@ -56,14 +56,20 @@ class MethodSetting(BaseModel):
     method: Method
     r: int | list[int] = 0
     layer: int = 3
+    #: Tokens each block removes on the model, as applied (ToMe's schedule after the
+    #: per-block cap); filled in by :func:`fit_settings`.
+    per_block: list[int] | None = None
+    #: ToMe: the first block whose r the cap lowered (None: not capped, or not fitted yet).
+    capped_from: int | None = None
 
     @property
     def label(self) -> str:
-        """``none``, ``pomt r=56 @3`` (r tokens pruned in block 3), ``tome r=8``."""
+        """``none``, ``pomt r=56 @3`` (r tokens pruned in block 3), ``tome r=8``, ``tome r=16 (capped from block 11)``."""
         if self.method == "none":
             return "none"
         r = self.r if isinstance(self.r, int) else "[" + ",".join(str(v) for v in self.r) + "]"
-        return f"{self.method} r={r}" + (f" @{self.layer}" if self.method == "pomt" else "")
+        label = f"{self.method} r={r}" + (f" @{self.layer}" if self.method == "pomt" else "")
+        return label + (f" (capped from block {self.capped_from})" if self.capped_from is not None else "")
 
     @property
     def slug(self) -> str:
@@ -103,21 +109,34 @@ class BenchProgress:
     round: int
 
 
+def fit_settings(model: nn.Module, settings: Sequence[MethodSetting]) -> list[MethodSetting]:
+    """Each setting checked against the model, with the tokens each block removes and ToMe's cap.
+
+    The model is left unpatched.
+
+    Raises:
+        PomtError: a setting the model cannot take (r too large, layer out of range...).
+    """
+    fitted = []
+    try:
+        for s in settings:
+            s.apply_to(model)
+            fitted.append(s.model_copy(update={"per_block": removed_per_block(model), "capped_from": capped_from(model)}))
+    except ValueError as exc:
+        raise PomtError(f"{s.label}: {exc}") from None
+    finally:
+        remove(model)
+    return fitted
+
+
 def check_settings(model: nn.Module, settings: Sequence[MethodSetting]) -> list[int]:
     """Tokens leaving the last block for each setting; every setting checked against the model.
 
     Raises:
         PomtError: a setting the model cannot take (r too large, layer out of range...).
     """
-    leaving = []
-    try:
-        for s in settings:
-            leaving.append(_planned_out(s.apply_to(model)))
-    except ValueError as exc:
-        raise PomtError(f"{s.label}: {exc}") from None
-    finally:
-        remove(model)
-    return leaving
+    geometry_ = geometry(model)
+    return [geometry_.num_tokens - sum(s.per_block) for s in fit_settings(model, settings)]
 
 
 def _planned_out(model: nn.Module) -> int:

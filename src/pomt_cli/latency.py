@@ -493,7 +493,7 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
     return pl.DataFrame(found, schema=schema, orient="row") if found else pl.DataFrame(schema=schema)
 
 
-_RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "dtype", "batch_sizes", "grid", "timing_mode",
+_RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "img_size", "dtype", "batch_sizes", "grid", "timing_mode",
                   "device_preset", "torch_device")
 
 

@@ -62,6 +62,7 @@ def create_model(
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
     num_classes: int | None = None,
+    img_size: int | None = None,
 ) -> nn.Module:
     """A timm model in eval mode.
 
@@ -71,14 +72,27 @@ def create_model(
             ``digits-vit`` always starts from its bundled weights.
         checkpoint: a local weights file, loaded after creation (strict).
         num_classes: override the head size (for checkpoints trained on other label sets).
+        img_size: input height and width in pixels (default: the model's); a positive
+            multiple of the patch size. timm resamples pretrained position embeddings to
+            it, and a checkpoint's are resampled the same way.
+
+    Raises:
+        PomtError: unknown model, bad image size, weights that cannot be loaded.
     """
     if pretrained and checkpoint is not None:
         raise PomtError("give either --pretrained or --checkpoint, not both")
+    if img_size is not None and img_size < 1:
+        raise PomtError(f"--img-size {img_size} must be positive, a multiple of the model's patch size")
     if name == digits.NAME:
-        return _create_digits_vit(checkpoint, num_classes)
+        model = _create_digits_vit(checkpoint, num_classes)
+        if img_size is not None and img_size != model.patch_embed.img_size[0]:
+            raise PomtError(f"{digits.NAME} takes {model.patch_embed.img_size[0]} px images only: leave out --img-size")
+        return model
     if not timm.is_model(name):
         raise PomtError(f"unknown model {name!r}: give a timm model name such as deit_small_patch16_224")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # hub and cache failures come in many types
@@ -88,17 +102,44 @@ def create_model(
                 "put them in the Hugging Face cache or use --checkpoint PATH"
             ) from None
         raise
+    _check_patch_multiple(model, img_size)
     if checkpoint is not None:
         state = load_state_dict(checkpoint)
         head = state.get("head.weight")
         if head is not None and num_classes is None and head.shape[0] != model.num_classes:
-            model = timm.create_model(name, pretrained=False, num_classes=int(head.shape[0]))
+            model = timm.create_model(name, pretrained=False, **{**kwargs, "num_classes": int(head.shape[0])})
+        state = _resample_position_embedding(model, state)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise PomtError(f"checkpoint {checkpoint} does not fit {name}: {first[:200]}") from None
     return model.eval()
+
+
+def _check_patch_multiple(model: nn.Module, img_size: int | None) -> None:
+    patch_embed = getattr(model, "patch_embed", None)
+    if img_size is None or patch_embed is None:
+        return
+    patch = int(patch_embed.patch_size[0])
+    if img_size % patch:
+        lower = max(patch, img_size // patch * patch)
+        raise PomtError(
+            f"--img-size {img_size} is not a multiple of the model's patch size {patch}: give e.g. {lower} or {lower + patch}"
+        )
+
+
+def _resample_position_embedding(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's position embedding resampled to the model's grid (timm's function), when it differs."""
+    pos = state.get("pos_embed")
+    own = getattr(model, "pos_embed", None)
+    if pos is None or own is None or pos.shape == own.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+    resampled = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+    return {**state, "pos_embed": resampled}
 
 
 def _create_digits_vit(checkpoint: str | Path | None, num_classes: int | None) -> nn.Module:
@@ -131,6 +172,11 @@ def check_num_classes(model: nn.Module, num_classes: int, data: str) -> None:
         PomtError: the head has a different size (or the model has no classifier).
     """
     head = int(getattr(model, "num_classes", 0) or 0)
+    if head == 0:
+        raise PomtError(
+            f"the model has no classifier head (num_classes=0), so it cannot classify {data}: "
+            "give --checkpoint PATH with weights that include a head trained on these classes"
+        )
     if head != num_classes:
         raise PomtError(
             f"the model's head has {head} classes but {data} has {num_classes}: "

@@ -33,6 +33,7 @@ def output_stem(
     device: str | None = None,
     batch_size: int | Sequence[int] | None = None,
     dtype: str | None = None,
+    img_size: int | None = None,
     extra: Sequence[str] = (),
 ) -> str:
     """The file stem shared by all files of one result, e.g. ``latency_deit_small_patch16_224_h100_bs1-4_float16``.
@@ -43,6 +44,7 @@ def output_stem(
         device: the device preset's name, when the result depends on the device.
         batch_size: one batch size or several.
         dtype: the dtype's name (``float16``...).
+        img_size: the input size given with ``--img-size`` (``img224``); None: the model's default.
         extra: further parts, such as methods and r, already in the order to appear.
     """
     if kind not in KINDS:
@@ -55,6 +57,8 @@ def output_stem(
         parts.append("bs" + "-".join(str(b) for b in sizes))
     if dtype:
         parts.append(_slug(dtype))
+    if img_size is not None:
+        parts.append(f"img{img_size}")
     parts.extend(_slug(e) for e in extra)
     return "_".join(parts)
 

@@ -59,6 +59,8 @@ class ProfileMeta(BaseModel):
     embed_dim: int
     dtype: str
     grid: list[int] = Field(description="kept-token counts n, in the order given")
+    img_size: list[int] | None = Field(None, description="input height and width in pixels the model was built for")
+    img_size_option: int | None = Field(None, description="--img-size as given (None: the model's default size)")
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     command: str = Field(default_factory=command_line)
     pomt_version: str = __version__

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pomt_cli import __version__
-from pomt_cli.bench import METHODS, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, time_methods
+from pomt_cli.bench import METHODS, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, fit_settings, time_methods
 from pomt_cli.data import load_labelled
 from pomt_cli.devices import default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
@@ -90,7 +90,9 @@ def bench(
     r: int | None = typer.Option(None, "-r", "--r", help="POMT: tokens pruned in block --layer."),
     r_from: Path | None = typer.Option(None, "--r-from", help="POMT's R per batch size from a compute-r report (.json)."),
     layer: int = typer.Option(3, "--layer", help="POMT's pruning block."),
-    tome_r: int = typer.Option(8, "--tome-r", help="ToMe: tokens merged in every block."),
+    tome_r: int = typer.Option(
+        8, "--tome-r", help="ToMe: tokens merged in every block, capped per block at half the non-prefix tokens (as ToMe)."
+    ),
     topk_r: int = typer.Option(8, "--topk-r", help="Top-K: tokens pruned in every block."),
     batch_size: str | None = typer.Option(
         None, "--batch-size", help="Batch sizes, comma-separated (default: the report's with --r-from, else 1)."
@@ -105,6 +107,9 @@ def bench(
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Weights from a .safetensors or .pth file."),
     allow_random_weights: bool = typer.Option(
         False, "--allow-random-weights", help="Measure accuracy with random weights anyway (it means nothing)."
+    ),
+    img_size: int | None = typer.Option(
+        None, "--img-size", help="Input size in pixels, a multiple of the patch size (default: the model's)."
     ),
     data: str | None = typer.Option(None, "--data", help="Labelled images for accuracy: an image folder or 'digits'."),
     limit: int | None = typer.Option(None, "--limit", help="A deterministic class-balanced subset of this many images."),
@@ -147,7 +152,7 @@ def bench(
     check_output_dir(output_dir)
     if threads is not None:
         torch.set_num_threads(threads)
-    net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    net = create_model(model, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
     g = vit_geometry(net)
 
     # POMT's r may differ per batch size: one setting per distinct r.
@@ -161,9 +166,8 @@ def bench(
                 chosen.append(MethodSetting(method="pomt", r=r_by_batch[b], layer=layer))
             else:
                 chosen.append(MethodSetting(method=m, r=tome_r if m == "tome" else topk_r))
-        plan[b] = chosen
+        plan[b] = fit_settings(net, chosen)  # checked; ToMe's per-block cap shows in the labels
     distinct = list({s.label: s for group in plan.values() for s in group}.values())
-    check_settings(net, distinct)
     listing = labelled = None
     if data is not None:
         listing, labelled = load_labelled(data, net, limit=limit)
@@ -189,7 +193,7 @@ def bench(
 
     meta = {
         "kind": "bench", "format_version": 1, "model": model, "num_tokens": g.num_tokens, "num_prefix": g.num_prefix,
-        "num_blocks": g.num_blocks, "dtype": dtype_name, "batch_sizes": sizes, "methods": methods,
+        "img_size": list(g.input_size[1:]), "img_size_option": img_size, "num_blocks": g.num_blocks, "dtype": dtype_name, "batch_sizes": sizes, "methods": methods,
         "settings": {str(b): [s.model_dump() for s in group] for b, group in plan.items()},
         "r_from": report_path, "weights": source, "data": listing.source if listing else None,
         "num_images": len(labelled) if labelled else None, "limit": limit,
@@ -203,7 +207,7 @@ def bench(
     }
     folder = prepare_output_dir(output_dir)
     slugs = list(dict.fromkeys(s.slug for group in plan.values() for s in group))
-    stem = output_stem("bench", model, device=preset.name, batch_size=sizes, dtype=dtype_name,
+    stem = output_stem("bench", model, device=preset.name, batch_size=sizes, dtype=dtype_name, img_size=img_size,
                        extra=(*slugs, *(["cudagraphs"] if cuda_graphs else [])))
     csv, parquet = output_path(folder, stem, "csv"), output_path(folder, stem, "parquet")
     with atomic_output(csv) as tmp:

@@ -57,6 +57,9 @@ def estimate_accuracy(
     allow_random_weights: bool = typer.Option(
         False, "--allow-random-weights", help="Evaluate random weights anyway (the accuracy means nothing)."
     ),
+    img_size: int | None = typer.Option(
+        None, "--img-size", help="Input size in pixels, a multiple of the patch size (default: the model's)."
+    ),
     limit: int | None = typer.Option(None, "--limit", help="A deterministic class-balanced subset of this many images."),
     tokens: str | None = typer.Option(
         None, "--tokens", help="Grid START:STOP:STRIDE of kept tokens n, inclusive (default: every n the estimator reaches)."
@@ -84,7 +87,7 @@ def estimate_accuracy(
     check_output_dir(output_dir)
     config = EstimateConfig(
         model=model, data=data, pretrained=pretrained, checkpoint=checkpoint, allow_random_weights=allow_random_weights,
-        limit=limit, tokens=tokens, estimator=estimator, layer=layer, seed=seed, batch_size=batch_size, dtype=dtype,
+        img_size=img_size, limit=limit, tokens=tokens, estimator=estimator, layer=layer, seed=seed, batch_size=batch_size, dtype=dtype,
         workers=workers,
     )
     with processes(torch_device) as procs:

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pomt_cli.devices import ClockState, device_name, load_preset, locked_clocks, resolve_torch_device
+from pomt_cli.devices import ClockState, default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.latency import (
     MAX_STEP_WIDTH,
@@ -98,8 +98,10 @@ def _clock_line(state: ClockState) -> str:
 
 def profile(
     model: str = typer.Option(..., "--model", help="timm model name, e.g. deit_small_patch16_224."),
-    device: str = typer.Option(
-        ..., "--device", help="Device preset (orin, tx2, xavier, nvidia, a100, h100, cpu) or a preset .toml file."
+    device: str | None = typer.Option(
+        None, "--device",
+        help="Device preset (orin, tx2, xavier, nvidia, a100, h100, cpu) or a preset .toml file "
+        "(default: nvidia with CUDA, else cpu).",
     ),
     batch_size: str = typer.Option("1", "--batch-size", help="Batch sizes, comma-separated: 1,4,16,64."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
@@ -111,6 +113,10 @@ def profile(
     ),
     pretrained: bool = typer.Option(False, "--pretrained", help="Load timm's pretrained weights (latency does not need them)."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Load weights from a .safetensors/.pth file."),
+    img_size: int | None = typer.Option(
+        None, "--img-size", help="Input size in pixels, a multiple of the patch size (default: the model's; "
+        "e.g. 224 for DINOv2, whose timm default is 518)."
+    ),
     cuda_graphs: bool = typer.Option(
         False, "--cuda-graphs", help="Capture the forward pass in a CUDA graph and time replays (no launch overhead)."
     ),
@@ -134,7 +140,7 @@ def profile(
     top_steps: int = typer.Option(8, "--top-steps", help="Steps listed per batch size."),
 ) -> dict[str, Path]:
     """Measure latency against kept tokens n: the device's latency-workload curve, its largest steps and a plot."""
-    preset = load_preset(device)
+    preset = load_preset(device or default_preset_name())
     tdev = resolve_torch_device(torch_device or preset.torch_device)
     dtype_name, _ = parse_dtype(dtype)
     batch_sizes = parse_int_list(batch_size, "--batch-size")
@@ -148,7 +154,7 @@ def profile(
     _check(top_steps >= 1, f"--top-steps {top_steps} must be at least 1")
     if threads is not None:
         torch.set_num_threads(threads)
-    net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    net = create_model(model, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
     g = vit_geometry(net)
     grid = token_grid(tokens, g.num_tokens, g.num_prefix)
     settings = LatencySettings(
@@ -159,6 +165,7 @@ def profile(
     meta = LatencyMeta(
         model=model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,
         embed_dim=g.embed_dim, dtype=dtype_name, grid=grid, batch_sizes=batch_sizes,
+        img_size=list(g.input_size[1:]), img_size_option=img_size,
         timing_mode=settings.timing_mode, device_preset=preset.name, device_display_name=preset.display_name,
         device_name=device_name(tdev), torch_device=str(tdev),
         clocks=ClockState(preset=preset.name, mode="unlocked", detail="not started"),
@@ -171,7 +178,7 @@ def profile(
     if resume is not None:
         previous, previous_meta = resume_rows(resume, meta)
     folder = prepare_output_dir(output_dir)
-    stem = output_stem("latency", model, device=preset.name, batch_size=batch_sizes, dtype=dtype_name,
+    stem = output_stem("latency", model, device=preset.name, batch_size=batch_sizes, dtype=dtype_name, img_size=img_size,
                        extra=("cudagraphs",) if cuda_graphs else ())
     parquet, png = output_path(folder, stem, "parquet"), output_path(folder, stem, "png")
 

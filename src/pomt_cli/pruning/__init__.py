@@ -20,11 +20,13 @@ __all__ = [
     "METHODS",
     "TokenGeometry",
     "apply",
+    "capped_from",
     "forward_ideal",
     "forward_kept",
     "geometry",
     "planned_token_counts",
     "remove",
+    "removed_per_block",
     "token_counts",
 ]
 
@@ -42,15 +44,23 @@ def apply(model: nn.Module, method: str, r: R = 0, layer: int = 3) -> nn.Module:
             pruned per block, an int or a list with one entry per block.
         layer: the block where POMT prunes.
 
+    ToMe's r is capped in every block at half of the block's non-prefix tokens, as the
+    original caps it; :func:`planned_token_counts` and :func:`removed_per_block` report
+    the capped schedule and :func:`capped_from` the first block the cap lowered.
+
     Raises:
-        ValueError: unsupported model, unknown method, r too large or layer out of range.
+        ValueError: unsupported model, unknown method, negative r, r too large (POMT,
+            Top-K) or layer out of range.
     """
     g = geometry(model)
-    plans, counts = plan_blocks(g, method, r, layer)
+    plans, counts, capped_from = plan_blocks(g, method, r, layer)
     detach(model)
     if method != "none":
         attach(model, plans)
-        model.pomt_config = {"method": method, "r": r, "layer": layer, "planned_tokens": counts}
+        model.pomt_config = {
+            "method": method, "r": r, "layer": layer, "planned_tokens": counts,
+            "per_block": [plan.r for plan in plans], "capped_from": capped_from,
+        }
     return model
 
 
@@ -67,6 +77,18 @@ def planned_token_counts(model: nn.Module) -> list[int]:
         return list(config["planned_tokens"])
     g = geometry(model)
     return [g.num_tokens] * (g.num_blocks + 1)
+
+
+def removed_per_block(model: nn.Module) -> list[int]:
+    """Tokens each block removes, as the patch plans them (ToMe's capped schedule)."""
+    counts = planned_token_counts(model)
+    return [a - b for a, b in zip(counts, counts[1:])]
+
+
+def capped_from(model: nn.Module) -> int | None:
+    """The first block whose ToMe r the per-block cap lowered (None: no cap, or not ToMe)."""
+    config = getattr(model, "pomt_config", None)
+    return None if config is None else config["capped_from"]
 
 
 def token_counts(model: nn.Module) -> list[int]:

@@ -34,6 +34,8 @@ class BlockPlan:
     #: "explicit" (the full softmax matrix, as the paper's code; the benchmarks' reference,
     #: and what exported, traced and compiled graphs get).
     scoring: str = "lean"
+    #: ToMe: whether the model has a class token (A's unmerged tokens then stay in position order).
+    class_token: bool = True
 
 
 def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +109,7 @@ class PrunedBlock(nn.Module):
             if plan.r > 0:
                 if size is None:
                     size = x.new_ones(x.shape[0], n_in, 1)
-                matching = tome.bipartite_matching(k.mean(dim=1), plan.r, plan.num_prefix)
+                matching = tome.bipartite_matching(k.mean(dim=1), plan.r, plan.num_prefix, plan.class_token)
                 x, size = tome.merge(x, size, matching, plan.num_prefix)
         # --- end of modification
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -164,12 +166,16 @@ def detach(model: nn.Module) -> None:
 
 def plan_blocks(
     geometry: TokenGeometry, method: str, r, layer: int
-) -> tuple[list[BlockPlan], list[int]]:
+) -> tuple[list[BlockPlan], list[int], int | None]:
     """Validate a method's setting and return each block's plan and the token counts.
 
+    ToMe's r is capped in every block at ``(n - p) // 2`` of the block's n tokens, as the
+    original caps it (at ``(n - protected) // 2``); the plans and counts hold the capped r.
+
     Returns:
-        ``(plans, counts)``: one plan per block, and ``num_blocks + 1`` counts (tokens
-        entering each block, then tokens leaving the last).
+        ``(plans, counts, capped_from)``: one plan per block, ``num_blocks + 1`` counts
+        (tokens entering each block, then tokens leaving the last), and the first block
+        whose r the cap lowered (None if none was).
 
     Raises:
         ValueError: unknown method, bad r or layer; the message names the limit.
@@ -194,19 +200,23 @@ def plan_blocks(
             raise ValueError(f"Top-K scores tokens by the class token's attention, and {g.name} has no class token")
     else:
         per_block = [0] * depth
+    for i, ri in enumerate(per_block):
+        if ri < 0:
+            raise ValueError(f"r={ri} at block {i} is negative: give r >= 0")
+    capped_from = None
+    if method == "tome":
+        requested, per_block = per_block, tome.cap(per_block, g.num_tokens, p)
+        capped_from = next((i for i, (a, b) in enumerate(zip(requested, per_block)) if a != b), None)
     counts = [g.num_tokens]
     for i, ri in enumerate(per_block):
         n = counts[-1]
-        if ri < 0:
-            raise ValueError(f"r={ri} at block {i} is negative: give r >= 0")
-        limit = (n - p) // 2 if method == "tome" else n - p - 1
+        limit = n - p - 1
         if ri > limit:
-            what = "merged (ToMe merges at most half of the non-prefix tokens)" if method == "tome" else "pruned"
             where = "" if n == g.num_tokens else f" left at block {i}"
             raise ValueError(
                 f"r={ri} is too large: {g.name} has {n} tokens ({p} prefix){where}, "
-                f"at most {limit} can be {what} at block {i}"
+                f"at most {limit} can be pruned at block {i}"
             )
         counts.append(n - ri)
-    plans = [BlockPlan(method, ri, p) for ri in per_block]
-    return plans, counts
+    plans = [BlockPlan(method, ri, p, class_token=g.has_class_token) for ri in per_block]
+    return plans, counts, capped_from

@@ -2,6 +2,24 @@
 
 Pure tensor functions; :mod:`pomt_cli.pruning.patch` attaches them to timm blocks, which
 also add ``log(size)`` to the attention logits of every later block (proportional attention).
+
+As in the original (facebookresearch/ToMe, ``bipartite_soft_matching``), the *whole* token
+sequence alternates into set A (even positions) and set B (odd positions), prefix tokens
+included, and r is capped in every block at ``(N - protected) // 2``.
+
+The original protects the class token (position 0, in A: its row of the similarity is
+-inf, so it is never merged away) and the distillation token (position 1, in B: its column
+is -inf, so nothing merges into it). pomt generalises this to every prefix token, wherever
+the alternation puts it: the A-side prefix tokens (positions 0, 2, 4, ... < p) are never
+sources, the B-side ones (1, 3, ... < p) never destinations, and all p count as protected.
+For class-token and distilled models this is the original exactly; for register models
+(DINOv2 reg4: p = 5) the registers are protected too, where the original would merge them.
+
+Output order, as the original's: the prefix tokens first in their order (the original keeps
+the class token first by sorting A's unmerged tokens, and the distillation token second
+explicitly), then A's unmerged tokens, then B's tokens. A's unmerged tokens are in position
+order when the model has a class token (the original's sort), and in the matching's order
+(most similar first) when it has none (the original does not sort then).
 """
 
 from __future__ import annotations
@@ -12,12 +30,14 @@ import torch
 
 
 def schedule(r: int | Sequence[int] | tuple[int, float], num_blocks: int) -> list[int]:
-    """Tokens merged in each block.
+    """Tokens requested to merge in each block (before the per-block cap of :func:`cap`).
 
     Args:
         r: an int (the same in every block), a list with one entry per block, or a tuple
-            ``(r, inflection)``: a linear schedule whose mean is ``r``, decreasing for
-            inflection < 0 and increasing for inflection > 0 (ToMe's convention).
+            ``(r, inflection)`` as the original's ``parse_r``: a linear schedule from
+            ``int(r * (1 - inflection))`` to ``2 r`` minus that, each entry truncated to an
+            int; inflection -1 is the paper's decreasing schedule (2r down to 0), 0 is
+            constant, +1 increasing. Its mean is r up to the truncation.
         num_blocks: depth of the model.
     """
     if isinstance(r, tuple):
@@ -38,32 +58,52 @@ def schedule(r: int | Sequence[int] | tuple[int, float], num_blocks: int) -> lis
     return values
 
 
+def cap(requested: Sequence[int], num_tokens: int, num_prefix: int) -> list[int]:
+    """The original's per-block cap: block i merges ``min(r_i, (n_i - p) // 2)`` of its n_i tokens.
+
+    Args:
+        requested: tokens requested per block (each >= 0).
+        num_tokens: N, tokens entering the first block.
+        num_prefix: p, the protected tokens.
+    """
+    merged, n = [], num_tokens
+    for r in requested:
+        merged.append(min(r, (n - num_prefix) // 2))
+        n -= merged[-1]
+    return merged
+
+
 def bipartite_matching(
-    metric: torch.Tensor, r: int, num_prefix: int
+    metric: torch.Tensor, r: int, num_prefix: int, class_token: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pair the r most similar tokens of set A with their best partner in set B.
 
-    Non-prefix tokens alternate into A (even positions) and B (odd positions); each A
-    token's partner is its most cosine-similar B token; the r A tokens with the most
-    similar partners are merged into them. Prefix tokens never take part.
+    Tokens alternate into A (even positions) and B (odd positions), prefix tokens included;
+    the ``ceil(p / 2)`` prefix tokens in A and the ``floor(p / 2)`` in B take no part. Each
+    free A token's partner is its most cosine-similar free B token; the r free A tokens
+    with the most similar partners merge into them.
 
     Args:
         metric: (B, N, D) similarity features (keys averaged over heads).
-        r: pairs to merge, at most (N - p) // 2.
+        r: pairs to merge, at most ``(N - p) // 2``.
         num_prefix: p.
+        class_token: whether the model has a class token: A's unmerged tokens are then kept
+            in position order, else in the matching's order (as the original).
 
     Returns:
-        ``(merged, partner, unmerged)``: (B, r) indices into A of the merged tokens, (B, r)
-        indices into B of their partners, (B, |A| - r) indices into A of the tokens kept,
-        in ascending order.
+        ``(merged, partner, unmerged)``: (B, r) indices into A's free tokens of the merged
+        tokens, (B, r) indices into B's free tokens of their partners, (B, |A free| - r)
+        indices into A's free tokens of the tokens kept.
     """
-    m = metric[:, num_prefix:].float()
+    in_a, in_b = (num_prefix + 1) // 2, num_prefix // 2
+    m = metric.float()
     m = m / m.norm(dim=-1, keepdim=True)
-    similarity = m[:, 0::2] @ m[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|)
+    similarity = m[:, 0::2][:, in_a:] @ m[:, 1::2][:, in_b:].transpose(-2, -1)  # (B, |A free|, |B free|)
     best, partner = similarity.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
-    # Unmerged A tokens keep their original order, so the next block's alternation stays spatial.
-    merged, unmerged = order[:, :r], order[:, r:].sort(dim=-1).values
+    merged, unmerged = order[:, :r], order[:, r:]
+    if class_token:
+        unmerged = unmerged.sort(dim=-1).values
     return merged, partner.gather(1, merged), unmerged
 
 
@@ -75,6 +115,9 @@ def merge(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of each merged A token into its B partner.
 
+    The size-weighted sums ``x * size`` and the sizes are added into the partners with
+    ``scatter_add`` (ops that export to ONNX), then divided by the summed sizes.
+
     Args:
         x: (B, N, C) tokens.
         size: (B, N, 1) how many original tokens each token stands for.
@@ -82,18 +125,18 @@ def merge(
         num_prefix: p.
 
     Returns:
-        ``(x, size)`` with N - r tokens: prefix, unmerged A tokens, then B tokens.
+        ``(x, size)`` with N - r tokens: prefix, A's unmerged tokens, then B's free tokens.
     """
     merged, partner, unmerged = matching
     C = x.shape[-1]
     p = num_prefix
+    in_a, in_b = (p + 1) // 2, p // 2
     # Carry the size as one more channel so one gather/scatter moves both.
     weighted = torch.cat([x * size, size], dim=-1)
-    prefix, rest = weighted[:, :p], weighted[:, p:]
-    a, b = rest[:, 0::2], rest[:, 1::2]
+    a, b = weighted[:, 0::2][:, in_a:], weighted[:, 1::2][:, in_b:]
     keep = a.gather(1, unmerged.unsqueeze(-1).expand(-1, -1, C + 1))
     src = a.gather(1, merged.unsqueeze(-1).expand(-1, -1, C + 1))
     b = b.scatter_add(1, partner.unsqueeze(-1).expand(-1, -1, C + 1), src)
-    out = torch.cat([prefix, keep, b], dim=1)
+    out = torch.cat([weighted[:, :p], keep, b], dim=1)
     new_size = out[..., C:]
     return out[..., :C] / new_size, new_size
