@@ -357,6 +357,7 @@ class OutputSet:
         if unwritten:
             raise RuntimeError(f"commit before writing {unwritten}")
         replaced: list[tuple[Path, Path | None]] = []
+        backups: list[Path] = []
         with _signals_deferred():
             try:
                 for suffix, tmp in self._temporaries.items():
@@ -366,6 +367,7 @@ class OutputSet:
                         backup = tmp.with_name(tmp.name + ".old")
                         try:
                             os.link(final, backup)
+                            backups.append(backup)
                         except OSError:
                             backup = None
                     os.replace(tmp, final)
@@ -378,9 +380,8 @@ class OutputSet:
                         final.unlink(missing_ok=True)
                 raise write_error(self.path(suffix), exc) from None
             finally:
-                for _, backup in replaced:
-                    if backup is not None:
-                        backup.unlink(missing_ok=True)
+                for backup in backups:
+                    backup.unlink(missing_ok=True)
             self._temporaries.clear()
             self.committed = True
         return self.paths

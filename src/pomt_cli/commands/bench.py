@@ -19,13 +19,13 @@ from pomt_cli.data import load_labelled
 from pomt_cli.devices import default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.models import create_model, vit_geometry, weights_source
-from pomt_cli.options import parse_dtype, parse_int_list
+from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list
 from pomt_cli.outputs import check_output_dir, output_stem, write_set
 from pomt_cli.profiles import command_line
 from pomt_cli.selection import read_report
 
 out = plain_console()
-err = plain_console(stderr=True)
+err = plain_console(stderr=True, soft_wrap=True)
 
 METADATA_KEY = "pomt"
 
@@ -113,7 +113,7 @@ def bench(
     rel_precision: float = typer.Option(0.01, "--rel-precision", help="Per round: stop once the median's 95% CI is within this fraction."),
     budget: float = typer.Option(2.0, "--budget", help="Seconds per method and round at most."),
     rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; samples are pooled over them."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the inputs and the methods' order in each round."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the inputs and the methods' order in each round."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     lock_clocks: bool = typer.Option(True, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing."),
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the CSV and Parquet reports."),

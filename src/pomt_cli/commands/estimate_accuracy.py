@@ -11,10 +11,11 @@ from rich.table import Table
 
 from pomt_cli.accuracy import ESTIMATORS, AccuracyRun, EstimateConfig, EvalProgress, describe, processes, run_estimate, write_accuracy
 from pomt_cli.errors import PomtError
+from pomt_cli.options import SEED_MAX
 from pomt_cli.outputs import check_output_dir
 
 out = plain_console()
-err = plain_console(stderr=True)
+err = plain_console(stderr=True, soft_wrap=True)
 
 #: Rows of the summary table (evenly spaced grid points, the ends included).
 TABLE_ROWS = 12
@@ -66,7 +67,7 @@ def estimate_accuracy(
         "random", "--estimator", help="random (the paper's estimate), or the real method: pomt, topk, tome."
     ),
     layer: int = typer.Option(3, "--layer", help="POMT's pruning block (for --estimator pomt)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the random tokens (the same per image and n in every run)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the random tokens (the same per image and n in every run)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     torch_device: str = typer.Option(

@@ -31,7 +31,7 @@ from pomt_cli.latency import (
     resume_rows,
 )
 from pomt_cli.models import create_model, vit_geometry
-from pomt_cli.options import parse_dtype, parse_int_list, token_grid
+from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list, token_grid
 from pomt_cli.outputs import OutputSet, output_stem, write_error
 from pomt_cli.plots import plot_latency
 from pomt_cli.profiles import write_profile
@@ -40,7 +40,7 @@ from pomt_cli.profiles import write_profile
 CHECKPOINT_EVERY_S = 1.0
 
 out = plain_console()
-err = plain_console(stderr=True)
+err = plain_console(stderr=True, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -124,7 +124,7 @@ def profile(
         2, "--passes", help="Sweeps over the grid in fresh shuffled orders; each point's samples are pooled."
     ),
     remeasure: int = typer.Option(2, "--remeasure", help="Rounds of re-measuring points that disagree with both neighbours."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the visiting order, the inputs and the kept tokens."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the visiting order, the inputs and the kept tokens."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     lock_clocks: bool = typer.Option(
         True, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while measuring (restored after)."
