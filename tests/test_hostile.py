@@ -329,27 +329,24 @@ def test_saved_clock_state_of_the_wrong_shape_is_one_line(tmp_path, capsys, monk
 # 6. Two runs on one preset: the second is refused; the first's clocks are not touched.
 
 
-def test_a_second_process_on_a_locked_preset_is_refused(tmp_path):
+def test_a_second_process_on_a_locked_preset_is_refused(tmp_path, monkeypatch):
     tools = FakeTools(tmp_path)
     preset = preset_file(tmp_path, "nvidia")
-    os.environ["POMT_STATE_DIR"] = str(tools.state)
-    try:
-        ctl = ClockController(load_preset(preset), "cpu")
-        with clock_lock(ctl):  # held by this process, as a measuring run holds it
-            runs = [
-                ["profile", "--model", "digits-vit", "--device", str(preset), "--torch-device", "cpu",
-                 "--tokens", "65:60:5", "--output-dir", str(tmp_path / "out")],
-                ["clocks", "restore", "--device", str(preset)],
-                ["clocks", "lock", "--device", str(preset)],
-            ]
-            for args in runs:
-                done = subprocess.run([sys.executable, "-m", "pomt_cli", *args], env=tools.env(),
-                                      capture_output=True, text=True, timeout=300)
-                one_line_error(done.returncode, done.stderr, "another pomt process is using the clocks")
-        assert not any("lock-gpu" in c or "reset" in c for c in tools.calls()), tools.calls()
-        assert not (tmp_path / "out").exists() and not ctl.state_file.exists()
-    finally:
-        del os.environ["POMT_STATE_DIR"]
+    monkeypatch.setenv("POMT_STATE_DIR", str(tools.state))
+    ctl = ClockController(load_preset(preset), "cpu")
+    with clock_lock(ctl):  # held by this process, as a measuring run holds it
+        runs = [
+            ["profile", "--model", "digits-vit", "--device", str(preset), "--torch-device", "cpu",
+             "--tokens", "65:60:5", "--output-dir", str(tmp_path / "out")],
+            ["clocks", "restore", "--device", str(preset)],
+            ["clocks", "lock", "--device", str(preset)],
+        ]
+        for args in runs:
+            done = subprocess.run([sys.executable, "-m", "pomt_cli", *args], env=tools.env(),
+                                  capture_output=True, text=True, timeout=300)
+            one_line_error(done.returncode, done.stderr, "another pomt process is using the clocks")
+    assert not any("lock-gpu" in c or "reset" in c for c in tools.calls()), tools.calls()
+    assert not (tmp_path / "out").exists() and not ctl.state_file.exists()
 
 
 # 7. SIGTERM without clock locking: the partial profile is saved, a resume line, exit 143.

@@ -148,7 +148,7 @@ def check_output_dir(output_dir: str | Path) -> Path:
     """Check, without creating anything, that ``output_dir`` is or can become a writable folder.
 
     Commands call this before long work, so that a bad ``--output-dir`` fails at once;
-    :func:`prepare_output_dir` creates the folder when the results are ready.
+    an :class:`OutputSet` creates the folder when the results are written.
 
     Raises:
         PomtError: a file is in the way, or the folder (or its nearest existing parent)
