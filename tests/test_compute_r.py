@@ -324,7 +324,7 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "latency as accuracy": (["--latency", str(lat), "--accuracy", str(lat)],
                                 "is a latency profile, but an accuracy profile is needed"),
         "accuracy as latency": (["--latency", str(acc), "--accuracy", str(acc)],
-                                "is a accuracy profile, but a latency profile is needed"),
+                                "is an accuracy profile, but a latency profile is needed"),
         "alpha": ([*both, "--alpha", "1.5"], "--alpha 1.5 must lie between 0 and 1"),
         "two modes": ([*both, "--alpha", "0.3", "--max-accuracy-drop", "1"], "give only one of them"),
         "no common points": (["--latency", str(lat), "--accuracy", str(apart)], "0 grid point(s) in common"),
@@ -332,7 +332,7 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                               "no n meets --latency-budget 1 ms at batch 4: the fastest point is n=3 at 4.21 ms; "
                               "give at least 4.22"),
         "batch size": ([*both, "--batch-size", "8"], "--batch-size 8 is not in"),
-        "unwritable": ([*both, "--output-dir", str(a_file / "runs")], "cannot write to --output-dir"),
+        "unwritable": ([*both, "--output-dir", str(a_file / "runs")], "is a file, not a folder"),
     }
 
 

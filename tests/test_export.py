@@ -62,6 +62,7 @@ def test_the_command_writes_the_file_and_prints_the_difference(tmp_path, capsys)
 @pytest.mark.parametrize("args, message", [
     (["--output", "{tmp}/missing/d.onnx"], "the folder {tmp}/missing does not exist"),
     (["--output", "{tmp}"], "is a folder"),
+    (["--output", "{tmp}/d.txt"], "give a file name ending in .onnx"),
     (["--output", "{tmp}/d.onnx", "-r", "4"], "-r needs a method"),
     (["--output", "{tmp}/d.onnx", "--method", "topk", "-r", "2", "--layer", "1"], "topk has no layer"),
     (["--output", "{tmp}/d.onnx", "--method", "pomt", "-r", "90", "--layer", "1"], "r=90 is too large"),

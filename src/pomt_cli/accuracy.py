@@ -39,7 +39,7 @@ from pomt_cli.devices import resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.models import check_num_classes, create_model, state_dict_sha256, vit_geometry, weights_source
 from pomt_cli.options import parse_dtype, token_grid
-from pomt_cli.outputs import output_path, output_stem
+from pomt_cli.outputs import output_stem, write_set
 from pomt_cli.plots import plot_accuracy
 from pomt_cli.profiles import ProfileMeta, write_profile
 from pomt_cli.pruning import apply, forward_kept, geometry, planned_token_counts, remove
@@ -461,11 +461,12 @@ def accuracy_stem(meta: AccuracyMeta) -> str:
 
 
 def write_accuracy(run: AccuracyRun, output_dir: str | Path) -> tuple[Path, Path]:
-    """Write the profile (Parquet) and its plot (PNG) atomically; returns both paths."""
-    stem = accuracy_stem(run.meta)
-    parquet = write_profile(output_path(output_dir, stem, "parquet"), run.frame, run.meta)
-    png = plot_accuracy(run.frame, output_path(output_dir, stem, "png"), title=describe(run.meta))
-    return parquet, png
+    """Write the profile (Parquet) and its plot (PNG) as one set (both or neither); returns both paths."""
+    paths = write_set(output_dir, accuracy_stem(run.meta), {
+        "parquet": lambda tmp: write_profile(tmp, run.frame, run.meta),
+        "png": lambda tmp: plot_accuracy(run.frame, tmp, title=describe(run.meta)),
+    })
+    return paths["parquet"], paths["png"]
 
 
 def describe(meta: AccuracyMeta) -> str:

@@ -2,20 +2,26 @@
 
 Each subcommand lives in ``pomt_cli.commands.<name>`` and is registered here. Commands
 parse and render; the library computes. Every user error reaches :func:`main` as a
-:class:`~pomt_cli.errors.PomtError` (or a click usage error) and is printed as one line
-on standard error with exit code 2.
+:class:`~pomt_cli.errors.PomtError`, a click usage error or an ``OSError`` (a name too
+long, a full disk, a folder without permission) and is printed as one line on standard
+error, as written (no markup), with exit code 2. SIGTERM ends a command like Ctrl-C
+does, through its ``finally`` blocks (a profile saves its points), with exit code 143.
+Warnings of the libraries are printed after a command that succeeds, one line each.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from pomt_cli import __version__
+from pomt_cli.console import plain_console
+from pomt_cli.devices import sigterm_raises
 from pomt_cli.errors import PomtError
+from pomt_cli.outputs import describe_os_error
 from pomt_cli.profiles import set_command_line
 
 app = typer.Typer(
@@ -34,7 +40,7 @@ _UsageError = _click_errors.UsageError
 _ClickException = _click_errors.ClickException
 _NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+err_console = plain_console(stderr=True, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -64,8 +70,19 @@ _register()
 
 def fail(message: str) -> None:
     """Print ``error: message`` as one line on standard error and exit with code 2."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    line = " ".join(str(message).split("\n"))
+    err_console.print(Text.assemble(("error:", "bold red"), " ", line))
     sys.exit(2)
+
+
+def _warning_lines(caught: list[warnings.WarningMessage]) -> list[str]:
+    lines = []
+    for w in caught:
+        text = " ".join(str(w.message).split())[:300]
+        line = f"warning: {text} ({w.category.__name__})"
+        if line not in lines:
+            lines.append(line)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,9 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Outside standalone mode Typer returns the exit code of typer.Exit (and 130 for
         # Ctrl-C) instead of exiting; commands themselves return None.
-        code = app(args=args, standalone_mode=False, prog_name="pomt")
+        with warnings.catch_warnings(record=True) as caught, sigterm_raises():
+            code = app(args=args, standalone_mode=False, prog_name="pomt")
     except PomtError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(describe_os_error(exc))
     except _NoArgsIsHelp as exc:
         typer.echo(exc.ctx.get_help() if exc.ctx else "")
         sys.exit(0)
@@ -91,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    for line in _warning_lines(caught):
+        err_console.print(line)
     if code == 130:
         err_console.print("aborted")
     if isinstance(code, int) and code:

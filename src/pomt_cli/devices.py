@@ -15,6 +15,8 @@ exceptions, on Ctrl-C and on SIGTERM.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import importlib.resources
 import json
 import os
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pomt_cli.errors import PomtError
 from pomt_cli.outputs import atomic_write_text
@@ -123,6 +125,12 @@ class DevicePreset(BaseModel):
     torch_device: str
     description: str = ""
     clocks: ClockControl
+    _device_arg: str | None = PrivateAttr(None)
+
+    @property
+    def device_arg(self) -> str:
+        """What to pass as ``--device`` for this preset: its name, or its file's path (shell-quoted)."""
+        return shlex.quote(self._device_arg or self.name)
 
 
 class ClockState(BaseModel):
@@ -143,6 +151,17 @@ class ClockState(BaseModel):
     @property
     def locked(self) -> bool:
         return self.mode in ("locked", "already_locked")
+
+
+class SavedClockState(BaseModel):
+    """What ``state.json`` holds while pomt has the clocks locked: what restoring needs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    preset: str
+    locked_at: str
+    pid: int | None = None
+    values: dict[str, str] = Field(default_factory=dict)
 
 
 def _builtin_dir() -> Path:
@@ -169,7 +188,13 @@ def load_preset(name_or_path: str | Path) -> DevicePreset:
             raise PomtError(
                 f"unknown device {text!r}: use one of {', '.join(preset_names())} or the path of a .toml preset"
             )
-    if not path.is_file():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as exc:
+        raise PomtError(f"cannot use --device {path} ({exc.strerror or exc})") from None
+    if is_dir:
+        raise PomtError(f"--device {path} is a folder: give a preset name or the path of a .toml file")
+    if not exists:
         raise PomtError(f"device preset {path} does not exist: give a preset name or the path of a .toml file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -178,11 +203,14 @@ def load_preset(name_or_path: str | Path) -> DevicePreset:
     except tomllib.TOMLDecodeError as exc:
         raise PomtError(f"device preset {path} is not valid TOML: {exc}") from None
     try:
-        return DevicePreset.model_validate({"name": path.stem, **data})
+        preset = DevicePreset.model_validate({"name": path.stem, **data})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "file"
         raise PomtError(f"device preset {path} is invalid at {where}: {first['msg']}") from None
+    if path.parent != _builtin_dir():
+        preset._device_arg = text
+    return preset
 
 
 def default_preset_name() -> str:
@@ -313,14 +341,29 @@ class ClockController:
             return f"{path} does not exist on this machine, so its clocks cannot be controlled (a VM or container?)"
         return None
 
-    def saved_state(self) -> dict | None:
-        """The state saved by a lock that has not been restored yet, or None."""
+    def saved_state(self) -> SavedClockState | None:
+        """The state saved by a lock that has not been restored yet, or None.
+
+        Raises:
+            PomtError: the file is unreadable, not JSON, or JSON of another shape (the
+                message names the field).
+        """
         try:
-            return json.loads(self.state_file.read_text(encoding="utf-8"))
+            text = self.state_file.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PomtError(f"saved clock state {self.state_file} is unreadable ({exc}): check or delete it") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise PomtError(f"saved clock state {self.state_file} is unreadable ({cause}): check or delete it") from None
+        try:
+            return SavedClockState.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "the file"
+            raise PomtError(
+                f"saved clock state {self.state_file} is damaged ({where}: {first['msg']}): restore the clocks by "
+                f"hand ({'; '.join(self.plan()['restore'])}) and delete it"
+            ) from None
 
     def plan(self) -> dict[str, list[str]]:
         """The commands of each phase as shell lines, with known placeholders filled in."""
@@ -369,8 +412,9 @@ class ClockController:
             )
         if self.preset.clocks.needs_root and os.geteuid() != 0:
             raise PomtError(
-                f"locking the clocks of {name} needs root: run `sudo pomt clocks lock --device {name}` first "
-                f"(and `sudo pomt clocks restore --device {name}` after), or by hand {self._hand_lines()}, "
+                f"locking the clocks of {name} needs root: run `sudo pomt clocks lock --device {self.preset.device_arg}` "
+                f"first (and `sudo pomt clocks restore --device {self.preset.device_arg}` after), or by hand "
+                f"{self._hand_lines()}, "
                 "and pass --no-lock-clocks"
             )
 
@@ -410,10 +454,10 @@ class ClockController:
         if self.saved_state() is not None:
             raise PomtError(
                 f"the clocks of {self.preset.name} are already locked by pomt (state in {self.state_file}): "
-                f"restore them with `pomt clocks restore --device {self.preset.name}` first"
+                f"restore them with `pomt clocks restore --device {self.preset.device_arg}` first"
             )
         values = self.read_values()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        _make_state_dir(self.state_dir)
         record = {
             "preset": self.preset.name,
             "locked_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -462,7 +506,7 @@ class ClockController:
                 command failed (the state is kept so that it can be tried again).
         """
         saved = self.saved_state()
-        values = {**self.builtins, **(saved or {}).get("values", {})}
+        values = {**self.builtins, **(saved.values if saved is not None else {})}
         needed = {n for argv in self.preset.clocks.restore for arg in argv for n in _PLACEHOLDER.findall(arg)}
         if saved is None and needed - set(values):
             raise PomtError(
@@ -490,12 +534,54 @@ class ClockController:
         return "\n".join(parts)[:limit]
 
 
+def _make_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PomtError(
+            f"cannot create the clock state folder {path} ({exc.strerror or exc}): set POMT_STATE_DIR to a writable "
+            "folder, or pass --no-lock-clocks"
+        ) from None
+
+
+@contextmanager
+def clock_lock(ctl: ClockController) -> Iterator[None]:
+    """Hold the preset's state folder (``fcntl.flock``) so that one pomt process at a time uses its clocks.
+
+    Every run that locks the clocks (or measures under a lock saved by ``pomt clocks
+    lock``) and ``pomt clocks lock|restore`` take it. A second process is refused at once:
+    it would otherwise record the first run's lock as its own and have the clocks
+    restored under it. The lock goes with the process (a crash frees it).
+
+    Raises:
+        PomtError: another process holds it, or the folder cannot be created or opened.
+    """
+    _make_state_dir(ctl.state_dir)
+    try:
+        fd = os.open(ctl.state_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise PomtError(f"cannot open the clock state folder {ctl.state_dir} ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise PomtError(f"cannot lock the clock state folder {ctl.state_dir} ({exc.strerror or exc})") from None
+            raise PomtError(
+                f"another pomt process is using the clocks of {ctl.preset.name} (it holds {ctl.state_dir}): "
+                "wait for it to finish, then run again"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 class _Terminated(SystemExit):
     """SIGTERM, raised so that ``finally`` blocks run; exits with 128 + 15."""
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`SystemExit` (143) instead of killing outright."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -543,9 +629,12 @@ def locked_clocks(
     - A state saved by ``pomt clocks lock`` exists: the clocks are left as they are and
       not restored at the end; mode ``already_locked``.
 
+    In the last two cases the block runs holding :func:`clock_lock`, so a second process
+    on the same preset is refused instead of measuring under this one's lock.
+
     Raises:
-        PomtError: locking is not possible (missing tool, not root, failing command);
-            nothing has been changed then.
+        PomtError: locking is not possible (missing tool, not root, failing command,
+            another pomt process on the preset); nothing has been changed then.
     """
     ctl = ClockController(preset, torch_device, state_dir)
     if not enabled:
@@ -556,21 +645,25 @@ def locked_clocks(
     if unavailable:
         yield ClockState(preset=preset.name, mode="unavailable", detail=unavailable + "; measured without locking")
         return
-    saved = ctl.saved_state()
-    if saved is not None:
-        yield ClockState(
-            preset=preset.name,
-            mode="already_locked",
-            detail=f"locked by pomt at {saved.get('locked_at', '?')} (state in {ctl.state_file}); left locked",
-            values=saved.get("values", {}),
-            status=ctl.status_text(),
-        )
-        return
-    with _sigterm_raises():
-        values = ctl.lock()
-        try:
-            yield ClockState(preset=preset.name, mode="locked", detail="locked for the measurement and restored after",
-                             values=values, status=ctl.status_text())
-        finally:
-            with _signals_ignored():
-                ctl.restore()
+    if ctl.saved_state() is None:
+        ctl._check_can_lock()  # a missing tool or root fails before anything is created
+    with clock_lock(ctl):
+        saved = ctl.saved_state()
+        if saved is not None:
+            yield ClockState(
+                preset=preset.name,
+                mode="already_locked",
+                detail=f"locked by pomt at {saved.locked_at} (state in {ctl.state_file}); left locked",
+                values=saved.values,
+                status=ctl.status_text(),
+            )
+            return
+        with sigterm_raises():
+            values = ctl.lock()
+            try:
+                yield ClockState(preset=preset.name, mode="locked",
+                                 detail="locked for the measurement and restored after",
+                                 values=values, status=ctl.status_text())
+            finally:
+                with _signals_ignored():
+                    ctl.restore()

@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import nn
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
+from pomt_cli.outputs import OutputSet
 from pomt_cli.pruning import apply, geometry, planned_token_counts, remove
 
 #: Default largest difference between ONNX Runtime and PyTorch, relative to the largest
@@ -63,6 +63,8 @@ def check_output_file(output: str | Path) -> Path:
     path = Path(output)
     try:
         folder = path.parent if str(path.parent) else Path(".")
+        if path.suffix != ".onnx" and not path.is_dir():
+            raise PomtError(f"--output {path}: give a file name ending in .onnx")
         if path.is_dir():
             raise PomtError(f"--output {path} is a folder: give a file name such as {path / 'model.onnx'}")
         if not folder.is_dir():
@@ -113,10 +115,10 @@ def export_onnx(
     model = model.eval().to(device="cpu", dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, *g.input_size, generator=generator).to(dtype)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    measured: dict = {}
+
+    def produce(tmp: Path) -> None:
+        """Export to ``tmp``, check it with ONNX Runtime, and add the metadata."""
         with torch.no_grad():
             expected = model(images).float()
         began = time.perf_counter()
@@ -129,12 +131,12 @@ def export_onnx(
         except Exception as exc:  # the exporter fails in many types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PomtError(f"{g.name} with {method} does not export to ONNX opset {opset}: {first[:200]}") from None
-        export_s = time.perf_counter() - began
+        measured["export_s"] = time.perf_counter() - began
         began = time.perf_counter()
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: images.float().numpy() if dtype == torch.bfloat16 else images.numpy()}
         actual = torch.from_numpy(session.run(None, feed)[0]).float()
-        check_s = time.perf_counter() - began
+        measured["check_s"] = time.perf_counter() - began
         max_abs = float((actual - expected).abs().max())
         max_rel = max_abs / max(float(expected.abs().max()), 1e-12)
         if not max_rel <= tolerance:
@@ -151,13 +153,14 @@ def export_onnx(
         proto = onnx.load(str(tmp))
         onnx.helper.set_model_props(proto, metadata)
         onnx.save(proto, str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would ignore the umask
-        os.replace(tmp, path)
+        measured.update(max_abs=max_abs, max_rel=max_rel, metadata=metadata)
+
+    try:
+        with OutputSet(path.parent, path.stem, ("onnx",)) as files:
+            files.write("onnx", produce)
+            files.commit()
     finally:
-        if tmp.exists():
-            tmp.unlink()
         remove(model)
-    return ExportResult(path=path, max_abs_diff=max_abs, max_rel_diff=max_rel, tolerance=tolerance, opset=opset,
-                        metadata=metadata, export_s=export_s, check_s=check_s)
+    return ExportResult(path=path, max_abs_diff=measured["max_abs"], max_rel_diff=measured["max_rel"],
+                        tolerance=tolerance, opset=opset, metadata=measured["metadata"],
+                        export_s=measured["export_s"], check_s=measured["check_s"])

@@ -24,6 +24,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``module.`` prefix (DataParallel) is stripped.
     """
     path = Path(path)
+    if path.is_dir():
+        raise PomtError(f"checkpoint {path} is a folder: give the path of a .safetensors or .pth file")
     if not path.is_file():
         raise PomtError(f"checkpoint {path} does not exist: give the path of a .safetensors or .pth file")
     try:
@@ -42,6 +44,16 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PomtError(f"checkpoint {path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _mismatch(exc: RuntimeError) -> str:
+    """torch's "Error(s) in loading state_dict" as one line: what is missing, unexpected or of another shape."""
+    parts = []
+    for line in str(exc).splitlines()[1:]:
+        line = " ".join(line.split())
+        if line:
+            parts.append(line if len(line) <= 160 else line[:157] + "...")
+    return "; ".join(parts)[:480] or str(exc).splitlines()[0][:200]
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -112,8 +124,7 @@ def create_model(
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise PomtError(f"checkpoint {checkpoint} does not fit {name}: {first[:200]}") from None
+            raise PomtError(f"checkpoint {checkpoint} does not fit {name}: {_mismatch(exc)}") from None
     return model.eval()
 
 
@@ -151,8 +162,7 @@ def _create_digits_vit(checkpoint: str | Path | None, num_classes: int | None) -
     try:
         model.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise PomtError(f"checkpoint {path} does not fit {digits.NAME}: {first[:200]}") from None
+        raise PomtError(f"checkpoint {path} does not fit {digits.NAME}: {_mismatch(exc)}") from None
     return model.eval()
 
 

@@ -11,6 +11,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+#: The largest --seed: seeds are combined with token counts into torch's 64-bit seeds.
+SEED_MAX = 2**32 - 1
+
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 

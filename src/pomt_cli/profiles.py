@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 import shlex
 import sys
@@ -77,18 +78,105 @@ def write_profile(path: str | Path, frame: pl.DataFrame, meta: ProfileMeta) -> P
     return Path(path)
 
 
+#: What each known column must hold: its type (``int``, ``float``, ``str``) and its values.
+#: ``latency``: finite and positive (null only where status is ``oom``); ``positive``: > 0;
+#: ``count``: >= 0; ``percent``: finite, in [0, 100]; ``status``: ok, budget or oom. A rule
+#: ending in ``?`` allows null (a statistic that too few samples leave undefined).
+COLUMN_RULES: dict[str, tuple[str, str]] = {
+    "batch_size": ("int", "positive"),
+    "tokens": ("int", "positive"),
+    "latency_ms": ("float", "latency"),
+    "p10_ms": ("float", "latency"),
+    "p90_ms": ("float", "latency"),
+    "ci_low_ms": ("float", "latency?"),
+    "ci_high_ms": ("float", "latency?"),
+    "mean_ms": ("float", "latency?"),
+    "min_ms": ("float", "latency?"),
+    "max_ms": ("float", "latency?"),
+    "std_ms": ("float", "count?"),
+    "samples": ("int", "count"),
+    "status": ("str", "status"),
+    "accuracy": ("float", "percent"),
+    "top5": ("float", "percent"),
+    "images": ("int", "positive"),
+}
+STATUSES = ("ok", "budget", "oom")
+
+
+def _meta_model(kind: str) -> type[ProfileMeta]:
+    """The metadata model of a profile kind (imported here: those modules build on this one)."""
+    if kind == "latency":
+        from pomt_cli.latency import LatencyMeta
+
+        return LatencyMeta
+    from pomt_cli.accuracy import AccuracyMeta
+
+    return AccuracyMeta
+
+
+def _type_ok(dtype: pl.DataType, wanted: str) -> bool:
+    if wanted == "int":
+        return dtype.is_integer()
+    if wanted == "float":
+        return dtype.is_float() or dtype.is_integer()
+    return dtype == pl.String
+
+
+def check_columns(path: Path, frame: pl.DataFrame) -> None:
+    """Check the type and the values of every known column of a profile.
+
+    Raises:
+        PomtError: one line naming the file, the column and the first bad row.
+    """
+    status = frame["status"].to_list() if "status" in frame.columns and frame.schema["status"] == pl.String else None
+    for name, (wanted, rule) in COLUMN_RULES.items():
+        if name not in frame.columns:
+            continue
+        dtype = frame.schema[name]
+        if not _type_ok(dtype, wanted):
+            kind = {"int": "integers", "float": "numbers", "str": "text"}[wanted]
+            raise PomtError(f"{path}: column {name} has type {dtype}, but holds {kind} in a pomt profile: "
+                            "is it damaged? write it again with pomt")
+        nullable = rule.endswith("?")
+        rule = rule.rstrip("?")
+        for row, value in enumerate(frame[name].to_list()):
+            problem = None
+            if value is None:
+                if not nullable and (rule != "latency" or status is None or status[row] != "oom"):
+                    problem = "is empty"
+            elif rule == "status":
+                if value not in STATUSES:
+                    problem = f"is {value!r}, not one of {', '.join(STATUSES)}"
+            elif not math.isfinite(value):
+                problem = f"is {value}, not a finite number"
+            elif rule in ("latency", "positive") and value <= 0:
+                problem = f"is {value}, not positive"
+            elif rule == "count" and value < 0:
+                problem = f"is {value}, below 0"
+            elif rule == "percent" and not 0 <= value <= 100:
+                problem = f"is {value}, outside 0..100 (%)"
+            if problem:
+                raise PomtError(f"{path}: column {name} {problem} in row {row + 1}: is it damaged? "
+                                "write it again with pomt")
+
+
 def read_profile(path: str | Path, kind: str | None = None) -> tuple[pl.DataFrame, dict]:
-    """The frame and the metadata (a dict) of a profile file.
+    """The frame and the metadata (a dict) of a profile file, checked strictly.
+
+    The metadata must validate as its kind's record (types included), and every known
+    column must have its type and valid values (:func:`check_columns`).
 
     Args:
         path: the Parquet file.
         kind: ``"latency"`` or ``"accuracy"`` to insist on one kind.
 
     Raises:
-        PomtError: the file is missing, not a Parquet file, not a pomt profile, or of
-            the other kind.
+        PomtError: the file is missing, not a Parquet file, not a pomt profile, of the
+            other kind, or damaged (the message names the field).
     """
     path = Path(path)
+    if path.is_dir():
+        raise PomtError(f"profile {path} is a folder: give the path of a .parquet file written by pomt")
     if not path.is_file():
         raise PomtError(f"profile {path} does not exist: give the path of a .parquet file written by pomt")
     try:
@@ -100,15 +188,31 @@ def read_profile(path: str | Path, kind: str | None = None) -> tuple[pl.DataFram
         raise PomtError(f"{path} is a Parquet file without pomt metadata: was it written by pomt?")
     try:
         meta = json.loads(raw[METADATA_KEY])
-        ProfileMeta.model_validate(meta)
-    except (json.JSONDecodeError, ValidationError):
-        raise PomtError(f"{path} has damaged pomt metadata: write it again with pomt") from None
+    except json.JSONDecodeError:
+        raise PomtError(f"{path} has damaged pomt metadata (not JSON): write it again with pomt") from None
+    if not isinstance(meta, dict) or meta.get("kind") not in ("latency", "accuracy"):
+        raise PomtError(f"{path} has damaged pomt metadata (kind is not latency or accuracy): write it again with pomt")
     if kind is not None and meta["kind"] != kind:
         hint = "pomt profile" if kind == "latency" else "pomt estimate-accuracy"
-        article = "an" if kind == "accuracy" else "a"
-        raise PomtError(f"{path} is a {meta['kind']} profile, but {article} {kind} profile is needed here (from `{hint}`)")
+        article = {"latency": "a", "accuracy": "an"}
+        raise PomtError(f"{path} is {article[meta['kind']]} {meta['kind']} profile, but {article[kind]} {kind} "
+                        f"profile is needed here (from `{hint}`)")
+    # The fields every profile has must be there; of the kind's own fields (which other
+    # tools writing profiles may leave out) those present must have their type.
+    errors = []
+    for model, allow_missing in ((ProfileMeta, False), (_meta_model(meta["kind"]), True)):
+        try:
+            model.model_validate(meta)
+        except ValidationError as exc:
+            errors += [e for e in exc.errors() if not (allow_missing and e["type"] == "missing")]
+    if errors:
+        first = errors[0]
+        where = ".".join(str(part) for part in first["loc"]) or "metadata"
+        raise PomtError(f"{path} has damaged pomt metadata (field {where}: {first['msg']}): "
+                        "write it again with pomt") from None
     wanted = LATENCY_COLUMNS if meta["kind"] == "latency" else ACCURACY_COLUMNS
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise PomtError(f"{path} lacks the column(s) {', '.join(missing)}: write it again with pomt")
+    check_columns(path, frame)
     return frame, meta

@@ -94,15 +94,17 @@ class SelectionSettings(BaseModel):
 class Choice(BaseModel):
     """The chosen n for one batch size."""
 
-    batch_size: int
-    R: int = Field(description="tokens to prune, N - n")
-    tokens: int = Field(description="n*, tokens kept")
-    latency_ms: float
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    batch_size: int = Field(ge=1)
+    R: int = Field(ge=0, description="tokens to prune, N - n")
+    tokens: int = Field(ge=1, description="n*, tokens kept")
+    latency_ms: float = Field(gt=0)
     latency_saved_pct: float = Field(description="100 * (1 - L(n*) / L(n_max))")
-    accuracy: float = Field(description="top-1 accuracy (%) at n*")
-    accuracy_lost: float = Field(description="A(n_max) - A(n*), percentage points")
+    accuracy: float = Field(ge=0, le=100, description="top-1 accuracy (%) at n*")
+    accuracy_lost: float = Field(ge=-100, le=100, description="A(n_max) - A(n*), percentage points")
     utility: float = Field(description="U(n*) with the report's alpha")
-    reference_tokens: int = Field(description="n_max, the largest n both profiles contain")
+    reference_tokens: int = Field(ge=1, description="n_max, the largest n both profiles contain")
 
 
 class ProfileInput(BaseModel):
@@ -128,22 +130,22 @@ class ProfileInput(BaseModel):
 class Report(BaseModel):
     """The JSON report of ``pomt compute-r`` (format in docs/FORMATS.md)."""
 
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=(), allow_inf_nan=False)
 
     format_version: int = REPORT_FORMAT_VERSION
     kind: Literal["compute_r"] = "compute_r"
     model: str
-    num_tokens: int
-    num_prefix: int
-    num_blocks: int
-    embed_dim: int
+    num_tokens: int = Field(ge=1)
+    num_prefix: int = Field(ge=0)
+    num_blocks: int = Field(ge=1)
+    embed_dim: int = Field(ge=1)
     criterion: Criterion
-    alpha: float
-    latency_budget_ms: float | None = None
-    max_accuracy_drop: float | None = None
-    R: int = Field(description="R of the first batch size")
-    tokens: int = Field(description="n* of the first batch size")
-    batch_size: int = Field(description="the first batch size")
+    alpha: float = Field(ge=0, le=1)
+    latency_budget_ms: float | None = Field(None, gt=0)
+    max_accuracy_drop: float | None = Field(None, ge=0)
+    R: int = Field(ge=0, description="R of the first batch size")
+    tokens: int = Field(ge=1, description="n* of the first batch size")
+    batch_size: int = Field(ge=1, description="the first batch size")
     choices: list[Choice] = Field(min_length=1)
     latency: ProfileInput
     accuracy: ProfileInput

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import torch
 import typer
-from rich.console import Console
+from pomt_cli.console import plain_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -19,13 +19,13 @@ from pomt_cli.data import load_labelled
 from pomt_cli.devices import default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.models import create_model, vit_geometry, weights_source
-from pomt_cli.options import parse_dtype, parse_int_list
-from pomt_cli.outputs import atomic_output, check_output_dir, output_path, output_stem, prepare_output_dir
+from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list
+from pomt_cli.outputs import check_output_dir, output_stem, write_set
 from pomt_cli.profiles import command_line
 from pomt_cli.selection import read_report
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = plain_console()
+err = plain_console(stderr=True, soft_wrap=True)
 
 METADATA_KEY = "pomt"
 
@@ -118,7 +118,7 @@ def bench(
     rel_precision: float = typer.Option(0.01, "--rel-precision", help="Per round: stop once the median's 95% CI is within this fraction."),
     budget: float = typer.Option(2.0, "--budget", help="Seconds per method and round at most."),
     rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; samples are pooled over them."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the inputs and the methods' order in each round."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the inputs and the methods' order in each round."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     lock_clocks: bool = typer.Option(True, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing."),
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the CSV and Parquet reports."),
@@ -205,15 +205,14 @@ def bench(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": command_line(),
         "pomt_version": __version__, "torch_version": torch.__version__,
     }
-    folder = prepare_output_dir(output_dir)
     slugs = list(dict.fromkeys(s.slug for group in plan.values() for s in group))
     stem = output_stem("bench", model, device=preset.name, batch_size=sizes, dtype=dtype_name, img_size=img_size,
                        extra=(*slugs, *(["cudagraphs"] if cuda_graphs else [])))
-    csv, parquet = output_path(folder, stem, "csv"), output_path(folder, stem, "parquet")
-    with atomic_output(csv) as tmp:
-        frame.write_csv(tmp)
-    with atomic_output(parquet) as tmp:
-        frame.write_parquet(tmp, metadata={METADATA_KEY: json.dumps(meta)})
+    paths = write_set(output_dir, stem, {
+        "csv": lambda tmp: frame.write_csv(tmp),
+        "parquet": lambda tmp: frame.write_parquet(tmp, metadata={METADATA_KEY: json.dumps(meta)}),
+    })
+    csv, parquet = paths["csv"], paths["parquet"]
 
     title = (f"{model} on {preset.display_name} ({device_name(tdev)[:40]}), {dtype_name}, "
              f"{'CUDA graphs' if cuda_graphs else 'eager'}" + (f", {len(labelled)} images" if labelled else ""))

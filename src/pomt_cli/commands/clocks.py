@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
-from pomt_cli.devices import ClockController, DevicePreset, load_preset
+from pomt_cli.console import plain_console
+from pomt_cli.devices import ClockController, DevicePreset, clock_lock, load_preset
 from pomt_cli.errors import PomtError
 
-out = Console(highlight=False)
+out = plain_console()
 
 clocks_app = typer.Typer(
     name="clocks",
@@ -26,6 +27,11 @@ def register(app: typer.Typer) -> None:
     app.add_typer(clocks_app, name="clocks")
 
 
+def _heading(preset: DevicePreset) -> Text:
+    """The preset's display name in bold, its name and description (all printed as written)."""
+    return Text.assemble((preset.display_name, "bold"), f" ({preset.name}): {preset.description}")
+
+
 def _controller(device: str, torch_device: str | None) -> tuple[DevicePreset, ClockController]:
     preset = load_preset(device)
     return preset, ClockController(preset, torch_device or preset.torch_device)
@@ -38,15 +44,15 @@ def status(
 ) -> None:
     """Show the clocks' current state (runs the preset's read-only status commands)."""
     preset, ctl = _controller(device, torch_device)
-    out.print(f"[bold]{preset.display_name}[/] ({preset.name}): {preset.description}")
+    out.print(_heading(preset))
     why = ctl.available()
     if why:
         out.print(f"clocks cannot be controlled here: {why}")
         return
     saved = ctl.saved_state()
     if saved is not None:
-        out.print(f"locked by pomt at {saved.get('locked_at', '?')}; saved state in {ctl.state_file}; "
-                  f"restore with `pomt clocks restore --device {preset.name}`")
+        out.print(f"locked by pomt at {saved.locked_at}; saved state in {ctl.state_file}; "
+                  f"restore with `pomt clocks restore --device {preset.device_arg}`")
     else:
         out.print("not locked by pomt")
     missing = ctl.missing_tools(("status",))
@@ -54,8 +60,8 @@ def status(
         raise PomtError(f"reading the clocks of {preset.name} needs {', '.join(missing)}, not found on PATH: "
                         f"is this a {preset.display_name}?")
     for result in ctl.status():
-        out.print(f"[dim]$ {result.shell}[/]", markup=True)
-        out.print(result.output, markup=False)
+        out.print(Text(f"$ {result.shell}", style="dim"))
+        out.print(result.output)
         if result.returncode:
             out.print(f"(exit {result.returncode})")
 
@@ -70,12 +76,12 @@ def lock(
     preset, ctl = _controller(device, torch_device)
     if dry_run:
         plan = ctl.plan()
-        out.print(f"[bold]{preset.display_name}[/] ({preset.name}): {preset.description}")
+        out.print(_heading(preset))
         for phase, heading in (("read", "read first (saved to {})".format(ctl.state_file)), ("lock", "then lock"),
                                ("restore", "`pomt clocks restore` runs"), ("status", "status")):
             out.print(f"{heading}:")
             for line in plan[phase]:
-                out.print(f"  {line}", markup=False)
+                out.print(f"  {line}")
         notes = []
         why = ctl.available()
         if why:
@@ -89,10 +95,11 @@ def lock(
             notes.append(f"already locked by pomt (state in {ctl.state_file})")
         out.print("dry run: nothing was run" + ("; " + "; ".join(notes) if notes else ""))
         return
-    values = ctl.lock()
+    with clock_lock(ctl):
+        values = ctl.lock()
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
     out.print(f"locked the clocks of {preset.display_name}" + (f" (saved {shown})" if shown else "")
-              + f"; restore with `pomt clocks restore --device {preset.name}`")
+              + f"; restore with `pomt clocks restore --device {preset.device_arg}`")
 
 
 @clocks_app.command("restore")
@@ -105,5 +112,6 @@ def restore(
     why = ctl.available()
     if why:
         raise PomtError(f"cannot restore the clocks of {preset.name}: {why}")
-    ctl.restore()
+    with clock_lock(ctl):
+        ctl.restore()
     out.print(f"restored the clocks of {preset.display_name}")

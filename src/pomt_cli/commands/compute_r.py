@@ -6,15 +6,15 @@ from pathlib import Path
 
 import polars as pl
 import typer
-from rich.console import Console
+from pomt_cli.console import plain_console
 from rich.table import Table
 
 from pomt_cli.options import parse_int_list
-from pomt_cli.outputs import output_path, output_stem, prepare_output_dir
+from pomt_cli.outputs import check_output_dir, output_stem, write_set
 from pomt_cli.plots import plot_selection
 from pomt_cli.selection import Choice, Report, SelectionSettings, compute_r as select_r, write_report
 
-out = Console(highlight=False)
+out = plain_console()
 
 _CRITERION_TITLES = {
     "utility": "largest utility",
@@ -68,17 +68,19 @@ def compute_r(
     """Choose R, the tokens to prune: where the latency saved pays for the accuracy lost."""
     settings = SelectionSettings.from_options(alpha, latency_budget, max_accuracy_drop)
     batch_sizes = parse_int_list(batch_size, "--batch-size") if batch_size is not None else None
+    check_output_dir(output_dir)
     selection = select_r(latency, accuracy, settings, batch_sizes)
     report = selection.report
-    folder = prepare_output_dir(output_dir)
     stem = output_stem("compute_r", report.model, device=report.latency.device_preset,
                        batch_size=[c.batch_size for c in report.choices], dtype=report.latency.dtype)
-    json_path, png_path = output_path(folder, stem, "json"), output_path(folder, stem, "png")
     device = report.latency.device_display_name or report.latency.device_preset or "unknown device"
     title = (f"{report.model}, latency on {device} ({report.latency.dtype}), "
              f"accuracy estimator: {report.accuracy.estimator or '?'}")
-    plot_selection(selection.curves, report, png_path, title=title)
-    write_report(report, json_path)
+    paths = write_set(output_dir, stem, {
+        "json": lambda tmp: write_report(report, tmp),
+        "png": lambda tmp: plot_selection(selection.curves, report, tmp, title=title),
+    })
+    json_path, png_path = paths["json"], paths["png"]
 
     for choice in report.choices:
         out.print(r_line(choice, report.num_tokens))

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import polars as pl
 import typer
-from rich.console import Console
+from pomt_cli.console import plain_console
 from rich.rule import Rule
 
 from pomt_cli import __version__, digits
 from pomt_cli.devices import default_preset_name, load_preset
 from pomt_cli.errors import PomtError
 from pomt_cli.latency import find_steps, read_latency_profile
-from pomt_cli.outputs import atomic_write_text, check_output_dir, prepare_output_dir
+from pomt_cli.outputs import atomic_write_text, check_output_dir
 from pomt_cli.profiles import read_profile
 from pomt_cli.selection import read_report
 
-out = Console(highlight=False)
+out = plain_console()
 
 #: Batch sizes profiled and benched: one image, and a batch that fills a CPU's cores.
 BATCH_SIZES = "1,32"
@@ -122,8 +122,7 @@ def demo(
 
     device = device or default_preset_name()
     load_preset(device)  # an unknown preset fails before anything runs
-    check_output_dir(output_dir)
-    folder = prepare_output_dir(output_dir)
+    folder = check_output_dir(output_dir)  # each step creates it when it writes its files
     began = time.perf_counter()
     common = ["--device", device, *(["--torch-device", torch_device] if torch_device else []),
               "--lock-clocks" if lock_clocks else "--no-lock-clocks"]

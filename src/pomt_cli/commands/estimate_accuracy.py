@@ -5,16 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from pomt_cli.console import plain_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pomt_cli.accuracy import ESTIMATORS, AccuracyRun, EstimateConfig, EvalProgress, describe, processes, run_estimate, write_accuracy
 from pomt_cli.errors import PomtError
-from pomt_cli.outputs import check_output_dir, prepare_output_dir
+from pomt_cli.options import SEED_MAX
+from pomt_cli.outputs import check_output_dir
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = plain_console()
+err = plain_console(stderr=True, soft_wrap=True)
 
 #: Rows of the summary table (evenly spaced grid points, the ends included).
 TABLE_ROWS = 12
@@ -27,7 +28,8 @@ def register(app: typer.Typer) -> None:
 def summary_table(run: AccuracyRun, rows: int = TABLE_ROWS) -> Table:
     """Accuracy at up to ``rows`` grid points, evenly spaced over the grid."""
     frame = run.frame
-    picks = sorted({round(i * (frame.height - 1) / max(1, rows - 1)) for i in range(min(rows, frame.height))})
+    count = min(rows, frame.height)
+    picks = sorted({round(i * (frame.height - 1) / max(1, count - 1)) for i in range(count)})
     full = frame.row(0, named=True)
     table = Table(title=describe(run.meta), title_justify="left")
     for name in ("kept tokens n", "top-1 (%)", "change (pts)", "top-5 (%)", "tokens per block"):
@@ -68,7 +70,7 @@ def estimate_accuracy(
         "random", "--estimator", help="random (the paper's estimate), or the real method: pomt, topk, tome."
     ),
     layer: int = typer.Option(3, "--layer", help="POMT's pruning block (for --estimator pomt)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the random tokens (the same per image and n in every run)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the random tokens (the same per image and n in every run)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     torch_device: str = typer.Option(
@@ -116,8 +118,7 @@ def estimate_accuracy(
                 progress.stop()
         if not procs.is_main:
             return {}
-        folder = prepare_output_dir(output_dir)
-        parquet, png = write_accuracy(run, folder)
+        parquet, png = write_accuracy(run, output_dir)
     meta = run.meta
     workers_note = f" in {procs.world_size} processes" if procs.world_size > 1 else ""
     out.print(f"{meta.num_images} images of {meta.num_classes} classes, {len(meta.grid)} grid points{workers_note}: "

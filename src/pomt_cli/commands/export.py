@@ -7,15 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from pomt_cli.console import plain_console
 from pomt_cli.errors import PomtError
 from pomt_cli.export import check_output_file, export_onnx, require_onnx
 from pomt_cli.models import create_model
 from pomt_cli.options import parse_dtype
 
-out = Console(highlight=False, emoji=False)
+out = plain_console()
 
 
 class Method(str, Enum):
@@ -59,11 +58,11 @@ def export(
     result = export_onnx(net, output, method=method.value, r=r, layer=layer, batch_size=batch_size,
                          dtype=torch_dtype, opset=opset, tolerance=tolerance, seed=seed, model_name=model)
     meta = result.metadata
-    out.print(f"exported {escape(model)} with {method.value}"
+    out.print(f"exported {model} with {method.value}"
               + (f" r={r}" + (f" at block {layer}" if method is Method.pomt else "") if method is not Method.none else "")
               + f", batch {batch_size}, {meta['dtype']}, opset {result.opset} in {result.export_s:.1f} s")
     out.print(f"tokens entering each block, then leaving the last: {meta['tokens_per_block']}")
     out.print(f"ONNX Runtime against PyTorch on a random batch: max abs difference {result.max_abs_diff:.2e}, "
               f"relative {result.max_rel_diff:.2e} (tolerance {result.tolerance:g})")
-    out.print(f"onnx: {escape(str(result.path))}")
+    out.print(f"onnx: {result.path}")
     return {"onnx": result.path}

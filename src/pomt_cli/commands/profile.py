@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import torch
 import typer
-from rich.console import Console
+from pomt_cli.console import plain_console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,16 +31,16 @@ from pomt_cli.latency import (
     resume_rows,
 )
 from pomt_cli.models import create_model, vit_geometry
-from pomt_cli.options import parse_dtype, parse_int_list, token_grid
-from pomt_cli.outputs import output_path, output_stem, prepare_output_dir
+from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list, token_grid
+from pomt_cli.outputs import OutputSet, output_stem, write_error
 from pomt_cli.plots import plot_latency
 from pomt_cli.profiles import write_profile
 
 #: Seconds between two checkpoints of an unfinished profile.
 CHECKPOINT_EVERY_S = 1.0
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = plain_console()
+err = plain_console(stderr=True, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -130,7 +130,7 @@ def profile(
         2, "--passes", help="Sweeps over the grid in fresh shuffled orders; each point's samples are pooled."
     ),
     remeasure: int = typer.Option(2, "--remeasure", help="Rounds of re-measuring points that disagree with both neighbours."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the visiting order, the inputs and the kept tokens."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the visiting order, the inputs and the kept tokens."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     lock_clocks: bool = typer.Option(
         True, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while measuring (restored after)."
@@ -177,23 +177,23 @@ def profile(
     previous_meta = None
     if resume is not None:
         previous, previous_meta = resume_rows(resume, meta)
-    folder = prepare_output_dir(output_dir)
     stem = output_stem("latency", model, device=preset.name, batch_size=batch_sizes, dtype=dtype_name, img_size=img_size,
                        extra=("cudagraphs",) if cuda_graphs else ())
-    parquet, png = output_path(folder, stem, "parquet"), output_path(folder, stem, "png")
-
-    if previous_meta is not None and previous_meta.complete:
-        frame, meta = previous, previous_meta
-        err.print(f"{resume} is complete: nothing to measure")
-        if Path(resume).resolve() != parquet.resolve():
-            write_profile(parquet, frame, meta)
-    else:
-        frame, meta = _measure(net, settings, tdev, preset, lock_clocks, meta, previous, previous_meta, parquet)
-
-    steps = find_steps(frame, top=top_steps)
-    title = (f"{model}, {meta.device_display_name} ({meta.device_name[:40]}), {dtype_name}, "
-             f"{'CUDA graphs' if cuda_graphs else 'eager'}")
-    plot_latency(frame, png, title=title, steps=steps)
+    # The set claims the names for the whole run: the checkpoints of an unfinished profile
+    # go to its parquet, which --resume reads; the final profile and plot land together.
+    with OutputSet(output_dir, stem, ("parquet", "png")) as files:
+        parquet, png = files.path("parquet"), files.path("png")
+        if previous_meta is not None and previous_meta.complete:
+            frame, meta = previous, previous_meta
+            err.print(f"{resume} is complete: nothing to measure")
+        else:
+            frame, meta = _measure(net, settings, tdev, preset, lock_clocks, meta, previous, previous_meta, parquet)
+        steps = find_steps(frame, top=top_steps)
+        title = (f"{model}, {meta.device_display_name} ({meta.device_name[:40]}), {dtype_name}, "
+                 f"{'CUDA graphs' if cuda_graphs else 'eager'}")
+        files.write("parquet", lambda tmp: write_profile(tmp, frame, meta))
+        files.write("png", lambda tmp: plot_latency(frame, tmp, title=title, steps=steps))
+        files.commit()
     out.print(_clock_line(meta.clocks))
     out.print(_summary(frame) + f"; {meta.elapsed_s:.1f} s measuring")
     budget_points = frame.filter(pl.col("status") == "budget").height
@@ -222,7 +222,10 @@ def _measure(net, settings: LatencySettings, tdev: torch.device, preset, lock_cl
     def checkpoint(frame: pl.DataFrame, force: bool = False) -> None:
         state["frame"], state["written"] = frame, False
         if force or time.perf_counter() - state["written_at"] >= CHECKPOINT_EVERY_S:
-            write_profile(parquet, frame, partial_meta())
+            try:
+                write_profile(parquet, frame, partial_meta())
+            except (OSError, pl.exceptions.PolarsError) as exc:
+                raise write_error(parquet, exc) from None
             state["written_at"], state["written"] = time.perf_counter(), True
 
     progress = Progress(
@@ -254,5 +257,4 @@ def _measure(net, settings: LatencySettings, tdev: torch.device, preset, lock_cl
                       f"continue with --resume {parquet}")
         raise
     final = state["meta"].model_copy(update={"complete": True, "elapsed_s": earlier_s + time.perf_counter() - began})
-    write_profile(parquet, frame, final)
     return frame, final
