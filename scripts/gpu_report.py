@@ -547,6 +547,10 @@ def main() -> None:
     folder = args.output_dir.resolve()
     work = (args.work_dir or args.output_dir).resolve()
     if args.child:
+        if args.smoke:
+            import torch
+
+            torch.set_num_threads(1)  # the smoke run checks code paths; one thread keeps a busy machine fast
         RUNNERS[args.child](cfg, SectionWriter(folder, args.child), work)
         return
 
