@@ -44,7 +44,7 @@ def plot_latency(
     title: str,
     steps: pl.DataFrame | None = None,
 ) -> Path:
-    """Latency against kept tokens, one line per batch size, with the p10-p90 band.
+    """Latency against kept tokens, one line per batch size (and POMT layer), with the p10-p90 band.
 
     Args:
         frame: a latency profile (``batch_size, tokens, latency_ms, p10_ms, p90_ms, status``).
@@ -54,18 +54,22 @@ def plot_latency(
             curve drops, with its relative drop.
     """
     fig, ax = new_figure()
+    if "layer" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
     measured = frame.filter(pl.col("latency_ms").is_not_null())
     colors = {}
-    for (batch_size,), part in frame.sort("batch_size").group_by(["batch_size"], maintain_order=True):
+    for (layer, batch_size), part in frame.sort(["layer", "batch_size"], nulls_last=False).group_by(
+            ["layer", "batch_size"], maintain_order=True):
         curve = part.filter(pl.col("latency_ms").is_not_null()).sort("tokens")
+        name = f"batch {batch_size}" if layer is None else f"POMT at layer {layer}, batch {batch_size}"
         line = ax.plot(curve["tokens"], curve["latency_ms"], lw=1.3, marker="." if curve.height < 60 else None,
-                       label=f"batch {batch_size}")[0]
-        colors[batch_size] = line.get_color()
+                       label=name)[0]
+        colors[(layer, batch_size)] = line.get_color()
         ax.fill_between(curve["tokens"], curve["p10_ms"], curve["p90_ms"], color=line.get_color(), alpha=0.18, lw=0)
         oom = part.filter(pl.col("status") == "oom")["tokens"]
         if len(oom):
             ax.plot(oom, [0.02] * len(oom), "x", color=line.get_color(), transform=ax.get_xaxis_transform(),
-                    label=f"batch {batch_size}: out of memory")
+                    label=f"{name}: out of memory")
     if measured.height:
         low, high = measured["latency_ms"].min(), measured["latency_ms"].max()
         if low and low > 0 and high / low > LOG_SCALE_RATIO:
@@ -73,12 +77,13 @@ def plot_latency(
     if steps is not None:
         for row in steps.iter_rows(named=True):
             x = (row["from_tokens"] + row["to_tokens"]) / 2
-            color = colors.get(row["batch_size"], "black")
+            color = colors.get((row.get("layer"), row["batch_size"]), "black")
             ax.annotate("", xy=(x, row["to_ms"]), xytext=(x, row["from_ms"]),
                         arrowprops={"arrowstyle": "->", "color": color, "lw": 1.2})
             ax.annotate(f"{row['from_tokens']}\u2192{row['to_tokens']}: \u2212{row['drop_pct']:.0f}%",
                         xy=(x, row["from_ms"]), xytext=(3, 4), textcoords="offset points", fontsize=7, color=color)
-    ax.set_xlabel("kept tokens n (entering the first block)")
+    proxy = frame["layer"].is_null().all()
+    ax.set_xlabel("kept tokens n (entering the first block)" if proxy else "kept tokens n (leaving POMT's block)")
     ax.set_ylabel("latency per forward pass (ms, median; band p10-p90)")
     ax.set_title(title, fontsize=10)
     if frame.height:
