@@ -34,7 +34,7 @@ from torch import nn
 from pomt_cli.devices import ClockState
 from pomt_cli.errors import PomtError
 from pomt_cli.models import vit_geometry
-from pomt_cli.options import DTYPES
+from pomt_cli.options import DTYPES, check_layers
 from pomt_cli.profiles import ProfileMeta, read_profile
 from pomt_cli.pruning import apply, remove
 from pomt_cli.pruning.geometry import forward_kept
@@ -361,18 +361,6 @@ def kept_patches(num_patches: int, kept: int, seed: int) -> torch.Tensor:
     """(kept,) sorted random indices into the patch tokens, the same for a given seed."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_patches, generator=generator)[:kept].sort().values
-
-
-def check_layers(layers: Sequence[int], num_blocks: int, name: str, option: str = "--layer") -> None:
-    """Refuse pruning blocks the model does not have.
-
-    Raises:
-        PomtError: a layer outside 0..num_blocks - 1 (the message names the range).
-    """
-    bad = [layer for layer in layers if not 0 <= layer < num_blocks]
-    if bad:
-        raise PomtError(f"{option} {bad[0]} is out of range: {name} has {num_blocks} blocks "
-                        f"(layer 0..{num_blocks - 1})")
 
 
 def with_layer(frame: pl.DataFrame, layer: int | None) -> pl.DataFrame:

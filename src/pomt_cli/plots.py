@@ -92,18 +92,23 @@ def plot_latency(
 
 
 def plot_accuracy(frame: pl.DataFrame, path: str | Path, *, title: str) -> Path:
-    """Top-1 (and top-5) accuracy in percent against kept tokens n, written as a PNG.
+    """Top-1 (and top-5) accuracy in percent against kept tokens n (one curve per POMT layer), written as a PNG.
 
     Args:
-        frame: an accuracy profile (``tokens``, ``accuracy``, ``top5``).
+        frame: an accuracy profile (``tokens``, ``accuracy``, ``top5``, optionally ``layer``).
         path: the PNG to write (atomically).
         title: the figure's title.
     """
     fig, ax = new_figure()
-    curve = frame.sort("tokens")
-    marker = "." if curve.height < 60 else None
-    ax.plot(curve["tokens"], curve["accuracy"], lw=1.5, marker=marker, label="top-1")
-    ax.plot(curve["tokens"], curve["top5"], lw=1.0, ls="--", marker=marker, label="top-5")
+    if "layer" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
+    for (layer,), curve in frame.group_by(["layer"], maintain_order=True):
+        curve = curve.sort("tokens")
+        marker = "." if curve.height < 60 else None
+        where = "" if layer is None else f", POMT at layer {layer}"
+        line = ax.plot(curve["tokens"], curve["accuracy"], lw=1.5, marker=marker, label=f"top-1{where}")[0]
+        ax.plot(curve["tokens"], curve["top5"], lw=1.0, ls="--", marker=marker, color=line.get_color(),
+                label=f"top-5{where}")
     ax.set_xlabel("kept tokens n (leaving the last block)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -120,17 +125,30 @@ def _panel(ax: Axes, curve: pl.DataFrame, report: Report, batch_size: int) -> No
     """One batch size: latency on the left axis, accuracy and utility on two right axes."""
     choice = report.choice_for(batch_size)
     marker = "." if curve.height < 60 else None
-    curve = curve.sort("tokens")
     acc_ax = ax.twinx()
     util_ax = ax.twinx()
     util_ax.spines["right"].set_position(("axes", 1.12))
-    lines = [
-        ax.plot(curve["tokens"], curve["latency_ms"], color="tab:blue", lw=1.4, marker=marker, label="latency")[0],
-        acc_ax.plot(curve["tokens"], curve["accuracy"], color="tab:red", lw=1.4, marker=marker,
-                    label="top-1 accuracy")[0],
-        util_ax.plot(curve["tokens"], curve["utility"], color="tab:green", lw=1.1, ls="--",
-                     label=f"utility (\u03b1={report.alpha:g})")[0],
-    ]
+    lines = []
+    if "layer" not in curve.columns or curve["layer"].is_null().all():
+        groups = [(None, curve.sort("tokens"))]
+    else:
+        # The unpruned point (n = N, one row) belongs to every layer's curve.
+        full = curve.filter(pl.col("R") == 0)
+        groups = [(layer, pl.concat([full.with_columns(layer=pl.lit(layer, dtype=full["layer"].dtype)),
+                                     curve.filter((pl.col("layer") == layer) & (pl.col("R") != 0))]).sort("tokens"))
+                  for layer in curve["layer"].drop_nulls().unique().sort().to_list()]
+    styles = ["-", "--", ":", "-."]
+    for i, (layer, part) in enumerate(groups):
+        where = "" if layer is None else f", layer {layer}"
+        ls = styles[i % len(styles)]
+        lines += [
+            ax.plot(part["tokens"], part["latency_ms"], color="tab:blue", lw=1.4, ls=ls, marker=marker,
+                    label=f"latency{where}")[0],
+            acc_ax.plot(part["tokens"], part["accuracy"], color="tab:red", lw=1.4, ls=ls, marker=marker,
+                        label=f"top-1 accuracy{where}")[0],
+            util_ax.plot(part["tokens"], part["utility"], color="tab:green", lw=1.1, ls=ls,
+                         label=f"utility (\u03b1={report.alpha:g}){where}")[0],
+        ]
     if report.latency_budget_ms is not None:
         lines.append(ax.axhline(report.latency_budget_ms, color="tab:blue", lw=0.9, ls=":",
                                 label=f"latency budget {report.latency_budget_ms:g} ms"))
@@ -139,8 +157,9 @@ def _panel(ax: Axes, curve: pl.DataFrame, report: Report, batch_size: int) -> No
         lines.append(acc_ax.axhline(floor, color="tab:red", lw=0.9, ls=":",
                                     label=f"accuracy floor (\u2212{report.max_accuracy_drop:g} pts)"))
     if choice is not None:
+        where = "" if choice.layer is None else f" at layer {choice.layer}"
         lines.append(ax.axvline(choice.tokens, color="black", lw=1.0, ls="-.",
-                                label=f"n* = {choice.tokens} (R = {choice.R})"))
+                                label=f"n* = {choice.tokens} (R = {choice.R}{where})"))
     ax.set_xlabel("kept tokens n")
     ax.set_ylabel("latency (ms)", color="tab:blue")
     acc_ax.set_ylabel("top-1 accuracy (%)", color="tab:red")

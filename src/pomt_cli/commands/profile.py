@@ -28,13 +28,12 @@ from pomt_cli.latency import (
     GridProgress,
     LatencyMeta,
     LatencySettings,
-    check_layers,
     find_curve_steps,
     profile_latency,
     resume_rows,
 )
 from pomt_cli.models import create_model, vit_geometry
-from pomt_cli.options import parse_dtype, parse_int_list, token_grid
+from pomt_cli.options import check_layers, parse_dtype, parse_int_list, token_grid
 from pomt_cli.outputs import output_path, output_stem, prepare_output_dir
 from pomt_cli.plots import plot_latency
 from pomt_cli.profiles import write_profile
