@@ -131,16 +131,18 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
     assert len(bench) == 1
     frame = pl.read_csv(out / bench[0])
     pomt_rows = frame.filter(pl.col("method") == "pomt")
-    assert pomt_rows["tokens_out"].to_list() == [65 - c["R"] for c in report["choices"]]
+    pruned = [c for c in report["choices"] if c["R"] > 0]  # R = 0 is the unpruned model, benched as none
+    assert pomt_rows["tokens_out"].to_list() == [65 - c["R"] for c in pruned]
     assert report["workload"] == "pomt" and report["layers"] == [0, 1, 2, 3]
     # bench ran the report's (layer, R) and stored what the profile predicted for it.
-    assert pomt_rows["setting"].to_list() == [f"pomt r={c['R']} @{c['layer']}" for c in report["choices"]]
-    assert pomt_rows["predicted_ms"].to_list() == [c["latency_ms"] for c in report["choices"]]
-    assert pomt_rows["predicted_by"].to_list() == ["pomt", "pomt"]
-    errors = (pomt_rows["latency_ms"] / pomt_rows["predicted_ms"] - 1).to_list()
-    assert pomt_rows["prediction_error"].to_list() == pytest.approx(errors)
+    assert pomt_rows["setting"].to_list() == [f"pomt r={c['R']} @{c['layer']}" for c in pruned]
+    assert pomt_rows["predicted_ms"].to_list() == [c["latency_ms"] for c in pruned]
+    assert pomt_rows["predicted_by"].to_list() == ["pomt"] * len(pruned)
     none_rows = frame.filter(pl.col("method") == "none")
     assert none_rows["predicted_ms"].to_list() == [c["reference_ms"] for c in report["choices"]]
+    predicted = frame.filter(pl.col("predicted_ms").is_not_null())
+    errors = (predicted["latency_ms"] / predicted["predicted_ms"] - 1).to_list()
+    assert predicted["prediction_error"].to_list() == pytest.approx(errors)
     summary = (out / "summary.md").read_text()
     for choice in report["choices"]:
         assert f"**R = {choice['R']} at layer {choice['layer']}**" in summary

@@ -476,7 +476,9 @@ def _profile_curve(
             def workload() -> torch.Tensor:
                 return forward_kept(model, x, keep)
         else:
-            pruned = apply(model, "pomt", r=g.num_tokens - tokens, layer=layer)
+            # R = 0 is the unpruned model itself, as it would be deployed.
+            pruned = remove(model) if tokens == g.num_tokens else apply(model, "pomt", r=g.num_tokens - tokens,
+                                                                          layer=layer)
 
             def workload() -> torch.Tensor:
                 return pruned(x)

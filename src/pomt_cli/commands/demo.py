@@ -80,7 +80,9 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
               "saving measured | accuracy lost (pts) |",
               "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in report.choices:
-        row = bench.filter((pl.col("batch_size") == c.batch_size) & (pl.col("method") == "pomt")).row(0, named=True)
+        # R = 0 is the unpruned model: bench measured it as `none`.
+        row = bench.filter((pl.col("batch_size") == c.batch_size)
+                           & (pl.col("method") == ("pomt" if c.R else "none"))).row(0, named=True)
         choice = f"**R = {c.R} at layer {c.layer}**" if c.layer is not None else f"**R = {c.R}**"
         if not c.pays:
             choice += " (pruning does not pay here)"
