@@ -144,7 +144,9 @@ def demo(
     lock_clocks: bool = typer.Option(
         False, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (needs root)."
     ),
-    budget: float = typer.Option(0.25, "--budget", help="Seconds per profile point at most."),
+    budget: float = typer.Option(
+        0.25, "--budget", help="Seconds per profile point at most (bench: four times as long per method and round)."
+    ),
 ) -> dict[str, Path]:
     """Run profile, estimate-accuracy, compute-r and bench on the bundled digits model; write a summary page."""
     from pomt_cli.cli import app
@@ -179,7 +181,7 @@ def demo(
     per_block = max(1, math.ceil(max(c.R for c in report.choices) / digits.ARCHITECTURE["depth"]))
     benched = step("the chosen (layer, R) against the baseline, ToMe and Top-K", [
         "bench", "--model", digits.NAME, "--data", "digits", "--r-from", str(chosen["report"]),
-        "--tome-r", str(per_block), "--topk-r", str(per_block), "--budget", "1", "--rounds", "3",
+        "--tome-r", str(per_block), "--topk-r", str(per_block), "--budget", f"{4 * budget:g}", "--rounds", "3",
         "--output-dir", str(folder), *common])
     paths = {
         "latency": latency["profile"], "latency_plot": latency["plot"],
