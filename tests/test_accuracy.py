@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import timm
 import torch
@@ -19,6 +20,7 @@ from conftest import run_in_process
 
 from pomt_cli import digits
 from pomt_cli.accuracy import (
+    accuracy_stem,
     EstimateConfig,
     Processes,
     accuracy_grid,
@@ -183,6 +185,22 @@ def test_method_estimators_run_the_method_with_the_setting_that_leaves_n(tmp_pat
         assert hits[j, 0].item() == int((logits.argmax(-1) == data.labels).sum())
 
 
+def test_pomt_at_several_layers_is_one_curve_per_layer_each_as_alone():
+    base = dict(model=digits.NAME, data="digits", estimator="pomt", tokens="65:25:20", limit=100, batch_size=50)
+    both = run_estimate(EstimateConfig(**base, layers=[0, 3]), CPU)
+    assert both.frame["layer"].to_list() == [0, 0, 0, 3, 3, 3]
+    assert both.frame["tokens"].to_list() == [65, 45, 25] * 2
+    assert both.meta.layers == [0, 3] and accuracy_stem(both.meta).endswith("_pomt-layers0-3_digits")
+    for layer in (0, 3):
+        alone = run_estimate(EstimateConfig(**base, layer=layer), CPU)
+        assert alone.frame["layer"].to_list() == [layer] * 3
+        mine = both.frame.filter(pl.col("layer") == layer)
+        assert mine["correct"].to_list() == alone.frame["correct"].to_list()
+        assert mine["block_tokens"].to_list() == alone.frame["block_tokens"].to_list()
+    # Pruning at layer 0 leaves fewer tokens in every later block than at layer 3.
+    assert both.frame["block_tokens"][2][1] == 25 and both.frame["block_tokens"][5][1] == 65
+
+
 def test_random_weights_are_refused_unless_allowed(tmp_path):
     root = image_folder(tmp_path / "val", {"a": 2, "b": 2}, size=(8, 8))
     config = EstimateConfig(model="vit_tiny_patch16_224", data=str(root))
@@ -244,7 +262,8 @@ def test_estimate_accuracy_command(tmp_path, pomt):
         (["--limit", "455"], "exceeds the 454 images"),
         (["--estimator", "best"], "unknown --estimator 'best'"),
         (["--tokens", "65:0:5"], "STOP 0 must exceed"),
-        (["--estimator", "pomt", "--layer", "9"], "--estimator pomt"),
+        (["--estimator", "pomt", "--layer", "1,9"], "--layer 9 is out of range: digits-vit has 4 blocks (layer 0..3)"),
+        (["--layer", "1"], "--layer applies to --estimator pomt only"),
         (["--data", "NOFOLDER"], "does not exist"),
         (["--checkpoint", "NOFILE.safetensors"], "NOFILE"),
     ],

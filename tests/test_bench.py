@@ -146,8 +146,8 @@ def demo_dir(tmp_path_factory):
 def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
     out = demo_dir
     names = sorted(p.name for p in out.iterdir())
-    for prefix, suffixes in {"latency_digits-vit_cpu_bs1-32_float32": ("parquet", "png"),
-                             "accuracy_digits-vit_float32_random_digits": ("parquet", "png"),
+    for prefix, suffixes in {"latency_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3": ("parquet", "png"),
+                             "accuracy_digits-vit_float32_pomt-layers0-1-2-3_digits": ("parquet", "png"),
                              "compute_r_digits-vit_cpu_bs1-32_float32": ("json", "png")}.items():
         for suffix in suffixes:
             assert f"{prefix}.{suffix}" in names
@@ -156,11 +156,23 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
     assert len(bench) == 1
     frame = pl.read_csv(out / bench[0])
     pomt_rows = frame.filter(pl.col("method") == "pomt")
-    assert pomt_rows["tokens_out"].to_list() == [65 - c["R"] for c in report["choices"]]
+    pruned = [c for c in report["choices"] if c["R"] > 0]  # R = 0 is the unpruned model, benched as none
+    assert pomt_rows["tokens_out"].to_list() == [65 - c["R"] for c in pruned]
+    assert report["workload"] == "pomt" and report["layers"] == [0, 1, 2, 3]
+    # bench ran the report's (layer, R) and stored what the profile predicted for it.
+    assert pomt_rows["setting"].to_list() == [f"pomt r={c['R']} @{c['layer']}" for c in pruned]
+    assert pomt_rows["predicted_ms"].to_list() == [c["latency_ms"] for c in pruned]
+    assert pomt_rows["predicted_by"].to_list() == ["pomt"] * len(pruned)
+    none_rows = frame.filter(pl.col("method") == "none")
+    assert none_rows["predicted_ms"].to_list() == [c["reference_ms"] for c in report["choices"]]
+    predicted = frame.filter(pl.col("predicted_ms").is_not_null())
+    errors = (predicted["latency_ms"] / predicted["predicted_ms"] - 1).to_list()
+    assert predicted["prediction_error"].to_list() == pytest.approx(errors)
     summary = (out / "summary.md").read_text()
     for choice in report["choices"]:
-        assert f"**R = {choice['R']}**" in summary
-    for image in ("latency_digits-vit_cpu_bs1-32_float32.png", "compute_r_digits-vit_cpu_bs1-32_float32.png"):
+        assert f"**R = {choice['R']} at layer {choice['layer']}**" in summary
+    for image in ("latency_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.png",
+                  "compute_r_digits-vit_cpu_bs1-32_float32.png"):
         assert f"]({image})" in summary
     assert set(frame["setting"].to_list()) <= {line.split(" | ")[1] for line in summary.splitlines()
                                                if line.startswith("| 1 |") or line.startswith("| 32 |")}
@@ -173,6 +185,17 @@ def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pom
     batch = pomt("bench", "--model", "digits-vit", "--r-from", str(path), "--batch-size", "4",
                  "--output-dir", str(tmp_path / "o"))
     assert batch.returncode == 2 and "gives R for batch size(s) 1, 32, not for 4" in batch.stderr
+    data = json.loads(path.read_text())
+    data["choices"][0]["layer"] = 9
+    (tmp_path / "deeper.json").write_text(json.dumps(data))
+    deeper = pomt("bench", "--model", "digits-vit", "--r-from", str(tmp_path / "deeper.json"),
+                  "--output-dir", str(tmp_path / "o"))
+    assert deeper.returncode == 2 and len(deeper.stderr.strip().splitlines()) == 1
+    assert "chose layer 9 at batch 1, but digits-vit has 4 blocks (layer 0..3)" in deeper.stderr
+    other_layer = 0 if data["choices"][1]["layer"] != 0 else 1
+    conflict = pomt("bench", "--model", "digits-vit", "--r-from", str(path), "--layer", str(other_layer),
+                    "--output-dir", str(tmp_path / "o"))
+    assert conflict.returncode == 2 and f"--layer {other_layer} contradicts --r-from" in conflict.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -246,6 +246,78 @@ def test_report_round_trip_and_model_check(tmp_path, profiles):
 
 
 
+# POMT's own latency and accuracy at layers 0 and 2 (N = 17): (layer, n) -> (ms, upper end of its interval).
+LAYERED_LAT = {
+    4: {(0, 17): 10.0, (0, 13): 6.0, (0, 9): 4.0, (2, 17): 10.2, (2, 13): 9.0, (2, 9): 8.5},
+    # Nothing pays at batch 1; layer 2 at n = 9 is faster by its median but not beyond its interval.
+    1: {(0, 17): 1.0, (0, 13): 1.1, (0, 9): 1.05, (2, 17): 1.0, (2, 13): 1.2, (2, 9): 0.98},
+}
+LAYERED_ACC = {(0, 17): 80.0, (0, 13): 70.0, (0, 9): 40.0, (2, 17): 80.0, (2, 13): 79.0, (2, 9): 78.0}
+
+
+def write_layered(folder: Path, layers_in_accuracy: bool = True) -> tuple[Path, Path]:
+    """A pomt-workload latency profile and a POMT accuracy profile at layers 0 and 2."""
+    rows = [{"batch_size": b, "tokens": n, "latency_ms": ms, "p10_ms": ms, "p90_ms": ms, "samples": 20,
+             "status": "ok", "ci_high_ms": ms + (0.05 if (b, layer, n) == (1, 2, 9) else 0.001), "layer": layer}
+            for b, curve in LAYERED_LAT.items() for (layer, n), ms in curve.items()]
+    lat_meta = {**GEOMETRY, "dtype": "float32", "grid": [17, 13, 9], "batch_sizes": [4, 1], "device_preset": "cpu",
+                "torch_device": "cpu", "timing_mode": "eager", "host": "h", "workload": "pomt", "layers": [0, 2]}
+    lat = write_profile(folder / "lat.parquet", pl.DataFrame(rows), ProfileMeta(kind="latency", **lat_meta))
+    acc_frame = pl.DataFrame({"tokens": [n for _, n in LAYERED_ACC], "accuracy": list(LAYERED_ACC.values()),
+                              "top5": [100.0] * 6, "images": [100] * 6,
+                              "layer": [layer if layers_in_accuracy else None for layer, _ in LAYERED_ACC]},
+                             schema_overrides={"layer": pl.Int64})
+    acc_meta = {**GEOMETRY, "dtype": "float32", "grid": [17, 13, 9], "estimator": "pomt", "weights": "random",
+                "weights_sha256": "0" * 64, "data": "d", "num_images": 100, "num_classes": 10, "device_type": "cpu",
+                "host": "h"}
+    acc = write_profile(folder / "acc.parquet", acc_frame, ProfileMeta(kind="accuracy", **acc_meta))
+    return lat, acc
+
+
+def test_layer_and_r_are_chosen_together_and_r0_when_nothing_pays(tmp_path):
+    lat, acc = write_layered(tmp_path)
+    selection = compute_r(lat, acc, SelectionSettings.from_options())
+    report = selection.report
+    b4, b1 = report.choices
+    assert (b4.batch_size, b4.layer, b4.R, b4.tokens, b4.workload) == (4, 0, 4, 13, "pomt")
+    # The unpruned model's latency is the median of every layer's n = N point.
+    assert b4.reference_ms == pytest.approx(10.1) and b4.latency_ms == 6.0 and b4.pays
+    assert b4.latency_saved_pct == pytest.approx(100 * (1 - 6.0 / 10.1))
+    assert (b1.R, b1.tokens, b1.pays, b1.latency_ms) == (0, 17, False, 1.0)
+    assert any("batch 1: pruning does not pay here" in note for note in report.notes)
+    assert report.workload == "pomt" and report.layers == [0, 2] and report.layer == 0
+    # Layer 2's n = N row is merged into the unpruned one; all other points are scored.
+    assert selection.curves[4].select("layer", "tokens").rows() == [(0, 17), (0, 13), (2, 13), (0, 9), (2, 9)]
+    # The fastest pruned point within 2 points of accuracy: layer 2 keeps 9 of 17 tokens.
+    drop = compute_r(lat, acc, SelectionSettings.from_options(max_accuracy_drop=2.0)).report.choices[0]
+    assert (drop.layer, drop.R) == (2, 8)
+
+
+def test_one_profile_with_layers_and_one_without_is_refused(tmp_path):
+    lat, acc = write_layered(tmp_path, layers_in_accuracy=False)
+    with pytest.raises(PomtError, match="estimate accuracy with --estimator pomt --layer 0,2 so that both"):
+        compute_r(lat, acc, SelectionSettings.from_options())
+    proxy = write_latency(tmp_path / "proxy.parquet")
+    (tmp_path / "again").mkdir()
+    _, layered = write_layered(tmp_path / "again")
+    with pytest.raises(PomtError, match="profile latency with --method pomt --layer 0,2 so that both"):
+        compute_r(proxy, layered, SelectionSettings.from_options())
+
+
+def test_a_report_of_format_1_is_read_as_the_proxy(tmp_path, profiles):
+    lat, acc = profiles
+    data = json.loads(compute_r(lat, acc, SelectionSettings.from_options()).report.model_dump_json())
+    data["format_version"] = 1
+    for key in ("layer", "workload", "layers"):
+        del data[key]
+    for choice in data["choices"]:
+        for key in ("layer", "workload", "reference_ms", "pays"):
+            del choice[key]
+    (tmp_path / "v1.json").write_text(json.dumps(data))
+    old = read_report(tmp_path / "v1.json")
+    assert old.workload == "proxy" and old.choices[0].layer is None and old.choices[0].pays
+
+
 def assert_refused(code: int, stderr: str, out_dir: Path, message: str) -> None:
     """Exit code 2, one line starting with ``error:`` that contains ``message``, nothing written."""
     assert code == 2, stderr
@@ -261,16 +333,19 @@ def test_cli_happy_path(tmp_path, profiles, pomt):
     out_dir = tmp_path / "runs"
     proc = pomt("compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir", str(out_dir))
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0] == "R = 8 (n* = 9 of 17 tokens kept) at batch 1"
-    assert lines[1] == "R = 4 (n* = 13 of 17 tokens kept) at batch 4"
+    text = " ".join(proc.stdout.split())
+    assert text.startswith(
+        "R = 8 (n* = 9 of 17 tokens kept) at batch 1: predicted 2.000 ms, 50.0% less than the unpruned model "
+        "(4.000 ms), by the all-blocks proxy: the real saving will be smaller "
+        "R = 4 (n* = 13 of 17 tokens kept) at batch 4: predicted 5.200 ms, 48.0% less")
+    assert "note: latency comes from the all-blocks proxy" in text
     assert "note: latency was measured in float16" in proc.stdout
     assert "Best candidates at batch 4" in proc.stdout
     stem = output_stem("compute_r", MODEL, device="orin", batch_size=[1, 4], dtype="float16")
     report_path, png = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     assert png.is_file() and png.read_bytes().startswith(b"\x89PNG")
     data = json.loads(report_path.read_text())
-    assert data["kind"] == "compute_r" and data["format_version"] == 1
+    assert data["kind"] == "compute_r" and data["format_version"] == 2
     assert (data["model"], data["num_tokens"], data["num_prefix"], data["num_blocks"], data["embed_dim"]) == (
         MODEL, 17, 1, 3, 48)
     assert data["criterion"] == "utility" and data["alpha"] == 0.5
@@ -292,16 +367,16 @@ def test_cli_budget_modes_and_batch_filter(tmp_path, profiles, capsys):
     base = ["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir", str(out_dir)]
     code, out, err = run_in_process([*base, "--latency-budget", "6", "--batch-size", "4"], capsys)
     assert code == 0, err
-    assert out.splitlines()[0] == "R = 4 (n* = 13 of 17 tokens kept) at batch 4"
+    assert out.splitlines()[0].startswith("R = 4 (n* = 13 of 17 tokens kept) at batch 4: predicted 5.200 ms")
     stem = output_stem("compute_r", MODEL, device="orin", batch_size=[4], dtype="float16")
     data = json.loads((out_dir / f"{stem}.json").read_text())
     assert data["criterion"] == "latency_budget" and data["latency_budget_ms"] == 6.0 and len(data["choices"]) == 1
     code, out, err = run_in_process([*base, "--max-accuracy-drop", "10", "--batch-size", "4"], capsys)
     assert code == 0, err
-    assert out.splitlines()[0] == "R = 6 (n* = 11 of 17 tokens kept) at batch 4"
+    assert out.splitlines()[0].startswith("R = 6 (n* = 11 of 17 tokens kept) at batch 4: predicted")
     code, out, err = run_in_process([*base, "--alpha", "0", "--batch-size", "4"], capsys)
     assert code == 0, err
-    assert out.splitlines()[0] == "R = 0 (n* = 17 of 17 tokens kept) at batch 4"  # accuracy only; tie 17/15
+    assert out.splitlines()[0].startswith("R = 0 (n* = 17 of 17 tokens kept) at batch 4: ")  # accuracy only; tie 17/15
 
 
 def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
@@ -317,6 +392,8 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     a_file = folder / "a_file"
     a_file.write_text("x")
     both = ["--latency", str(lat), "--accuracy", str(acc)]
+    (folder / "layered").mkdir()
+    layered_lat, _ = write_layered(folder / "layered")
     return {
         "missing": (["--latency", str(folder / "nope.parquet"), "--accuracy", str(acc)], "does not exist"),
         "corrupt": (["--latency", str(lat), "--accuracy", str(corrupt)], "not a readable Parquet file"),
@@ -333,6 +410,8 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                               "give at least 4.22"),
         "batch size": ([*both, "--batch-size", "8"], "--batch-size 8 is not in"),
         "unwritable": ([*both, "--output-dir", str(a_file / "runs")], "is a file, not a folder"),
+        "layers on one side": (["--latency", str(layered_lat), "--accuracy", str(acc)],
+                               "has no layers: estimate accuracy with --estimator pomt --layer 0,2"),
     }
 
 

@@ -435,7 +435,8 @@ def test_the_accuracy_summary_spreads_over_a_coarse_grid(monkeypatch):
 
     class Run:
         meta = None
-        frame = pl.DataFrame({"tokens": [65, 33, 2], "accuracy": [90.0, 80.0, 10.0], "top5": [99.0, 95.0, 50.0],
+        frame = pl.DataFrame({"layer": pl.Series([None, None, None], dtype=pl.Int64), "tokens": [65, 33, 2],
+                              "accuracy": [90.0, 80.0, 10.0], "top5": [99.0, 95.0, 50.0],
                               "block_tokens": [[65], [33], [2]]})
 
     monkeypatch.setattr(ea, "describe", lambda meta: "t")

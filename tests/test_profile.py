@@ -299,6 +299,45 @@ def test_profile_latency_on_a_tiny_vit():
         profile_latency(model, settings.model_copy(update={"grid": [18]}), device=torch.device("cpu"))
 
 
+def test_the_pomt_workload_times_the_patched_model_at_each_layer(monkeypatch):
+    import pomt_cli.latency as latency
+    from pomt_cli.pruning import token_counts
+
+    model = tiny_vit()  # 16 patches + 1 class token, 3 blocks
+    seen: list[tuple[int, list[int]]] = []
+
+    def fake_measure(fn, **kwargs):
+        out = fn()
+        seen.append((out.shape[0], token_counts(model)))
+        return summarize([1.0] * 3, status="ok", mode="eager", rel_precision=kwargs["rel_precision"])
+
+    monkeypatch.setattr(latency, "measure", fake_measure)
+    settings = LatencySettings(batch_sizes=[1, 2], grid=[17, 9, 2], budget_s=0.05, min_samples=3, warmup=1,
+                               passes=1, remeasure_rounds=0, workload="pomt", layers=[0, 2])
+    events = []
+    frame = profile_latency(model, settings, device=torch.device("cpu"), progress=events.append)
+    assert frame.select("layer", "batch_size", "tokens").rows() == [
+        (layer, b, n) for layer in (0, 2) for b in (1, 2) for n in (17, 9, 2)]
+    # The real POMT model ran: all N tokens up to the pruning block, n after it.
+    assert (2, [17, 9, 9, 9]) in seen and (1, [17, 17, 17, 2]) in seen and (2, [17, 17, 17, 17]) in seen
+    assert not hasattr(model, "pomt_config")  # left unpatched
+    done = [e for e in events if e.frame is not None]
+    assert [e.done for e in done] == list(range(1, 13)) and done[-1].total == 12
+    assert done[-1].frame.height == 12 and {e.layer for e in done} == {0, 2}
+    # Resuming keeps the finished rows of each layer.
+    partial = frame.filter(~((pl.col("layer") == 2) & (pl.col("tokens") == 9)))
+    seen.clear()
+    again = profile_latency(model, settings, device=torch.device("cpu"), previous=partial)
+    assert again.height == 12
+    measured = [c for _, c in seen]
+    assert [17, 17, 17, 9] in measured and [17, 9, 9, 9] not in measured
+    proxy = profile_latency(model, settings.model_copy(update={"workload": "proxy", "layers": None}),
+                            device=torch.device("cpu"))
+    assert proxy["layer"].is_null().all() and proxy.height == 6
+    with pytest.raises(PomtError, match=r"--layer 3 is out of range: .* has 3 blocks \(layer 0..2\)"):
+        profile_latency(model, settings.model_copy(update={"layers": [3]}), device=torch.device("cpu"))
+
+
 def test_plot_latency_writes_a_png(tmp_path):
     lat = linear(range(60, 40, -1))
     frame = pl.concat([curve(lat, 1), curve({**{n: 10 * v for n, v in lat.items()}, 41: None}, 8)], how="vertical")
@@ -334,6 +373,22 @@ def test_profile_command_writes_the_profile_and_the_plot(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_profile_of_the_pomt_model_writes_one_curve_per_layer(tmp_path, capsys):
+    args = ["profile", "--device", "cpu", "--model", "digits-vit", "--batch-size", "2", "--tokens", "65:25:20",
+            "--method", "pomt", "--layer", "0,3", "--no-lock-clocks", "--output-dir", str(tmp_path), *FAST]
+    code, out, err = run_in_process(args, capsys)
+    assert code == 0, err
+    parquet = tmp_path / "latency_digits-vit_cpu_bs2_float32_pomt-layers0-3.parquet"
+    frame, meta = read_latency_profile(parquet)
+    assert frame.select("layer", "tokens").rows() == [(0, 65), (0, 45), (0, 25), (3, 65), (3, 45), (3, 25)]
+    assert meta.workload == "pomt" and meta.layers == [0, 3] and meta.complete
+    assert "POMT at layer 3, batch 2:" in out and "the POMT-patched model" in out
+    code, _, err = run_in_process([*args[:-8], "--layer", "1", "--output-dir", str(tmp_path / "o"), *FAST,
+                                   "--resume", str(parquet)], capsys)
+    assert code == 2 and "measured with layers [0, 3], but this run has [1]" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
     args = ["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(tmp_path), *FAST]
     assert run_in_process(args, capsys)[0] == 0
@@ -366,6 +421,11 @@ def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
         (["--budget", "-1"], "--budget"),
         (["--img-size", "0"], "--img-size 0 must be positive"),
         (["--img-size", "100"], "--img-size 100 is not a multiple of the model's patch size 16: give e.g. 96 or 112"),
+        (["--method", "pomt", "--layer", "2,12"],
+         "--layer 12 is out of range: deit_tiny_patch16_224 has 12 blocks (layer 0..11)"),
+        (["--method", "pomt", "--layer", "-1"], "(layer 0..11)"),
+        (["--layer", "3"], "--layer applies to --method pomt only"),
+        (["--method", "best"], "unknown --method 'best'"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, args, message):

@@ -7,7 +7,8 @@ tokens leaving its last block:
   random right after the position embedding enter every block. The choice depends only
   on (seed, image name, n): each image has one fixed random ranking of its patches, and
   the n - p best-ranked are kept, so the kept sets are nested as n falls.
-- ``pomt``: POMT prunes r = N - n tokens once, in block ``layer``.
+- ``pomt``: POMT prunes r = N - n tokens once, in block ``layer``; with several layers,
+  one curve per layer (rows carry ``layer``, null for the other estimators).
 - ``topk`` / ``tome``: N - n tokens removed over all blocks, spread as evenly as the
   method allows (:func:`spread`).
 
@@ -38,7 +39,7 @@ from pomt_cli.data import LabelledImages, Listing, Preprocess, count_correct, li
 from pomt_cli.devices import resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.models import check_num_classes, create_model, state_dict_sha256, vit_geometry, weights_source
-from pomt_cli.options import parse_dtype, token_grid
+from pomt_cli.options import check_layers, parse_dtype, token_grid
 from pomt_cli.outputs import output_stem, write_set
 from pomt_cli.plots import plot_accuracy
 from pomt_cli.profiles import ProfileMeta, write_profile
@@ -56,6 +57,7 @@ FRAME_SCHEMA = {
     "correct": pl.Int64,
     "correct_top5": pl.Int64,
     "block_tokens": pl.List(pl.Int64),
+    "layer": pl.Int64,
 }
 
 
@@ -291,6 +293,7 @@ class EstimateConfig(BaseModel):
     tokens: str | None = None
     estimator: Estimator = "random"
     layer: int = 3
+    layers: list[int] | None = Field(None, description="POMT's blocks, one curve each (default: [layer])")
     seed: int = 0
     batch_size: int = Field(64, ge=1)
     dtype: str = "float32"
@@ -307,7 +310,8 @@ class AccuracyMeta(ProfileMeta):
 
     kind: Literal["accuracy"] = "accuracy"
     estimator: Estimator
-    layer: int | None = Field(description="POMT's pruning block; None for the other estimators")
+    layer: int | None = Field(description="POMT's pruning block (the first of layers); None for the other estimators")
+    layers: list[int] | None = Field(None, description="POMT's pruning blocks, one curve each; None for the others")
     seed: int
     weights: str = Field(description="pretrained, checkpoint, bundled or random")
     weights_file: str | None
@@ -366,13 +370,23 @@ def _model_for(config: EstimateConfig) -> tuple[nn.Module, str]:
     return model, source
 
 
+def config_layers(config: EstimateConfig) -> list[int | None]:
+    """The curves to estimate: POMT's layers, or one curve without a layer."""
+    if config.estimator != "pomt":
+        return [None]
+    return list(config.layers) if config.layers else [config.layer]
+
+
 def _check_estimator(model: nn.Module, g: TokenGeometry, config: EstimateConfig, grid: list[int]) -> None:
     """Every grid point's setting is valid for the core (ValueError -> PomtError)."""
     if config.estimator == "random":
         return
+    layers = config_layers(config)
+    if config.estimator == "pomt":
+        check_layers(layers, g.num_blocks, config.model)
     try:
-        for n in grid:
-            apply(model, config.estimator, **reduction(config.estimator, g, n, config.layer))
+        for n, layer in ((n, layer) for layer in layers for n in grid):
+            apply(model, config.estimator, **reduction(config.estimator, g, n, layer if layer is not None else 0))
     except ValueError as exc:
         raise PomtError(f"--estimator {config.estimator}: {exc}") from None
     finally:
@@ -414,10 +428,19 @@ def run_estimate(
         raise PomtError(f"none of the {len(listing.records)} images in --data {config.data} could be read")
 
     began = time.perf_counter()
-    hits, block_tokens = estimate_hits(
-        model, data, grid, estimator=config.estimator, layer=config.layer, seed=config.seed,
-        batch_size=config.batch_size, device=procs.device, dtype=dtype, on_progress=on_progress,
-    )
+    layers = config_layers(config)
+    curves = []
+    for i, layer in enumerate(layers):
+        def progress(event: EvalProgress, i: int = i) -> None:
+            if on_progress is not None:
+                on_progress(EvalProgress(done=i * event.total + event.done, total=len(layers) * event.total,
+                                         images=event.images, running=event.running))
+        curves.append(estimate_hits(
+            model, data, grid, estimator=config.estimator, layer=layer if layer is not None else config.layer,
+            seed=config.seed, batch_size=config.batch_size, device=procs.device, dtype=dtype, on_progress=progress,
+        ))
+    hits = torch.cat([h for h, _ in curves])
+    block_tokens = [per_n for _, per_curve in curves for per_n in per_curve]
     if procs.world_size > 1:
         dist.all_reduce(hits, op=dist.ReduceOp.SUM)
     top1, top5 = hits.cpu().unbind(dim=1)
@@ -426,13 +449,14 @@ def run_estimate(
     images = len(used)
     frame = pl.DataFrame(
         {
-            "tokens": grid,
+            "tokens": grid * len(layers),
             "accuracy": [100.0 * h / images for h in top1.tolist()],
             "top5": [100.0 * h / images for h in top5.tolist()],
-            "images": [images] * len(grid),
+            "images": [images] * len(grid) * len(layers),
             "correct": top1.tolist(),
             "correct_top5": top5.tolist(),
             "block_tokens": block_tokens,
+            "layer": [layer for layer in layers for _ in grid],
         },
         schema=FRAME_SCHEMA,
     )
@@ -441,7 +465,7 @@ def run_estimate(
         model=config.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,
         embed_dim=g.embed_dim, dtype=dtype_name, grid=grid, estimator=config.estimator,
         img_size=list(g.input_size[1:]), img_size_option=config.img_size,
-        layer=config.layer if config.estimator == "pomt" else None, seed=config.seed, weights=source,
+        layer=layers[0], layers=layers if config.estimator == "pomt" else None, seed=config.seed, weights=source,
         weights_file=str(Path(config.checkpoint).resolve()) if config.checkpoint else None,
         weights_sha256=weights_sha, data=listing.source, num_images=images, num_classes=listing.num_classes,
         limit=config.limit, images_available=listing.available, skipped=skipped,
@@ -454,7 +478,10 @@ def run_estimate(
 
 def accuracy_stem(meta: AccuracyMeta) -> str:
     """The file stem of an accuracy profile: model, dtype, estimator (and POMT's layer), data set."""
-    estimator = f"pomt-layer{meta.layer}" if meta.estimator == "pomt" else meta.estimator
+    estimator = meta.estimator
+    if meta.estimator == "pomt":
+        layers = meta.layers or [meta.layer]
+        estimator = f"pomt-layer{layers[0]}" if len(layers) == 1 else "pomt-layers" + "-".join(map(str, layers))
     data_name = Path(meta.data).name if meta.data != "digits" else "digits"
     return output_stem("accuracy", meta.model, dtype=meta.dtype, img_size=meta.img_size_option,
                        extra=(estimator, data_name))
@@ -471,6 +498,9 @@ def write_accuracy(run: AccuracyRun, output_dir: str | Path) -> tuple[Path, Path
 
 def describe(meta: AccuracyMeta) -> str:
     """One line naming the model, estimator, data and image count."""
-    estimator = f"POMT at layer {meta.layer}" if meta.estimator == "pomt" else f"{meta.estimator} estimator"
+    estimator = f"{meta.estimator} estimator"
+    if meta.estimator == "pomt":
+        layers = meta.layers or [meta.layer]
+        estimator = f"POMT at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
     data_name = "digits (held out)" if meta.data == "digits" else Path(meta.data).name
     return f"{meta.model}, {estimator}, {data_name}: {meta.num_images} images, {meta.dtype}"

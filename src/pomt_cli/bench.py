@@ -46,8 +46,14 @@ SCHEMA: dict[str, pl.DataType] = {
     "top5": pl.Float64,
     "accuracy_change": pl.Float64,
     "images": pl.Int64,
+    "predicted_ms": pl.Float64,
+    "prediction_error": pl.Float64,
+    "predicted_by": pl.String,
 }
 """Columns of a bench report, one row per (batch size, method)."""
+
+Predictions = Mapping[tuple[int, str], tuple[float, str]]
+"""``{(batch size, setting label): (predicted ms, workload that predicted it)}``."""
 
 
 class MethodSetting(BaseModel):
@@ -220,6 +226,15 @@ def time_methods(
     return results
 
 
+def prediction_columns(prediction: tuple[float, str] | None, measured_ms: float | None) -> dict:
+    """``predicted_ms``, ``prediction_error`` (measured / predicted - 1) and ``predicted_by`` of one row."""
+    if prediction is None:
+        return {"predicted_ms": None, "prediction_error": None, "predicted_by": None}
+    predicted, workload = prediction
+    error = measured_ms / predicted - 1 if measured_ms and predicted else None
+    return {"predicted_ms": predicted, "prediction_error": error, "predicted_by": workload}
+
+
 def accuracy_of_methods(
     model: nn.Module,
     settings: Sequence[MethodSetting],
@@ -247,8 +262,14 @@ def bench_frame(
     plan: Mapping[int, Sequence[MethodSetting]],
     timed: dict[tuple[int, str], tuple[Measurement, int]],
     accuracy: dict[str, tuple[float, float, int]] | None,
+    predictions: Predictions | None = None,
 ) -> pl.DataFrame:
-    """The report: one row per (batch size, method), changes against ``none`` when it was run."""
+    """The report: one row per (batch size, method), changes against ``none`` when it was run.
+
+    A row with a prediction (from a compute-r report) carries it, the workload that made
+    it, and the prediction error ``measured / predicted - 1``.
+    """
+    predictions = predictions or {}
     rows = []
     for b, settings in plan.items():
         base = timed.get((b, "none"))
@@ -267,5 +288,6 @@ def bench_frame(
                 "accuracy": acc[0] if acc else None, "top5": acc[1] if acc else None,
                 "accuracy_change": acc[0] - base_acc[0] if acc and base_acc else None,
                 "images": acc[2] if acc else None,
+                **prediction_columns(predictions.get((b, s.label)), m.median_ms),
             })
     return pl.DataFrame(rows, schema=SCHEMA, orient="row")

@@ -1,9 +1,14 @@
-"""The latency profile: L(n), the time of one forward pass when n tokens enter the first block.
+"""The latency profile: L(n), the time of one forward pass against the kept-token count n.
 
 For each batch size B and kept-token count n of the grid, the workload is one forward pass
-of the model on random (B, C, H, W) inputs in which the p prefix tokens and n - p patch
-tokens chosen at random (once per point, outside the timed region) enter the first
-block, so that every block runs on n tokens (:func:`pomt_cli.pruning.forward_kept`).
+of the model on random (B, C, H, W) inputs. Two workloads:
+
+- ``proxy`` (the paper's): the p prefix tokens and n - p patch tokens chosen at random
+  (once per point, outside the timed region) enter the first block, so that every block
+  runs on n tokens (:func:`pomt_cli.pruning.forward_kept`).
+- ``pomt``: the real POMT-patched model with R = N - n pruned in block ``layer``, the
+  model that would be deployed: blocks 0..layer run on all N tokens, scoring and
+  gathering included. One curve per layer, each costing about one proxy profile.
 
 :func:`profile_latency` builds the workload and visits the grid in a shuffled order (so
 that drift does not masquerade as a step), timing each point with
@@ -29,8 +34,9 @@ from torch import nn
 from pomt_cli.devices import ClockState
 from pomt_cli.errors import PomtError
 from pomt_cli.models import vit_geometry
-from pomt_cli.options import DTYPES
+from pomt_cli.options import DTYPES, check_layers
 from pomt_cli.profiles import ProfileMeta, read_profile
+from pomt_cli.pruning import apply, remove
 from pomt_cli.pruning.geometry import forward_kept
 from pomt_cli.timing import Measurement, is_out_of_memory, measure, precise_enough, release_memory, summarize
 
@@ -57,6 +63,12 @@ SCHEMA: dict[str, pl.DataType] = {
 Point = tuple[int, int]
 """(batch size, kept tokens n)."""
 
+Workload = Literal["proxy", "pomt"]
+WORKLOADS: tuple[str, ...] = ("proxy", "pomt")
+
+#: Columns of a latency profile file: the engine's, then ``layer`` (POMT's block, null for the proxy).
+FILE_SCHEMA: dict[str, pl.DataType] = {**SCHEMA, "layer": pl.Int64}
+
 
 class LatencySettings(BaseModel):
     """What to measure and how precisely."""
@@ -72,6 +84,8 @@ class LatencySettings(BaseModel):
     seed: int = 0
     remeasure_rounds: int = Field(2, ge=0, description="rounds of re-measuring spikes")
     passes: int = Field(2, ge=1, description="sweeps over the grid; each visit gets budget_s / passes")
+    workload: Workload = "proxy"
+    layers: list[int] | None = Field(None, description="POMT's pruning blocks (workload pomt), one curve each")
 
     @field_validator("batch_sizes", "grid")
     @classmethod
@@ -120,6 +134,8 @@ class LatencyMeta(ProfileMeta):
     complete: bool = Field(False, description="every point measured and spikes re-measured")
     elapsed_s: float = Field(0.0, description="seconds spent measuring, over all resumed runs")
     resumed_rows: int = Field(0, description="rows taken over from an interrupted run (--resume)")
+    workload: Workload = Field("proxy", description="proxy: every block at n; pomt: the POMT-patched model")
+    layers: list[int] | None = Field(None, description="POMT's pruning blocks of the pomt workload; None for the proxy")
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,7 @@ class GridProgress:
     total: int
     measurement: Measurement | None = None
     frame: pl.DataFrame | None = None
+    layer: int | None = None
 
 
 ProgressFn = Callable[[GridProgress], None]
@@ -346,6 +363,16 @@ def kept_patches(num_patches: int, kept: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_patches, generator=generator)[:kept].sort().values
 
 
+def with_layer(frame: pl.DataFrame, layer: int | None) -> pl.DataFrame:
+    """``frame`` (engine columns) with the ``layer`` column, in :data:`FILE_SCHEMA` order."""
+    return frame.with_columns(pl.lit(layer, dtype=pl.Int64).alias("layer")).select(list(FILE_SCHEMA))
+
+
+def sort_profile(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows by layer (the proxy's null first), batch size, then descending n."""
+    return frame.sort(["layer", "batch_size", "tokens"], descending=[False, False, True], nulls_last=False)
+
+
 def profile_latency(
     model: nn.Module,
     settings: LatencySettings,
@@ -354,15 +381,64 @@ def profile_latency(
     previous: pl.DataFrame | None = None,
     progress: ProgressFn | None = None,
 ) -> pl.DataFrame:
-    """The latency profile of ``model`` on ``device``: one row per (batch size, n).
+    """The latency profile of ``model`` on ``device``: one row per (layer, batch size, n).
 
     The model is moved to ``device`` and ``settings.dtype``. Points already in
-    ``previous`` are not measured again.
+    ``previous`` are not measured again. With the ``pomt`` workload each layer of
+    ``settings.layers`` is one curve, measured in turn by the same engine (about one proxy
+    profile each); progress events then count over all layers and carry the whole
+    profile so far. The model is left unpatched.
+
+    Returns:
+        A frame of :data:`FILE_SCHEMA` (``layer`` null for the proxy), sorted by
+        :func:`sort_profile`.
 
     Raises:
-        PomtError: the model is not a supported ViT, the grid does not fit it, the model
-            itself does not fit in the device's memory, or CUDA graphs without CUDA.
+        PomtError: the model is not a supported ViT, the grid does not fit it, a layer is
+            out of range, the model itself does not fit in the device's memory, or CUDA
+            graphs without CUDA.
     """
+    layers: list[int | None] = [None]
+    if settings.workload == "pomt":
+        g = vit_geometry(model)
+        if not settings.layers:
+            raise PomtError("the pomt workload needs at least one layer: give --layer L[,L...]")
+        check_layers(settings.layers, g.num_blocks, g.name)
+        layers = list(settings.layers)
+    if previous is not None and "layer" not in previous.columns:
+        previous = with_layer(previous, None)
+    finished: list[pl.DataFrame] = []
+    per_layer = len(settings.points()) * settings.passes
+    offset = 0
+    for i, layer in enumerate(layers):
+        earlier = None
+        if previous is not None:
+            earlier = previous.filter(pl.col("layer").is_null() if layer is None else pl.col("layer") == layer)
+        callback = None
+        if progress is not None:
+            def callback(event: GridProgress, layer=layer, i=i, done_before=list(finished)) -> None:
+                frame = None
+                if event.frame is not None:
+                    frame = sort_profile(pl.concat([*done_before, with_layer(event.frame, layer)]))
+                left = per_layer * (len(layers) - i - 1)
+                progress(GridProgress(event.phase, event.batch_size, event.tokens, offset + event.done,
+                                      offset + event.total + left, event.measurement, frame, layer))
+        frame = _profile_curve(model, settings, device=device, previous=earlier, progress=callback, layer=layer)
+        finished.append(with_layer(frame, layer))
+        offset += per_layer if earlier is None else max(0, per_layer - earlier.height * settings.passes)
+    return sort_profile(pl.concat(finished))
+
+
+def _profile_curve(
+    model: nn.Module,
+    settings: LatencySettings,
+    *,
+    device: torch.device,
+    previous: pl.DataFrame | None,
+    progress: ProgressFn | None,
+    layer: int | None,
+) -> pl.DataFrame:
+    """One curve: the proxy (``layer`` None) or POMT pruning N - n tokens in block ``layer``."""
     g = vit_geometry(model)
     if settings.cuda_graphs and device.type != "cuda":
         raise PomtError(f"CUDA graphs need a CUDA device, but the torch device is {device}: leave out --cuda-graphs")
@@ -396,9 +472,19 @@ def profile_latency(
             return Measurement(status="oom", mode="cuda_graph" if settings.cuda_graphs else "eager", samples=0,
                                rel_precision=settings.rel_precision, elapsed_s=0.0, error="inputs do not fit")
         x = images[batch_size]
+        if layer is None:
+            def workload() -> torch.Tensor:
+                return forward_kept(model, x, keep)
+        else:
+            # R = 0 is the unpruned model itself, as it would be deployed.
+            pruned = remove(model) if tokens == g.num_tokens else apply(model, "pomt", r=g.num_tokens - tokens,
+                                                                          layer=layer)
+
+            def workload() -> torch.Tensor:
+                return pruned(x)
         with torch.inference_mode():
             return measure(
-                lambda: forward_kept(model, x, keep),
+                workload,
                 device=device,
                 rel_precision=settings.rel_precision,
                 budget_s=settings.budget_s / settings.passes,
@@ -416,17 +502,20 @@ def profile_latency(
         if previous is None or previous.filter(pl.col("batch_size") == batch_size).height < len(settings.grid):
             measure_point(batch_size, max(settings.grid), [])
 
-    return run_grid(
-        settings.points(),
-        measure_point,
-        seed=settings.seed,
-        passes=settings.passes,
-        spike_tol=settings.spike_tol,
-        remeasure_rounds=settings.remeasure_rounds,
-        previous=previous,
-        progress=progress,
-        point_budget_s=settings.budget_s,
-    )
+    try:
+        return run_grid(
+            settings.points(),
+            measure_point,
+            seed=settings.seed,
+            passes=settings.passes,
+            spike_tol=settings.spike_tol,
+            remeasure_rounds=settings.remeasure_rounds,
+            previous=previous,
+            progress=progress,
+            point_budget_s=settings.budget_s,
+        )
+    finally:
+        remove(model)
 
 
 #: The widest gap between grid points (in tokens) across which a drop counts as a step: on
@@ -493,8 +582,25 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
     return pl.DataFrame(found, schema=schema, orient="row") if found else pl.DataFrame(schema=schema)
 
 
+def find_curve_steps(frame: pl.DataFrame, *, top: int = 8) -> pl.DataFrame:
+    """:func:`find_steps` of each curve of a profile: one per layer (the proxy's is null).
+
+    Returns:
+        The rows of :func:`find_steps` with a ``layer`` column first.
+    """
+    if "layer" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
+    parts = []
+    for layer in frame["layer"].unique(maintain_order=True).sort(nulls_last=False).to_list():
+        curve = frame.filter(pl.col("layer").is_null() if layer is None else pl.col("layer") == layer)
+        steps = find_steps(curve, top=top)
+        parts.append(steps.select(pl.lit(layer, dtype=pl.Int64).alias("layer"), pl.all()))
+    return pl.concat(parts) if parts else find_steps(frame, top=top).select(
+        pl.lit(None, dtype=pl.Int64).alias("layer"), pl.all())
+
+
 _RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "img_size", "dtype", "batch_sizes", "grid", "timing_mode",
-                  "device_preset", "torch_device")
+                  "device_preset", "torch_device", "workload", "layers")
 
 
 def _show(value: object) -> str:
@@ -536,8 +642,9 @@ def resume_rows(path: str | Path, expected: LatencyMeta) -> tuple[pl.DataFrame, 
                 f"--resume {path} was measured with {name} {_show(old)}, but this run has {_show(new)}: "
                 "resume with the same options, or leave out --resume to start afresh"
             )
-    wanted = {(b, n) for b in expected.batch_sizes for n in expected.grid}
-    found = set(zip(frame["batch_size"].to_list(), frame["tokens"].to_list()))
+    layers = expected.layers if expected.workload == "pomt" else [None]
+    wanted = {(layer, b, n) for layer in layers for b in expected.batch_sizes for n in expected.grid}
+    found = set(zip(frame["layer"].to_list(), frame["batch_size"].to_list(), frame["tokens"].to_list()))
     if found - wanted:
         raise PomtError(f"--resume {path} holds points outside its own grid: it is damaged; start afresh")
     return frame, meta

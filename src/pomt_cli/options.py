@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from pomt_cli.errors import PomtError
@@ -72,3 +74,15 @@ def token_grid(spec: str | None, num_tokens: int, num_prefix: int) -> list[int]:
     if start < stop:
         raise PomtError(f"--tokens {spec!r}: START {start} is below STOP {stop}; the grid runs downwards")
     return list(range(start, stop - 1, -stride))
+
+
+def check_layers(layers: Sequence[int], num_blocks: int, name: str, option: str = "--layer") -> None:
+    """Refuse pruning blocks the model does not have.
+
+    Raises:
+        PomtError: a layer outside 0..num_blocks - 1 (the message names the range).
+    """
+    bad = [layer for layer in layers if not 0 <= layer < num_blocks]
+    if bad:
+        raise PomtError(f"{option} {bad[0]} is out of range: {name} has {num_blocks} blocks "
+                        f"(layer 0..{num_blocks - 1})")

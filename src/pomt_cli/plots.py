@@ -44,7 +44,7 @@ def plot_latency(
     title: str,
     steps: pl.DataFrame | None = None,
 ) -> Path:
-    """Latency against kept tokens, one line per batch size, with the p10-p90 band.
+    """Latency against kept tokens, one line per batch size (and POMT layer), with the p10-p90 band.
 
     Args:
         frame: a latency profile (``batch_size, tokens, latency_ms, p10_ms, p90_ms, status``).
@@ -54,18 +54,22 @@ def plot_latency(
             curve drops, with its relative drop.
     """
     fig, ax = new_figure()
+    if "layer" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
     measured = frame.filter(pl.col("latency_ms").is_not_null())
     colors = {}
-    for (batch_size,), part in frame.sort("batch_size").group_by(["batch_size"], maintain_order=True):
+    for (layer, batch_size), part in frame.sort(["layer", "batch_size"], nulls_last=False).group_by(
+            ["layer", "batch_size"], maintain_order=True):
         curve = part.filter(pl.col("latency_ms").is_not_null()).sort("tokens")
+        name = f"batch {batch_size}" if layer is None else f"POMT at layer {layer}, batch {batch_size}"
         line = ax.plot(curve["tokens"], curve["latency_ms"], lw=1.3, marker="." if curve.height < 60 else None,
-                       label=f"batch {batch_size}")[0]
-        colors[batch_size] = line.get_color()
+                       label=name)[0]
+        colors[(layer, batch_size)] = line.get_color()
         ax.fill_between(curve["tokens"], curve["p10_ms"], curve["p90_ms"], color=line.get_color(), alpha=0.18, lw=0)
         oom = part.filter(pl.col("status") == "oom")["tokens"]
         if len(oom):
             ax.plot(oom, [0.02] * len(oom), "x", color=line.get_color(), transform=ax.get_xaxis_transform(),
-                    label=f"batch {batch_size}: out of memory")
+                    label=f"{name}: out of memory")
     if measured.height:
         low, high = measured["latency_ms"].min(), measured["latency_ms"].max()
         if low and low > 0 and high / low > LOG_SCALE_RATIO:
@@ -73,12 +77,13 @@ def plot_latency(
     if steps is not None:
         for row in steps.iter_rows(named=True):
             x = (row["from_tokens"] + row["to_tokens"]) / 2
-            color = colors.get(row["batch_size"], "black")
+            color = colors.get((row.get("layer"), row["batch_size"]), "black")
             ax.annotate("", xy=(x, row["to_ms"]), xytext=(x, row["from_ms"]),
                         arrowprops={"arrowstyle": "->", "color": color, "lw": 1.2})
             ax.annotate(f"{row['from_tokens']}\u2192{row['to_tokens']}: \u2212{row['drop_pct']:.0f}%",
                         xy=(x, row["from_ms"]), xytext=(3, 4), textcoords="offset points", fontsize=7, color=color)
-    ax.set_xlabel("kept tokens n (entering the first block)")
+    proxy = frame["layer"].is_null().all()
+    ax.set_xlabel("kept tokens n (entering the first block)" if proxy else "kept tokens n (leaving POMT's block)")
     ax.set_ylabel("latency per forward pass (ms, median; band p10-p90)")
     ax.set_title(title, fontsize=10)
     if frame.height:
@@ -87,18 +92,23 @@ def plot_latency(
 
 
 def plot_accuracy(frame: pl.DataFrame, path: str | Path, *, title: str) -> Path:
-    """Top-1 (and top-5) accuracy in percent against kept tokens n, written as a PNG.
+    """Top-1 (and top-5) accuracy in percent against kept tokens n (one curve per POMT layer), written as a PNG.
 
     Args:
-        frame: an accuracy profile (``tokens``, ``accuracy``, ``top5``).
+        frame: an accuracy profile (``tokens``, ``accuracy``, ``top5``, optionally ``layer``).
         path: the PNG to write (atomically).
         title: the figure's title.
     """
     fig, ax = new_figure()
-    curve = frame.sort("tokens")
-    marker = "." if curve.height < 60 else None
-    ax.plot(curve["tokens"], curve["accuracy"], lw=1.5, marker=marker, label="top-1")
-    ax.plot(curve["tokens"], curve["top5"], lw=1.0, ls="--", marker=marker, label="top-5")
+    if "layer" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
+    for (layer,), curve in frame.group_by(["layer"], maintain_order=True):
+        curve = curve.sort("tokens")
+        marker = "." if curve.height < 60 else None
+        where = "" if layer is None else f", POMT at layer {layer}"
+        line = ax.plot(curve["tokens"], curve["accuracy"], lw=1.5, marker=marker, label=f"top-1{where}")[0]
+        ax.plot(curve["tokens"], curve["top5"], lw=1.0, ls="--", marker=marker, color=line.get_color(),
+                label=f"top-5{where}")
     ax.set_xlabel("kept tokens n (leaving the last block)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -115,17 +125,30 @@ def _panel(ax: Axes, curve: pl.DataFrame, report: Report, batch_size: int) -> No
     """One batch size: latency on the left axis, accuracy and utility on two right axes."""
     choice = report.choice_for(batch_size)
     marker = "." if curve.height < 60 else None
-    curve = curve.sort("tokens")
     acc_ax = ax.twinx()
     util_ax = ax.twinx()
     util_ax.spines["right"].set_position(("axes", 1.12))
-    lines = [
-        ax.plot(curve["tokens"], curve["latency_ms"], color="tab:blue", lw=1.4, marker=marker, label="latency")[0],
-        acc_ax.plot(curve["tokens"], curve["accuracy"], color="tab:red", lw=1.4, marker=marker,
-                    label="top-1 accuracy")[0],
-        util_ax.plot(curve["tokens"], curve["utility"], color="tab:green", lw=1.1, ls="--",
-                     label=f"utility (\u03b1={report.alpha:g})")[0],
-    ]
+    lines = []
+    if "layer" not in curve.columns or curve["layer"].is_null().all():
+        groups = [(None, curve.sort("tokens"))]
+    else:
+        # The unpruned point (n = N, one row) belongs to every layer's curve.
+        full = curve.filter(pl.col("R") == 0)
+        groups = [(layer, pl.concat([full.with_columns(layer=pl.lit(layer, dtype=full["layer"].dtype)),
+                                     curve.filter((pl.col("layer") == layer) & (pl.col("R") != 0))]).sort("tokens"))
+                  for layer in curve["layer"].drop_nulls().unique().sort().to_list()]
+    styles = ["-", "--", ":", "-."]
+    for i, (layer, part) in enumerate(groups):
+        where = "" if layer is None else f", layer {layer}"
+        ls = styles[i % len(styles)]
+        lines += [
+            ax.plot(part["tokens"], part["latency_ms"], color="tab:blue", lw=1.4, ls=ls, marker=marker,
+                    label=f"latency{where}")[0],
+            acc_ax.plot(part["tokens"], part["accuracy"], color="tab:red", lw=1.4, ls=ls, marker=marker,
+                        label=f"top-1 accuracy{where}")[0],
+            util_ax.plot(part["tokens"], part["utility"], color="tab:green", lw=1.1, ls=ls,
+                         label=f"utility (\u03b1={report.alpha:g}){where}")[0],
+        ]
     if report.latency_budget_ms is not None:
         lines.append(ax.axhline(report.latency_budget_ms, color="tab:blue", lw=0.9, ls=":",
                                 label=f"latency budget {report.latency_budget_ms:g} ms"))
@@ -134,8 +157,9 @@ def _panel(ax: Axes, curve: pl.DataFrame, report: Report, batch_size: int) -> No
         lines.append(acc_ax.axhline(floor, color="tab:red", lw=0.9, ls=":",
                                     label=f"accuracy floor (\u2212{report.max_accuracy_drop:g} pts)"))
     if choice is not None:
+        where = "" if choice.layer is None else f" at layer {choice.layer}"
         lines.append(ax.axvline(choice.tokens, color="black", lw=1.0, ls="-.",
-                                label=f"n* = {choice.tokens} (R = {choice.R})"))
+                                label=f"n* = {choice.tokens} (R = {choice.R}{where})"))
     ax.set_xlabel("kept tokens n")
     ax.set_ylabel("latency (ms)", color="tab:blue")
     acc_ax.set_ylabel("top-1 accuracy (%)", color="tab:red")

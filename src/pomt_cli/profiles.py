@@ -25,7 +25,9 @@ from pomt_cli import __version__
 from pomt_cli.errors import PomtError
 from pomt_cli.outputs import atomic_output
 
-FORMAT_VERSION = 1
+#: 2 added the ``layer`` column (POMT's pruning block; null for the proxy and the other
+#: estimators); files of version 1 are read with a null ``layer``.
+FORMAT_VERSION = 2
 METADATA_KEY = "pomt"
 
 LATENCY_COLUMNS = ("batch_size", "tokens", "latency_ms", "p10_ms", "p90_ms", "samples", "status")
@@ -99,6 +101,7 @@ COLUMN_RULES: dict[str, tuple[str, str]] = {
     "accuracy": ("float", "percent"),
     "top5": ("float", "percent"),
     "images": ("int", "positive"),
+    "layer": ("int", "count?"),
 }
 STATUSES = ("ok", "budget", "oom")
 
@@ -214,5 +217,7 @@ def read_profile(path: str | Path, kind: str | None = None) -> tuple[pl.DataFram
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise PomtError(f"{path} lacks the column(s) {', '.join(missing)}: write it again with pomt")
+    if "layer" not in frame.columns:  # format version 1
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
     check_columns(path, frame)
     return frame, meta

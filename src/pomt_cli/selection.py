@@ -12,6 +12,15 @@ and one n is chosen by one criterion: the largest utility (ties: the larger n), 
 accurate n within a latency budget, or the fastest n within an accuracy drop. The answer
 is ``R = N - n``: pruning R tokens leaves n of the N tokens.
 
+When both profiles carry POMT's ``layer`` (``pomt profile --method pomt --layer ...`` and
+``pomt estimate-accuracy --estimator pomt --layer ...``) they are joined on (layer, n) and
+the criterion chooses the layer and R together, among the unpruned model (R = 0, whose
+latency is the median of every layer's n = N point) and the pruned points. With the
+paper's proxy latency (every block at n) the prediction is labelled as the proxy's.
+Either way only pruned points faster than the unpruned model beyond their interval
+(``ci_high_ms`` below its latency) are candidates; when none is, the answer is R = 0:
+pruning does not pay at that batch size.
+
 Everything here returns data and raises :class:`~pomt_cli.errors.PomtError` for bad input;
 the report (:class:`Report`) is the JSON file that ``pomt bench --r-from`` reads.
 """
@@ -35,7 +44,9 @@ from pomt_cli.errors import PomtError
 from pomt_cli.outputs import atomic_write_text
 from pomt_cli.profiles import command_line, read_profile
 
-REPORT_FORMAT_VERSION = 1
+#: 2 added the chosen layer, the workload of the prediction and whether pruning pays;
+#: reports of version 1 are read with ``layer`` None and the ``proxy`` workload.
+REPORT_FORMAT_VERSION = 2
 DEFAULT_ALPHA = 0.5
 #: Candidates listed per batch size.
 TOP_CANDIDATES = 10
@@ -105,6 +116,16 @@ class Choice(BaseModel):
     accuracy_lost: float = Field(ge=-100, le=100, description="A(n_max) - A(n*), percentage points")
     utility: float = Field(description="U(n*) with the report's alpha")
     reference_tokens: int = Field(ge=1, description="n_max, the largest n both profiles contain")
+    layer: int | None = Field(None, description="POMT's pruning block; None with a proxy latency profile")
+    workload: Literal["pomt", "proxy"] = Field(
+        "proxy", description="where latency_ms comes from: the POMT-patched model or the all-blocks proxy")
+    reference_ms: float | None = Field(None, description="L(n_max): the unpruned model's latency when n_max = N")
+    pays: bool = Field(True, description="False: no pruned point was faster than the unpruned model (R = 0)")
+
+    @property
+    def predicted_ms(self) -> float:
+        """The latency the profile predicts for the chosen model (L(n*))."""
+        return self.latency_ms
 
 
 class ProfileInput(BaseModel):
@@ -146,6 +167,9 @@ class Report(BaseModel):
     R: int = Field(ge=0, description="R of the first batch size")
     tokens: int = Field(ge=1, description="n* of the first batch size")
     batch_size: int = Field(ge=1, description="the first batch size")
+    layer: int | None = Field(None, description="the chosen layer of the first batch size (pomt workload)")
+    workload: Literal["pomt", "proxy"] = "proxy"
+    layers: list[int] | None = Field(None, description="the layers both profiles contain (pomt workload)")
     choices: list[Choice] = Field(min_length=1)
     latency: ProfileInput
     accuracy: ProfileInput
@@ -211,9 +235,14 @@ def score(points: pl.DataFrame, num_tokens: int, alpha: float) -> pl.DataFrame:
 
     Returns:
         ``tokens, R, latency_ms, latency_saved_pct, accuracy, accuracy_lost, utility``,
-        n descending. The reference of the saving and the loss is the largest n.
+        n descending, then ``layer`` and ``ci_high_ms`` where ``points`` has them. The
+        reference of the saving and the loss is the largest n (one row: with layers, the
+        unpruned model's, see :func:`merge_unpruned`).
     """
-    frame = points.select("tokens", "latency_ms", "accuracy").sort("tokens", descending=True)
+    extra = [c for c in ("layer", "ci_high_ms") if c in points.columns]
+    order = ["tokens", *(["layer"] if "layer" in extra else [])]
+    frame = points.select("tokens", "latency_ms", "accuracy", *extra).sort(
+        order, descending=[True] + [False] * (len(order) - 1))
     ref_latency = frame["latency_ms"][0]
     ref_accuracy = frame["accuracy"][0]
     return frame.with_columns(
@@ -221,7 +250,7 @@ def score(points: pl.DataFrame, num_tokens: int, alpha: float) -> pl.DataFrame:
         latency_saved_pct=100.0 * (1.0 - pl.col("latency_ms") / ref_latency),
         accuracy_lost=ref_accuracy - pl.col("accuracy"),
         utility=utility(frame["latency_ms"], frame["accuracy"], alpha),
-    ).select("tokens", "R", "latency_ms", "latency_saved_pct", "accuracy", "accuracy_lost", "utility")
+    ).select("tokens", "R", "latency_ms", "latency_saved_pct", "accuracy", "accuracy_lost", "utility", *extra)
 
 
 def _round_up(value: float) -> float:
@@ -322,18 +351,30 @@ def common_points(
 ) -> pl.DataFrame:
     """The grid points of ``batch_size`` with a measured latency and an accuracy.
 
+    Both frames may carry ``layer`` (null, or POMT's block): points are joined on
+    (layer, n).
+
     Returns:
-        ``tokens, latency_ms, accuracy``, n descending.
+        ``tokens, latency_ms, accuracy, layer, ci_high_ms``, n descending (``ci_high_ms``
+        is the latency where the profile has no interval).
 
     Raises:
         PomtError: fewer than 2 points in common.
     """
-    lat = (latency.filter((pl.col("batch_size") == batch_size) & (pl.col("status") != "oom")
-                          & pl.col("latency_ms").is_not_null() & pl.col("latency_ms").is_not_nan())
-           .unique("tokens", keep="last").select("tokens", "latency_ms"))
-    acc = (accuracy.filter(pl.col("accuracy").is_not_null() & pl.col("accuracy").is_not_nan())
-           .unique("tokens", keep="last").select("tokens", "accuracy"))
-    joined = lat.join(acc, on="tokens", how="inner").sort("tokens", descending=True)
+    def keyed(frame: pl.DataFrame) -> pl.DataFrame:
+        layer = pl.col("layer") if "layer" in frame.columns else pl.lit(None, dtype=pl.Int64)
+        return frame.with_columns(_key=layer.fill_null(-1).cast(pl.Int64), layer=layer.cast(pl.Int64))
+
+    lat = keyed(latency.filter((pl.col("batch_size") == batch_size) & (pl.col("status") != "oom")
+                               & pl.col("latency_ms").is_not_null() & pl.col("latency_ms").is_not_nan()))
+    high = pl.col("ci_high_ms").fill_null(pl.col("latency_ms")) if "ci_high_ms" in lat.columns else pl.col("latency_ms")
+    lat = lat.unique(["_key", "tokens"], keep="last").select("_key", "layer", "tokens", "latency_ms",
+                                                             high.alias("ci_high_ms"))
+    acc = (keyed(accuracy.filter(pl.col("accuracy").is_not_null() & pl.col("accuracy").is_not_nan()))
+           .unique(["_key", "tokens"], keep="last").select("_key", "tokens", "accuracy"))
+    joined = (lat.join(acc, on=["_key", "tokens"], how="inner")
+              .sort(["_key", "tokens"], descending=[False, True])
+              .select("tokens", "latency_ms", "accuracy", "layer", "ci_high_ms"))
     if joined.height < 2:
         raise PomtError(
             f"{latency_path} and {accuracy_path} have {joined.height} grid point(s) in common at batch "
@@ -341,6 +382,60 @@ def common_points(
             f"{acc.height}); at least 2 are needed: profile both on the same --tokens grid"
         )
     return joined
+
+
+def profile_layers(frame: pl.DataFrame) -> list[int]:
+    """POMT's layers a profile carries (empty for the proxy and the other estimators)."""
+    if "layer" not in frame.columns:
+        return []
+    return sorted(frame["layer"].drop_nulls().unique().to_list())
+
+
+def check_layers_match(latency_layers: list[int], accuracy_layers: list[int], latency_path: Path,
+                       accuracy_path: Path) -> tuple[list[int], list[str]]:
+    """The layers both profiles carry, and notes on those only one carries.
+
+    Raises:
+        PomtError: one profile has layers and the other none, or they share no layer.
+    """
+    shown = ",".join(map(str, latency_layers or accuracy_layers))
+    if latency_layers and not accuracy_layers:
+        raise PomtError(
+            f"{latency_path} measured the POMT-patched model at layer(s) {shown}, but {accuracy_path} has no "
+            f"layers: estimate accuracy with --estimator pomt --layer {shown} so that both carry the same layers")
+    if accuracy_layers and not latency_layers:
+        raise PomtError(
+            f"{accuracy_path} holds POMT's accuracy at layer(s) {shown}, but {latency_path} is the all-blocks "
+            f"proxy without layers: profile latency with --method pomt --layer {shown} so that both carry the "
+            "same layers")
+    common = [layer for layer in latency_layers if layer in accuracy_layers]
+    if latency_layers and not common:
+        raise PomtError(
+            f"{latency_path} has layer(s) {','.join(map(str, latency_layers))} and {accuracy_path} layer(s) "
+            f"{','.join(map(str, accuracy_layers))}: none in common; give both commands the same --layer")
+    notes = []
+    only = sorted(set(latency_layers) ^ set(accuracy_layers))
+    if only:
+        notes.append(f"layer(s) {', '.join(map(str, only))} are in one profile only and were left out")
+    return common, notes
+
+
+def merge_unpruned(points: pl.DataFrame, num_tokens: int, batch_size: int, latency_path: Path) -> pl.DataFrame:
+    """With layers: every layer's n = N point is the same unpruned model; one row stands for them all.
+
+    Its latency and interval are the medians over the layers, its layer the first.
+
+    Raises:
+        PomtError: the common grid lacks n = N (the unpruned model was not measured).
+    """
+    full = points.filter(pl.col("tokens") == num_tokens)
+    if full.is_empty():
+        raise PomtError(
+            f"{latency_path} has no point at n = {num_tokens} (the unpruned model) at batch {batch_size} in common "
+            f"with the accuracy profile: profile both with a --tokens grid that starts at {num_tokens}")
+    merged = full.sort("layer").head(1).with_columns(
+        latency_ms=pl.lit(full["latency_ms"].median()), ci_high_ms=pl.lit(full["ci_high_ms"].median()))
+    return pl.concat([merged, points.filter(pl.col("tokens") != num_tokens)])
 
 
 def _input_record(path: Path, meta: dict) -> ProfileInput:
@@ -390,17 +485,41 @@ def compute_r(
         raise PomtError(f"{latency_path} holds no measured points: run pomt profile again")
 
     num_tokens = int(latency_meta["num_tokens"])
+    layers, layer_notes = check_layers_match(profile_layers(latency), profile_layers(accuracy), latency_path,
+                                             accuracy_path)
+    notes += layer_notes
+    workload = "pomt" if layers else "proxy"
+    if layers:
+        latency = latency.filter(pl.col("layer").is_in(layers))
+        accuracy = accuracy.filter(pl.col("layer").is_in(layers))
+    else:
+        notes.append("latency comes from the all-blocks proxy (every block at n tokens): a POMT model runs the "
+                     "blocks up to its layer on all N tokens and pays for scoring, so the real saving will be "
+                     "smaller than predicted; profile with --method pomt --layer L to predict the pruned model itself")
     curves: dict[int, pl.DataFrame] = {}
     candidates: dict[int, pl.DataFrame] = {}
     choices: list[Choice] = []
     for b in chosen:
         points = common_points(latency, accuracy, b, latency_path, accuracy_path)
+        if layers:
+            points = merge_unpruned(points, num_tokens, b, latency_path)
         scored = score(points, num_tokens, settings.alpha)
-        ranked = rank(scored, settings, b)
+        reference = scored.row(0, named=True)
+        # Only pruned points faster than the reference beyond their own interval can pay.
+        paying = scored.filter((pl.col("tokens") == reference["tokens"])
+                               | (pl.col("ci_high_ms") < reference["latency_ms"]))
+        pays = paying.height > 1
+        if not pays:
+            unpruned = "unpruned model" if reference["R"] == 0 else f"reference n = {reference['tokens']}"
+            notes.append(f"batch {b}: pruning does not pay here: no pruned point is faster than the {unpruned} "
+                         f"({reference['latency_ms']:.3f} ms), so R = {reference['R']}")
+        ranked = rank(paying, settings, b)
         best = ranked.row(0, named=True)
-        curves[b] = scored
-        candidates[b] = ranked.head(TOP_CANDIDATES)
-        choices.append(Choice(batch_size=b, reference_tokens=int(scored["tokens"][0]),
+        curves[b] = scored.drop("ci_high_ms")
+        candidates[b] = ranked.head(TOP_CANDIDATES).drop("ci_high_ms")
+        choices.append(Choice(batch_size=b, reference_tokens=int(reference["tokens"]),
+                              layer=best["layer"] if layers else None, workload=workload,
+                              reference_ms=reference["latency_ms"], pays=pays,
                               **{k: best[k] for k in ("R", "tokens", "latency_ms", "latency_saved_pct",
                                                       "accuracy", "accuracy_lost", "utility")}))
 
@@ -410,7 +529,7 @@ def compute_r(
         num_blocks=int(latency_meta["num_blocks"]), embed_dim=int(latency_meta["embed_dim"]),
         criterion=settings.criterion, alpha=settings.alpha, latency_budget_ms=settings.latency_budget_ms,
         max_accuracy_drop=settings.max_accuracy_drop, R=first.R, tokens=first.tokens,
-        batch_size=first.batch_size, choices=choices,
+        batch_size=first.batch_size, layer=first.layer, workload=workload, layers=layers or None, choices=choices,
         latency=_input_record(latency_path, latency_meta), accuracy=_input_record(accuracy_path, accuracy_meta),
         notes=notes,
     )

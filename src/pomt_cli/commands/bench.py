@@ -22,7 +22,10 @@ from pomt_cli.models import create_model, vit_geometry, weights_source
 from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list
 from pomt_cli.outputs import check_output_dir, output_stem, write_set
 from pomt_cli.profiles import command_line
-from pomt_cli.selection import read_report
+from pomt_cli.selection import Choice, read_report
+
+#: POMT's pruning block when neither --layer nor a report's choice gives one.
+DEFAULT_LAYER = 3
 
 out = plain_console()
 err = plain_console(stderr=True, soft_wrap=True)
@@ -53,6 +56,47 @@ def _r_per_batch(r: int | None, r_from: Path | None, model: str, batch_sizes: li
     return chosen, batch_sizes, str(Path(r_from).resolve())
 
 
+def _layers_and_predictions(
+    r_from: Path | None, layer: int | None, sizes: list[int], num_blocks: int, model: str,
+) -> tuple[dict[int, int], dict[int, Choice]]:
+    """POMT's layer per batch size (the report's choice, else --layer, else 3), and the report's choices.
+
+    Raises:
+        PomtError: --layer contradicts the layers a report chose, or a layer the model lacks.
+    """
+    choices = {}
+    if r_from is not None:
+        report = read_report(r_from, model=model)
+        choices = {b: c for b in sizes if (c := report.choice_for(b)) is not None}
+    layers = {}
+    for b in sizes:
+        chosen = choices[b].layer if b in choices else None
+        if chosen is not None and layer is not None and layer != chosen:
+            raise PomtError(f"--layer {layer} contradicts --r-from {r_from}, which chose layer {chosen} at batch {b}: "
+                            "leave out --layer to bench the report's choice")
+        layers[b] = chosen if chosen is not None else (layer if layer is not None else DEFAULT_LAYER)
+        if not 0 <= layers[b] < num_blocks:
+            source = f"--r-from {r_from} chose layer {chosen} at batch {b}" if chosen is not None else (
+                f"--layer {layers[b]} is out of range")
+            raise PomtError(f"{source}, but {model} has {num_blocks} blocks (layer 0..{num_blocks - 1}): "
+                            + ("run compute-r with profiles of this model" if chosen is not None else
+                               "give a layer in that range"))
+    return layers, choices
+
+
+def _predictions(plan: dict[int, list[MethodSetting]], choices: dict[int, Choice],
+                 num_tokens: int) -> dict[tuple[int, str], tuple[float, str]]:
+    """What the report predicts: the chosen POMT setting's latency, and the unpruned model's where it was measured."""
+    predicted = {}
+    for b, choice in choices.items():
+        for s in plan[b]:
+            if s.method == "pomt":
+                predicted[(b, s.label)] = (choice.latency_ms, choice.workload)
+            elif s.method == "none" and choice.reference_ms is not None and choice.reference_tokens == num_tokens:
+                predicted[(b, s.label)] = (choice.reference_ms, choice.workload)
+    return predicted
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("left"), TimeRemainingColumn(), console=err)
@@ -61,6 +105,9 @@ def _progress() -> Progress:
 def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> Table:
     table = Table(title=title, title_justify="left")
     columns = ["batch", "method", "tokens out", "median ms", "p10-p90 ms", "vs none"]
+    predicted = frame["predicted_ms"].is_not_null().any()
+    if predicted:
+        columns += ["predicted ms", "error"]
     if with_accuracy:
         columns += ["top-1 %", "change (pts)"]
     for name in columns:
@@ -73,6 +120,10 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> Table:
             change = "" if row["method"] == "none" or row["latency_change_pct"] is None else (
                 f"{row['latency_change_pct']:+.1f}%")
         cells = [str(row["batch_size"]), row["setting"], str(row["tokens_out"]), latency, spread, change]
+        if predicted:
+            by = {"pomt": "", "proxy": " (proxy)"}.get(row["predicted_by"] or "", "")
+            cells += ["" if row["predicted_ms"] is None else f"{row['predicted_ms']:.3f}{by}",
+                      "" if row["prediction_error"] is None else f"{row['prediction_error']:+.1%}"]
         if with_accuracy:
             acc_change = "" if row["method"] == "none" or row["accuracy_change"] is None else f"{row['accuracy_change']:+.2f}"
             cells += [f"{row['accuracy']:.2f}", acc_change]
@@ -89,7 +140,9 @@ def bench(
     ),
     r: int | None = typer.Option(None, "-r", "--r", help="POMT: tokens pruned in block --layer."),
     r_from: Path | None = typer.Option(None, "--r-from", help="POMT's R per batch size from a compute-r report (.json)."),
-    layer: int = typer.Option(3, "--layer", help="POMT's pruning block."),
+    layer: int | None = typer.Option(
+        None, "--layer", help="POMT's pruning block (default: the report's choice with --r-from, else 3)."
+    ),
     tome_r: int = typer.Option(
         8, "--tome-r", help="ToMe: tokens merged in every block, capped per block at half the non-prefix tokens (as ToMe)."
     ),
@@ -154,6 +207,7 @@ def bench(
         torch.set_num_threads(threads)
     net = create_model(model, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
     g = vit_geometry(net)
+    layers, choices = _layers_and_predictions(r_from, layer, sizes, g.num_blocks, model)
 
     # POMT's r may differ per batch size: one setting per distinct r.
     plan: dict[int, list[MethodSetting]] = {}
@@ -162,8 +216,10 @@ def bench(
         for m in methods:
             if m == "none":
                 chosen.append(MethodSetting(method="none"))
+            elif m == "pomt" and b in choices and r_by_batch[b] == 0:
+                continue  # the report's answer is the unpruned model: `none` carries its prediction
             elif m == "pomt":
-                chosen.append(MethodSetting(method="pomt", r=r_by_batch[b], layer=layer))
+                chosen.append(MethodSetting(method="pomt", r=r_by_batch[b], layer=layers[b]))
             else:
                 chosen.append(MethodSetting(method=m, r=tome_r if m == "tome" else topk_r))
         plan[b] = fit_settings(net, chosen)  # checked; ToMe's per-block cap shows in the labels
@@ -189,11 +245,12 @@ def bench(
             task = progress.add_task("evaluating accuracy", total=len(distinct))
             accuracy = accuracy_of_methods(net, distinct, labelled, batch_size=eval_batch_size, device=tdev,
                                            dtype=torch_dtype, on_done=lambda _: progress.advance(task))
-    frame = bench_frame(plan, timed, accuracy)
+    frame = bench_frame(plan, timed, accuracy, _predictions(plan, choices, g.num_tokens))
 
     meta = {
-        "kind": "bench", "format_version": 1, "model": model, "num_tokens": g.num_tokens, "num_prefix": g.num_prefix,
-        "img_size": list(g.input_size[1:]), "img_size_option": img_size, "num_blocks": g.num_blocks, "dtype": dtype_name, "batch_sizes": sizes, "methods": methods,
+        "kind": "bench", "format_version": 2, "model": model, "num_tokens": g.num_tokens, "num_prefix": g.num_prefix,
+        "img_size": list(g.input_size[1:]), "img_size_option": img_size, "num_blocks": g.num_blocks, "dtype": dtype_name,
+        "batch_sizes": sizes, "methods": methods,
         "settings": {str(b): [s.model_dump() for s in group] for b, group in plan.items()},
         "r_from": report_path, "weights": source, "data": listing.source if listing else None,
         "num_images": len(labelled) if labelled else None, "limit": limit,
@@ -219,6 +276,12 @@ def bench(
     if labelled is not None and labelled.skipped:
         out.print(f"skipped {len(labelled.skipped)} unreadable image(s), e.g. {labelled.skipped[0][0]}")
     out.print(_render(frame, title, accuracy is not None))
+    if frame["predicted_ms"].is_not_null().any():
+        workload = next(c.workload for c in choices.values())
+        out.print(f"predicted: by {r_from} from "
+                  + ("the real pruned model's latency profile" if workload == "pomt" else
+                     "the all-blocks proxy (every block at n; the real saving is smaller)")
+                  + "; error = measured / predicted - 1")
     out.print(f"clocks: {clocks.mode} ({clocks.detail})" if clocks.detail else f"clocks: {clocks.mode}")
     out.print(f"report: {csv}")
     out.print(f"        {parquet}")

@@ -28,19 +28,42 @@ def register(app: typer.Typer) -> None:
 
 
 def r_line(choice: Choice, num_tokens: int) -> str:
-    """``R = 56 (n* = 141 of 197 tokens kept) at batch 4``."""
-    return f"R = {choice.R} (n* = {choice.tokens} of {num_tokens} tokens kept) at batch {choice.batch_size}"
+    """``R = 56 at layer 3 (n* = 141 of 197 tokens kept) at batch 4: predicted ...``."""
+    where = "" if choice.layer is None else f" at layer {choice.layer}"
+    line = f"R = {choice.R}{where} (n* = {choice.tokens} of {num_tokens} tokens kept) at batch {choice.batch_size}"
+    return f"{line}: {prediction_text(choice)}"
+
+
+def prediction_text(choice: Choice) -> str:
+    """The predicted latency and saving of a choice, and which workload predicts them."""
+    if not choice.pays:
+        return (f"pruning does not pay here: no pruned point is faster than the unpruned model "
+                f"({choice.latency_ms:.3f} ms predicted)")
+    against = "the unpruned model" if choice.reference_tokens == choice.R + choice.tokens else (
+        f"n = {choice.reference_tokens}")
+    text = (f"predicted {choice.latency_ms:.3f} ms, {choice.latency_saved_pct:.1f}% less than {against}"
+            + (f" ({choice.reference_ms:.3f} ms)" if choice.reference_ms is not None else ""))
+    if choice.workload == "pomt":
+        return f"{text}, measured on the real pruned model"
+    return f"{text}, by the all-blocks proxy: the real saving will be smaller"
 
 
 def candidates_table(candidates: pl.DataFrame, report: Report, batch_size: int) -> Table:
     """The best points of one batch size by the report's criterion, best first."""
-    table = Table(title=f"Best candidates at batch {batch_size} ({_CRITERION_TITLES[report.criterion]})",
-                  title_justify="left")
-    for name in ("n", "R", "latency (ms)", "latency saved", "accuracy (%)", "accuracy lost (pts)",
-                 f"utility (\u03b1={report.alpha:g})"):
+    workload = ("the real pruned model" if report.workload == "pomt"
+                else "the all-blocks proxy: the real saving will be smaller")
+    table = Table(title=f"Best candidates at batch {batch_size} ({_CRITERION_TITLES[report.criterion]}); "
+                        f"latency predicted by {workload}", title_justify="left")
+    choice = report.choice_for(batch_size)
+    unpruned = choice is None or choice.reference_tokens == report.num_tokens
+    saved_header = "saved vs unpruned" if unpruned else f"saved vs n = {choice.reference_tokens}"
+    layered = "layer" in candidates.columns and candidates["layer"].is_not_null().any()
+    for name in (*(("layer",) if layered else ()), "n", "R", "predicted latency (ms)", saved_header,
+                 "accuracy (%)", "accuracy lost (pts)", f"utility (\u03b1={report.alpha:g})"):
         table.add_column(name, justify="right")
     for row in candidates.iter_rows(named=True):
         table.add_row(
+            *((str(row["layer"]),) if layered else ()),
             str(row["tokens"]), str(row["R"]), f"{row['latency_ms']:.3f}", f"{row['latency_saved_pct']:.1f}%",
             f"{row['accuracy']:.2f}", f"{row['accuracy_lost']:.2f}", f"{row['utility']:.4f}",
         )

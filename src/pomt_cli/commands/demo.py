@@ -15,7 +15,7 @@ from rich.rule import Rule
 from pomt_cli import __version__, digits
 from pomt_cli.devices import default_preset_name, load_preset
 from pomt_cli.errors import PomtError
-from pomt_cli.latency import find_steps, read_latency_profile
+from pomt_cli.latency import find_curve_steps, read_latency_profile
 from pomt_cli.outputs import atomic_write_text, check_output_dir
 from pomt_cli.profiles import read_profile
 from pomt_cli.selection import read_report
@@ -24,8 +24,10 @@ out = plain_console()
 
 #: Batch sizes profiled and benched: one image, and a batch that fills a CPU's cores.
 BATCH_SIZES = "1,32"
-#: POMT's pruning block in digits-vit (4 blocks).
-LAYER = 1
+#: POMT's pruning blocks profiled: every block of digits-vit; compute-r chooses among them.
+LAYERS = ",".join(str(i) for i in range(digits.ARCHITECTURE["depth"]))
+#: The kept-token grid of both profiles: N = 65 down to 5 in steps of 4 (16 points per curve).
+TOKENS = "65:5:4"
 
 
 def register(app: typer.Typer) -> None:
@@ -46,13 +48,17 @@ def _markdown_table(frame: pl.DataFrame, formats: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _cell(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: float) -> str:
     """The demo's Markdown summary: what ran, R, the steps, the comparison, with the plots."""
     latency, latency_meta = read_latency_profile(paths["latency"])
     accuracy, accuracy_meta = read_profile(paths["accuracy"], "accuracy")
     report = read_report(paths["report"])
     bench = pl.read_parquet(paths["bench"])
-    steps = find_steps(latency, top=5)
+    steps = find_curve_steps(latency, top=3)
     rel = {name: p.relative_to(folder).as_posix() for name, p in paths.items()}
     full = accuracy.row(0, named=True)
     lines = [
@@ -67,10 +73,24 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
         "## R",
         "",
     ]
+    lines += [f"compute-r chose the block and R together (criterion: {report.criterion}, alpha {report.alpha}) "
+              f"from the latency of the POMT-patched model itself and POMT's accuracy at each layer; bench then "
+              "measured the choice beside the unpruned model. Error = measured / predicted − 1.", "",
+              "| batch | choice | tokens kept | predicted ms | measured ms | error | saving predicted | "
+              "saving measured | accuracy lost (pts) |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in report.choices:
-        lines.append(f"- batch {c.batch_size}: **R = {c.R}** ({c.tokens} of {report.num_tokens} tokens kept): "
-                     f"{c.latency_saved_pct:.1f}% less latency, {c.accuracy_lost:.2f} points of accuracy lost "
-                     f"(criterion: {report.criterion}, alpha {report.alpha}).")
+        # R = 0 is the unpruned model: bench measured it as `none`.
+        row = bench.filter((pl.col("batch_size") == c.batch_size)
+                           & (pl.col("method") == ("pomt" if c.R else "none"))).row(0, named=True)
+        choice = f"**R = {c.R} at layer {c.layer}**" if c.layer is not None else f"**R = {c.R}**"
+        if not c.pays:
+            choice += " (pruning does not pay here)"
+        measured_saving = "" if row["latency_change_pct"] is None else f"{-row['latency_change_pct']:.1f}%"
+        lines.append(
+            f"| {c.batch_size} | {choice} | {c.tokens} of {report.num_tokens} | {c.latency_ms:.3f} | "
+            f"{_cell(row['latency_ms'], '.3f')} | {_cell(row['prediction_error'], '+.1%')} | "
+            f"{c.latency_saved_pct:.1f}% | {measured_saving} | {c.accuracy_lost:.2f} |")
     lines += ["", f"![latency, accuracy and utility]({rel['report_plot']})", "",
               "## Latency against kept tokens", "",
               f"Measured with `pomt profile` ({latency_meta.timing_mode}, clocks {latency_meta.clocks.mode}). "
@@ -79,28 +99,37 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
         lines.append("No step stands out from the curve's trend on this device.")
     else:
         lines += ["Largest steps:", "", _markdown_table(steps, {
-            "batch": "batch_size", "from n": "from_tokens", "to n": "to_tokens",
+            "layer": "layer", "batch": "batch_size", "from n": "from_tokens", "to n": "to_tokens",
             "from ms": "from_ms:.3f", "to ms": "to_ms:.3f", "drop %": "drop_pct:.1f"})]
     picks = accuracy.filter(pl.col("tokens").is_in([n for n in accuracy["tokens"].to_list() if n % 8 == 1 or n == 2]))
+    if picks["layer"].is_not_null().any():
+        wide = picks.with_columns(pl.format("top-1 % at layer {}", pl.col("layer")).alias("curve")).pivot(
+            "curve", index="tokens", values="accuracy", maintain_order=True)
+        accuracy_table = _markdown_table(wide, {"kept tokens n": "tokens",
+                                                **{c: f"{c}:.2f" for c in wide.columns if c != "tokens"}})
+    else:
+        accuracy_table = _markdown_table(picks, {"kept tokens n": "tokens", "top-1 %": "accuracy:.2f",
+                                                 "top-5 %": "top5:.2f"})
     lines += ["", "## Accuracy against kept tokens", "",
-              f"Estimated with `pomt estimate-accuracy` (the {accuracy_meta['estimator']} estimator): "
-              f"{full['accuracy']:.2f}% top-1 with all tokens. File: `{rel['accuracy']}`.", "",
+              f"Estimated with `pomt estimate-accuracy` (the {accuracy_meta['estimator']} estimator"
+              + (f" at layers {', '.join(map(str, accuracy_meta['layers']))}" if accuracy_meta.get("layers") else "")
+              + f"): {full['accuracy']:.2f}% top-1 with all tokens. File: `{rel['accuracy']}`.", "",
               f"![accuracy]({rel['accuracy_plot']})", "",
-              _markdown_table(picks, {"kept tokens n": "tokens", "top-1 %": "accuracy:.2f", "top-5 %": "top5:.2f"}),
+              accuracy_table,
               "", "## The methods compared", "",
               f"Measured side by side with `pomt bench` (interleaved rounds). File: `{rel['bench']}`.", "",
               _markdown_table(bench, {
                   "batch": "batch_size", "method": "setting", "tokens out": "tokens_out",
                   "median ms": "latency_ms:.3f", "p10 ms": "p10_ms:.3f", "p90 ms": "p90_ms:.3f",
-                  "vs none %": "latency_change_pct:+.1f", "top-1 %": "accuracy:.2f",
+                  "vs none %": "latency_change_pct:+.1f", "predicted ms": "predicted_ms:.3f",
+                  "error": "prediction_error:+.1%", "top-1 %": "accuracy:.2f",
                   "change (pts)": "accuracy_change:+.2f"}),
               ""]
     slower = bench.filter((pl.col("method") == "pomt") & (pl.col("latency_change_pct") > 0))["batch_size"].to_list()
     if slower:
-        lines += [f"POMT was slower than the unpruned model at batch {', '.join(map(str, slower))}: on a model this "
-                  "small, choosing and gathering tokens costs about as much as the pruned tokens save, while the "
-                  "latency profile's L(n) counts only the smaller workload. The gain grows with batch size and "
-                  "model size (docs/PERFORMANCE.md).", ""]
+        lines += [f"POMT with the chosen R measured slower than the unpruned model at batch "
+                  f"{', '.join(map(str, slower))}: within the two measurements' noise when R = 0 or the predicted "
+                  "saving was small.", ""]
     lines += ["Timings on a shared or throttled machine vary from run to run; the files hold each point's "
               "spread and sample count.", ""]
     return "\n".join(lines)
@@ -115,7 +144,9 @@ def demo(
     lock_clocks: bool = typer.Option(
         False, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (needs root)."
     ),
-    budget: float = typer.Option(0.25, "--budget", help="Seconds per profile point at most."),
+    budget: float = typer.Option(
+        0.25, "--budget", help="Seconds per profile point at most (bench: four times as long per method and round)."
+    ),
 ) -> dict[str, Path]:
     """Run profile, estimate-accuracy, compute-r and bench on the bundled digits model; write a summary page."""
     from pomt_cli.cli import app
@@ -135,23 +166,21 @@ def demo(
             raise typer.Exit(result or 1)
         return result
 
-    latency = step("latency against kept tokens", [
-        "profile", "--model", digits.NAME, "--batch-size", BATCH_SIZES, "--budget", str(budget),
-        "--output-dir", str(folder), *common])
-    accuracy = step("accuracy against kept tokens", [
-        "estimate-accuracy", "--model", digits.NAME, "--data", "digits", "--batch-size", "150",
-        "--output-dir", str(folder)])
+    latency = step("latency of the POMT-patched model against kept tokens, at every layer", [
+        "profile", "--model", digits.NAME, "--method", "pomt", "--layer", LAYERS, "--batch-size", BATCH_SIZES,
+        "--tokens", TOKENS, "--budget", str(budget), "--output-dir", str(folder), *common])
+    accuracy = step("POMT's accuracy against kept tokens, at every layer", [
+        "estimate-accuracy", "--model", digits.NAME, "--data", "digits", "--estimator", "pomt", "--layer", LAYERS,
+        "--tokens", TOKENS, "--batch-size", "150", "--output-dir", str(folder)])
     chosen = step("R from the two profiles", [
         "compute-r", "--latency", str(latency["profile"]), "--accuracy", str(accuracy["profile"]),
         "--output-dir", str(folder)])
     report = read_report(chosen["report"])
-    # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once. POMT
-    # prunes in block 1 of digits-vit's 4, so that the later three quarters of the model
-    # gain, as block 3 of DeiT's 12 does in the paper.
+    # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once.
     per_block = max(1, math.ceil(max(c.R for c in report.choices) / digits.ARCHITECTURE["depth"]))
-    benched = step("POMT against the baseline, ToMe and Top-K", [
-        "bench", "--model", digits.NAME, "--data", "digits", "--r-from", str(chosen["report"]), "--layer", str(LAYER),
-        "--tome-r", str(per_block), "--topk-r", str(per_block), "--budget", "1", "--rounds", "3",
+    benched = step("the chosen (layer, R) against the baseline, ToMe and Top-K", [
+        "bench", "--model", digits.NAME, "--data", "digits", "--r-from", str(chosen["report"]),
+        "--tome-r", str(per_block), "--topk-r", str(per_block), "--budget", f"{4 * budget:g}", "--rounds", "3",
         "--output-dir", str(folder), *common])
     paths = {
         "latency": latency["profile"], "latency_plot": latency["plot"],

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from pomt_cli.accuracy import ESTIMATORS, AccuracyRun, EstimateConfig, EvalProgress, describe, processes, run_estimate, write_accuracy
 from pomt_cli.errors import PomtError
-from pomt_cli.options import SEED_MAX
+from pomt_cli.options import SEED_MAX, parse_int_list
 from pomt_cli.outputs import check_output_dir
 
 out = plain_console()
@@ -26,20 +26,23 @@ def register(app: typer.Typer) -> None:
 
 
 def summary_table(run: AccuracyRun, rows: int = TABLE_ROWS) -> Table:
-    """Accuracy at up to ``rows`` grid points, evenly spaced over the grid."""
-    frame = run.frame
-    count = min(rows, frame.height)
-    picks = sorted({round(i * (frame.height - 1) / max(1, count - 1)) for i in range(count)})
-    full = frame.row(0, named=True)
+    """Accuracy at up to ``rows`` grid points per curve (per POMT layer), evenly spaced over the grid."""
+    layered = run.frame["layer"].is_not_null().any()
     table = Table(title=describe(run.meta), title_justify="left")
-    for name in ("kept tokens n", "top-1 (%)", "change (pts)", "top-5 (%)", "tokens per block"):
+    for name in (*(("layer",) if layered else ()), "kept tokens n", "top-1 (%)", "change (pts)", "top-5 (%)",
+                 "tokens per block"):
         table.add_column(name, justify="right" if name != "tokens per block" else "left")
-    for i in picks:
-        row = frame.row(i, named=True)
-        table.add_row(
-            str(row["tokens"]), f"{row['accuracy']:.2f}", f"{row['accuracy'] - full['accuracy']:+.2f}",
-            f"{row['top5']:.2f}", " ".join(str(t) for t in row["block_tokens"]),
-        )
+    for _, frame in run.frame.group_by("layer", maintain_order=True):
+        count = min(rows, frame.height)
+        picks = sorted({round(i * (frame.height - 1) / max(1, count - 1)) for i in range(count)})
+        full = frame.row(0, named=True)
+        for i in picks:
+            row = frame.row(i, named=True)
+            table.add_row(
+                *((str(row["layer"]),) if layered else ()),
+                str(row["tokens"]), f"{row['accuracy']:.2f}", f"{row['accuracy'] - full['accuracy']:+.2f}",
+                f"{row['top5']:.2f}", " ".join(str(t) for t in row["block_tokens"]),
+            )
     return table
 
 
@@ -69,7 +72,9 @@ def estimate_accuracy(
     estimator: str = typer.Option(
         "random", "--estimator", help="random (the paper's estimate), or the real method: pomt, topk, tome."
     ),
-    layer: int = typer.Option(3, "--layer", help="POMT's pruning block (for --estimator pomt)."),
+    layer: str | None = typer.Option(
+        None, "--layer", help="POMT's pruning blocks, comma-separated (for --estimator pomt; default 3): one curve each."
+    ),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the random tokens (the same per image and n in every run)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
@@ -84,12 +89,16 @@ def estimate_accuracy(
         raise PomtError(f"unknown --estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
     if batch_size < 1:
         raise PomtError(f"--batch-size {batch_size} must be at least 1")
+    if layer is not None and estimator != "pomt":
+        raise PomtError(f"--layer applies to --estimator pomt only; the {estimator} estimator has no layer: "
+                        "leave out --layer or add --estimator pomt")
+    layers = parse_int_list(layer, "--layer", minimum=-(2**31)) if layer is not None else [3]
     if workers is not None and workers < 1:
         raise PomtError(f"--workers {workers} must be at least 1")
     check_output_dir(output_dir)
     config = EstimateConfig(
         model=model, data=data, pretrained=pretrained, checkpoint=checkpoint, allow_random_weights=allow_random_weights,
-        img_size=img_size, limit=limit, tokens=tokens, estimator=estimator, layer=layer, seed=seed, batch_size=batch_size, dtype=dtype,
+        img_size=img_size, limit=limit, tokens=tokens, estimator=estimator, layer=layers[0], layers=layers, seed=seed, batch_size=batch_size, dtype=dtype,
         workers=workers,
     )
     with processes(torch_device) as procs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -23,15 +24,16 @@ from pomt_cli.devices import ClockState, default_preset_name, device_name, load_
 from pomt_cli.errors import PomtError
 from pomt_cli.latency import (
     MAX_STEP_WIDTH,
+    WORKLOADS,
     GridProgress,
     LatencyMeta,
     LatencySettings,
-    find_steps,
+    find_curve_steps,
     profile_latency,
     resume_rows,
 )
 from pomt_cli.models import create_model, vit_geometry
-from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list, token_grid
+from pomt_cli.options import SEED_MAX, check_layers, parse_dtype, parse_int_list, token_grid
 from pomt_cli.outputs import OutputSet, output_stem, write_error
 from pomt_cli.plots import plot_latency
 from pomt_cli.profiles import write_profile
@@ -52,18 +54,22 @@ def _check(condition: bool, message: str) -> None:
         raise PomtError(message)
 
 
-def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int]) -> list[Table | str]:
-    """One rich table of steps per batch size (or a line saying there is none)."""
+def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int],
+                 layers: list[int] | None = None) -> list[Table | str]:
+    """One rich table of steps per curve: batch size, and POMT's layer when ``layers`` (or a line saying there is none)."""
     rendered: list[Table | str] = []
     stride = min((a - b for a, b in zip(grid, grid[1:])), default=1)
-    for b in batch_sizes:
+    for layer, b in itertools.product(layers or [None], batch_sizes):
         part = steps.filter(pl.col("batch_size") == b)
+        if layer is not None and "layer" in part.columns:
+            part = part.filter(pl.col("layer") == layer)
+        where = f"batch {b}" if layer is None else f"POMT at layer {layer}, batch {b}"
         if part.is_empty():
             hint = (f" (the grid's stride is {stride}; steps are looked for between points at most "
                     f"{MAX_STEP_WIDTH} tokens apart: a finer --tokens grid can show them)" if stride > MAX_STEP_WIDTH else "")
-            rendered.append(f"batch {b}: no step stands out from the curve's trend{hint}")
+            rendered.append(f"{where}: no step stands out from the curve's trend{hint}")
             continue
-        table = Table(title=f"Largest latency steps, batch {b}", title_justify="left")
+        table = Table(title=f"Largest latency steps, {where}", title_justify="left")
         table.add_column("step")
         table.add_column("latency (ms)", justify="right")
         table.add_column("change", justify="right")
@@ -77,6 +83,20 @@ def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int]) -
             )
         rendered.append(table)
     return rendered
+
+
+def workload_slug(layers: list[int] | None) -> tuple[str, ...]:
+    """The workload's part of a file name: none for the proxy, ``pomt-layers1-3`` for POMT."""
+    return () if layers is None else ("pomt-layers" + "-".join(map(str, layers)),)
+
+
+def workload_line(layers: list[int] | None, num_tokens: int) -> str:
+    """What the curve measured, in one line."""
+    if layers is None:
+        return ("workload: the all-blocks proxy (every block at n tokens), the paper's; a POMT model prunes in one "
+                "block and pays for scoring, so its real saving is smaller: --method pomt --layer L measures it")
+    return (f"workload: the POMT-patched model, R = {num_tokens} - n pruned in block "
+            f"{', '.join(map(str, layers))} (one curve per layer)")
 
 
 def _summary(frame: pl.DataFrame) -> str:
@@ -131,6 +151,16 @@ def profile(
     ),
     remeasure: int = typer.Option(2, "--remeasure", help="Rounds of re-measuring points that disagree with both neighbours."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the visiting order, the inputs and the kept tokens."),
+    method: str = typer.Option(
+        "proxy", "--method",
+        help="Workload: proxy (the paper's: every block at n tokens) or pomt (the real POMT-patched model, "
+        "R = N - n pruned in block --layer: what would be deployed).",
+    ),
+    layer: str | None = typer.Option(
+        None, "--layer",
+        help="With --method pomt: POMT's pruning blocks, comma-separated (default 3); one curve each, "
+        "each costing about one proxy profile.",
+    ),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
     lock_clocks: bool = typer.Option(
         True, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while measuring (restored after)."
@@ -152,15 +182,22 @@ def profile(
            "--min-samples and --passes must be at least 1, --warmup and --remeasure at least 0")
     _check(threads is None or threads >= 1, f"--threads {threads} must be at least 1")
     _check(top_steps >= 1, f"--top-steps {top_steps} must be at least 1")
+    _check(method in WORKLOADS, f"unknown --method {method!r}: use proxy (every block at n) or pomt (the pruned model)")
+    _check(layer is None or method == "pomt",
+           f"--layer applies to --method pomt only; the {method} workload has no layer: leave out --layer "
+           "or add --method pomt")
+    layers = (parse_int_list(layer, "--layer", minimum=-(2**31)) if layer is not None else [3]) if method == "pomt" else None
     if threads is not None:
         torch.set_num_threads(threads)
     net = create_model(model, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
     g = vit_geometry(net)
+    if layers is not None:
+        check_layers(layers, g.num_blocks, model)
     grid = token_grid(tokens, g.num_tokens, g.num_prefix)
     settings = LatencySettings(
         batch_sizes=batch_sizes, grid=grid, dtype=dtype_name, cuda_graphs=cuda_graphs, rel_precision=rel_precision,
         budget_s=budget, min_samples=min_samples, warmup=warmup, seed=seed, remeasure_rounds=remeasure,
-        passes=passes,
+        passes=passes, workload=method, layers=layers,
     )
     meta = LatencyMeta(
         model=model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,
@@ -171,14 +208,14 @@ def profile(
         clocks=ClockState(preset=preset.name, mode="unlocked", detail="not started"),
         clocks_locked=lock_clocks, pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None,
         rel_precision=rel_precision, budget_s=budget, min_samples=min_samples, warmup=warmup, seed=seed,
-        remeasure_rounds=remeasure, passes=passes,
+        remeasure_rounds=remeasure, passes=passes, workload=method, layers=layers,
     )
     previous = None
     previous_meta = None
     if resume is not None:
         previous, previous_meta = resume_rows(resume, meta)
     stem = output_stem("latency", model, device=preset.name, batch_size=batch_sizes, dtype=dtype_name, img_size=img_size,
-                       extra=("cudagraphs",) if cuda_graphs else ())
+                       extra=(*workload_slug(layers), *(("cudagraphs",) if cuda_graphs else ())))
     # The set claims the names for the whole run: the checkpoints of an unfinished profile
     # go to its parquet, which --resume reads; the final profile and plot land together.
     with OutputSet(output_dir, stem, ("parquet", "png")) as files:
@@ -188,9 +225,10 @@ def profile(
             err.print(f"{resume} is complete: nothing to measure")
         else:
             frame, meta = _measure(net, settings, tdev, preset, lock_clocks, meta, previous, previous_meta, parquet)
-        steps = find_steps(frame, top=top_steps)
+        steps = find_curve_steps(frame, top=top_steps)
         title = (f"{model}, {meta.device_display_name} ({meta.device_name[:40]}), {dtype_name}, "
-                 f"{'CUDA graphs' if cuda_graphs else 'eager'}")
+                 f"{'CUDA graphs' if cuda_graphs else 'eager'}, "
+                 + ("every block at n (proxy)" if layers is None else "POMT-patched model"))
         files.write("parquet", lambda tmp: write_profile(tmp, frame, meta))
         files.write("png", lambda tmp: plot_latency(frame, tmp, title=title, steps=steps))
         files.commit()
@@ -200,7 +238,8 @@ def profile(
     if budget_points:
         out.print(f"{budget_points} point(s) did not reach \u00b1{rel_precision:.1%} within {budget:g} s: "
                   "raise --budget or --rel-precision for them")
-    for item in steps_tables(steps, batch_sizes, grid):
+    out.print(workload_line(layers, g.num_tokens))
+    for item in steps_tables(steps, batch_sizes, grid, layers):
         out.print(item)
     out.print(f"profile: {parquet}")
     out.print(f"plot:    {png}")
@@ -242,8 +281,9 @@ def _measure(net, settings: LatencySettings, tdev: torch.device, preset, lock_cl
                 def on_progress(event: GridProgress) -> None:
                     verb = "measuring" if event.phase == "measure" else "re-measuring"
                     if event.frame is None:
+                        where = "" if event.layer is None else f"layer {event.layer}, "
                         progress.update(task, total=event.total, completed=event.done,
-                                        description=f"{verb} batch {event.batch_size}, n={event.tokens}")
+                                        description=f"{verb} {where}batch {event.batch_size}, n={event.tokens}")
                     else:
                         progress.update(task, total=event.total, completed=event.done)
                         checkpoint(event.frame)
