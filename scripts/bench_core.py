@@ -2,8 +2,9 @@
 
 The ideal of a method is the unpatched model's own sub-layers run at the token counts the
 method produces (tokens dropped by slicing, so choosing and merging tokens cost nothing).
-``pomt(explicit)`` is POMT's block with the full softmax matrix (as the paper's code
-scores tokens), the reference for the default lean block. Variants are timed with pomt's
+``pomt(lean)`` and ``pomt(explicit)`` force POMT's two ways of scoring (log-probabilities
+from fused attention, or the full softmax matrix as the paper's code); ``pomt`` is the
+default, which picks one by device and dtype. Variants are timed with pomt's
 timing engine in interleaved rounds within one process (a fresh shuffled order each
 round, samples pooled over rounds), so ratios compare like with like. Prints a table per
 (batch size, dtype, timing mode).
@@ -65,7 +66,7 @@ class Variant:
     method: str  # none, pomt, tome, topk, ideal
     setting: dict
     counts: list[int]
-    explicit: bool = False
+    scoring: str | None = None  # POMT's scoring forced to "lean" or "explicit"; None: the default
     tome_module: types.SimpleNamespace | None = None  # another version of tome.py (tome(before))
 
 
@@ -79,7 +80,7 @@ def variants(model: torch.nn.Module, settings: dict[str, dict],
         remove(model)
         out.append(Variant(method, method, setting, counts))
         if method == "pomt":
-            out.append(Variant("pomt(explicit)", method, setting, counts, explicit=True))
+            out += [Variant(f"pomt({s})", method, setting, counts, scoring=s) for s in ("lean", "explicit")]
         if method == "tome" and tome_before is not None:
             out.append(Variant("tome(before)", method, setting, counts, tome_module=tome_before))
         out.append(Variant(f"ideal({method})", "ideal", setting, counts))
@@ -94,9 +95,9 @@ def prepare(model: torch.nn.Module, images: torch.Tensor, variant: Variant) -> C
     apply(model, variant.method, **variant.setting)
     if variant.tome_module is not None:
         patch.tome = variant.tome_module  # time_variants puts CURRENT_TOME back
-    if variant.explicit:
+    if variant.scoring is not None:
         for blk in model.blocks:
-            blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring="explicit")
+            blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring=variant.scoring)
     return lambda: model(images)
 
 

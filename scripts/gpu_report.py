@@ -389,7 +389,7 @@ def markdown(report: dict) -> str:
     core = report.get("core", {}).get("results", {})
     if core:
         lines += ["", "## core", "", "Each variant's median ms; in brackets the ratio to the unpatched model and to "
-                  "its ideal. `pomt(explicit)` is the POMT block with the full softmax matrix (the paper's way).", ""]
+                  "its ideal. `pomt` is the default block; `pomt(lean)` and `pomt(explicit)` force its two ways of scoring: log-probabilities from fused attention, or the full softmax matrix (the paper's way).", ""]
         for s in core.get("scores", []):
             lines.append(f"- scores, {s['dtype']} (log-sum-exp from: {s['fused_lse_kernel']}): lean max rel. "
                          f"error {s['lean_max_rel_error']:.2e} (same order: {s['lean_same_order']}), explicit "

@@ -22,8 +22,8 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     assert [t["batch"] for t in core["tables"]] == [4, 1]
     for table in core["tables"]:
         variants = table["variants"]
-        assert set(variants) == {"none", "pomt", "pomt(explicit)", "ideal(pomt)", "tome", "ideal(tome)", "topk",
-                                 "ideal(topk)"}
+        assert set(variants) == {"none", "pomt", "pomt(lean)", "pomt(explicit)", "ideal(pomt)", "tome", "ideal(tome)",
+                                 "topk", "ideal(topk)"}
         assert variants["pomt"]["vs_ideal"] > 0 and variants["none"]["vs_none"] == 1.0
     assert core["scores"][0]["lean_same_order"] and core["scores"][0]["lean_max_rel_error"] < 1e-5
     profile = report["profile"]["results"]

@@ -93,12 +93,15 @@ def test_the_lean_block_keeps_the_same_tokens_and_outputs_as_the_explicit_one(na
     arch, overrides = FAMILIES[name]
     model = apply(tiny_vit(arch, img_size=64, **overrides), "pomt", r=20, layer=1)
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    outputs = {}
     with torch.no_grad():
-        lean = model(x)
-        for blk in model.blocks:
-            blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring="explicit")
-        explicit = model(x)
-    torch.testing.assert_close(lean, explicit, rtol=1e-5, atol=1e-6)
+        outputs["auto"] = model(x)  # in float32: explicit
+        for scoring in ("lean", "explicit"):
+            for blk in model.blocks:
+                blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring=scoring)
+            outputs[scoring] = model(x)
+    torch.testing.assert_close(outputs["lean"], outputs["explicit"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(outputs["auto"], outputs["explicit"])
 
 
 def test_the_log_sum_exp_keeps_float32_precision_in_float16_products():

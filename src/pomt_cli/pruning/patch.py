@@ -30,12 +30,16 @@ class BlockPlan:
     method: str
     r: int
     num_prefix: int
-    #: POMT's scoring: "lean" (fused attention, log-probabilities a chunk at a time) or
-    #: "explicit" (the full softmax matrix, as the paper's code; the benchmarks' reference,
-    #: and what exported, traced and compiled graphs get).
-    scoring: str = "lean"
+    #: POMT's scoring: "lean" (fused attention, log-probabilities a chunk at a time),
+    #: "explicit" (the full softmax matrix, as the paper's code; what exported, traced and
+    #: compiled graphs get), or "auto": lean in float16/bfloat16, where it was measured
+    #: faster (H200 and CPU, docs/PERFORMANCE.md), explicit in float32, where it was not.
+    scoring: str = "auto"
     #: ToMe: whether the model has a class token (A's unmerged tokens then stay in position order).
     class_token: bool = True
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,7 +93,8 @@ class PrunedBlock(nn.Module):
         q, k, v = _qkv(attn, self.norm1(x))
         # --- modified from timm's Block.forward: the attention returns what the method needs,
         # --- and the tokens are reduced before the MLP.
-        explicit = plan.scoring == "explicit" or (attn.training and attn.attn_drop.p > 0) or pomt.tracing()
+        lean = plan.scoring == "lean" or (plan.scoring == "auto" and q.dtype in _HALF)
+        explicit = not lean or (attn.training and attn.attn_drop.p > 0) or pomt.tracing()
         if plan.method == "pomt" and explicit:
             a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = x + self.drop_path1(self.ls1(_project(attn, attn.attn_drop(a) @ v)))
