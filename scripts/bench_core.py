@@ -32,9 +32,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from pomt_cli.bench import pooled
 from pomt_cli.devices import device_name
 from pomt_cli.pruning import apply, forward_ideal, patch, planned_token_counts, remove, tome
-from pomt_cli.timing import Measurement, measure, release_memory, summarize
+from pomt_cli.timing import Measurement, measure, release_memory
 
 DEFAULT_SETTINGS = {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}}
 
@@ -131,16 +132,7 @@ def time_variants(model_name: str, batch: int, dtype: torch.dtype, device: str, 
         remove(model)
         del model
         release_memory(torch.device(device))
-    return {name: pooled(ms) for name, ms in parts.items()}
-
-
-def pooled(parts: list[Measurement]) -> Measurement:
-    """One measurement from the samples of several rounds (out of memory if any round was)."""
-    if any(m.status == "oom" for m in parts):
-        return next(m for m in parts if m.status == "oom")
-    return summarize([v for m in parts for v in m.raw_ms], status="ok" if all(m.status == "ok" for m in parts)
-                     else "budget", mode=parts[0].mode, rel_precision=parts[0].rel_precision,
-                     elapsed_s=sum(m.elapsed_s for m in parts))
+    return {name: pooled(ms, ms[0].rel_precision) for name, ms in parts.items()}
 
 
 def ratios(ms: dict[str, Measurement]) -> dict[str, dict[str, float | None]]:

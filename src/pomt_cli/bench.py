@@ -149,7 +149,7 @@ def _planned_out(model: nn.Module) -> int:
     return int(model.pomt_config["planned_tokens"][-1]) if hasattr(model, "pomt_config") else geometry(model).num_tokens
 
 
-def _pooled(parts: list[Measurement], rel_precision: float) -> Measurement:
+def pooled(parts: list[Measurement], rel_precision: float) -> Measurement:
     """One measurement from the samples of several rounds."""
     if any(m.status == "oom" for m in parts):
         return next(m for m in parts if m.status == "oom")
@@ -218,8 +218,8 @@ def time_methods(
                     if on_progress is not None:
                         on_progress(BenchProgress(done, total, batch_size, s.label, round_))
             for s in settings:
-                pooled = _pooled(parts[s.label], timing.rel_precision)
-                results[(batch_size, s.label)] = (pooled, leaving.get(s.label, _planned_out(s.apply_to(model))))
+                merged = pooled(parts[s.label], timing.rel_precision)
+                results[(batch_size, s.label)] = (merged, leaving.get(s.label, _planned_out(s.apply_to(model))))
             remove(model)
     finally:
         remove(model)
