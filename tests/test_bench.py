@@ -106,6 +106,10 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
     assert pl.read_parquet(out / f"{stem}.parquet").equals(frame, null_equal=True) or \
         pl.read_parquet(out / f"{stem}.parquet")["latency_ms"].to_list() == frame["latency_ms"].to_list()
     assert stem in done.stdout.replace("\n", "")
+    # The table reads whole at 80 columns (a subprocess's console is 80 wide): no number cut short.
+    assert "\u2026" not in done.stdout and all(len(line) <= 80 for line in done.stdout.splitlines())
+    for row in frame.iter_rows(named=True):
+        assert f"{row['latency_ms']:.3f}" in done.stdout and f"{row['accuracy']:.2f}" in done.stdout
 
 
 @pytest.mark.parametrize(

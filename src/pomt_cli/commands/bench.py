@@ -11,6 +11,7 @@ import torch
 import typer
 from pomt_cli.console import plain_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich import box
 from rich.table import Table
 
 from pomt_cli import __version__
@@ -102,16 +103,27 @@ def _progress() -> Progress:
                     TextColumn("left"), TimeRemainingColumn(), console=err)
 
 
-def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> Table:
-    table = Table(title=title, title_justify="left")
-    columns = ["batch", "method", "tokens out", "median ms", "p10-p90 ms", "vs none"]
-    predicted = frame["predicted_ms"].is_not_null().any()
-    if predicted:
-        columns += ["predicted ms", "error"]
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A table whose numbers stay whole at 80 columns: number columns exactly as wide as their
+    widest cell or header, only the text columns fold."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(columns):
+        if name in ("method", "predicted by"):
+            table.add_column(name, justify="left", overflow="fold")
+        else:
+            width = max([len(r[i]) for r in rows] + [len(name)])
+            table.add_column(name, justify="right", width=width, no_wrap=True)
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
+def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> list[Table]:
+    """The report: a table of latency (and accuracy), and one of predictions when the run has them."""
+    columns = ["batch", "method", "out", "ms", "p10-p90", "vs none"]
     if with_accuracy:
-        columns += ["top-1 %", "change (pts)"]
-    for name in columns:
-        table.add_column(name, justify="left" if name == "method" else "right")
+        columns += ["top-1", "Δ pts"]
+    rows = []
     for row in frame.iter_rows(named=True):
         if row["latency_ms"] is None:
             latency, spread, change = "out of memory", "", ""
@@ -120,15 +132,25 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> Table:
             change = "" if row["method"] == "none" or row["latency_change_pct"] is None else (
                 f"{row['latency_change_pct']:+.1f}%")
         cells = [str(row["batch_size"]), row["setting"], str(row["tokens_out"]), latency, spread, change]
-        if predicted:
-            by = {"pomt": "", "proxy": " (proxy)"}.get(row["predicted_by"] or "", "")
-            cells += ["" if row["predicted_ms"] is None else f"{row['predicted_ms']:.3f}{by}",
-                      "" if row["prediction_error"] is None else f"{row['prediction_error']:+.1%}"]
         if with_accuracy:
             acc_change = "" if row["method"] == "none" or row["accuracy_change"] is None else f"{row['accuracy_change']:+.2f}"
             cells += [f"{row['accuracy']:.2f}", acc_change]
-        table.add_row(*cells)
-    return table
+        rows.append(cells)
+    legend = "out: tokens leaving the last block; ms: median, p10-p90 its spread" + (
+        "; top-1 in %, Δ pts: its change against none" if with_accuracy else "")
+    tables = [_table(title, columns, rows)]
+    tables[0].caption, tables[0].caption_justify = legend, "left"
+    predicted = frame.filter(pl.col("predicted_ms").is_not_null())
+    if predicted.height:
+        rows = []
+        for row in predicted.iter_rows(named=True):
+            by = {"pomt": "real pruned model", "proxy": "all-blocks proxy"}.get(row["predicted_by"] or "", "")
+            rows.append([str(row["batch_size"]), row["setting"], f"{row['predicted_ms']:.3f}",
+                         "" if row["latency_ms"] is None else f"{row['latency_ms']:.3f}",
+                         "" if row["prediction_error"] is None else f"{row['prediction_error']:+.1%}", by])
+        tables.append(_table("Predicted against measured (ms)", ["batch", "method", "predicted", "measured",
+                                                                  "error", "predicted by"], rows))
+    return tables
 
 
 def bench(
@@ -275,7 +297,8 @@ def bench(
              f"{'CUDA graphs' if cuda_graphs else 'eager'}" + (f", {len(labelled)} images" if labelled else ""))
     if labelled is not None and labelled.skipped:
         out.print(f"skipped {len(labelled.skipped)} unreadable image(s), e.g. {labelled.skipped[0][0]}")
-    out.print(_render(frame, title, accuracy is not None))
+    for table in _render(frame, title, accuracy is not None):
+        out.print(table)
     if frame["predicted_ms"].is_not_null().any():
         workload = next(c.workload for c in choices.values())
         out.print(f"predicted: by {r_from} from "
