@@ -43,6 +43,8 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
+from pomt_cli.outputs import atomic_write_text  # noqa: E402
+
 SECTIONS = ("core", "profile", "bench", "accuracy")
 LIMITS_S = {"core": 180, "profile": 210, "bench": 75, "accuracy": 90}
 SMOKE_LIMITS_S = {"core": 40, "profile": 40, "bench": 30, "accuracy": 40}
@@ -87,10 +89,7 @@ SMOKE = {
 # --- writing -------------------------------------------------------------------------------
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 class SectionWriter:
@@ -482,9 +481,7 @@ def targets(report: dict) -> list[str]:
 
 def write_report(folder: Path, report: dict) -> None:
     write_json(folder / "report.json", report)
-    tmp = folder / "report.md.tmp"
-    tmp.write_text(markdown(report))
-    os.replace(tmp, folder / "report.md")
+    atomic_write_text(folder / "report.md", markdown(report))
 
 
 def run_section(name: str, args, folder: Path) -> dict:
