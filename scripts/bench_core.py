@@ -32,10 +32,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pomt_cli.bench import pooled
 from pomt_cli.devices import device_name
 from pomt_cli.pruning import apply, forward_ideal, patch, planned_token_counts, remove, tome
-from pomt_cli.timing import Measurement, measure, release_memory
+from pomt_cli.timing import Measurement, Task, measure, release_memory
 
 DEFAULT_SETTINGS = {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}}
 
@@ -123,16 +122,17 @@ def time_variants(model_name: str, batch: int, dtype: torch.dtype, device: str, 
                 for variant in order:
                     try:
                         fn = prepare(model, images, variant)
+                        task = Task(variant.name, model_name, batch, dtype=str(dtype).removeprefix("torch."))
                         parts[variant.name].append(measure(fn, device=device, budget_s=budget_s,
                                                            rel_precision=0.005, min_samples=10,
-                                                           cuda_graphs=cuda_graphs))
+                                                           cuda_graphs=cuda_graphs, task=task))
                     finally:
                         patch.tome = CURRENT_TOME
     finally:
         remove(model)
         del model
         release_memory(torch.device(device))
-    return {name: pooled(ms, ms[0].rel_precision) for name, ms in parts.items()}
+    return {name: Measurement.pool(ms) for name, ms in parts.items()}
 
 
 def ratios(ms: dict[str, Measurement]) -> dict[str, dict[str, float | None]]:

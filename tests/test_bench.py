@@ -12,7 +12,7 @@ from conftest import run_in_process, run_pomt, tiny_vit
 from pomt_cli.bench import BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, fit_settings, time_methods
 from pomt_cli.data import evaluate, list_images, load_images, Preprocess
 from pomt_cli.errors import PomtError
-from pomt_cli.pruning import apply, remove
+from pomt_cli.pruning import apply, geometry, remove
 from test_accuracy import image_folder
 
 FAST = BenchTiming(budget_s=0.05, min_samples=3, warmup=1, rounds=2)
@@ -67,6 +67,8 @@ def test_time_methods_pools_rounds_and_reports_tokens_per_batch_size():
     assert [e.done for e in seen] == list(range(1, 13)) and {e.total for e in seen} == {12}
     for (b, label), (m, leaving) in timed.items():
         assert m.status in ("ok", "budget") and m.samples >= FAST.rounds and m.median_ms > 0
+        assert (m.task.label, m.task.batch_size, m.task.dtype) == (label, b, "float32")
+        assert m.task.model == geometry(model).name
     assert [timed[(1, s.label)][1] for s in SETTINGS] == [17, 12, 11, 11]
     frame = bench_frame(plan, timed, None)
     assert frame["setting"].to_list() == [s.label for s in SETTINGS] + ["none", "pomt r=5 @1"]

@@ -33,7 +33,7 @@ from pomt_cli.latency import (
 )
 from pomt_cli.plots import plot_latency
 from pomt_cli.profiles import LATENCY_COLUMNS, read_profile, write_profile
-from pomt_cli.timing import Measurement, summarize
+from pomt_cli.timing import Measurement, Task
 
 
 def curve(latency: dict[int, float | None], batch_size: int = 1, halfwidth: float = 0.002) -> pl.DataFrame:
@@ -81,9 +81,9 @@ def test_a_coarse_monotone_grid_has_no_spikes_and_oom_points_are_skipped():
 
 def fake_measurement(ms: float | None) -> Measurement:
     if ms is None:
-        return Measurement(status="oom", mode="eager", samples=0, rel_precision=0.01, elapsed_s=0.0)
-    return summarize([ms * f for f in (0.999, 1.0, 1.0, 1.0, 1.001, 1.0, 0.9995, 1.0005, 1.0, 1.0)],
-                     status="ok", mode="eager", rel_precision=0.01)
+        return Measurement.out_of_memory("CUDA out of memory", mode="eager", rel_precision=0.01)
+    return Measurement("ok", "eager", [ms * f for f in (0.999, 1.0, 1.0, 1.0, 1.001, 1.0, 0.9995, 1.0005, 1.0, 1.0)],
+                       rel_precision=0.01)
 
 
 class FakeDevice:
@@ -172,8 +172,8 @@ def test_run_grid_resumes_without_measuring_finished_points():
 
 def noisy_measurement(ms: float) -> Measurement:
     """A measurement whose samples spread over +-60%: its CI of the median is wide."""
-    return summarize([ms * f for f in (0.4, 1.6, 0.5, 1.5, 1.0, 0.6, 1.4, 0.7, 1.3, 1.0)],
-                     status="budget", mode="eager", rel_precision=0.01)
+    return Measurement("budget", "eager", [ms * f for f in (0.4, 1.6, 0.5, 1.5, 1.0, 0.6, 1.4, 0.7, 1.3, 1.0)],
+                       rel_precision=0.01)
 
 
 def test_unsettled_neighbours_are_remeasured_although_they_agree_with_each_other():
@@ -301,15 +301,17 @@ def test_profile_latency_on_a_tiny_vit():
 
 def test_the_pomt_workload_times_the_patched_model_at_each_layer(monkeypatch):
     import pomt_cli.latency as latency
-    from pomt_cli.pruning import token_counts
+    from pomt_cli.pruning import geometry, token_counts
 
     model = tiny_vit()  # 16 patches + 1 class token, 3 blocks
     seen: list[tuple[int, list[int]]] = []
+    tasks = []
 
     def fake_measure(fn, **kwargs):
         out = fn()
         seen.append((out.shape[0], token_counts(model)))
-        return summarize([1.0] * 3, status="ok", mode="eager", rel_precision=kwargs["rel_precision"])
+        tasks.append(kwargs["task"])
+        return Measurement("ok", "eager", [1.0] * 3, rel_precision=kwargs["rel_precision"], task=kwargs["task"])
 
     monkeypatch.setattr(latency, "measure", fake_measure)
     settings = LatencySettings(batch_sizes=[1, 2], grid=[17, 9, 2], budget_s=0.05, min_samples=3, warmup=1,
@@ -320,6 +322,10 @@ def test_the_pomt_workload_times_the_patched_model_at_each_layer(monkeypatch):
         (layer, b, n) for layer in (0, 2) for b in (1, 2) for n in (17, 9, 2)]
     # The real POMT model ran: all N tokens up to the pruning block, n after it.
     assert (2, [17, 9, 9, 9]) in seen and (1, [17, 17, 17, 2]) in seen and (2, [17, 17, 17, 17]) in seen
+    # Each measurement says what it measured.
+    assert Task("pomt @2", geometry(model).name, 2, 9, "float32") in tasks
+    assert {(t.label, t.batch_size, t.tokens) for t in tasks} >= {
+        (f"pomt @{layer}", b, n) for layer in (0, 2) for b in (1, 2) for n in (17, 9, 2)}
     assert not hasattr(model, "pomt_config")  # left unpatched
     done = [e for e in events if e.frame is not None]
     assert [e.done for e in done] == list(range(1, 13)) and done[-1].total == 12

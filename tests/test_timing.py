@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pomt_cli.timing import Measurement, measure, median_ci_ranks, precise_enough, summarize
+from pomt_cli.timing import Measurement, Task, measure, median_ci_ranks, precise_enough
 
 
 class FakeClock:
@@ -67,16 +67,121 @@ def test_median_ci_ranks_normal_approximation_matches_exact_beyond_1000():
     assert abs(lo - exact) <= 1
 
 
-def test_summarize_statistics_come_from_the_samples():
+def test_statistics_come_from_the_samples():
     raw = [float(x) for x in [5, 1, 4, 2, 3, 9, 7, 8, 6, 10]]
-    m = summarize(raw, status="ok", mode="eager", rel_precision=0.01)
+    m = Measurement("ok", "eager", raw, rel_precision=0.01)
     assert m.samples == 10
     assert m.median_ms == 5.5
     assert (m.ci_low_ms, m.ci_high_ms) == (2.0, 9.0)  # ranks 1 and 8 of the sorted samples
     assert m.min_ms == 1.0 and m.max_ms == 10.0
     assert m.p10_ms == pytest.approx(np.percentile(raw, 10))
     assert m.p90_ms == pytest.approx(np.percentile(raw, 90))
-    assert m.raw_ms == raw
+    assert list(m.raw_ms) == raw
+
+
+def reference_statistics(raw: list[float], confidence: float = 0.95) -> dict:
+    """The statistics written out with numpy, the CI of the median by its binomial definition."""
+    x = np.array(raw)
+    s = np.sort(x)
+    n = len(s)
+    # The largest 0-based rank j with P(Binomial(n, 1/2) <= j) <= (1 - confidence) / 2.
+    js = [j for j in range(n // 2 + 1) if binom_cdf(j, n) <= (1 - confidence) / 2]
+    lo, hi = (s[js[-1]], s[n - 1 - js[-1]]) if js else (None, None)
+    median = np.percentile(x, 50)
+    return {
+        "samples": n, "median_ms": median, "p10_ms": np.percentile(x, 10), "p90_ms": np.percentile(x, 90),
+        "iqr_ms": np.percentile(x, 75) - np.percentile(x, 25), "mean_ms": x.mean(),
+        "std_ms": x.std(ddof=1) if n > 1 else 0.0, "min_ms": s[0], "max_ms": s[-1],
+        "ci_low_ms": lo, "ci_high_ms": hi,
+        "rel_halfwidth": None if lo is None else max(median - lo, hi - median) / median,
+    }
+
+
+@pytest.mark.parametrize("raw", [
+    [3.0],
+    [2.0, 1.0],
+    [1.0, 2.0, 2.0, 3.0, 10.0],  # too few for a 95% interval of the median
+    [0.51, 0.49, 0.5, 0.52, 0.48, 0.5],
+    [float(v) for v in np.random.default_rng(0).lognormal(0.0, 0.3, 37)],
+    [float(v) for v in np.random.default_rng(1).normal(5.0, 0.1, 400)],
+])
+def test_statistics_agree_with_a_written_out_reference(raw):
+    m = Measurement("budget", "eager", raw, rel_precision=0.01)
+    expected = reference_statistics(raw)
+    got = {k: getattr(m, k) for k in expected}
+    assert {k for k, v in got.items() if v is None} == {k for k, v in expected.items() if v is None}
+    assert {k: v for k, v in got.items() if v is not None} == pytest.approx(
+        {k: v for k, v in expected.items() if v is not None}, rel=1e-12)
+    assert m.raw_ms == tuple(raw)  # in the order taken
+
+
+def test_statistics_follow_the_confidence_level():
+    raw = [float(v) for v in np.random.default_rng(2).normal(5.0, 0.5, 60)]
+    wide, narrow = (Measurement("ok", "eager", raw, rel_precision=0.01, confidence=c) for c in (0.99, 0.8))
+    assert (wide.ci_low_ms, wide.ci_high_ms) == (reference_statistics(raw, 0.99)["ci_low_ms"],
+                                                 reference_statistics(raw, 0.99)["ci_high_ms"])
+    assert wide.ci_low_ms < narrow.ci_low_ms < narrow.median_ms < narrow.ci_high_ms < wide.ci_high_ms
+
+
+def test_pooling_equals_measuring_the_concatenated_samples():
+    task = Task("pomt r=56 @3", "deit_small_patch16_224", 4, 141, "float16")
+    rng = np.random.default_rng(3)
+    parts = [Measurement(status, "eager", [float(v) for v in rng.normal(mu, 0.2, k)], rel_precision=0.01,
+                         task=task, warmup_calls=3, elapsed_s=0.5)
+             for status, mu, k in (("ok", 5.0, 40), ("budget", 5.5, 12), ("ok", 5.1, 25))]
+    pool = Measurement.pool(parts)
+    concatenated = [v for m in parts for v in m.raw_ms]
+    whole = Measurement(pool.status, "eager", concatenated, rel_precision=0.01, task=task)
+    assert pool.raw_ms == tuple(concatenated)
+    assert pool.task == task and pool.samples == 77
+    for stat in reference_statistics(concatenated):
+        assert getattr(pool, stat) == getattr(whole, stat)
+    assert pool.warmup_calls == 9 and pool.elapsed_s == pytest.approx(1.5)
+    # The pool's status is its own precision, whatever stopped each part.
+    assert pool.status == ("ok" if precise_enough(np.sort(concatenated), 0.01) else "budget")
+    tight = Measurement("budget", "eager", [5.0, 5.01, 4.99] * 4, rel_precision=0.01)
+    assert Measurement.pool([tight]).status == "ok"  # precise, though the budget ran out before min_samples
+    assert Measurement.pool([Measurement("ok", "eager", [1.0, 2.0] * 5, rel_precision=0.01)]).status == "budget"
+
+
+def test_pooling_refuses_different_tasks_and_settings():
+    a = Measurement("ok", "eager", [1.0] * 6, rel_precision=0.01, task=Task("none", batch_size=1))
+    with pytest.raises(ValueError, match="different tasks"):
+        Measurement.pool([a, Measurement("ok", "eager", [1.0] * 6, rel_precision=0.01, task=Task("none", batch_size=2))])
+    with pytest.raises(ValueError, match="different tasks"):
+        Measurement.pool([a, Measurement("ok", "cuda_graph", [1.0] * 6, rel_precision=0.01, task=a.task)])
+    with pytest.raises(ValueError, match="at least one"):
+        Measurement.pool([])
+
+
+def test_out_of_memory_result_is_recognisable_and_has_no_statistics():
+    task = Task("tome r=8", "vit_large_patch16_224", 1024, dtype="float32")
+    oom = Measurement.out_of_memory("CUDA out of memory", mode="eager", rel_precision=0.01, task=task)
+    assert oom.status == "oom" and oom.error == "CUDA out of memory" and oom.task == task
+    assert oom.samples == 0 and oom.raw_ms == ()
+    for stat in ("median_ms", "p10_ms", "p90_ms", "iqr_ms", "ci_low_ms", "ci_high_ms", "mean_ms", "std_ms",
+                 "min_ms", "max_ms", "rel_halfwidth"):
+        assert getattr(oom, stat) is None, stat
+    assert "out of memory" in repr(oom) and "tome r=8" in repr(oom)
+    # Out of memory in any round makes the pool out of memory, with the first round's message.
+    ok = Measurement("ok", "eager", [2.0] * 10, rel_precision=0.01, task=task, elapsed_s=1.0)
+    other = Measurement.out_of_memory("later", mode="eager", rel_precision=0.01, task=task, elapsed_s=0.25)
+    pooled = Measurement.pool([ok, oom, other])
+    assert pooled.status == "oom" and pooled.error == "CUDA out of memory" and pooled.median_ms is None
+    assert pooled.elapsed_s == 1.25
+    # Samples and out of memory exclude each other.
+    with pytest.raises(ValueError, match="samples unless it ran out of memory"):
+        Measurement("oom", "eager", [1.0], rel_precision=0.01)
+    with pytest.raises(ValueError, match="samples unless it ran out of memory"):
+        Measurement("ok", "eager", [], rel_precision=0.01)
+
+
+def test_a_measurement_is_an_immutable_value():
+    m = Measurement("ok", "eager", [1.0, 3.0, 2.0], rel_precision=0.01, task=Task("proxy", tokens=9))
+    with pytest.raises(AttributeError):
+        m.raw_ms = (5.0,)
+    assert m == Measurement("ok", "eager", (1.0, 3.0, 2.0), rel_precision=0.01, task=Task("proxy", tokens=9))
+    assert str(m.task) == "n=9: proxy" and str(Task("none", "vit_tiny", 4, dtype="float16")) == "vit_tiny, B=4, float16: none"
 
 
 def test_constant_cost_stops_at_min_samples_with_exact_statistics():
@@ -90,6 +195,9 @@ def test_constant_cost_stops_at_min_samples_with_exact_statistics():
     assert m.median_ms == pytest.approx(5.0)
     assert m.ci_low_ms == pytest.approx(5.0) and m.ci_high_ms == pytest.approx(5.0)
     assert m.elapsed_s == pytest.approx(13 * 0.005)
+    assert m.task == Task()  # none given
+    task = Task("proxy", "vit_tiny_patch16_224", 8, 99, "float32")
+    assert measure(workload(clock, constant(0.005)), device="cpu", clock=clock, task=task).task == task
 
 
 def test_noisy_workload_runs_until_the_ci_of_the_median_is_within_precision():
@@ -160,8 +268,9 @@ def raising(exc: BaseException, after: int):
 def test_out_of_memory_is_a_result_not_a_crash(exc, after):
     m = measure(raising(exc, after), device="cpu", budget_s=5, warmup=1)
     assert m.status == "oom"
-    assert m.samples == 0 and m.median_ms is None
+    assert m.samples == 0 and m.median_ms is None and m.ci_low_ms is None
     assert "out of memory" in m.error or "can't allocate" in m.error
+    assert m.warmup_calls == min(after, 1)
 
 
 def test_other_errors_propagate():

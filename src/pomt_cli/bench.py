@@ -23,7 +23,7 @@ from torch import nn
 from pomt_cli.data import LabelledImages, evaluate
 from pomt_cli.errors import PomtError
 from pomt_cli.pruning import apply, capped_from, geometry, remove, removed_per_block, token_counts
-from pomt_cli.timing import Measurement, is_out_of_memory, measure, release_memory, summarize
+from pomt_cli.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 
 Method = Literal["none", "pomt", "tome", "topk"]
 METHODS: tuple[str, ...] = ("none", "pomt", "tome", "topk")
@@ -149,16 +149,6 @@ def _planned_out(model: nn.Module) -> int:
     return int(model.pomt_config["planned_tokens"][-1]) if hasattr(model, "pomt_config") else geometry(model).num_tokens
 
 
-def pooled(parts: list[Measurement], rel_precision: float) -> Measurement:
-    """One measurement from the samples of several rounds."""
-    if any(m.status == "oom" for m in parts):
-        return next(m for m in parts if m.status == "oom")
-    samples = [v for m in parts for v in m.raw_ms]
-    status = "ok" if all(m.status == "ok" for m in parts) else "budget"
-    return summarize(samples, status=status, mode=parts[0].mode, rel_precision=rel_precision,
-                     warmup_calls=sum(m.warmup_calls for m in parts), elapsed_s=sum(m.elapsed_s for m in parts))
-
-
 def time_methods(
     model: nn.Module,
     plan: Mapping[int, Sequence[MethodSetting]],
@@ -175,6 +165,8 @@ def time_methods(
         ``{(batch_size, label): (measurement, tokens leaving the last block)}``.
     """
     g = geometry(model)
+    mode = "cuda_graph" if timing.cuda_graphs else "eager"
+    dtype = str(timing.dtype).removeprefix("torch.")
     rng = random.Random(timing.seed)
     total = sum(len(settings) for settings in plan.values()) * timing.rounds
     done = 0
@@ -193,8 +185,8 @@ def time_methods(
                 release_memory(device)
                 for s in settings:
                     results[(batch_size, s.label)] = (
-                        Measurement(status="oom", mode="cuda_graph" if timing.cuda_graphs else "eager", samples=0,
-                                    rel_precision=timing.rel_precision, elapsed_s=0.0, error="inputs do not fit"),
+                        Measurement.out_of_memory("inputs do not fit", mode=mode, rel_precision=timing.rel_precision,
+                                                  task=Task(s.label, g.name, batch_size, dtype=dtype)),
                         _planned_out(s.apply_to(model)))
                 remove(model)
                 continue
@@ -208,7 +200,7 @@ def time_methods(
                     with torch.inference_mode():
                         m = measure(lambda: model(images), device=device, rel_precision=timing.rel_precision,
                                     budget_s=timing.budget_s, min_samples=timing.min_samples, warmup=timing.warmup,
-                                    cuda_graphs=timing.cuda_graphs)
+                                    cuda_graphs=timing.cuda_graphs, task=Task(s.label, g.name, batch_size, dtype=dtype))
                     if m.status != "oom" and s.label not in leaving:
                         with torch.inference_mode():
                             model(images[:1])
@@ -218,7 +210,7 @@ def time_methods(
                     if on_progress is not None:
                         on_progress(BenchProgress(done, total, batch_size, s.label, round_))
             for s in settings:
-                merged = pooled(parts[s.label], timing.rel_precision)
+                merged = Measurement.pool(parts[s.label])
                 results[(batch_size, s.label)] = (merged, leaving.get(s.label, _planned_out(s.apply_to(model))))
             remove(model)
     finally:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import polars as pl
 import torch
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -38,7 +37,7 @@ from pomt_cli.options import DTYPES, check_layers
 from pomt_cli.profiles import ProfileMeta, read_profile
 from pomt_cli.pruning import apply, remove
 from pomt_cli.pruning.geometry import forward_kept
-from pomt_cli.timing import Measurement, is_out_of_memory, measure, precise_enough, release_memory, summarize
+from pomt_cli.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 
 #: Columns of a latency profile, in file order (the first seven are profiles.LATENCY_COLUMNS).
 SCHEMA: dict[str, pl.DataType] = {
@@ -293,7 +292,7 @@ def run_grid(
         The profile frame (:data:`SCHEMA`), sorted by batch size and descending n.
     """
     rows: dict[Point, dict] = {}
-    pooled: dict[Point, list[float]] = {}
+    pooled: dict[Point, Measurement] = {}
     if previous is not None and previous.height:
         full = previous.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in SCHEMA.items() if c not in previous.columns])
         for row in full.select(list(SCHEMA)).to_dicts():
@@ -309,7 +308,8 @@ def run_grid(
         if progress:
             progress(GridProgress(phase, b, n, done, total))
         started = time.perf_counter()
-        m = measure_point(b, n, pooled.get(point, []))
+        earlier = pooled.get(point)
+        m = measure_point(b, n, list(earlier.raw_ms) if earlier else [])
         spent = time.perf_counter() - started
         old = rows.get(point)
         attempts = 1 if old is None else (old["attempts"] or 1) + 1
@@ -318,11 +318,7 @@ def run_grid(
             rows[point] = {**old, "attempts": attempts, "time_s": time_s}
         else:
             if m.status != "oom":
-                samples = pooled.setdefault(point, [])
-                samples.extend(m.raw_ms)
-                status = "ok" if precise_enough(np.sort(samples), m.rel_precision, m.confidence) else "budget"
-                m = summarize(samples, status=status, mode=m.mode, rel_precision=m.rel_precision,
-                              confidence=m.confidence)
+                m = pooled[point] = Measurement.pool([earlier, m] if earlier else [m])
             rows[point] = _row(b, n, m, attempts, visit, time_s)
         visit += 1
         done += 1
@@ -467,10 +463,12 @@ def _profile_curve(
             failed = True
         else:
             failed = False
+        task = Task("proxy" if layer is None else f"pomt @{layer}", g.name, batch_size, tokens, settings.dtype)
         if failed:
             release_memory(device)
-            return Measurement(status="oom", mode="cuda_graph" if settings.cuda_graphs else "eager", samples=0,
-                               rel_precision=settings.rel_precision, elapsed_s=0.0, error="inputs do not fit")
+            mode = "cuda_graph" if settings.cuda_graphs else "eager"
+            return Measurement.out_of_memory("inputs do not fit", mode=mode, rel_precision=settings.rel_precision,
+                                             task=task)
         x = images[batch_size]
         if layer is None:
             def workload() -> torch.Tensor:
@@ -493,6 +491,7 @@ def _profile_curve(
                 warmup=settings.warmup if not prior else min(1, settings.warmup),
                 cuda_graphs=settings.cuda_graphs,
                 prior_ms=prior,
+                task=task,
             )
 
     # The first calls of a process are slow (allocator, kernel selection, caches, clock

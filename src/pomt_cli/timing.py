@@ -1,8 +1,11 @@
 """The timing engine: how long one call takes on a device, with its uncertainty.
 
 :func:`measure` times a zero-argument callable (one forward pass) and returns a
-:class:`Measurement`: the median, p10 and p90 of the per-call times, a 95% confidence
-interval of the median, the sample count, the raw samples and how the run ended.
+:class:`Measurement`: the raw per-call times, what was timed (a :class:`Task`) and how
+the run ended; the median, p10 and p90, a 95% confidence interval of the median and the
+other statistics are derived from the samples. :meth:`Measurement.pool` pools two
+measurements of one task (visits of a grid point, rounds of a bench), and
+:meth:`Measurement.out_of_memory` is the result of a call that did not fit.
 
 - CUDA: events recorded on the stream around every call, read after one synchronisation
   per chunk of calls; optionally the call is captured once in a CUDA graph (warmed up on
@@ -21,17 +24,19 @@ A measurement is a value with its context, in the spirit of ``torch.utils.benchm
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 Status = Literal["ok", "budget", "oom"]
 Mode = Literal["eager", "cuda_graph"]
@@ -40,42 +45,179 @@ Mode = Literal["eager", "cuda_graph"]
 MAX_CHUNK = 256
 
 
-class Measurement(BaseModel):
-    """The time of one call, measured many times.
+@dataclass(frozen=True)
+class Task:
+    """What was measured, in the spirit of ``torch.utils.benchmark``'s task spec.
 
-    Statistics are in milliseconds per call and ``None`` when there are no samples
-    (status ``"oom"``). ``status`` is ``"ok"`` when the confidence interval of the median
-    reached the requested precision, ``"budget"`` when the time budget (or
-    ``max_samples``) ran out first, and ``"oom"`` when the call ran out of memory.
+    ``label`` names the workload (a method with its setting such as ``pomt r=56 @3``,
+    ``proxy``, ``ideal(tome)``); the other fields are None where they do not apply.
+    Two measurements pool only when their tasks are equal.
     """
 
-    model_config = ConfigDict(frozen=True)
+    label: str = ""
+    model: str | None = None
+    batch_size: int | None = None
+    tokens: int | None = None
+    dtype: str | None = None
+
+    def __str__(self) -> str:
+        """``deit_small_patch16_224, B=4, n=120, float16: pomt @3`` (the fields present)."""
+        parts = [self.model,
+                 None if self.batch_size is None else f"B={self.batch_size}",
+                 None if self.tokens is None else f"n={self.tokens}",
+                 self.dtype]
+        head = ", ".join(p for p in parts if p)
+        return f"{head}: {self.label}" if head and self.label else head or self.label
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The time of one call (:attr:`task`), measured many times: the raw samples and what they give.
+
+    The per-call times in milliseconds (``raw_ms``, in the order taken) are the one source:
+    every statistic is derived from them on first use. ``status`` says how the run ended:
+    ``"ok"`` when the confidence interval of the median reached ``rel_precision``,
+    ``"budget"`` when the time budget (or ``max_samples``) ran out first, and ``"oom"``
+    when the call ran out of memory; an ``"oom"`` measurement has no samples, and its
+    statistics are None. Build one with :meth:`out_of_memory`, pool several with :meth:`pool`.
+    """
 
     status: Status
     mode: Mode
-    samples: int = Field(description="timed calls")
-    median_ms: float | None = None
-    p10_ms: float | None = None
-    p90_ms: float | None = None
-    ci_low_ms: float | None = Field(None, description="lower end of the CI of the median")
-    ci_high_ms: float | None = Field(None, description="upper end of the CI of the median")
-    mean_ms: float | None = None
-    std_ms: float | None = None
-    min_ms: float | None = None
-    max_ms: float | None = None
+    raw_ms: tuple[float, ...]
+    rel_precision: float
+    task: Task = Task()
     confidence: float = 0.95
-    rel_precision: float = Field(description="the precision asked for (half-width / median)")
     warmup_calls: int = 0
-    elapsed_s: float = Field(description="wall time spent, warm-up and capture included")
-    raw_ms: list[float] = Field(default_factory=list, description="per-call times in the order taken")
-    error: str | None = Field(None, description="the out-of-memory message, for status oom")
+    elapsed_s: float = 0.0
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raw_ms", tuple(float(v) for v in self.raw_ms))
+        if self.status not in ("ok", "budget", "oom") or self.mode not in ("eager", "cuda_graph"):
+            raise ValueError(f"unknown status {self.status!r} or mode {self.mode!r}")
+        if (self.status == "oom") != (not self.raw_ms):
+            raise ValueError(f"a measurement has samples unless it ran out of memory, "
+                             f"got status {self.status!r} with {len(self.raw_ms)} samples")
+
+    @classmethod
+    def out_of_memory(cls, error: str, *, mode: Mode, rel_precision: float, task: Task = Task(),
+                      confidence: float = 0.95, warmup_calls: int = 0, elapsed_s: float = 0.0) -> Measurement:
+        """The result of a call that ran out of memory: status ``"oom"``, no samples, ``error`` kept."""
+        return cls("oom", mode, (), rel_precision, task, confidence, warmup_calls, elapsed_s, error)
+
+    @classmethod
+    def pool(cls, parts: Sequence[Measurement]) -> Measurement:
+        """One measurement from the samples of several of the same task (visits, rounds).
+
+        Its samples are the parts' concatenated in order, so its statistics are those of
+        the concatenated samples; its status is ``"ok"`` when their interval of the median
+        reaches the precision (``"budget"`` otherwise), whatever stopped each part. Out of
+        memory in any part makes the pool out of memory (the first such part); warm-up
+        calls and elapsed time add up.
+
+        Raises:
+            ValueError: no parts, or parts that differ in task, mode, precision or confidence.
+        """
+        if not parts:
+            raise ValueError("pooling needs at least one measurement")
+        first = parts[0]
+        for m in parts[1:]:
+            if (m.task, m.mode, m.rel_precision, m.confidence) != (first.task, first.mode, first.rel_precision,
+                                                                     first.confidence):
+                raise ValueError(f"cannot pool measurements of different tasks or settings: {first!r} and {m!r}")
+        spent = {"warmup_calls": sum(m.warmup_calls for m in parts), "elapsed_s": sum(m.elapsed_s for m in parts)}
+        oom = next((m for m in parts if m.status == "oom"), None)
+        if oom is not None:
+            return dataclasses.replace(oom, **spent)
+        raw_ms = tuple(v for m in parts for v in m.raw_ms)
+        status: Status = "ok" if precise_enough(np.sort(raw_ms), first.rel_precision, first.confidence) else "budget"
+        return cls(status, first.mode, raw_ms, first.rel_precision, first.task, first.confidence, **spent)
+
+    @property
+    def samples(self) -> int:
+        """Timed calls."""
+        return len(self.raw_ms)
+
+    @cached_property
+    def _values(self) -> np.ndarray:
+        return np.asarray(self.raw_ms, dtype=np.float64)
+
+    @cached_property
+    def _ordered(self) -> np.ndarray:
+        return np.sort(self._values)
+
+    def _percentile(self, q: float) -> float | None:
+        return float(np.percentile(self._ordered, q)) if self.raw_ms else None
+
+    @cached_property
+    def median_ms(self) -> float | None:
+        """The median (numpy's linear interpolation, as for the percentiles)."""
+        return self._percentile(50)
+
+    @cached_property
+    def p10_ms(self) -> float | None:
+        return self._percentile(10)
+
+    @cached_property
+    def p90_ms(self) -> float | None:
+        return self._percentile(90)
+
+    @cached_property
+    def iqr_ms(self) -> float | None:
+        """The interquartile range, p75 - p25."""
+        return self._percentile(75) - self._percentile(25) if self.raw_ms else None
+
+    @cached_property
+    def mean_ms(self) -> float | None:
+        return float(self._values.mean()) if self.raw_ms else None
+
+    @cached_property
+    def std_ms(self) -> float | None:
+        """The sample standard deviation (0 for a single sample)."""
+        if not self.raw_ms:
+            return None
+        return float(self._values.std(ddof=1)) if self.samples > 1 else 0.0
+
+    @property
+    def min_ms(self) -> float | None:
+        return float(self._ordered[0]) if self.raw_ms else None
+
+    @property
+    def max_ms(self) -> float | None:
+        return float(self._ordered[-1]) if self.raw_ms else None
+
+    @cached_property
+    def _ci_ms(self) -> tuple[float, float] | tuple[None, None]:
+        ranks = median_ci_ranks(self.samples, self.confidence)
+        if ranks is None:
+            return None, None
+        return float(self._ordered[ranks[0]]), float(self._ordered[ranks[1]])
+
+    @property
+    def ci_low_ms(self) -> float | None:
+        """Lower end of the confidence interval of the median (None below 6 samples at 95%)."""
+        return self._ci_ms[0]
+
+    @property
+    def ci_high_ms(self) -> float | None:
+        """Upper end of the confidence interval of the median."""
+        return self._ci_ms[1]
 
     @property
     def rel_halfwidth(self) -> float | None:
         """The larger distance from the median to an end of its CI, relative to the median."""
-        if self.median_ms is None or self.ci_low_ms is None or self.ci_high_ms is None or self.median_ms <= 0:
+        median, (lo, hi) = self.median_ms, self._ci_ms
+        if median is None or lo is None or hi is None or median <= 0:
             return None
-        return max(self.median_ms - self.ci_low_ms, self.ci_high_ms - self.median_ms) / self.median_ms
+        return max(median - lo, hi - median) / median
+
+    def __repr__(self) -> str:
+        """``Measurement(tiny, B=4, n=9: proxy; median 1.234 ms, 40 samples, ok, eager)``, without the samples."""
+        if self.status == "oom":
+            return f"Measurement({self.task}; out of memory: {self.error}, {self.mode})"
+        return (f"Measurement({self.task}; median {self.median_ms:.4g} ms, {self.samples} samples, "
+                f"{self.status}, {self.mode})")
 
 
 def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
@@ -105,46 +247,6 @@ def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
     z = NormalDist().inv_cdf(1.0 - tail)
     j = int(math.floor(n / 2.0 - z * math.sqrt(n) / 2.0)) - 1
     return max(j, 0), n - 1 - max(j, 0)
-
-
-def summarize(
-    raw_ms: list[float],
-    *,
-    status: Status,
-    mode: Mode,
-    rel_precision: float,
-    warmup_calls: int = 0,
-    elapsed_s: float = 0.0,
-    confidence: float = 0.95,
-) -> Measurement:
-    """A :class:`Measurement` from per-call times in milliseconds (any order)."""
-    if not raw_ms:
-        return Measurement(status=status, mode=mode, samples=0, rel_precision=rel_precision,
-                           warmup_calls=warmup_calls, elapsed_s=elapsed_s, confidence=confidence)
-    values = np.asarray(raw_ms, dtype=np.float64)
-    ordered = np.sort(values)
-    ranks = median_ci_ranks(len(ordered), confidence)
-    lo, hi = (float(ordered[ranks[0]]), float(ordered[ranks[1]])) if ranks else (None, None)
-    p10, median, p90 = np.percentile(values, [10, 50, 90])
-    return Measurement(
-        status=status,
-        mode=mode,
-        samples=len(values),
-        median_ms=float(median),
-        p10_ms=float(p10),
-        p90_ms=float(p90),
-        ci_low_ms=lo,
-        ci_high_ms=hi,
-        mean_ms=float(values.mean()),
-        std_ms=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-        min_ms=float(ordered[0]),
-        max_ms=float(ordered[-1]),
-        confidence=confidence,
-        rel_precision=rel_precision,
-        warmup_calls=warmup_calls,
-        elapsed_s=elapsed_s,
-        raw_ms=[float(v) for v in values],
-    )
 
 
 def precise_enough(ordered_ms: np.ndarray, rel_precision: float, confidence: float = 0.95) -> bool:
@@ -260,6 +362,7 @@ def measure(
     confidence: float = 0.95,
     clock: Callable[[], float] = time.perf_counter,
     prior_ms: Sequence[float] = (),
+    task: Task = Task(),
 ) -> Measurement:
     """Time ``fn()`` on ``device`` until the median is known to ``rel_precision`` or ``budget_s`` is spent.
 
@@ -284,6 +387,7 @@ def measure(
             precision rule (this visit stops once the pool of prior and new samples is
             precise enough, after ``min_samples`` new ones), but the measurement holds only
             the new samples.
+        task: what ``fn`` is (model, batch size, tokens, method, dtype), carried on the result.
 
     Raises:
         ValueError: ``cuda_graphs`` on a device other than CUDA, or a parameter out of range.
@@ -346,7 +450,6 @@ def measure(
     if oom_message is not None:
         # Outside the except block, so the traceback's frames (and their tensors) are gone.
         release_memory(device)
-        return Measurement(status="oom", mode=mode, samples=0, rel_precision=rel_precision,
-                           warmup_calls=warm, elapsed_s=elapsed(), confidence=confidence, error=oom_message)
-    return summarize(samples, status=status, mode=mode, rel_precision=rel_precision,
-                     warmup_calls=warm, elapsed_s=elapsed(), confidence=confidence)
+        return Measurement.out_of_memory(oom_message, mode=mode, rel_precision=rel_precision, task=task,
+                                         confidence=confidence, warmup_calls=warm, elapsed_s=elapsed())
+    return Measurement(status, mode, tuple(samples), rel_precision, task, confidence, warm, elapsed())
