@@ -20,9 +20,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from conftest import run_in_process, tiny_vit
-from test_compute_r import write_accuracy, write_latency
-from test_devices import FakeTools, preset_file
+from conftest import FakeTools, preset_file, run_in_process, tiny_vit
 
 from pomt_cli.devices import ClockController, clock_lock, load_preset
 from pomt_cli.errors import PomtError
@@ -41,13 +39,6 @@ def one_line_error(code: int, err: str, *parts: str, after_progress: bool = Fals
     assert "Traceback" not in err
     for part in parts:
         assert part in err, err
-
-
-@pytest.fixture
-def profiles(tmp_path) -> tuple[Path, Path]:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    return write_latency(folder / "lat.parquet"), write_accuracy(folder / "acc.parquet")
 
 
 # 1. User text is printed as written: no markup, no emoji codes.
