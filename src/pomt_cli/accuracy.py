@@ -7,10 +7,11 @@ tokens leaving its last block:
   random right after the position embedding enter every block. The choice depends only
   on (seed, image name, n): each image has one fixed random ranking of its patches, and
   the n - p best-ranked are kept, so the kept sets are nested as n falls.
-- ``pomt``: POMT prunes r = N - n tokens once, in block ``layer``; with several layers,
-  one curve per layer (rows carry ``layer``, null for the other estimators).
-- ``topk`` / ``tome``: N - n tokens removed over all blocks, spread as evenly as the
-  method allows (:func:`spread`).
+- every token-reducing method of :mod:`pomt_cli.pruning.registry` by its name, with its
+  own schedule for N - n removed tokens (``Method.estimator_setting``):
+  ``pomt`` prunes them once, in block ``layer``; with several layers, one curve per layer
+  (rows carry ``layer``, null for the estimators without one); ``topk`` / ``tome`` remove
+  them over all blocks, spread as evenly as the method allows (:func:`spread`).
 
 Images are decoded once; each batch is evaluated once per n. Under ``torchrun`` every
 process evaluates its own share of the images and the hit counts are summed, so the
@@ -26,13 +27,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import polars as pl
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
 from pomt_cli.data import LabelledImages, Listing, Preprocess, count_correct, list_images, load_images
@@ -43,11 +44,38 @@ from pomt_cli.options import check_layers, parse_dtype, token_grid
 from pomt_cli.outputs import output_stem, write_set
 from pomt_cli.plots import plot_accuracy
 from pomt_cli.profiles import ProfileMeta, write_profile
-from pomt_cli.pruning import apply, forward_kept, geometry, planned_token_counts, remove
+from pomt_cli.pruning import apply, forward_kept, geometry, method_names, planned_token_counts, remove
 from pomt_cli.pruning.geometry import TokenGeometry
+from pomt_cli.pruning.registry import Method, spread  # noqa: F401  (spread: re-exported)
+from pomt_cli.pruning.registry import get as get_method
 
-Estimator = Literal["random", "pomt", "topk", "tome"]
-ESTIMATORS: tuple[str, ...] = ("random", "pomt", "topk", "tome")
+#: The paper's estimate, which is no pruning method: random tokens kept from the start.
+RANDOM = "random"
+
+
+def estimators() -> tuple[str, ...]:
+    """``random``, then every registered method that reduces tokens (``pomt``, ``tome``, ``topk``)."""
+    return (RANDOM, *(m for m in method_names() if get_method(m).reduces))
+
+
+def estimator_method(estimator: str) -> Method | None:
+    """The pruning method behind an estimator (None for ``random``)."""
+    return None if estimator == RANDOM else get_method(estimator)
+
+
+def takes_layer(estimator: str) -> bool:
+    """Whether the estimator's curves are per block ``layer`` (POMT's)."""
+    method = estimator_method(estimator)
+    return method is not None and method.takes_layer
+
+
+def _check_name(estimator: str) -> str:
+    if estimator not in estimators():
+        raise ValueError(f"unknown estimator {estimator!r}: use one of {', '.join(estimators())}")
+    return estimator
+
+
+Estimator = Annotated[str, AfterValidator(_check_name)]
 
 FRAME_SCHEMA = {
     "tokens": pl.Int64,
@@ -61,58 +89,16 @@ FRAME_SCHEMA = {
 }
 
 
-def spread(total: int, num_patches: int, num_blocks: int, *, halving: bool) -> list[int]:
-    """Tokens to remove in each block so that ``total`` go over ``num_blocks`` blocks.
-
-    Each block removes ``ceil(left / blocks left)`` (the earlier blocks take the
-    remainder). With ``halving`` (ToMe: at most half of the non-prefix tokens merge in a
-    block), a block removes more when fewer would leave the later blocks unable to reach
-    the target.
-
-    Args:
-        total: tokens to remove, at most ``num_patches - 1``.
-        num_patches: non-prefix tokens entering the first block.
-        num_blocks: blocks.
-        halving: cap each block at half of its non-prefix tokens.
-
-    Raises:
-        ValueError: the target cannot be reached.
-    """
-    final = num_patches - total
-    if total < 0 or final < 1:
-        raise ValueError(f"cannot remove {total} of {num_patches} patch tokens and keep at least one")
-    if halving and num_patches > final * 2**num_blocks:
-        raise ValueError(f"halving {num_blocks} times cannot bring {num_patches} patch tokens down to {final}")
-    per_block: list[int] = []
-    tokens = num_patches
-    for i in range(num_blocks):
-        left, blocks_left = tokens - final, num_blocks - i
-        r = -(-left // blocks_left)
-        if halving:
-            r = max(r, tokens - final * 2 ** (blocks_left - 1))
-        per_block.append(r)
-        tokens -= r
-    return per_block
-
-
 def fewest_tokens(estimator: str, g: TokenGeometry) -> int:
     """The smallest n the estimator can reach on a model (p + 1, except for ToMe on shallow models)."""
-    if estimator != "tome":
-        return g.num_prefix + 1
-    patches = g.num_patches
-    for _ in range(g.num_blocks):
-        patches -= patches // 2
-    return g.num_prefix + patches
+    method = estimator_method(estimator)
+    return g.num_prefix + 1 if method is None else method.fewest_tokens(g)
 
 
 def reduction(estimator: str, g: TokenGeometry, n: int, layer: int) -> dict | None:
     """Keyword arguments of ``pomt_cli.pruning.apply`` that leave ``n`` tokens (None for ``random``)."""
-    removed = g.num_tokens - n
-    if estimator == "random":
-        return None
-    if estimator == "pomt":
-        return {"r": removed, "layer": layer}
-    return {"r": spread(removed, g.num_patches, g.num_blocks, halving=estimator == "tome")}
+    method = estimator_method(estimator)
+    return None if method is None else method.estimator_setting(g, g.num_tokens - n, layer)
 
 
 def accuracy_grid(spec: str | None, g: TokenGeometry, estimator: str) -> list[int]:
@@ -199,7 +185,7 @@ def estimate_hits(
     g = geometry(model)
     p, depth = g.num_prefix, g.num_blocks
     settings = [reduction(estimator, g, n, layer) for n in grid]
-    order = random_patch_order(data.names, seed, g.num_patches).to(device) if estimator == "random" else None
+    order = random_patch_order(data.names, seed, g.num_patches).to(device) if estimator == RANDOM else None
     block_tokens: list[list[int]] = []
     for n, setting in zip(grid, settings):
         if setting is None:
@@ -372,17 +358,17 @@ def _model_for(config: EstimateConfig) -> tuple[nn.Module, str]:
 
 def config_layers(config: EstimateConfig) -> list[int | None]:
     """The curves to estimate: POMT's layers, or one curve without a layer."""
-    if config.estimator != "pomt":
+    if not takes_layer(config.estimator):
         return [None]
     return list(config.layers) if config.layers else [config.layer]
 
 
 def _check_estimator(model: nn.Module, g: TokenGeometry, config: EstimateConfig, grid: list[int]) -> None:
     """Every grid point's setting is valid for the core (ValueError -> PomtError)."""
-    if config.estimator == "random":
+    if estimator_method(config.estimator) is None:
         return
     layers = config_layers(config)
-    if config.estimator == "pomt":
+    if takes_layer(config.estimator):
         check_layers(layers, g.num_blocks, config.model)
     try:
         for n, layer in ((n, layer) for layer in layers for n in grid):
@@ -465,7 +451,7 @@ def run_estimate(
         model=config.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,
         embed_dim=g.embed_dim, dtype=dtype_name, grid=grid, estimator=config.estimator,
         img_size=list(g.input_size[1:]), img_size_option=config.img_size,
-        layer=layers[0], layers=layers if config.estimator == "pomt" else None, seed=config.seed, weights=source,
+        layer=layers[0], layers=layers if takes_layer(config.estimator) else None, seed=config.seed, weights=source,
         weights_file=str(Path(config.checkpoint).resolve()) if config.checkpoint else None,
         weights_sha256=weights_sha, data=listing.source, num_images=images, num_classes=listing.num_classes,
         limit=config.limit, images_available=listing.available, skipped=skipped,
@@ -479,9 +465,9 @@ def run_estimate(
 def accuracy_stem(meta: AccuracyMeta) -> str:
     """The file stem of an accuracy profile: model, dtype, estimator (and POMT's layer), data set."""
     estimator = meta.estimator
-    if meta.estimator == "pomt":
+    if takes_layer(meta.estimator):
         layers = meta.layers or [meta.layer]
-        estimator = f"pomt-layer{layers[0]}" if len(layers) == 1 else "pomt-layers" + "-".join(map(str, layers))
+        estimator += f"-layer{layers[0]}" if len(layers) == 1 else "-layers" + "-".join(map(str, layers))
     data_name = Path(meta.data).name if meta.data != "digits" else "digits"
     return output_stem("accuracy", meta.model, dtype=meta.dtype, img_size=meta.img_size_option,
                        extra=(estimator, data_name))
@@ -499,8 +485,8 @@ def write_accuracy(run: AccuracyRun, output_dir: str | Path) -> tuple[Path, Path
 def describe(meta: AccuracyMeta) -> str:
     """One line naming the model, estimator, data and image count."""
     estimator = f"{meta.estimator} estimator"
-    if meta.estimator == "pomt":
+    if takes_layer(meta.estimator):
         layers = meta.layers or [meta.layer]
-        estimator = f"POMT at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+        estimator = f"{get_method(meta.estimator).title} at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
     data_name = "digits (held out)" if meta.data == "digits" else Path(meta.data).name
     return f"{meta.model}, {estimator}, {data_name}: {meta.num_images} images, {meta.dtype}"

@@ -13,20 +13,20 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import polars as pl
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from torch import nn
 
 from pomt_cli.data import LabelledImages, evaluate
 from pomt_cli.errors import PomtError
-from pomt_cli.pruning import apply, capped_from, geometry, remove, removed_per_block, token_counts
+from pomt_cli.pruning import apply, capped_from, geometry, none, remove, removed_per_block, token_counts
+from pomt_cli.pruning.registry import get as get_method
 from pomt_cli.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 
-Method = Literal["none", "pomt", "tome", "topk"]
-METHODS: tuple[str, ...] = ("none", "pomt", "tome", "topk")
+#: The method every other is compared with (latency and accuracy changes, speedups).
+BASELINE = none.NoReduction.name
 
 SCHEMA: dict[str, pl.DataType] = {
     "batch_size": pl.Int64,
@@ -59,7 +59,7 @@ Predictions = Mapping[tuple[int, str], tuple[float, str]]
 class MethodSetting(BaseModel):
     """One method with its setting, as ``pomt_cli.pruning.apply`` takes it."""
 
-    method: Method
+    method: str
     r: int | list[int] = 0
     layer: int = 3
     #: Tokens each block removes on the model, as applied (ToMe's schedule after the
@@ -68,22 +68,22 @@ class MethodSetting(BaseModel):
     #: ToMe: the first block whose r the cap lowered (None: not capped, or not fitted yet).
     capped_from: int | None = None
 
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        get_method(method)
+        return method
+
     @property
     def label(self) -> str:
         """``none``, ``pomt r=56 @3`` (r tokens pruned in block 3), ``tome r=8``, ``tome r=16 (capped from block 11)``."""
-        if self.method == "none":
-            return "none"
-        r = self.r if isinstance(self.r, int) else "[" + ",".join(str(v) for v in self.r) + "]"
-        label = f"{self.method} r={r}" + (f" @{self.layer}" if self.method == "pomt" else "")
+        label = get_method(self.method).label(self.r, self.layer)
         return label + (f" (capped from block {self.capped_from})" if self.capped_from is not None else "")
 
     @property
     def slug(self) -> str:
         """The setting in a file name: ``none``, ``pomt-r56-l3``, ``tome-r8``."""
-        if self.method == "none":
-            return "none"
-        r = self.r if isinstance(self.r, int) else "x".join(str(v) for v in self.r)
-        return f"{self.method}-r{r}" + (f"-l{self.layer}" if self.method == "pomt" else "")
+        return get_method(self.method).slug(self.r, self.layer)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         return apply(model, self.method, r=self.r, layer=self.layer)
@@ -264,9 +264,9 @@ def bench_frame(
     predictions = predictions or {}
     rows = []
     for b, settings in plan.items():
-        base = timed.get((b, "none"))
+        base = timed.get((b, BASELINE))
         base_ms = base[0].median_ms if base else None
-        base_acc = accuracy.get("none") if accuracy else None
+        base_acc = accuracy.get(BASELINE) if accuracy else None
         for s in settings:
             m, leaving = timed[(b, s.label)]
             acc = accuracy.get(s.label) if accuracy else None

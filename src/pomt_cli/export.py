@@ -24,6 +24,7 @@ from pomt_cli import __version__
 from pomt_cli.errors import PomtError
 from pomt_cli.outputs import OutputSet
 from pomt_cli.pruning import apply, geometry, planned_token_counts, remove
+from pomt_cli.pruning.registry import get as get_method
 
 #: Default largest difference between ONNX Runtime and PyTorch, relative to the largest
 #: PyTorch output, per dtype.
@@ -144,7 +145,7 @@ def export_onnx(
                             f"logit), above the tolerance {tolerance:g}: the file was not kept")
         metadata = {
             "pomt_version": __version__, "torch_version": torch.__version__, "model": model_name or g.name,
-            "method": method, "r": json.dumps(r), "layer": str(layer) if method == "pomt" else "",
+            "method": method, "r": json.dumps(r), "layer": str(layer) if get_method(method).takes_layer else "",
             "tokens_per_block": json.dumps(counts), "batch_size": str(batch_size),
             "dtype": str(dtype).removeprefix("torch."), "input_size": json.dumps(list(g.input_size)),
             "opset": str(opset), "max_abs_diff": f"{max_abs:.3e}", "max_rel_diff": f"{max_rel:.3e}",

@@ -15,7 +15,7 @@ from rich import box
 from rich.table import Table
 
 from pomt_cli import __version__
-from pomt_cli.bench import METHODS, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, fit_settings, time_methods
+from pomt_cli.bench import BASELINE, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, fit_settings, time_methods
 from pomt_cli.data import load_labelled
 from pomt_cli.devices import default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
@@ -23,6 +23,8 @@ from pomt_cli.models import create_model, vit_geometry, weights_source
 from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list
 from pomt_cli.outputs import check_output_dir, output_stem, write_set
 from pomt_cli.profiles import command_line
+from pomt_cli.pruning import method_names, tome, topk
+from pomt_cli.pruning.registry import get as get_method
 from pomt_cli.selection import Choice, read_report
 
 #: POMT's pruning block when neither --layer nor a report's choice gives one.
@@ -85,15 +87,20 @@ def _layers_and_predictions(
     return layers, choices
 
 
+def _from_report() -> list[str]:
+    """The methods whose r comes from -r or --r-from, with the layer from --layer or the report (POMT)."""
+    return [m for m in method_names() if get_method(m).bench_r is None]
+
+
 def _predictions(plan: dict[int, list[MethodSetting]], choices: dict[int, Choice],
                  num_tokens: int) -> dict[tuple[int, str], tuple[float, str]]:
     """What the report predicts: the chosen POMT setting's latency, and the unpruned model's where it was measured."""
     predicted = {}
     for b, choice in choices.items():
         for s in plan[b]:
-            if s.method == "pomt":
+            if s.method in _from_report():
                 predicted[(b, s.label)] = (choice.latency_ms, choice.workload)
-            elif s.method == "none" and choice.reference_ms is not None and choice.reference_tokens == num_tokens:
+            elif s.method == BASELINE and choice.reference_ms is not None and choice.reference_tokens == num_tokens:
                 predicted[(b, s.label)] = (choice.reference_ms, choice.workload)
     return predicted
 
@@ -129,11 +136,11 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> list[Table]
             latency, spread, change = "out of memory", "", ""
         else:
             latency, spread = f"{row['latency_ms']:.3f}", f"{row['p10_ms']:.3g}-{row['p90_ms']:.3g}"
-            change = "" if row["method"] == "none" or row["latency_change_pct"] is None else (
+            change = "" if row["method"] == BASELINE or row["latency_change_pct"] is None else (
                 f"{row['latency_change_pct']:+.1f}%")
         cells = [str(row["batch_size"]), row["setting"], str(row["tokens_out"]), latency, spread, change]
         if with_accuracy:
-            acc_change = "" if row["method"] == "none" or row["accuracy_change"] is None else f"{row['accuracy_change']:+.2f}"
+            acc_change = "" if row["method"] == BASELINE or row["accuracy_change"] is None else f"{row['accuracy_change']:+.2f}"
             cells += [f"{row['accuracy']:.2f}", acc_change]
         rows.append(cells)
     legend = "out: tokens leaving the last block; ms: median, p10-p90 its spread" + (
@@ -157,8 +164,8 @@ def bench(
     model: str = typer.Option(..., "--model", help="timm model name, or digits-vit (bundled, trained)."),
     method: list[str] = typer.Option(
         [], "--method",
-        help="none, pomt, tome, topk; repeat for a comparison (default: all four, pomt when -r or --r-from is given). "
-        "none is always included."
+        help=f"{', '.join(method_names())}; repeat for a comparison (default: all, pomt when -r or --r-from is "
+        f"given). {BASELINE} is always included."
     ),
     r: int | None = typer.Option(None, "-r", "--r", help="POMT: tokens pruned in block --layer."),
     r_from: Path | None = typer.Option(None, "--r-from", help="POMT's R per batch size from a compute-r report (.json)."),
@@ -199,11 +206,14 @@ def bench(
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the CSV and Parquet reports."),
 ) -> dict[str, Path]:
     """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
-    defaults = [m for m in METHODS if m != "pomt" or r is not None or r_from is not None]
-    methods = list(dict.fromkeys(["none", *(method or defaults)]))
-    unknown = [m for m in methods if m not in METHODS]
+    names, from_report = method_names(), _from_report()
+    defaults = [m for m in names if m not in from_report or r is not None or r_from is not None]
+    methods = list(dict.fromkeys([BASELINE, *(method or defaults)]))
+    unknown = [m for m in methods if m not in names]
     if unknown:
-        raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(METHODS)}")
+        raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(names)}")
+    # The methods' own r options; the others take their method's bench_r.
+    r_options = {tome.Tome.name: tome_r, topk.Topk.name: topk_r}
     if not 0 < rel_precision < 1 or budget <= 0 or rounds < 1 or eval_batch_size < 1:
         raise PomtError("--rel-precision must lie in (0, 1); --budget must be positive; --rounds and --eval-batch-size at least 1")
     if threads is not None and threads < 1:
@@ -212,10 +222,11 @@ def bench(
     sizes = parse_int_list(batch_size, "--batch-size") if batch_size else None
     r_by_batch, sizes, report_path = _r_per_batch(r, r_from, model, sizes)
     sizes = sizes or [1]
-    if "pomt" in methods and r_by_batch is None:
-        raise PomtError("--method pomt needs -r R or --r-from REPORT (from `pomt compute-r`)")
-    if "pomt" not in methods and r_by_batch is not None:
-        methods.append("pomt")
+    needing = [m for m in methods if m in from_report]
+    if needing and r_by_batch is None:
+        raise PomtError(f"--method {needing[0]} needs -r R or --r-from REPORT (from `pomt compute-r`)")
+    if r_by_batch is not None:
+        methods += [m for m in from_report if m not in methods]
     preset = load_preset(device or default_preset_name())
     tdev = resolve_torch_device(torch_device or preset.torch_device)
     if cuda_graphs and tdev.type != "cuda":
@@ -236,14 +247,12 @@ def bench(
     for b in sizes:
         chosen = []
         for m in methods:
-            if m == "none":
-                chosen.append(MethodSetting(method="none"))
-            elif m == "pomt" and b in choices and r_by_batch[b] == 0:
-                continue  # the report's answer is the unpruned model: `none` carries its prediction
-            elif m == "pomt":
-                chosen.append(MethodSetting(method="pomt", r=r_by_batch[b], layer=layers[b]))
+            if m in from_report and b in choices and r_by_batch[b] == 0:
+                continue  # the report's answer is the unpruned model: the baseline carries its prediction
+            elif m in from_report:
+                chosen.append(MethodSetting(method=m, r=r_by_batch[b], layer=layers[b]))
             else:
-                chosen.append(MethodSetting(method=m, r=tome_r if m == "tome" else topk_r))
+                chosen.append(MethodSetting(method=m, r=r_options.get(m, get_method(m).bench_r)))
         plan[b] = fit_settings(net, chosen)  # checked; ToMe's per-block cap shows in the labels
     distinct = list({s.label: s for group in plan.values() for s in group}.values())
     listing = labelled = None

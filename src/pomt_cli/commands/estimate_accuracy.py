@@ -9,7 +9,7 @@ from pomt_cli.console import plain_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pomt_cli.accuracy import ESTIMATORS, AccuracyRun, EstimateConfig, EvalProgress, describe, processes, run_estimate, write_accuracy
+from pomt_cli.accuracy import AccuracyRun, EstimateConfig, EvalProgress, describe, estimators, processes, run_estimate, takes_layer, write_accuracy
 from pomt_cli.errors import PomtError
 from pomt_cli.options import SEED_MAX, parse_int_list
 from pomt_cli.outputs import check_output_dir
@@ -70,7 +70,7 @@ def estimate_accuracy(
         None, "--tokens", help="Grid START:STOP:STRIDE of kept tokens n, inclusive (default: every n the estimator reaches)."
     ),
     estimator: str = typer.Option(
-        "random", "--estimator", help="random (the paper's estimate), or the real method: pomt, topk, tome."
+        "random", "--estimator", help="random (the paper's estimate), or the real method: " + ", ".join(estimators()[1:]) + "."
     ),
     layer: str | None = typer.Option(
         None, "--layer", help="POMT's pruning blocks, comma-separated (for --estimator pomt; default 3): one curve each."
@@ -85,11 +85,11 @@ def estimate_accuracy(
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the accuracy profile and its plot."),
 ) -> dict[str, Path]:
     """Estimate accuracy against kept tokens n on labelled images; the file that compute-r joins with a latency profile."""
-    if estimator not in ESTIMATORS:
-        raise PomtError(f"unknown --estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
+    if estimator not in estimators():
+        raise PomtError(f"unknown --estimator {estimator!r}: use one of {', '.join(estimators())}")
     if batch_size < 1:
         raise PomtError(f"--batch-size {batch_size} must be at least 1")
-    if layer is not None and estimator != "pomt":
+    if layer is not None and not takes_layer(estimator):
         raise PomtError(f"--layer applies to --estimator pomt only; the {estimator} estimator has no layer: "
                         "leave out --layer or add --estimator pomt")
     layers = parse_int_list(layer, "--layer", minimum=-(2**31)) if layer is not None else [3]

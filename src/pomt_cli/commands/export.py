@@ -13,15 +13,14 @@ from pomt_cli.errors import PomtError
 from pomt_cli.export import check_output_file, export_onnx, require_onnx
 from pomt_cli.models import create_model
 from pomt_cli.options import parse_dtype
+from pomt_cli.pruning import method_names
+from pomt_cli.pruning.registry import get as get_method
 
 out = plain_console()
 
 
-class Method(str, Enum):
-    none = "none"
-    pomt = "pomt"
-    tome = "tome"
-    topk = "topk"
+#: The registered methods as a choice (``--help`` lists them).
+Method = Enum("Method", {name: name for name in method_names()}, type=str)
 
 
 def register(app: typer.Typer) -> None:
@@ -50,10 +49,11 @@ def export(
     require_onnx()
     check_output_file(output)
     _, torch_dtype = parse_dtype(dtype)
-    if method is not Method.pomt and layer != 3:
+    if not get_method(method.value).takes_layer and layer != 3:
         raise PomtError(f"--layer is POMT's pruning block; {method.value} has no layer: leave --layer out")
-    if method is Method.none and r:
-        raise PomtError("-r needs a method: add --method pomt, tome or topk")
+    if not get_method(method.value).reduces and r:
+        reducing = [m for m in method_names() if get_method(m).reduces]
+        raise PomtError(f"-r needs a method: add --method {', '.join(reducing[:-1])} or {reducing[-1]}")
     net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
     result = export_onnx(net, output, method=method.value, r=r, layer=layer, batch_size=batch_size,
                          dtype=torch_dtype, opset=opset, tolerance=tolerance, seed=seed, model_name=model)

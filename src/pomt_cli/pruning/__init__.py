@@ -4,6 +4,9 @@
 >>> apply(model, "tome", r=8)             # merge 8 tokens in every block
 >>> apply(model, "topk", r=[8] * 12)      # prune 8 tokens in every block
 >>> remove(model)                         # back to the original model
+
+Methods are found by name in :mod:`pomt_cli.pruning.registry`; each is one module
+(``none``, ``pomt``, ``tome``, ``topk``, registered in that order on import).
 """
 
 from __future__ import annotations
@@ -12,22 +15,28 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from pomt_cli.pruning import none, pomt, tome, topk  # noqa: F401  (registers the methods, in order)
+from pomt_cli.pruning import registry
 from pomt_cli.pruning.geometry import TokenGeometry, forward_kept, geometry
 from pomt_cli.pruning.ideal import forward_ideal
-from pomt_cli.pruning.patch import METHODS, attach, detach, plan_blocks
+from pomt_cli.pruning.patch import attach, detach, plan_blocks
+from pomt_cli.pruning.registry import Method, register, unregister
 
 __all__ = [
-    "METHODS",
+    "Method",
     "TokenGeometry",
     "apply",
     "capped_from",
     "forward_ideal",
     "forward_kept",
     "geometry",
+    "method_names",
     "planned_token_counts",
+    "register",
     "remove",
     "removed_per_block",
     "token_counts",
+    "unregister",
 ]
 
 R = int | Sequence[int] | tuple[int, float]
@@ -38,7 +47,8 @@ def apply(model: nn.Module, method: str, r: R = 0, layer: int = 3) -> nn.Module:
 
     Args:
         model: a timm VisionTransformer (vit_*, deit_* incl. distilled, *_dinov2, *_reg4_dinov2).
-        method: ``"none"`` (undo any patch), ``"pomt"``, ``"tome"`` or ``"topk"``.
+        method: a registered method's name (:func:`method_names`): ``"none"`` (undo any
+            patch), ``"pomt"``, ``"tome"`` or ``"topk"``.
         r: POMT: tokens pruned once, in block ``layer``. ToMe: tokens merged per block, an
             int, a list with one entry per block, or ``(r, inflection)``. Top-K: tokens
             pruned per block, an int or a list with one entry per block.
@@ -55,13 +65,18 @@ def apply(model: nn.Module, method: str, r: R = 0, layer: int = 3) -> nn.Module:
     g = geometry(model)
     plans, counts, capped_from = plan_blocks(g, method, r, layer)
     detach(model)
-    if method != "none":
+    if registry.get(method).reduces:
         attach(model, plans)
         model.pomt_config = {
             "method": method, "r": r, "layer": layer, "planned_tokens": counts,
             "per_block": [plan.r for plan in plans], "capped_from": capped_from,
         }
     return model
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods, in order: ``("none", "pomt", "tome", "topk")`` and any added."""
+    return registry.names()
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -3,69 +3,24 @@
 The model's class is swapped for a subclass whose ``forward_features`` passes ToMe's
 token sizes from block to block (a local variable, no per-forward state on the model),
 and each block's class for a subclass whose ``forward_tokens`` is timm's
-``Block.forward`` with the reduction inserted between the attention and MLP sub-layers.
+``Block.forward`` with the method's reduction (:meth:`Method.reduce
+<pomt_cli.pruning.registry.Method.reduce>`) between the attention and MLP sub-layers.
 Blocks that reduce nothing and see no token sizes run timm's own forward unchanged.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import Attention
 from torch import nn
 
-from pomt_cli.pruning import pomt, tome, topk
+from pomt_cli.pruning import registry
+from pomt_cli.pruning.attention import qkv as _qkv
 from pomt_cli.pruning.geometry import TokenGeometry
+from pomt_cli.pruning.registry import BlockPlan
 
-METHODS = ("none", "pomt", "tome", "topk")
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """What one block does: ``method`` with ``r`` tokens removed (0: nothing)."""
-
-    method: str
-    r: int
-    num_prefix: int
-    #: POMT's scoring: "lean" (fused attention, log-probabilities a chunk at a time),
-    #: "explicit" (the full softmax matrix, as the paper's code; what exported, traced and
-    #: compiled graphs get), or "auto": lean in float16/bfloat16, where it was measured
-    #: faster (H200 and CPU, docs/PERFORMANCE.md), explicit in float32, where it was not.
-    scoring: str = "auto"
-    #: ToMe: whether the model has a class token (A's unmerged tokens then stay in position order).
-    class_token: bool = True
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries, keys, values (B, H, N, D) as timm's Attention computes them."""
-    B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def _project(attn: Attention, o: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, D) attention output -> (B, N, C), as timm's Attention finishes."""
-    B, H, N, D = o.shape
-    o = o.transpose(1, 2).reshape(B, N, H * D)
-    norm = getattr(attn, "norm", None)  # scale_norm; absent in early timm 1.0 releases
-    return attn.proj_drop(attn.proj(o if norm is None else norm(o)))
-
-
-def _fused(attn: Attention, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
-    p = attn.attn_drop.p if attn.training else 0.0
-    if mask is not None and pomt.tracing():
-        # Exporters decompose SDPA with a mask into a layout that the following reshape
-        # cannot view (torch 2.14); the same attention written out exports cleanly.
-        a = ((q * attn.scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1)
-        return attn.attn_drop(a) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+__all__ = ["BlockPlan", "PrunedBlock", "PrunedVisionTransformer", "attach", "detach", "plan_blocks"]
 
 
 class PrunedBlock(nn.Module):
@@ -89,33 +44,10 @@ class PrunedBlock(nn.Module):
             x = super().forward(x)
             self.pomt_tokens = (n_in, n_in)
             return x, None
-        attn = self.attn
-        q, k, v = _qkv(attn, self.norm1(x))
-        # --- modified from timm's Block.forward: the attention returns what the method needs,
-        # --- and the tokens are reduced before the MLP.
-        lean = plan.scoring == "lean" or (plan.scoring == "auto" and q.dtype in _HALF)
-        explicit = not lean or (attn.training and attn.attn_drop.p > 0) or pomt.tracing()
-        if plan.method == "pomt" and explicit:
-            a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = x + self.drop_path1(self.ls1(_project(attn, attn.attn_drop(a) @ v)))
-            x = pomt.prune_keep_mean(x, pomt.importance(a, v, plan.num_prefix), plan.r, plan.num_prefix)
-        elif plan.method == "pomt":
-            o, lse = pomt.attention_lse(q, k, v, attn.scale)
-            x = x + self.drop_path1(self.ls1(_project(attn, o)))
-            scores = pomt.importance_lean(q, k, v, lse, attn.scale, plan.num_prefix)
-            x = pomt.prune_keep_mean(x, scores, plan.r, plan.num_prefix)
-        elif plan.method == "topk":
-            x = x + self.drop_path1(self.ls1(_project(attn, _fused(attn, q, k, v))))
-            scores = topk.class_attention(q, k, attn.scale, plan.num_prefix)
-            x = topk.keep_top(x, scores, plan.r, plan.num_prefix)
-        else:  # tome
-            mask = None if size is None else size.log().to(q.dtype).transpose(1, 2).unsqueeze(1)
-            x = x + self.drop_path1(self.ls1(_project(attn, _fused(attn, q, k, v, mask))))
-            if plan.r > 0:
-                if size is None:
-                    size = x.new_ones(x.shape[0], n_in, 1)
-                matching = tome.bipartite_matching(k.mean(dim=1), plan.r, plan.num_prefix, plan.class_token)
-                x, size = tome.merge(x, size, matching, plan.num_prefix)
+        q, k, v = _qkv(self.attn, self.norm1(x))
+        # --- modified from timm's Block.forward: the method computes the attention sub-layer
+        # --- and reduces the tokens before the MLP.
+        x, size = registry.get(plan.method).reduce(self, x, q, k, v, size, plan)
         # --- end of modification
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         self.pomt_tokens = (n_in, x.shape[1])
@@ -174,8 +106,9 @@ def plan_blocks(
 ) -> tuple[list[BlockPlan], list[int], int | None]:
     """Validate a method's setting and return each block's plan and the token counts.
 
-    ToMe's r is capped in every block at ``(n - p) // 2`` of the block's n tokens, as the
-    original caps it (at ``(n - protected) // 2``); the plans and counts hold the capped r.
+    The method gives the schedule (:meth:`Method.schedule <pomt_cli.pruning.registry.Method.schedule>`)
+    and may cap it (ToMe caps r in every block at ``(n - p) // 2`` of the block's n tokens,
+    as the original); the plans and counts hold the capped r.
 
     Returns:
         ``(plans, counts, capped_from)``: one plan per block, ``num_blocks + 1`` counts
@@ -186,32 +119,14 @@ def plan_blocks(
         ValueError: unknown method, bad r or layer; the message names the limit.
     """
     g = geometry
-    p, depth = g.num_prefix, g.num_blocks
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if method == "pomt":
-        if not isinstance(r, int):
-            raise ValueError(f"POMT prunes once: r must be an int, got {r!r}")
-        if not 0 <= layer < depth:
-            raise ValueError(f"layer={layer} is out of range: {g.name} has {depth} blocks (layer 0..{depth - 1})")
-        per_block = [r if i == layer else 0 for i in range(depth)]
-    elif method == "tome":
-        per_block = tome.schedule(r, depth)
-    elif method == "topk":
-        if isinstance(r, tuple):
-            raise ValueError(f"Top-K r must be an int or a list with one entry per block, got {r!r}")
-        per_block = [r] * depth if isinstance(r, int) else tome.schedule(list(r), depth)
-        if any(per_block) and not g.has_class_token:
-            raise ValueError(f"Top-K scores tokens by the class token's attention, and {g.name} has no class token")
-    else:
-        per_block = [0] * depth
+    p = g.num_prefix
+    m = registry.get(method)
+    per_block = m.schedule(g, r, layer)
     for i, ri in enumerate(per_block):
         if ri < 0:
             raise ValueError(f"r={ri} at block {i} is negative: give r >= 0")
-    capped_from = None
-    if method == "tome":
-        requested, per_block = per_block, tome.cap(per_block, g.num_tokens, p)
-        capped_from = next((i for i, (a, b) in enumerate(zip(requested, per_block)) if a != b), None)
+    requested, per_block = per_block, m.cap(per_block, g)
+    capped_from = next((i for i, (a, b) in enumerate(zip(requested, per_block)) if a != b), None)
     counts = [g.num_tokens]
     for i, ri in enumerate(per_block):
         n = counts[-1]

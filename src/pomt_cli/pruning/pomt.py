@@ -1,12 +1,16 @@
 """POMT ("Pruning One More Token is Enough"): one-shot pruning in a single block.
 
-Pure tensor functions; :mod:`pomt_cli.pruning.patch` attaches them to timm blocks.
+Pure tensor functions, then :class:`Pomt`, the method's declaration: its setting (r
+tokens pruned once, in block ``layer``) and the reduction it inserts into that block.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from pomt_cli.pruning.attention import residual, tracing
+from pomt_cli.pruning.registry import Method, register
 
 #: Elements of the log-probability matrix computed at once by :func:`received_attention`
 #: (2**23: 16 MiB in float16, 32 MiB in float32, so one chunk stays in a large GPU's L2).
@@ -68,17 +72,6 @@ def _as_lse(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if lse.shape != (B, H, N):
         raise RuntimeError(f"log-sum-exp of shape {tuple(lse.shape)} for queries of shape {tuple(q.shape)}")
     return lse.float()
-
-
-def tracing() -> bool:
-    """Whether the model is being traced, exported (ONNX, torch.export) or compiled rather than run.
-
-    Graph capture needs plain functional ops, so the lean block then takes the explicit path.
-    """
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
-    compiler = getattr(torch, "compiler", None)  # torch.compiler: torch >= 2.3
-    return any(getattr(compiler, name, lambda: False)() for name in ("is_compiling", "is_exporting"))
 
 
 def _explicit_lse(q: torch.Tensor, k: torch.Tensor, scale: float, rows: slice = slice(None)) -> torch.Tensor:
@@ -219,3 +212,38 @@ def prune_keep_mean(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: i
     kept = x.gather(1, index.unsqueeze(-1).expand(-1, -1, C))
     dropped = x.gather(1, dropped_idx.unsqueeze(-1).expand(-1, -1, C)).mean(dim=1, keepdim=True)
     return torch.cat([kept, dropped], dim=1)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@register
+class Pomt(Method):
+    name = "pomt"
+    title = "POMT"
+    takes_layer = True
+    bench_r = None
+
+    def schedule(self, g, r, layer):
+        if not isinstance(r, int):
+            raise ValueError(f"POMT prunes once: r must be an int, got {r!r}")
+        depth = g.num_blocks
+        if not 0 <= layer < depth:
+            raise ValueError(f"layer={layer} is out of range: {g.name} has {depth} blocks (layer 0..{depth - 1})")
+        return [r if i == layer else 0 for i in range(depth)]
+
+    def reduce(self, block, x, q, k, v, size, plan):
+        attn, p = block.attn, plan.num_prefix
+        lean = plan.scoring == "lean" or (plan.scoring == "auto" and q.dtype in _HALF)
+        if not lean or (attn.training and attn.attn_drop.p > 0) or tracing():
+            a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = residual(block, x, attn.attn_drop(a) @ v)
+            scores = importance(a, v, p)
+        else:
+            o, lse = attention_lse(q, k, v, attn.scale)
+            x = residual(block, x, o)
+            scores = importance_lean(q, k, v, lse, attn.scale, p)
+        return prune_keep_mean(x, scores, plan.r, p), size
+
+    def estimator_setting(self, g, removed, layer):
+        return {"r": removed, "layer": layer}

@@ -1,7 +1,8 @@
 """Token Merging (Bolya et al., ICLR 2023): bipartite soft matching and size-weighted merging.
 
-Pure tensor functions; :mod:`pomt_cli.pruning.patch` attaches them to timm blocks, which
-also add ``log(size)`` to the attention logits of every later block (proportional attention).
+Pure tensor functions, then :class:`Tome`, the method's declaration: its setting (r tokens
+merged per block), the per-block cap, and the reduction it inserts into every block, which
+also adds ``log(size)`` to the attention logits of every later block (proportional attention).
 
 As in the original (facebookresearch/ToMe, ``bipartite_soft_matching``), the *whole* token
 sequence alternates into set A (even positions) and set B (odd positions), prefix tokens
@@ -27,6 +28,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from pomt_cli.pruning.attention import fused, residual
+from pomt_cli.pruning.registry import Method, register, spread
 
 
 def schedule(r: int | Sequence[int] | tuple[int, float], num_blocks: int) -> list[int]:
@@ -140,3 +144,35 @@ def merge(
     out = torch.cat([weighted[:, :p], keep, b], dim=1)
     new_size = out[..., C:]
     return out[..., :C] / new_size, new_size
+
+
+@register
+class Tome(Method):
+    name = "tome"
+    title = "ToMe"
+
+    def schedule(self, g, r, layer):
+        return schedule(r, g.num_blocks)
+
+    def cap(self, requested, g):
+        return cap(requested, g.num_tokens, g.num_prefix)
+
+    def reduce(self, block, x, q, k, v, size, plan):
+        mask = None if size is None else size.log().to(q.dtype).transpose(1, 2).unsqueeze(1)
+        n_in = x.shape[1]
+        x = residual(block, x, fused(block.attn, q, k, v, mask))
+        if plan.r > 0:
+            if size is None:
+                size = x.new_ones(x.shape[0], n_in, 1)
+            matching = bipartite_matching(k.mean(dim=1), plan.r, plan.num_prefix, plan.class_token)
+            x, size = merge(x, size, matching, plan.num_prefix)
+        return x, size
+
+    def estimator_setting(self, g, removed, layer):
+        return {"r": spread(removed, g.num_patches, g.num_blocks, halving=True)}
+
+    def fewest_tokens(self, g):
+        patches = g.num_patches
+        for _ in range(g.num_blocks):
+            patches -= patches // 2
+        return g.num_prefix + patches

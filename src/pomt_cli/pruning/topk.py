@@ -1,11 +1,16 @@
 """Top-K pruning: keep the tokens the class token attends to most.
 
-Pure tensor functions; :mod:`pomt_cli.pruning.patch` attaches them to timm blocks.
+Pure tensor functions, then :class:`Topk`, the method's declaration: its setting (r tokens
+pruned per block) and the reduction it inserts into every block.
 """
 
 from __future__ import annotations
 
 import torch
+
+from pomt_cli.pruning import tome
+from pomt_cli.pruning.attention import fused, residual
+from pomt_cli.pruning.registry import Method, register
 
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int) -> torch.Tensor:
@@ -43,3 +48,22 @@ def keep_top(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int) -> 
     kept_idx = scores.topk(N - r - p, dim=-1, sorted=False).indices.sort(dim=-1).values + p
     index = torch.cat([torch.arange(p, device=x.device).expand(B, p), kept_idx], dim=1)
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, C))
+
+
+@register
+class Topk(Method):
+    name = "topk"
+    title = "Top-K"
+
+    def schedule(self, g, r, layer):
+        if isinstance(r, tuple):
+            raise ValueError(f"Top-K r must be an int or a list with one entry per block, got {r!r}")
+        per_block = [r] * g.num_blocks if isinstance(r, int) else tome.schedule(list(r), g.num_blocks)
+        if any(per_block) and not g.has_class_token:
+            raise ValueError(f"Top-K scores tokens by the class token's attention, and {g.name} has no class token")
+        return per_block
+
+    def reduce(self, block, x, q, k, v, size, plan):
+        x = residual(block, x, fused(block.attn, q, k, v))
+        scores = class_attention(q, k, block.attn.scale, plan.num_prefix)
+        return keep_top(x, scores, plan.r, plan.num_prefix), size
