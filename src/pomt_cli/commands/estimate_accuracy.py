@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from pomt_cli.accuracy import ESTIMATORS, AccuracyRun, EstimateConfig, EvalProgress, describe, processes, run_estimate, write_accuracy
 from pomt_cli.errors import PomtError
+from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, model_line
 from pomt_cli.options import SEED_MAX, parse_int_list
 from pomt_cli.outputs import check_output_dir
 
@@ -53,7 +55,7 @@ def _running(event: EvalProgress) -> str:
 
 
 def estimate_accuracy(
-    model: str = typer.Option(..., "--model", help="timm model name, or digits-vit (bundled, trained)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", show_default=False, help=MODEL_HELP),
     data: str = typer.Option(
         ..., "--data", help="An image folder (one subfolder per class, e.g. ImageNet val), or 'digits' (bundled)."
     ),
@@ -85,6 +87,8 @@ def estimate_accuracy(
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the accuracy profile and its plot."),
 ) -> dict[str, Path]:
     """Estimate accuracy against kept tokens n on labelled images; the file that compute-r joins with a latency profile."""
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the first process speaks for all
+        out.print(model_line(model))
     if estimator not in ESTIMATORS:
         raise PomtError(f"unknown --estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
     if batch_size < 1:
