@@ -70,10 +70,11 @@ def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int],
             rendered.append(f"{where}: no step stands out from the curve's trend{hint}")
             continue
         table = Table(title=f"Largest latency steps, {where}", title_justify="left")
+        # At 80 columns the words of the step wrap; the numbers never do.
         table.add_column("step")
-        table.add_column("latency (ms)", justify="right")
-        table.add_column("change", justify="right")
-        table.add_column("beyond trend", justify="right")
+        table.add_column("latency (ms)", justify="right", no_wrap=True)
+        table.add_column("change", justify="right", no_wrap=True)
+        table.add_column("beyond trend", justify="right", no_wrap=True)
         for row in part.iter_rows(named=True):
             table.add_row(
                 f"from {row['from_tokens']} to {row['to_tokens']} tokens",
