@@ -385,3 +385,78 @@ def test_cli_bad_input_in_a_subprocess(tmp_path, pomt, names):
     for name, proc in procs.items():
         _, message, out_dir = runs[name]
         assert_refused(proc.returncode, proc.stderr, out_dir, message)
+
+
+# Finding the profiles in --output-dir
+
+
+def test_the_newest_matching_pair_is_found(tmp_path):
+    from pomt_cli.profiles import find_profile_pair
+
+    write_latency(tmp_path / "old_lat.parquet", created="2026-01-01T00:00:00+00:00")
+    new_lat = write_latency(tmp_path / "new_lat.parquet", created="2026-01-02T00:00:00+00:00")
+    write_latency(tmp_path / "unfinished.parquet", created="2026-01-03T00:00:00+00:00", complete=False)
+    write_accuracy(tmp_path / "old_acc.parquet", created="2026-01-01T00:00:00+00:00")
+    new_acc = write_accuracy(tmp_path / "new_acc.parquet", created="2026-01-02T00:00:00+00:00")
+    (tmp_path / "other.parquet").write_bytes(b"not parquet")
+    assert find_profile_pair(tmp_path) == (new_lat, new_acc)
+    # One given: the newest of the other kind with its geometry.
+    old = tmp_path / "old_lat.parquet"
+    assert find_profile_pair(tmp_path, latency=old) == (old, new_acc)
+
+
+def test_one_given_takes_the_newest_match_of_the_other_kind(tmp_path):
+    from pomt_cli.profiles import find_profile_pair
+
+    lat = write_latency(tmp_path / "lat.parquet", created="2026-01-01T00:00:00+00:00")
+    acc = write_accuracy(tmp_path / "acc.parquet", created="2026-01-01T00:00:00+00:00")
+    write_accuracy(tmp_path / "newer_other_model.parquet", created="2026-01-05T00:00:00+00:00",
+                   model="deit_tiny_patch16_224", num_tokens=197, embed_dim=192, num_blocks=12)
+    assert find_profile_pair(tmp_path, latency=lat) == (lat, acc)
+
+
+def test_no_match_lists_the_candidates(tmp_path, capsys):
+    write_latency(tmp_path / "lat.parquet")
+    write_accuracy(tmp_path / "acc_other.parquet", model="deit_tiny_patch16_224", num_tokens=197)
+    code, out, err = run_in_process(["compute-r", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no latency profile matches an accuracy profile" in err
+    assert "lat.parquet (vit_tiny_patch16_224, N=17)" in err and "acc_other.parquet (deit_tiny_patch16_224, N=197)" in err
+    assert "--latency FILE" in err and not list(tmp_path.glob("*.json"))
+
+
+def test_no_profile_at_all_says_what_to_run(tmp_path, capsys):
+    write_accuracy(tmp_path / "acc.parquet")
+    code, _, err = run_in_process(["compute-r", "--output-dir", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no latency profile in" in err and "pomt profile" in err
+    code, _, err = run_in_process(["compute-r", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and "no latency profile in" in err
+
+
+def test_newest_profiles_that_disagree_are_ambiguous(tmp_path, capsys):
+    write_latency(tmp_path / "lat.parquet", created="2026-01-01T00:00:00+00:00")
+    write_accuracy(tmp_path / "acc.parquet", created="2026-01-01T00:00:00+00:00")
+    write_accuracy(tmp_path / "acc_newer.parquet", created="2026-01-02T00:00:00+00:00",
+                   model="deit_tiny_patch16_224", num_tokens=197)
+    code, _, err = run_in_process(["compute-r", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "newest latency and accuracy profiles are of different models" in err
+    assert "acc_newer.parquet" in err and "acc.parquet" in err and "lat.parquet" in err
+    # Naming one of them chooses.
+    code, out, err = run_in_process(["compute-r", "--output-dir", str(tmp_path), "--latency",
+                                     str(tmp_path / "lat.parquet")], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"accuracy profile: {tmp_path / 'acc.parquet'} (the newest in {tmp_path} that matches)"
+
+
+def test_compute_r_without_paths_uses_the_found_pair(tmp_path, capsys):
+    write_latency(tmp_path / "lat.parquet")
+    write_accuracy(tmp_path / "acc.parquet")
+    code, out, err = run_in_process(["compute-r", "--output-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"latency profile: {tmp_path / 'lat.parquet'}")
+    assert lines[1].startswith(f"accuracy profile: {tmp_path / 'acc.parquet'}")
+    assert any(line.startswith("R = 4 (n* = 13 of 17 tokens kept) at batch 4") for line in lines)
+    report = read_report(next(tmp_path.glob("compute_r_*.json")))
+    assert Path(report.latency.path) == (tmp_path / "lat.parquet").resolve()

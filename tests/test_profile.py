@@ -29,7 +29,7 @@ from pomt_cli.latency import (
     read_latency_profile,
     run_grid,
 )
-from pomt_cli.plots import plot_latency
+from pomt_cli.plots import latency_figure, plot_latency
 from pomt_cli.profiles import LATENCY_COLUMNS, read_profile, write_profile
 from pomt_cli.timing import Measurement, Task
 
@@ -350,6 +350,25 @@ def test_plot_latency_writes_a_png(tmp_path):
     path = plot_latency(frame, tmp_path / "latency.png", title="test", steps=steps)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert [p.name for p in tmp_path.iterdir()] == ["latency.png"]
+
+
+def test_each_batch_size_has_its_own_panel_so_the_fast_curve_shows_its_steps():
+    lat = linear(range(60, 40, -1))
+    frame = pl.concat([curve(lat, 1), curve({n: 30 * v for n, v in lat.items()}, 32)], how="vertical")
+    steps = pl.DataFrame({"batch_size": [1], "from_tokens": [50], "to_tokens": [49], "k": [1], "from_ms": [1.5],
+                          "to_ms": [1.2], "drop_pct": [20.0], "excess_pct": [19.9]})
+    fig = latency_figure(frame, title="two batches", steps=steps)
+    assert len(fig.axes) == 2
+    batch1, batch32 = fig.axes
+    assert [line.get_label() for line in batch1.lines] == ["batch 1"]
+    assert [line.get_label() for line in batch32.lines] == ["batch 32"]
+    # Each panel's y axis spans its own curve: batch 1's is not squashed under batch 32's.
+    low, high = batch1.get_ylim()
+    assert high < min(batch32.lines[0].get_ydata())
+    assert high - low < 2 * (max(batch1.lines[0].get_ydata()) - min(batch1.lines[0].get_ydata()))
+    # The step is marked in batch 1's panel only.
+    assert [t.get_text() for t in batch1.texts if t.get_text()] == ["50\u219249: \u221220%"]
+    assert not batch32.texts
 
 
 

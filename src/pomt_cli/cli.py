@@ -28,7 +28,6 @@ app = typer.Typer(
     name="pomt",
     help="Prune Vision Transformer tokens where the device's latency curve says it pays.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -51,8 +50,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    # An empty metavar: a flag takes no value, so its help shows no type.
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False, "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."
     ),
 ) -> None:
     """Prune Vision Transformer tokens where the device's latency curve says it pays."""

@@ -16,6 +16,18 @@ from pomt_cli.pruning.geometry import TokenGeometry, geometry
 
 WeightsSource = Literal["pretrained", "checkpoint", "bundled", "random"]
 
+#: The paper's model: what ``--model`` means when it is left out.
+DEFAULT_MODEL = "deit_small_patch16_224"
+#: The help of every ``--model`` option (the default named once, where it wraps at 80 columns).
+MODEL_HELP = f"timm model name, or digits-vit (bundled, trained). Default: {DEFAULT_MODEL}, the paper's."
+
+
+def model_line(name: str) -> str:
+    """The first line a command prints: which model it uses, and whether that is the default."""
+    if name == DEFAULT_MODEL:
+        return f"model: {name} (the default; --model NAME for another)"
+    return f"model: {name}"
+
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a ``.safetensors`` or ``.pth``/``.pt`` file (loaded with ``weights_only=True``).

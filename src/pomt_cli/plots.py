@@ -37,6 +37,65 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
     return Path(path)
 
 
+#: Inches per batch size's panel in the latency figure.
+LATENCY_PANEL_HEIGHT = 3.4
+
+
+def latency_figure(frame: pl.DataFrame, *, title: str, steps: pl.DataFrame | None = None) -> Figure:
+    """Latency against kept tokens, one panel per batch size (each with its own y axis, so that
+    the steps of a fast curve are as visible as those of a slow one), one line per POMT layer,
+    with the p10-p90 band.
+
+    Args:
+        frame: a latency profile (``batch_size, tokens, latency_ms, p10_ms, p90_ms, status``).
+        title: the figure's title.
+        steps: rows of :func:`pomt_cli.latency.find_steps`; each is marked where the
+            curve drops, with its relative drop.
+    """
+    if "layer" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
+    batch_sizes = frame["batch_size"].unique().sort().to_list() or [None]
+    fig = Figure(figsize=(8.0, max(4.8, LATENCY_PANEL_HEIGHT * len(batch_sizes))), layout="constrained")
+    axes = fig.subplots(len(batch_sizes), 1, sharex=True, squeeze=False)[:, 0]
+    proxy = frame["layer"].is_null().all()
+    for ax, batch_size in zip(axes, batch_sizes):
+        ax.grid(True, alpha=0.3)
+        panel = frame.filter(pl.col("batch_size") == batch_size)
+        colors = {}
+        for (layer,), part in panel.sort("layer", nulls_last=False).group_by(["layer"], maintain_order=True):
+            curve = part.filter(pl.col("latency_ms").is_not_null()).sort("tokens")
+            name = f"batch {batch_size}" if layer is None else f"POMT at layer {layer}, batch {batch_size}"
+            line = ax.plot(curve["tokens"], curve["latency_ms"], lw=1.3, marker="." if curve.height < 60 else None,
+                           label=name)[0]
+            colors[layer] = line.get_color()
+            ax.fill_between(curve["tokens"], curve["p10_ms"], curve["p90_ms"], color=line.get_color(), alpha=0.18,
+                            lw=0)
+            oom = part.filter(pl.col("status") == "oom")["tokens"]
+            if len(oom):
+                ax.plot(oom, [0.02] * len(oom), "x", color=line.get_color(), transform=ax.get_xaxis_transform(),
+                        label=f"{name}: out of memory")
+        measured = panel.filter(pl.col("latency_ms").is_not_null())
+        if measured.height:
+            low, high = measured["latency_ms"].min(), measured["latency_ms"].max()
+            if low and low > 0 and high / low > LOG_SCALE_RATIO:
+                ax.set_yscale("log")
+        if steps is not None and steps.height:
+            for row in steps.filter(pl.col("batch_size") == batch_size).iter_rows(named=True):
+                x = (row["from_tokens"] + row["to_tokens"]) / 2
+                color = colors.get(row.get("layer"), "black")
+                ax.annotate("", xy=(x, row["to_ms"]), xytext=(x, row["from_ms"]),
+                            arrowprops={"arrowstyle": "->", "color": color, "lw": 1.2})
+                ax.annotate(f"{row['from_tokens']}\u2192{row['to_tokens']}: \u2212{row['drop_pct']:.0f}%",
+                            xy=(x, row["from_ms"]), xytext=(3, 4), textcoords="offset points", fontsize=7,
+                            color=color)
+        ax.set_ylabel("latency (ms, median;\nband p10-p90)")
+        if panel.height:
+            ax.legend(fontsize=8)
+    axes[-1].set_xlabel("kept tokens n (entering the first block)" if proxy else "kept tokens n (leaving POMT's block)")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def plot_latency(
     frame: pl.DataFrame,
     path: str | Path,
@@ -44,51 +103,8 @@ def plot_latency(
     title: str,
     steps: pl.DataFrame | None = None,
 ) -> Path:
-    """Latency against kept tokens, one line per batch size (and POMT layer), with the p10-p90 band.
-
-    Args:
-        frame: a latency profile (``batch_size, tokens, latency_ms, p10_ms, p90_ms, status``).
-        path: the PNG to write.
-        title: the figure's title.
-        steps: rows of :func:`pomt_cli.latency.find_steps`; each is marked where the
-            curve drops, with its relative drop.
-    """
-    fig, ax = new_figure()
-    if "layer" not in frame.columns:
-        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
-    measured = frame.filter(pl.col("latency_ms").is_not_null())
-    colors = {}
-    for (layer, batch_size), part in frame.sort(["layer", "batch_size"], nulls_last=False).group_by(
-            ["layer", "batch_size"], maintain_order=True):
-        curve = part.filter(pl.col("latency_ms").is_not_null()).sort("tokens")
-        name = f"batch {batch_size}" if layer is None else f"POMT at layer {layer}, batch {batch_size}"
-        line = ax.plot(curve["tokens"], curve["latency_ms"], lw=1.3, marker="." if curve.height < 60 else None,
-                       label=name)[0]
-        colors[(layer, batch_size)] = line.get_color()
-        ax.fill_between(curve["tokens"], curve["p10_ms"], curve["p90_ms"], color=line.get_color(), alpha=0.18, lw=0)
-        oom = part.filter(pl.col("status") == "oom")["tokens"]
-        if len(oom):
-            ax.plot(oom, [0.02] * len(oom), "x", color=line.get_color(), transform=ax.get_xaxis_transform(),
-                    label=f"{name}: out of memory")
-    if measured.height:
-        low, high = measured["latency_ms"].min(), measured["latency_ms"].max()
-        if low and low > 0 and high / low > LOG_SCALE_RATIO:
-            ax.set_yscale("log")
-    if steps is not None:
-        for row in steps.iter_rows(named=True):
-            x = (row["from_tokens"] + row["to_tokens"]) / 2
-            color = colors.get((row.get("layer"), row["batch_size"]), "black")
-            ax.annotate("", xy=(x, row["to_ms"]), xytext=(x, row["from_ms"]),
-                        arrowprops={"arrowstyle": "->", "color": color, "lw": 1.2})
-            ax.annotate(f"{row['from_tokens']}\u2192{row['to_tokens']}: \u2212{row['drop_pct']:.0f}%",
-                        xy=(x, row["from_ms"]), xytext=(3, 4), textcoords="offset points", fontsize=7, color=color)
-    proxy = frame["layer"].is_null().all()
-    ax.set_xlabel("kept tokens n (entering the first block)" if proxy else "kept tokens n (leaving POMT's block)")
-    ax.set_ylabel("latency per forward pass (ms, median; band p10-p90)")
-    ax.set_title(title, fontsize=10)
-    if frame.height:
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    """Write :func:`latency_figure` to ``path`` as a PNG."""
+    return save_figure(latency_figure(frame, title=title, steps=steps), path)
 
 
 def plot_accuracy(frame: pl.DataFrame, path: str | Path, *, title: str) -> Path:

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
 from pomt_cli.outputs import atomic_write_text
-from pomt_cli.profiles import command_line, read_profile
+from pomt_cli.profiles import GEOMETRY_FIELDS, command_line, read_profile
 
 #: 2 added the chosen layer, the workload of the prediction and whether pruning pays;
 #: reports of version 1 are read with ``layer`` None and the ``proxy`` workload.
@@ -55,8 +55,6 @@ UTILITY_TIE = 1e-12
 
 Criterion = Literal["utility", "latency_budget", "max_accuracy_drop"]
 
-#: Metadata fields that must agree between the two profiles (the token geometry).
-GEOMETRY_FIELDS = ("model", "num_tokens", "num_prefix", "num_blocks", "embed_dim")
 
 
 class SelectionSettings(BaseModel):

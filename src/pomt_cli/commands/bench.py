@@ -19,7 +19,7 @@ from pomt_cli.bench import BASELINE, BenchProgress, BenchTiming, MethodSetting, 
 from pomt_cli.data import load_labelled
 from pomt_cli.devices import default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
 from pomt_cli.errors import PomtError
-from pomt_cli.models import create_model, vit_geometry, weights_source
+from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, create_model, model_line, vit_geometry, weights_source
 from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list
 from pomt_cli.outputs import check_output_dir, output_stem, write_set
 from pomt_cli.profiles import command_line
@@ -161,7 +161,7 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> list[Table]
 
 
 def bench(
-    model: str = typer.Option(..., "--model", help="timm model name, or digits-vit (bundled, trained)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", show_default=False, help=MODEL_HELP),
     method: list[str] = typer.Option(
         [], "--method",
         help=f"{', '.join(method_names())}; repeat for a comparison (default: all, pomt when -r or --r-from is "
@@ -206,6 +206,7 @@ def bench(
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the CSV and Parquet reports."),
 ) -> dict[str, Path]:
     """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
+    out.print(model_line(model))
     names, from_report = method_names(), _from_report()
     defaults = [m for m in names if m not in from_report or r is not None or r_from is not None]
     methods = list(dict.fromkeys([BASELINE, *(method or defaults)]))

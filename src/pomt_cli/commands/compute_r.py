@@ -12,6 +12,7 @@ from rich.table import Table
 from pomt_cli.options import parse_int_list
 from pomt_cli.outputs import check_output_dir, output_stem, write_set
 from pomt_cli.plots import plot_selection
+from pomt_cli.profiles import find_profile_pair
 from pomt_cli.selection import Choice, Report, SelectionSettings, compute_r as select_r, write_report
 
 out = plain_console()
@@ -71,8 +72,14 @@ def candidates_table(candidates: pl.DataFrame, report: Report, batch_size: int) 
 
 
 def compute_r(
-    latency: Path = typer.Option(..., "--latency", help="Latency profile (.parquet from pomt profile)."),
-    accuracy: Path = typer.Option(..., "--accuracy", help="Accuracy profile (.parquet from pomt estimate-accuracy)."),
+    latency: Path | None = typer.Option(
+        None, "--latency", help="Latency profile (.parquet from pomt profile; default: the newest in --output-dir "
+        "that matches the accuracy profile)."
+    ),
+    accuracy: Path | None = typer.Option(
+        None, "--accuracy", help="Accuracy profile (.parquet from pomt estimate-accuracy; default: the newest in "
+        "--output-dir that matches the latency profile)."
+    ),
     alpha: float | None = typer.Option(
         None, "--alpha", help="Utility weight of latency in [0, 1] (default 0.5); n* maximises the utility."
     ),
@@ -86,12 +93,20 @@ def compute_r(
     batch_size: str | None = typer.Option(
         None, "--batch-size", help="Only these batch sizes of the latency profile, comma-separated (default: all)."
     ),
-    output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the report and its plot."),
+    output_dir: Path = typer.Option(
+        Path("runs"), "--output-dir", help="Folder for the report and its plot, and where profiles not given are found."
+    ),
 ) -> dict[str, Path]:
     """Choose R, the tokens to prune: where the latency saved pays for the accuracy lost."""
     settings = SelectionSettings.from_options(alpha, latency_budget, max_accuracy_drop)
     batch_sizes = parse_int_list(batch_size, "--batch-size") if batch_size is not None else None
     check_output_dir(output_dir)
+    if latency is None or accuracy is None:
+        found_latency, found_accuracy = find_profile_pair(output_dir, latency, accuracy)
+        for label, given, path in (("latency", latency, found_latency), ("accuracy", accuracy, found_accuracy)):
+            if given is None:
+                out.print(f"{label} profile: {path} (the newest in {output_dir} that matches)", soft_wrap=True)
+        latency, accuracy = found_latency, found_accuracy
     selection = select_r(latency, accuracy, settings, batch_sizes)
     report = selection.report
     stem = output_stem("compute_r", report.model, device=report.latency.device_preset,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 from pomt_cli.console import plain_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich import box
 from rich.table import Table
 
 from pomt_cli.accuracy import AccuracyRun, EstimateConfig, EvalProgress, describe, estimators, processes, run_estimate, takes_layer, write_accuracy
 from pomt_cli.errors import PomtError
+from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, model_line
 from pomt_cli.options import SEED_MAX, parse_int_list
 from pomt_cli.outputs import check_output_dir
 
@@ -25,24 +28,48 @@ def register(app: typer.Typer) -> None:
     app.command("estimate-accuracy")(estimate_accuracy)
 
 
+def block_tokens_text(counts: list[int]) -> str:
+    """Tokens entering each block, runs written once: ``[197, 197, 197, 141, 141]`` -> ``197x3 141x2``."""
+    runs: list[list[int]] = []
+    for n in counts:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return " ".join(f"{n}\u00d7{k}" if k > 1 else str(n) for n, k in runs)
+
+
 def summary_table(run: AccuracyRun, rows: int = TABLE_ROWS) -> Table:
-    """Accuracy at up to ``rows`` grid points per curve (per POMT layer), evenly spaced over the grid."""
+    """Accuracy at up to ``rows`` grid points per curve (per POMT layer), evenly spaced over the grid.
+
+    It reads whole at 80 columns: the number columns are as wide as their widest cell and
+    never wrap; only the tokens per block fold, between numbers.
+    """
     layered = run.frame["layer"].is_not_null().any()
-    table = Table(title=describe(run.meta), title_justify="left")
-    for name in (*(("layer",) if layered else ()), "kept tokens n", "top-1 (%)", "change (pts)", "top-5 (%)",
-                 "tokens per block"):
-        table.add_column(name, justify="right" if name != "tokens per block" else "left")
+    cells = []
     for _, frame in run.frame.group_by("layer", maintain_order=True):
         count = min(rows, frame.height)
         picks = sorted({round(i * (frame.height - 1) / max(1, count - 1)) for i in range(count)})
         full = frame.row(0, named=True)
         for i in picks:
             row = frame.row(i, named=True)
-            table.add_row(
+            cells.append([
                 *((str(row["layer"]),) if layered else ()),
                 str(row["tokens"]), f"{row['accuracy']:.2f}", f"{row['accuracy'] - full['accuracy']:+.2f}",
-                f"{row['top5']:.2f}", " ".join(str(t) for t in row["block_tokens"]),
-            )
+                f"{row['top5']:.2f}", block_tokens_text(row["block_tokens"]),
+            ])
+    headers = [*(("layer",) if layered else ()), "kept n", "top-1 %", "change", "top-5 %", "tokens per block"]
+    table = Table(title=describe(run.meta), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="change: top-1 against the largest n, in points; tokens per block: entering each block "
+                          "(197\u00d74: 197 in four blocks)", caption_justify="left")
+    for i, name in enumerate(headers):
+        if name == "tokens per block":
+            table.add_column(name, justify="left", overflow="fold", min_width=7)
+        else:
+            table.add_column(name, justify="right", no_wrap=True,
+                             width=max([len(c[i]) for c in cells] + [len(name)]))
+    for row in cells:
+        table.add_row(*row)
     return table
 
 
@@ -53,7 +80,7 @@ def _running(event: EvalProgress) -> str:
 
 
 def estimate_accuracy(
-    model: str = typer.Option(..., "--model", help="timm model name, or digits-vit (bundled, trained)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", show_default=False, help=MODEL_HELP),
     data: str = typer.Option(
         ..., "--data", help="An image folder (one subfolder per class, e.g. ImageNet val), or 'digits' (bundled)."
     ),
@@ -85,6 +112,8 @@ def estimate_accuracy(
     output_dir: Path = typer.Option(Path("runs"), "--output-dir", help="Folder for the accuracy profile and its plot."),
 ) -> dict[str, Path]:
     """Estimate accuracy against kept tokens n on labelled images; the file that compute-r joins with a latency profile."""
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the first process speaks for all
+        out.print(model_line(model))
     if estimator not in estimators():
         raise PomtError(f"unknown --estimator {estimator!r}: use one of {', '.join(estimators())}")
     if batch_size < 1:

@@ -11,7 +11,7 @@ import typer
 from pomt_cli.console import plain_console
 from pomt_cli.errors import PomtError
 from pomt_cli.export import check_output_file, export_onnx, require_onnx
-from pomt_cli.models import create_model
+from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, create_model, model_line
 from pomt_cli.options import parse_dtype
 from pomt_cli.pruning import method_names
 from pomt_cli.pruning.registry import get as get_method
@@ -28,8 +28,8 @@ def register(app: typer.Typer) -> None:
 
 
 def export(
-    model: Annotated[str, typer.Option("--model", help="timm model name, or digits-vit (bundled, trained).")],
     output: Annotated[Path, typer.Option("--output", help="The .onnx file to write (its folder must exist).")],
+    model: Annotated[str, typer.Option("--model", show_default=False, help=MODEL_HELP)] = DEFAULT_MODEL,
     method: Annotated[Method, typer.Option("--method", help="The token reduction built into the graph.")] = Method.none,
     r: Annotated[int, typer.Option("-r", "--r", min=0, help="POMT: tokens pruned in block --layer; ToMe: merged "
                                    "per block; Top-K: pruned per block.")] = 0,
@@ -46,6 +46,7 @@ def export(
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the check's random batch.")] = 0,
 ) -> dict[str, Path]:
     """Export the model with a token reduction to ONNX (static shapes), check it with ONNX Runtime, keep it only if it matches."""
+    out.print(model_line(model))
     require_onnx()
     check_output_file(output)
     _, torch_dtype = parse_dtype(dtype)

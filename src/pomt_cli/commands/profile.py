@@ -32,7 +32,7 @@ from pomt_cli.latency import (
     profile_latency,
     resume_rows,
 )
-from pomt_cli.models import create_model, vit_geometry
+from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, create_model, model_line, vit_geometry
 from pomt_cli.options import SEED_MAX, check_layers, parse_dtype, parse_int_list, token_grid
 from pomt_cli.outputs import OutputSet, output_stem, write_error
 from pomt_cli.plots import plot_latency
@@ -70,10 +70,11 @@ def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int],
             rendered.append(f"{where}: no step stands out from the curve's trend{hint}")
             continue
         table = Table(title=f"Largest latency steps, {where}", title_justify="left")
+        # At 80 columns the words of the step wrap; the numbers never do.
         table.add_column("step")
-        table.add_column("latency (ms)", justify="right")
-        table.add_column("change", justify="right")
-        table.add_column("beyond trend", justify="right")
+        table.add_column("latency (ms)", justify="right", no_wrap=True)
+        table.add_column("change", justify="right", no_wrap=True)
+        table.add_column("beyond trend", justify="right", no_wrap=True)
         for row in part.iter_rows(named=True):
             table.add_row(
                 f"from {row['from_tokens']} to {row['to_tokens']} tokens",
@@ -117,7 +118,7 @@ def _clock_line(state: ClockState) -> str:
 
 
 def profile(
-    model: str = typer.Option(..., "--model", help="timm model name, e.g. deit_small_patch16_224."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", show_default=False, help=MODEL_HELP),
     device: str | None = typer.Option(
         None, "--device",
         help="Device preset (orin, tx2, xavier, nvidia, a100, h100, cpu) or a preset .toml file "
@@ -170,6 +171,7 @@ def profile(
     top_steps: int = typer.Option(8, "--top-steps", help="Steps listed per batch size."),
 ) -> dict[str, Path]:
     """Measure latency against kept tokens n: the device's latency-workload curve, its largest steps and a plot."""
+    out.print(model_line(model))
     preset = load_preset(device or default_preset_name())
     tdev = resolve_torch_device(torch_device or preset.torch_device)
     dtype_name, _ = parse_dtype(dtype)

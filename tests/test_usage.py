@@ -1,0 +1,122 @@
+"""The commands as users type them: the default model, help, shell completion, 80 columns."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+from rich.console import Console
+
+from conftest import run_in_process
+from pomt_cli.bench import SCHEMA
+from pomt_cli.models import DEFAULT_MODEL
+
+DEFAULT_LINE = f"model: {DEFAULT_MODEL} (the default; --model NAME for another)"
+
+
+@pytest.mark.parametrize("args", [
+    ["profile", "--device", "cpu", "--dtype", "float64"],
+    ["bench", "--device", "cpu", "--dtype", "float64"],
+    ["estimate-accuracy", "--data", "digits", "--estimator", "nope"],
+])
+def test_the_default_model_is_named_first(args, capsys):
+    # Bad input stops each command right after its first line, before any model is built.
+    code, out, err = run_in_process(args, capsys)
+    assert code == 2 and err.startswith("error:"), err
+    assert out.splitlines() == [DEFAULT_LINE]
+
+
+def test_export_defaults_to_the_paper_model_too(tmp_path, capsys):
+    code, out, err = run_in_process(["export", "--output", str(tmp_path / "m.onnx"), "--dtype", "float64"], capsys)
+    assert code == 2 and "unknown dtype" in err and out.splitlines() == [DEFAULT_LINE]
+
+
+def test_a_model_given_is_named_without_the_default_note(capsys):
+    code, out, _ = run_in_process(["profile", "--model", "digits-vit", "--device", "cpu", "--dtype", "x"], capsys)
+    assert code == 2 and out.splitlines() == ["model: digits-vit"]
+
+
+def _help(*args: str) -> str:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "pomt_cli", *args, "--help"], capture_output=True, text=True,
+                          env=env, check=True).stdout
+
+
+def test_help_names_the_default_model_and_no_bool_after_version():
+    assert DEFAULT_MODEL in _help("profile") and DEFAULT_MODEL in _help("bench")
+    line = next(line for line in _help().splitlines() if "--version" in line)
+    assert "<bool>" not in line and "Print the version" in line
+    assert "--install-completion" in _help()
+
+
+def test_show_completion_prints_the_script_for_a_named_shell():
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    done = subprocess.run([sys.executable, "-m", "pomt_cli", "--show-completion", "bash"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "_pomt_completion" in done.stdout and "_POMT_COMPLETE=complete_bash" in done.stdout
+    # The completion itself: the shell asks with environment variables, pomt answers with names.
+    env = {**os.environ, "_POMT_COMPLETE": "complete_bash", "COMP_WORDS": "pomt compute", "COMP_CWORD": "1"}
+    done = subprocess.run([sys.executable, "-m", "pomt_cli"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.split() == ["compute-r"], done.stdout + done.stderr
+
+
+def _render(renderable) -> str:
+    console = Console(width=80, record=True, file=open(os.devnull, "w"), color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_the_bench_tables_read_whole_at_80_columns():
+    from pomt_cli.commands.bench import _render as bench_tables
+
+    rows = []
+    for b in (1, 64):
+        for method, setting, ms, acc in (("none", "none", 1234.567, 79.86), ("pomt", "pomt r=56 @3", 987.654, 78.12),
+                                         ("tome", "tome r=16 (capped 12 from block 8)", 1001.25, 77.5),
+                                         ("topk", "topk r=16", 999.999, 71.25)):
+            rows.append({"batch_size": b, "method": method, "setting": setting, "tokens_out": 197 if method == "none" else 41,
+                         "latency_ms": ms * b, "p10_ms": ms * b * 0.97, "p90_ms": ms * b * 1.08, "samples": 20,
+                         "status": "ok", "latency_change_pct": None if method == "none" else -12.345,
+                         "accuracy": acc, "top5": 95.0, "accuracy_change": None if method == "none" else -1.74,
+                         "images": 50000, "predicted_ms": ms * b * 0.9 if method == "pomt" else None,
+                         "predicted_by": "pomt" if method == "pomt" else None,
+                         "prediction_error": 0.1111 if method == "pomt" else None})
+    frame = pl.DataFrame(rows, schema_overrides={k: v for k, v in SCHEMA.items() if k in rows[0]})
+    for k in SCHEMA:
+        if k not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=SCHEMA[k]).alias(k))
+    title = f"{DEFAULT_MODEL} on NVIDIA Jetson AGX Orin (Orin), float16, CUDA graphs, 50000 images"
+    text = "".join(_render(t) for t in bench_tables(frame, title, True))
+    assert "\u2026" not in text and all(len(line) <= 80 for line in text.splitlines()), text
+    for row in frame.iter_rows(named=True):
+        for cell in (f"{row['latency_ms']:.3f}", f"{row['p10_ms']:.3g}-{row['p90_ms']:.3g}", f"{row['accuracy']:.2f}"):
+            assert cell in text, (cell, text)
+    assert "+11.1%" in text and "-12.3%" in text and "-1.74" in text
+
+
+def test_the_accuracy_table_reads_whole_at_80_columns():
+    from pomt_cli.commands.estimate_accuracy import block_tokens_text, summary_table
+
+    grid = list(range(197, 0, -4))
+    frame = pl.DataFrame({
+        "layer": [layer for layer in (3, 11) for _ in grid], "tokens": grid * 2,
+        "accuracy": [79.86 - (197 - n) * 0.3 for n in grid] * 2, "top5": [94.96 - (197 - n) * 0.1 for n in grid] * 2,
+        "block_tokens": [[197] * (layer + 1) + [n] * (11 - layer) if layer < 11 else [197] * 12
+                         for layer in (3, 11) for n in grid],
+    }, schema_overrides={"layer": pl.Int64})
+    meta = SimpleNamespace(estimator="tome", model=DEFAULT_MODEL, data="/datasets/imagenet/val", num_images=50000,
+                           dtype="bfloat16", layers=None, layer=3)
+    run = SimpleNamespace(frame=frame, meta=meta)
+    text = _render(summary_table(run))
+    assert "\u2026" not in text and all(len(line) <= 80 for line in text.splitlines()), text
+    for row in frame.filter(pl.col("tokens").is_in([197, 1])).iter_rows(named=True):
+        assert f"{row['accuracy']:.2f}" in text and f"{row['top5']:.2f}" in text
+    assert block_tokens_text([197, 197, 197, 197, 141, 141]) == "197\u00d74 141\u00d72"
+    assert block_tokens_text([65, 59, 53]) == "65 59 53"
+    assert "197\u00d74 1\u00d78" in text and "197\u00d712" in text
+    assert sum(1 for line in text.splitlines() if line.strip()[:2] in ("3 ", "11")) == 24
