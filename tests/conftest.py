@@ -5,6 +5,7 @@ CLI runners, generated image folders, synthetic latency and accuracy profiles, f
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,9 @@ def preset_file(tmp_path: Path, name: str, *, needs_root: bool = False, requires
     path = tmp_path / f"fake-{name}.toml"
     path.write_text(text)
     return path
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that must see Ctrl-C: a shell's background job starts with
+    SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

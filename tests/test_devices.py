@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAKE_TOOL, FakeTools, preset_file, run_in_process
+from conftest import FAKE_TOOL, FakeTools, preset_file, run_in_process, sigint_default
 from pomt_cli.devices import (
     ClockController,
     load_preset,
@@ -146,7 +146,7 @@ def test_restore_runs_after_a_signal(tmp_path, sig, returncode):
     tools = FakeTools(tmp_path)
     preset = preset_file(tmp_path, "orin")
     done = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, str(preset), sig], env=tools.env(),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, preexec_fn=sigint_default)
     assert done.returncode == returncode, done.stderr
     assert "locked" in done.stdout and "not reached" not in done.stdout
     state_dir = tools.state / "clocks" / "fake-orin"

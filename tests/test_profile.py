@@ -15,7 +15,7 @@ import time
 import polars as pl
 import pytest
 import torch
-from conftest import FakeTools, preset_file, run_in_process, tiny_vit
+from conftest import FakeTools, preset_file, run_in_process, sigint_default, tiny_vit
 
 from pomt_cli.errors import PomtError
 from pomt_cli.latency import (
@@ -508,7 +508,8 @@ def test_ctrl_c_restores_the_clocks_and_keeps_progress_for_resume(tmp_path):
     cmd = [sys.executable, "-m", "pomt_cli", "profile", "--device", str(preset), "--torch-device", "cpu",
            "--model", "deit_tiny_patch16_224", "--tokens", "197:2:1", "--threads", "1", "--output-dir", str(out_dir),
            *FAST]
-    proc = subprocess.Popen(cmd, env=tools.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=tools.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     parquet = out_dir / "latency_deit-tiny-patch16-224_fake-nvidia_bs1_float32.parquet"
     deadline = time.monotonic() + 120
     while not parquet.exists() and time.monotonic() < deadline and proc.poll() is None:
