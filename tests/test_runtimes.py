@@ -150,6 +150,7 @@ def test_provider_names_and_runtime_info():
     assert runtimes.resolve_providers(["cpu"], "cpu") == ("CPUExecutionProvider",)
     info = runtime_info(Runtime.onnxruntime, RuntimeOptions(opset=17))
     assert info["providers"] == ["CPUExecutionProvider"] and info["opset"] == 17
+    assert info["exporters"] == ["torchscript", "dynamo"]
     assert info["onnxruntime_version"] and info["torch_version"] == torch.__version__
     assert runtime_info(Runtime.compile)["compile_backend"] == "inductor"
     assert runtime_info(Runtime.compile)["providers"] is None

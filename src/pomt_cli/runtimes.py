@@ -246,11 +246,11 @@ def runtime_info(runtime: Runtime, options: RuntimeOptions = RuntimeOptions(), *
     runtime = Runtime(runtime)
     info: dict[str, Any] = {"runtime": runtime.value, "torch_version": torch.__version__,
                             "onnxruntime_version": None, "providers": None, "opset": None,
-                            "exporter": None, "compile_backend": None}
+                            "exporters": None, "compile_backend": None}
     if runtime is Runtime.compile:
         info["compile_backend"] = options.compile_backend
     if runtime is Runtime.onnxruntime:
-        info.update(onnxruntime_version=_onnxruntime().__version__, opset=options.opset, exporter=EXPORTERS[0],
+        info.update(onnxruntime_version=_onnxruntime().__version__, opset=options.opset, exporters=list(EXPORTERS),
                     providers=list(resolve_providers(options.providers, device)))
     return info
 
