@@ -32,9 +32,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pomt_cli.devices import device_name
+from pomt_cli.devices.torch_device import device_name
 from pomt_cli.pruning import apply, forward_ideal, patch, planned_token_counts, remove, tome
-from pomt_cli.timing import Measurement, Task, measure, release_memory
+from pomt_cli.measure.timing import Measurement, Task, measure, release_memory
 
 DEFAULT_SETTINGS = {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}}
 

@@ -16,7 +16,8 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
-from pomt_cli.latency import find_steps, read_latency_profile
+from pomt_cli.formats.latency import read_latency as read_latency_profile
+from pomt_cli.measure.steps import find_steps
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
-from pomt_cli.outputs import atomic_write_text  # noqa: E402
+from pomt_cli.formats.outputs import atomic_write_text  # noqa: E402
 
 SECTIONS = ("core", "profile", "bench", "accuracy")
 LIMITS_S = {"core": 180, "profile": 210, "bench": 75, "accuracy": 90}
@@ -247,7 +247,8 @@ def run_cli(args: list[str], log: Path) -> tuple[int, float]:
 def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
     import polars as pl
 
-    from pomt_cli.latency import find_steps, read_latency_profile
+    from pomt_cli.formats.latency import read_latency as read_latency_profile
+    from pomt_cli.measure.steps import find_steps
 
     log = folder / "profile-commands.log"
     for name, extra in cfg["profiles"]:
@@ -334,7 +335,8 @@ def write_image_folder(root: Path, images: int, classes: int, width: int = 500, 
 
 
 def section_accuracy(cfg: dict, out: SectionWriter, folder: Path) -> None:
-    from pomt_cli.accuracy import EstimateConfig, processes, run_estimate
+    from pomt_cli.accuracy.distributed import processes
+    from pomt_cli.accuracy.evaluate import EstimateConfig, run_estimate
 
     root = Path(tempfile.mkdtemp(prefix="pomt-gpu-report-images-"))  # not under DIR: a cut-short run leaves it
     made = write_image_folder(root, cfg["accuracy_images"], cfg["accuracy_classes"], *cfg["accuracy_size"])

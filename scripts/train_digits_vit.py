@@ -1,6 +1,6 @@
 """Train the bundled ``digits-vit`` on scikit-learn's handwritten digits, from a seed.
 
-The images go through the model's own evaluation transform (``pomt_cli.data``), exactly
+The images go through the model's own evaluation transform (``pomt_cli.accuracy.data``), exactly
 as ``pomt estimate-accuracy --data digits`` reads them; training adds random shifts of up
 to 3 pixels. The run is deterministic on a given machine and torch build: the same seed
 and thread count give the same weights, bit for bit.
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pomt_cli import digits
-from pomt_cli.data import ImageRecord, Preprocess
+from pomt_cli.accuracy.data import ImageRecord, Preprocess
 from pomt_cli.models import state_dict_sha256
-from pomt_cli.outputs import atomic_output
+from pomt_cli.formats.outputs import atomic_output
 
 SHIFT = 3
 """Largest random shift in pixels (of the 32x32 input) during training."""

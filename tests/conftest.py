@@ -17,7 +17,7 @@ import timm
 import torch
 from PIL import Image
 
-from pomt_cli.profiles import ProfileMeta, write_profile
+from pomt_cli.formats.common import ProfileMeta, write_profile
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

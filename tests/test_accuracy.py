@@ -20,20 +20,15 @@ from timm.data import create_transform, resolve_data_config
 from conftest import image_folder, run_in_process
 
 from pomt_cli import digits
-from pomt_cli.accuracy import (
-    accuracy_stem,
-    EstimateConfig,
-    Processes,
-    accuracy_grid,
-    estimate_hits,
-    random_patch_order,
-    run_estimate,
-    spread,
-)
-from pomt_cli.data import Preprocess, balanced_subset, list_images, load_images
+from pomt_cli.accuracy.distributed import Processes
+from pomt_cli.accuracy.estimators import accuracy_grid, random_patch_order
+from pomt_cli.accuracy.evaluate import EstimateConfig, estimate_hits, run_estimate
+from pomt_cli.formats.accuracy import accuracy_stem
+from pomt_cli.pruning.registry import spread
+from pomt_cli.accuracy.data import Preprocess, balanced_subset, list_images, load_images
 from pomt_cli.errors import PomtError
 from pomt_cli.models import create_model
-from pomt_cli.profiles import read_profile
+from pomt_cli.formats.lookup import read_profile
 from pomt_cli.pruning import apply, geometry, remove
 
 CPU = Processes(rank=0, world_size=1, device=torch.device("cpu"))

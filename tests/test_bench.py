@@ -10,7 +10,7 @@ import torch
 
 from conftest import image_folder, run_in_process, run_pomt, tiny_vit
 from pomt_cli.bench import BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, fit_settings, time_methods
-from pomt_cli.data import evaluate, list_images, load_images, Preprocess
+from pomt_cli.accuracy.data import Preprocess, evaluate, list_images, load_images
 from pomt_cli.errors import PomtError
 from pomt_cli.pruning import apply, geometry, remove
 

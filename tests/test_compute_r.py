@@ -15,17 +15,10 @@ import pytest
 
 from conftest import ACC, GEOMETRY, LAT_B1, LAT_B4, MODEL, N, run_in_process, write_accuracy, write_latency
 from pomt_cli.errors import PomtError
-from pomt_cli.outputs import output_stem
-from pomt_cli.profiles import ProfileMeta, write_profile
-from pomt_cli.selection import (
-    SelectionSettings,
-    compute_r,
-    rank,
-    read_report,
-    score,
-    utility,
-    write_report,
-)
+from pomt_cli.formats.outputs import output_stem
+from pomt_cli.formats.common import ProfileMeta, write_profile
+from pomt_cli.formats.report import read_report, write_report
+from pomt_cli.selection import SelectionSettings, compute_r, rank, score, utility
 
 def points(latency: dict[int, float]) -> pl.DataFrame:
     return pl.DataFrame({"tokens": list(latency), "latency_ms": list(latency.values()),
@@ -391,7 +384,7 @@ def test_cli_bad_input_in_a_subprocess(tmp_path, pomt, names):
 
 
 def test_the_newest_matching_pair_is_found(tmp_path):
-    from pomt_cli.profiles import find_profile_pair
+    from pomt_cli.formats.lookup import find_profile_pair
 
     write_latency(tmp_path / "old_lat.parquet", created="2026-01-01T00:00:00+00:00")
     new_lat = write_latency(tmp_path / "new_lat.parquet", created="2026-01-02T00:00:00+00:00")
@@ -406,7 +399,7 @@ def test_the_newest_matching_pair_is_found(tmp_path):
 
 
 def test_one_given_takes_the_newest_match_of_the_other_kind(tmp_path):
-    from pomt_cli.profiles import find_profile_pair
+    from pomt_cli.formats.lookup import find_profile_pair
 
     lat = write_latency(tmp_path / "lat.parquet", created="2026-01-01T00:00:00+00:00")
     acc = write_accuracy(tmp_path / "acc.parquet", created="2026-01-01T00:00:00+00:00")

@@ -18,13 +18,9 @@ import pytest
 import torch
 
 from conftest import FAKE_TOOL, FakeTools, preset_file, run_in_process, sigint_default
-from pomt_cli.devices import (
-    ClockController,
-    load_preset,
-    locked_clocks,
-    preset_names,
-    resolve_torch_device,
-)
+from pomt_cli.devices.clocks import ClockController, locked_clocks
+from pomt_cli.devices.presets import load_preset, preset_names
+from pomt_cli.devices.torch_device import resolve_torch_device
 from pomt_cli.errors import PomtError
 
 PRESETS = {"a100", "cpu", "h100", "nvidia", "orin", "tx2", "xavier"}
@@ -132,7 +128,8 @@ def test_restore_runs_after_an_exception(fake_tools):
 
 SIGNAL_SCRIPT = """
 import os, signal, sys, time
-from pomt_cli.devices import load_preset, locked_clocks
+from pomt_cli.devices.clocks import locked_clocks
+from pomt_cli.devices.presets import load_preset
 with locked_clocks(load_preset(sys.argv[1]), torch_device="cpu"):
     print("locked", flush=True)
     os.kill(os.getpid(), getattr(signal, sys.argv[2]))
@@ -259,7 +256,8 @@ def test_state_root_is_shared_between_processes(tmp_path):
     preset = preset_file(tmp_path, "nvidia")
     script = textwrap.dedent("""
         import sys
-        from pomt_cli.devices import ClockController, load_preset
+        from pomt_cli.devices.clocks import ClockController
+        from pomt_cli.devices.presets import load_preset
         ctl = ClockController(load_preset(sys.argv[1]), "cpu")
         getattr(ctl, sys.argv[2])()
     """)

@@ -22,10 +22,11 @@ import pytest
 import torch
 from conftest import FakeTools, preset_file, run_in_process, tiny_vit
 
-from pomt_cli.devices import ClockController, clock_lock, load_preset
+from pomt_cli.devices.clocks import ClockController, clock_lock
+from pomt_cli.devices.presets import load_preset
 from pomt_cli.errors import PomtError
-from pomt_cli.outputs import OutputSet, _slug, file_mode, write_set
-from pomt_cli.selection import read_report
+from pomt_cli.formats.outputs import OutputSet, _slug, file_mode, write_set
+from pomt_cli.formats.report import read_report
 
 LONG = "x" * 300
 MARKUP = "a[/]b[bold]c:100:d"
@@ -192,7 +193,7 @@ def test_a_second_writer_of_the_same_names_is_refused(tmp_path, profiles, capsys
     out = tmp_path / "out"
     stem = "compute_r_vit-tiny-patch16-224_orin_bs1-4_float16"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pomt_cli.outputs import OutputSet\n"
+        [sys.executable, "-c", "import sys, time; from pomt_cli.formats.outputs import OutputSet\n"
          f"with OutputSet({str(out)!r}, {stem!r}, ('json', 'png')):\n print('ready', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:

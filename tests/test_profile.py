@@ -18,20 +18,14 @@ import torch
 from conftest import FakeTools, preset_file, run_in_process, sigint_default, tiny_vit
 
 from pomt_cli.errors import PomtError
-from pomt_cli.latency import (
-    SCHEMA,
-    LatencySettings,
-    find_spikes,
-    find_steps,
-    find_unsettled,
-    kept_patches,
-    profile_latency,
-    read_latency_profile,
-    run_grid,
-)
+from pomt_cli.formats.latency import SCHEMA, read_latency as read_latency_profile
+from pomt_cli.measure.grid import LatencySettings, find_spikes, find_unsettled, run_grid
+from pomt_cli.measure.steps import find_steps
+from pomt_cli.measure.workload import kept_patches, profile_latency
 from pomt_cli.plots import latency_figure, plot_latency
-from pomt_cli.profiles import LATENCY_COLUMNS, read_profile, write_profile
-from pomt_cli.timing import Measurement, Task
+from pomt_cli.formats.common import LATENCY_COLUMNS, write_profile
+from pomt_cli.formats.lookup import read_profile
+from pomt_cli.measure.timing import Measurement, Task
 
 
 def curve(latency: dict[int, float | None], batch_size: int = 1, halfwidth: float = 0.002) -> pl.DataFrame:
@@ -298,7 +292,7 @@ def test_profile_latency_on_a_tiny_vit():
 
 
 def test_the_pomt_workload_times_the_patched_model_at_each_layer(monkeypatch):
-    import pomt_cli.latency as latency
+    import pomt_cli.measure.workload as latency
     from pomt_cli.pruning import geometry, token_counts
 
     model = tiny_vit()  # 16 patches + 1 class token, 3 blocks

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from pomt_cli.accuracy import estimators, reduction
+from pomt_cli.accuracy.estimators import reduction
+from pomt_cli.formats.accuracy import estimators
 from pomt_cli.bench import BenchTiming, MethodSetting, bench_frame, fit_settings, time_methods
 from pomt_cli.errors import PomtError
 from pomt_cli.pruning import (

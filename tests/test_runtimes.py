@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from pomt_cli import runtimes
+from pomt_cli.measure import runtimes
 from pomt_cli.errors import PomtError
-from pomt_cli.latency import kept_patches
+from pomt_cli.measure.workload import kept_patches
 from pomt_cli.pruning import apply
-from pomt_cli.runtimes import KeptTokens, Runtime, RuntimeOptions, prepare, runtime_info
-from pomt_cli.timing import measure
+from pomt_cli.measure.runtimes import KeptTokens, Runtime, RuntimeOptions, prepare, runtime_info
+from pomt_cli.measure.timing import measure
 
 SETTINGS = {"none": {}, "pomt": {"r": 9, "layer": 1}, "tome": {"r": 3}, "topk": {"r": 2}}
 

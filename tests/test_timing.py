@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pomt_cli.timing import Measurement, Task, measure, median_ci_ranks, precise_enough
+from pomt_cli.measure.timing import Measurement, Task, measure, median_ci_ranks, precise_enough
 
 
 class FakeClock:

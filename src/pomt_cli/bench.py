@@ -1,7 +1,7 @@
 """The pruned model against the baseline, ToMe and Top-K: latency (and accuracy) side by side.
 
 :func:`run_bench` patches one model in turn with each method's setting and times a forward
-pass on random inputs with the timing engine (:func:`pomt_cli.timing.measure`), for each
+pass on random inputs with the timing engine (:func:`pomt_cli.measure.timing.measure`), for each
 batch size. Methods are timed in interleaved rounds (each round visits the methods in a
 fresh seeded order) and a method's samples are pooled over the rounds, so that drift and
 background load fall on all methods alike and ratios are fair. With labelled images,
@@ -19,11 +19,11 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 from torch import nn
 
-from pomt_cli.data import LabelledImages, evaluate
+from pomt_cli.accuracy.data import LabelledImages, evaluate
 from pomt_cli.errors import PomtError
 from pomt_cli.pruning import apply, capped_from, geometry, none, remove, removed_per_block, token_counts
 from pomt_cli.pruning.registry import get as get_method
-from pomt_cli.timing import Measurement, Task, is_out_of_memory, measure, release_memory
+from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 
 #: The method every other is compared with (latency and accuracy changes, speedups).
 BASELINE = none.NoReduction.name

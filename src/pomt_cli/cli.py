@@ -19,10 +19,10 @@ from rich.text import Text
 
 from pomt_cli import __version__
 from pomt_cli.console import plain_console
-from pomt_cli.devices import sigterm_raises
+from pomt_cli.devices.signals import sigterm_raises
 from pomt_cli.errors import PomtError
-from pomt_cli.outputs import describe_os_error
-from pomt_cli.profiles import set_command_line
+from pomt_cli.formats.outputs import describe_os_error
+from pomt_cli.formats.common import set_command_line
 
 app = typer.Typer(
     name="pomt",

@@ -22,7 +22,7 @@ from torch import nn
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
-from pomt_cli.outputs import OutputSet
+from pomt_cli.formats.outputs import OutputSet
 from pomt_cli.pruning import apply, geometry, planned_token_counts, remove
 from pomt_cli.pruning.registry import get as get_method
 

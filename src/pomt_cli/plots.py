@@ -13,10 +13,10 @@ import polars as pl
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from pomt_cli.outputs import atomic_output
+from pomt_cli.formats.outputs import atomic_output
 
 if TYPE_CHECKING:
-    from pomt_cli.selection import Report
+    from pomt_cli.formats.report import Report
 
 #: Above this ratio between the largest and smallest latency the y axis is logarithmic.
 LOG_SCALE_RATIO = 20.0
@@ -49,7 +49,7 @@ def latency_figure(frame: pl.DataFrame, *, title: str, steps: pl.DataFrame | Non
     Args:
         frame: a latency profile (``batch_size, tokens, latency_ms, p10_ms, p90_ms, status``).
         title: the figure's title.
-        steps: rows of :func:`pomt_cli.latency.find_steps`; each is marked where the
+        steps: rows of :func:`pomt_cli.measure.steps.find_steps`; each is marked where the
             curve drops, with its relative drop.
     """
     if "layer" not in frame.columns:

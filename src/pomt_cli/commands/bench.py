@@ -16,16 +16,18 @@ from rich.table import Table
 
 from pomt_cli import __version__
 from pomt_cli.bench import BASELINE, BenchProgress, BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, fit_settings, time_methods
-from pomt_cli.data import load_labelled
-from pomt_cli.devices import default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
+from pomt_cli.accuracy.data import load_labelled
+from pomt_cli.devices.clocks import locked_clocks
+from pomt_cli.devices.presets import default_preset_name, load_preset
+from pomt_cli.devices.torch_device import device_name, resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, create_model, model_line, vit_geometry, weights_source
 from pomt_cli.options import SEED_MAX, parse_dtype, parse_int_list
-from pomt_cli.outputs import check_output_dir, output_stem, write_set
-from pomt_cli.profiles import command_line
+from pomt_cli.formats.outputs import check_output_dir, output_stem, write_set
+from pomt_cli.formats.common import command_line
 from pomt_cli.pruning import method_names, tome, topk
 from pomt_cli.pruning.registry import get as get_method
-from pomt_cli.selection import Choice, read_report
+from pomt_cli.formats.report import Choice, read_report
 
 #: POMT's pruning block when neither --layer nor a report's choice gives one.
 DEFAULT_LAYER = 3

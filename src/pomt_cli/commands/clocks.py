@@ -8,7 +8,8 @@ import typer
 from rich.text import Text
 
 from pomt_cli.console import plain_console
-from pomt_cli.devices import ClockController, DevicePreset, clock_lock, load_preset
+from pomt_cli.devices.clocks import ClockController, clock_lock
+from pomt_cli.devices.presets import DevicePreset, load_preset
 from pomt_cli.errors import PomtError
 
 out = plain_console()

@@ -10,10 +10,11 @@ from pomt_cli.console import plain_console
 from rich.table import Table
 
 from pomt_cli.options import parse_int_list
-from pomt_cli.outputs import check_output_dir, output_stem, write_set
+from pomt_cli.formats.outputs import check_output_dir, output_stem, write_set
 from pomt_cli.plots import plot_selection
-from pomt_cli.profiles import find_profile_pair
-from pomt_cli.selection import Choice, Report, SelectionSettings, compute_r as select_r, write_report
+from pomt_cli.formats.lookup import find_profile_pair
+from pomt_cli.formats.report import Choice, Report, write_report
+from pomt_cli.selection import SelectionSettings, compute_r as select_r
 
 out = plain_console()
 

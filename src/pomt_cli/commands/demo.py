@@ -13,12 +13,13 @@ from pomt_cli.console import plain_console
 from rich.rule import Rule
 
 from pomt_cli import __version__, digits
-from pomt_cli.devices import default_preset_name, load_preset
+from pomt_cli.devices.presets import default_preset_name, load_preset
 from pomt_cli.errors import PomtError
-from pomt_cli.latency import find_curve_steps, read_latency_profile
-from pomt_cli.outputs import atomic_write_text, check_output_dir
-from pomt_cli.profiles import read_profile
-from pomt_cli.selection import read_report
+from pomt_cli.formats.latency import read_latency as read_latency_profile
+from pomt_cli.measure.steps import find_curve_steps
+from pomt_cli.formats.outputs import atomic_write_text, check_output_dir
+from pomt_cli.formats.lookup import read_profile
+from pomt_cli.formats.report import read_report
 
 out = plain_console()
 

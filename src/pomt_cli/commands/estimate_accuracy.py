@@ -11,11 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich import box
 from rich.table import Table
 
-from pomt_cli.accuracy import AccuracyRun, EstimateConfig, EvalProgress, describe, estimators, processes, run_estimate, takes_layer, write_accuracy
+from pomt_cli.accuracy.distributed import processes
+from pomt_cli.accuracy.evaluate import AccuracyRun, EstimateConfig, EvalProgress, describe, run_estimate, write_accuracy
+from pomt_cli.formats.accuracy import estimators, takes_layer
 from pomt_cli.errors import PomtError
 from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, model_line
 from pomt_cli.options import SEED_MAX, parse_int_list
-from pomt_cli.outputs import check_output_dir
+from pomt_cli.formats.outputs import check_output_dir
 
 out = plain_console()
 err = plain_console(stderr=True, soft_wrap=True)

@@ -20,23 +20,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pomt_cli.devices import ClockState, default_preset_name, device_name, load_preset, locked_clocks, resolve_torch_device
+from pomt_cli.devices.clocks import locked_clocks
+from pomt_cli.devices.presets import default_preset_name, load_preset
+from pomt_cli.devices.torch_device import device_name, resolve_torch_device
+from pomt_cli.formats.latency import ClockState
 from pomt_cli.errors import PomtError
-from pomt_cli.latency import (
-    MAX_STEP_WIDTH,
-    WORKLOADS,
-    GridProgress,
-    LatencyMeta,
-    LatencySettings,
-    find_curve_steps,
-    profile_latency,
-    resume_rows,
-)
+from pomt_cli.formats.latency import LatencyMeta, WORKLOADS, resume_rows
+from pomt_cli.measure.grid import GridProgress, LatencySettings
+from pomt_cli.measure.steps import MAX_STEP_WIDTH, find_curve_steps
+from pomt_cli.measure.workload import profile_latency
 from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, create_model, model_line, vit_geometry
 from pomt_cli.options import SEED_MAX, check_layers, parse_dtype, parse_int_list, token_grid
-from pomt_cli.outputs import OutputSet, output_stem, write_error
+from pomt_cli.formats.outputs import OutputSet, output_stem, write_error
 from pomt_cli.plots import plot_latency
-from pomt_cli.profiles import write_profile
+from pomt_cli.formats.common import write_profile
 
 #: Seconds between two checkpoints of an unfinished profile.
 CHECKPOINT_EVERY_S = 1.0

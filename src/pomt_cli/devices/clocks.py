@@ -1,156 +1,36 @@
-"""Device presets (``configs/devices/*.toml``) and the clock-locking helper.
-
-A preset names a device, the torch device it runs on, and how to control its clocks, as
-data: commands that *read* values (the current power mode, the maximum clock), commands
-that *lock* the clocks, commands that *restore* them, and commands that show the *status*.
-Arguments may hold ``{placeholders}``: ``{gpu}`` (the GPU for ``nvidia-smi -i``),
-``{state_dir}`` (where the saved state lives) and the named groups of the read patterns.
-
-Locking saves what restoring needs (``state.json`` in the state folder) before it changes
-anything, so a separate ``pomt clocks restore`` can put the clocks back even after a
-crash. :func:`locked_clocks` wraps a measurement and restores on normal exit, on
-exceptions, on Ctrl-C and on SIGTERM.
-"""
+"""Clock control: a preset's commands to read, lock and restore clocks, with a process lock."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import errno
 import fcntl
-import importlib.resources
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
-import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pomt_cli.devices.presets import DevicePreset, PLACEHOLDER
+from pomt_cli.devices.signals import signals_ignored, sigterm_raises
+from pomt_cli.devices.torch_device import gpu_selector
 from pomt_cli.errors import PomtError
-from pomt_cli.outputs import atomic_write_text
+from pomt_cli.formats.latency import ClockState
+from pomt_cli.formats.outputs import atomic_write_text
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (JetPack 6)
-    import tomli as tomllib
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-BUILTIN_VARIABLES = frozenset({"gpu", "state_dir"})
 #: Seconds a clock command may run before it counts as failed.
 COMMAND_TIMEOUT_S = 60.0
+
+
 STATE_FILE = "state.json"
-
-
-class ClockRead(BaseModel):
-    """A command whose output gives values, by the named groups of ``pattern``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    argv: list[str] = Field(min_length=1)
-    pattern: str
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            compiled = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"pattern {value!r} is not a regular expression: {exc}") from None
-        if not compiled.groupindex:
-            raise ValueError(f"pattern {value!r} has no named group (?P<name>...) to read a value into")
-        return value
-
-    @property
-    def names(self) -> list[str]:
-        return list(re.compile(self.pattern).groupindex)
-
-
-class ClockControl(BaseModel):
-    """How to lock, restore and inspect a device's clocks."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    needs_root: bool = True
-    requires_path: str | None = Field(
-        None, description="a file that exists only where the clocks can be controlled (cpufreq)"
-    )
-    read: list[ClockRead] = Field(default_factory=list)
-    lock: list[list[str]] = Field(min_length=1)
-    restore: list[list[str]] = Field(min_length=1)
-    status: list[list[str]] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _placeholders_known(self) -> ClockControl:
-        read_names = {name for r in self.read for name in r.names}
-        for section, commands, allowed in (
-            ("read", [r.argv for r in self.read], BUILTIN_VARIABLES),
-            ("lock", self.lock, BUILTIN_VARIABLES | read_names),
-            ("restore", self.restore, BUILTIN_VARIABLES | read_names),
-            ("status", self.status, BUILTIN_VARIABLES),
-        ):
-            for argv in commands:
-                if not argv:
-                    raise ValueError(f"an empty command in clocks.{section}")
-                for arg in argv:
-                    for name in _PLACEHOLDER.findall(arg):
-                        if name not in allowed:
-                            raise ValueError(
-                                f"clocks.{section}: {{{name}}} in {arg!r} is not one of {sorted(allowed)}"
-                            )
-        return self
-
-    def uses(self, name: str) -> bool:
-        """Whether any command refers to ``{name}``."""
-        commands = [r.argv for r in self.read] + self.lock + self.restore + self.status
-        return any(name in _PLACEHOLDER.findall(arg) for argv in commands for arg in argv)
-
-
-class DevicePreset(BaseModel):
-    """One device: its display name, torch device and clock control."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="the preset's name (its file's stem)")
-    display_name: str
-    torch_device: str
-    description: str = ""
-    clocks: ClockControl
-    _device_arg: str | None = PrivateAttr(None)
-
-    @property
-    def device_arg(self) -> str:
-        """What to pass as ``--device`` for this preset: its name, or its file's path (shell-quoted)."""
-        return shlex.quote(self._device_arg or self.name)
-
-
-class ClockState(BaseModel):
-    """What happened to the clocks around a measurement (recorded in profiles).
-
-    ``mode``: ``locked`` (pomt locked them and restored them after), ``already_locked``
-    (a state saved by ``pomt clocks lock`` existed, so they were left as they were),
-    ``unlocked`` (``--no-lock-clocks``), ``unavailable`` (the machine has no controllable
-    clocks, e.g. no cpufreq in a VM).
-    """
-
-    preset: str
-    mode: Literal["locked", "already_locked", "unlocked", "unavailable"]
-    detail: str = ""
-    values: dict[str, str] = Field(default_factory=dict, description="values read before locking")
-    status: str | None = Field(None, description="output of the preset's status commands while measuring")
-
-    @property
-    def locked(self) -> bool:
-        return self.mode in ("locked", "already_locked")
 
 
 class SavedClockState(BaseModel):
@@ -164,131 +44,13 @@ class SavedClockState(BaseModel):
     values: dict[str, str] = Field(default_factory=dict)
 
 
-def _builtin_dir() -> Path:
-    return Path(str(importlib.resources.files("pomt_cli") / "configs" / "devices"))
-
-
-def preset_names() -> list[str]:
-    """Names of the bundled presets, sorted."""
-    return sorted(p.stem for p in _builtin_dir().glob("*.toml"))
-
-
-def load_preset(name_or_path: str | Path) -> DevicePreset:
-    """A bundled preset by name (``orin``, ``h100``...) or a preset from a TOML file.
-
-    Raises:
-        PomtError: unknown name (the message lists the known ones), unreadable file,
-            invalid TOML or a preset that does not validate.
-    """
-    text = str(name_or_path)
-    path = Path(text)
-    if not (text.endswith(".toml") or os.sep in text or path.is_file()):
-        path = _builtin_dir() / f"{text}.toml"
-        if not path.is_file():
-            raise PomtError(
-                f"unknown device {text!r}: use one of {', '.join(preset_names())} or the path of a .toml preset"
-            )
-    try:
-        is_dir, exists = path.is_dir(), path.exists()
-    except OSError as exc:
-        raise PomtError(f"cannot use --device {path} ({exc.strerror or exc})") from None
-    if is_dir:
-        raise PomtError(f"--device {path} is a folder: give a preset name or the path of a .toml file")
-    if not exists:
-        raise PomtError(f"device preset {path} does not exist: give a preset name or the path of a .toml file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PomtError(f"cannot read device preset {path} ({exc}): check the file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PomtError(f"device preset {path} is not valid TOML: {exc}") from None
-    try:
-        preset = DevicePreset.model_validate({"name": path.stem, **data})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "file"
-        raise PomtError(f"device preset {path} is invalid at {where}: {first['msg']}") from None
-    if path.parent != _builtin_dir():
-        preset._device_arg = text
-    return preset
-
-
-def default_preset_name() -> str:
-    """The preset for "this machine": ``nvidia`` where CUDA is available, else ``cpu``."""
-    return "nvidia" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_torch_device(spec: str) -> torch.device:
-    """The torch device for ``spec`` (``cuda``, ``cuda:1``, ``cpu``, ``mps``), checked to exist here.
-
-    Raises:
-        PomtError: malformed, unsupported or absent device.
-    """
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise PomtError(f"torch device {spec!r} is not a device name: use cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PomtError(
-                f"torch device {spec!r} asked for, but CUDA is not available here (torch {torch.__version__}): "
-                "use --torch-device cpu or a CPU preset such as --device cpu"
-            )
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise PomtError(f"torch device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", index)
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise PomtError(f"torch device {spec!r} asked for, but MPS is not available here: use --torch-device cpu")
-        return device
-    raise PomtError(f"torch device {spec!r} is not supported: use cpu, cuda or mps")
-
-
-def device_name(device: torch.device) -> str:
-    """A human name for the hardware behind ``device``, e.g. ``NVIDIA H100 80GB HBM3``."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return "Apple GPU (MPS)"
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    return f"{model} ({os.cpu_count()} logical cores, torch using {torch.get_num_threads()} threads)"
-
-
-def gpu_selector(device: torch.device | str | None) -> str:
-    """What ``nvidia-smi -i`` needs for ``device``: the GPU's UUID when CUDA sees it, else its index.
-
-    The UUID survives CUDA_VISIBLE_DEVICES renumbering; without CUDA (e.g. on a board
-    where torch lacks it) the index is the best guess.
-    """
-    device = torch.device(device) if device is not None else None
-    index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
-    if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        try:
-            uuid = str(torch.cuda.get_device_properties(index).uuid)
-            return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-        except (AttributeError, RuntimeError):
-            pass
-    return str(index)
-
-
 def state_root() -> Path:
     """Where saved clock states live: ``$POMT_STATE_DIR`` or ``/var/tmp/pomt`` (shared by sudo and the user)."""
     return Path(os.environ.get("POMT_STATE_DIR") or "/var/tmp/pomt")
 
 
 def _substitute(argv: list[str], values: dict[str, str]) -> list[str]:
-    return [_PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), arg) for arg in argv]
+    return [PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), arg) for arg in argv]
 
 
 def _first_line(text: str) -> str:
@@ -474,12 +236,12 @@ class ClockController:
                     failed = result
                     break
         except BaseException:  # Ctrl-C or SIGTERM between two lock commands: undo, then go on
-            with _signals_ignored():
+            with signals_ignored():
                 self._restore_with(all_values)
             self.state_file.unlink(missing_ok=True)
             raise
         if failed is not None:
-            with _signals_ignored():
+            with signals_ignored():
                 self._restore_with(all_values)
             self.state_file.unlink(missing_ok=True)
             hint = "with sudo" if self.preset.clocks.needs_root else "by hand"
@@ -507,7 +269,7 @@ class ClockController:
         """
         saved = self.saved_state()
         values = {**self.builtins, **(saved.values if saved is not None else {})}
-        needed = {n for argv in self.preset.clocks.restore for arg in argv for n in _PLACEHOLDER.findall(arg)}
+        needed = {n for argv in self.preset.clocks.restore for arg in argv for n in PLACEHOLDER.findall(arg)}
         if saved is None and needed - set(values):
             raise PomtError(
                 f"no saved clock state for {self.preset.name} in {self.state_dir}: the clocks were not locked by "
@@ -576,41 +338,6 @@ def clock_lock(ctl: ClockController) -> Iterator[None]:
         os.close(fd)
 
 
-class _Terminated(SystemExit):
-    """SIGTERM, raised so that ``finally`` blocks run; exits with 128 + 15."""
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`SystemExit` (143) instead of killing outright."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Terminated(128 + signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Ignore Ctrl-C and SIGTERM (here and in the commands started) while restoring."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 @contextmanager
 def locked_clocks(
     preset: DevicePreset,
@@ -665,5 +392,5 @@ def locked_clocks(
                                  detail="locked for the measurement and restored after",
                                  values=values, status=ctl.status_text())
             finally:
-                with _signals_ignored():
+                with signals_ignored():
                     ctl.restore()

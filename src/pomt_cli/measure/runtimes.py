@@ -1,7 +1,7 @@
 """Runtimes: one workload as a no-argument call in eager PyTorch, torch.compile or ONNX Runtime.
 
 The latency steps that POMT exploits belong to the kernels of the runtime that runs the
-model, so the same timing engine (:func:`pomt_cli.timing.measure`) times a workload in
+model, so the same timing engine (:func:`pomt_cli.measure.timing.measure`) times a workload in
 each runtime. :func:`prepare` turns a workload (an ``nn.Module`` on the device: a patched
 model, or :class:`KeptTokens` for the proxy) and its input into a :class:`Prepared`
 whose ``fn()`` is one forward pass:
@@ -54,7 +54,7 @@ from torch import nn
 from pomt_cli.errors import PomtError
 from pomt_cli.export import TOLERANCE, difference, export_graph, require_onnx
 from pomt_cli.models import state_dict_sha256
-from pomt_cli.outputs import atomic_output
+from pomt_cli.formats.outputs import atomic_output
 from pomt_cli.pruning.geometry import forward_kept, model_name
 
 
@@ -133,7 +133,7 @@ class Prepared:
     With onnxruntime the logits are one bound tensor, overwritten by each call.
 
     Attributes:
-        fn: the call to hand to :func:`pomt_cli.timing.measure`.
+        fn: the call to hand to :func:`pomt_cli.measure.timing.measure`.
         runtime: what runs it.
         setup_s: seconds spent making it ready (compile: the warm-up; onnxruntime:
             export, check and session), not part of any timing.

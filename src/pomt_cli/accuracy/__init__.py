@@ -1,0 +1,1 @@
+"""Accuracy against kept tokens: image data, estimators, distributed evaluation."""

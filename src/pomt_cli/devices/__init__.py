@@ -1,0 +1,1 @@
+"""The device: presets, torch devices, clock control and signals."""

@@ -1,0 +1,75 @@
+"""Torch devices: resolving a --device spec, naming a device, selecting a GPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from pomt_cli.errors import PomtError
+
+
+def resolve_torch_device(spec: str) -> torch.device:
+    """The torch device for ``spec`` (``cuda``, ``cuda:1``, ``cpu``, ``mps``), checked to exist here.
+
+    Raises:
+        PomtError: malformed, unsupported or absent device.
+    """
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise PomtError(f"torch device {spec!r} is not a device name: use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PomtError(
+                f"torch device {spec!r} asked for, but CUDA is not available here (torch {torch.__version__}): "
+                "use --torch-device cpu or a CPU preset such as --device cpu"
+            )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise PomtError(f"torch device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PomtError(f"torch device {spec!r} asked for, but MPS is not available here: use --torch-device cpu")
+        return device
+    raise PomtError(f"torch device {spec!r} is not supported: use cpu, cuda or mps")
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the hardware behind ``device``, e.g. ``NVIDIA H100 80GB HBM3``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} logical cores, torch using {torch.get_num_threads()} threads)"
+
+
+def gpu_selector(device: torch.device | str | None) -> str:
+    """What ``nvidia-smi -i`` needs for ``device``: the GPU's UUID when CUDA sees it, else its index.
+
+    The UUID survives CUDA_VISIBLE_DEVICES renumbering; without CUDA (e.g. on a board
+    where torch lacks it) the index is the best guess.
+    """
+    device = torch.device(device) if device is not None else None
+    index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        try:
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
+            return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        except (AttributeError, RuntimeError):
+            pass
+    return str(index)

@@ -1,0 +1,1 @@
+"""The files pomt writes and reads: one typed reader/writer per format, atomic output sets."""

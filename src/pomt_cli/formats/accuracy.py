@@ -1,0 +1,96 @@
+"""The accuracy profile file: its columns, its metadata, its estimators and its file name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import polars as pl
+from pydantic import AfterValidator, BaseModel, Field
+
+from pomt_cli.formats.common import ProfileMeta
+from pomt_cli.formats.outputs import output_stem
+from pomt_cli.pruning import method_names
+from pomt_cli.pruning.registry import Method
+from pomt_cli.pruning.registry import get as get_method
+
+
+#: The paper's estimate, which is no pruning method: random tokens kept from the start.
+RANDOM = "random"
+
+
+def estimators() -> tuple[str, ...]:
+    """``random``, then every registered method that reduces tokens (``pomt``, ``tome``, ``topk``)."""
+    return (RANDOM, *(m for m in method_names() if get_method(m).reduces))
+
+
+def estimator_method(estimator: str) -> Method | None:
+    """The pruning method behind an estimator (None for ``random``)."""
+    return None if estimator == RANDOM else get_method(estimator)
+
+
+def takes_layer(estimator: str) -> bool:
+    """Whether the estimator's curves are per block ``layer`` (POMT's)."""
+    method = estimator_method(estimator)
+    return method is not None and method.takes_layer
+
+
+def _check_name(estimator: str) -> str:
+    if estimator not in estimators():
+        raise ValueError(f"unknown estimator {estimator!r}: use one of {', '.join(estimators())}")
+    return estimator
+
+
+Estimator = Annotated[str, AfterValidator(_check_name)]
+
+
+FRAME_SCHEMA = {
+    "tokens": pl.Int64,
+    "accuracy": pl.Float64,
+    "top5": pl.Float64,
+    "images": pl.Int64,
+    "correct": pl.Int64,
+    "correct_top5": pl.Int64,
+    "block_tokens": pl.List(pl.Int64),
+    "layer": pl.Int64,
+}
+
+
+class SkippedImage(BaseModel):
+    image: str
+    reason: str
+
+
+class AccuracyMeta(ProfileMeta):
+    """Metadata of an accuracy profile (see docs/FORMATS.md)."""
+
+    kind: Literal["accuracy"] = "accuracy"
+    estimator: Estimator
+    layer: int | None = Field(description="POMT's pruning block (the first of layers); None for the other estimators")
+    layers: list[int] | None = Field(None, description="POMT's pruning blocks, one curve each; None for the others")
+    seed: int
+    weights: str = Field(description="pretrained, checkpoint, bundled or random")
+    weights_file: str | None
+    weights_sha256: str
+    data: str = Field(description="the data folder (absolute) or 'digits'")
+    num_images: int = Field(description="images evaluated (readable ones)")
+    num_classes: int
+    limit: int | None
+    images_available: int
+    skipped: list[SkippedImage]
+    images_sha256: str = Field(description="SHA-256 of the evaluated image names, one per line, in order")
+    images: list[str]
+    preprocessing: dict
+    batch_size: int
+    device_type: str
+
+
+def accuracy_stem(meta: AccuracyMeta) -> str:
+    """The file stem of an accuracy profile: model, dtype, estimator (and POMT's layer), data set."""
+    estimator = meta.estimator
+    if takes_layer(meta.estimator):
+        layers = meta.layers or [meta.layer]
+        estimator += f"-layer{layers[0]}" if len(layers) == 1 else "-layers" + "-".join(map(str, layers))
+    data_name = Path(meta.data).name if meta.data != "digits" else "digits"
+    return output_stem("accuracy", meta.model, dtype=meta.dtype, img_size=meta.img_size_option,
+                       extra=(estimator, data_name))

@@ -1,0 +1,145 @@
+"""The latency profile file: its columns, its metadata, its one reader, and resume checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from pomt_cli.errors import PomtError
+from pomt_cli.formats.common import ProfileMeta, read_checked
+
+
+class ClockState(BaseModel):
+    """What happened to the clocks around a measurement (recorded in profiles).
+
+    ``mode``: ``locked`` (pomt locked them and restored them after), ``already_locked``
+    (a state saved by ``pomt clocks lock`` existed, so they were left as they were),
+    ``unlocked`` (``--no-lock-clocks``), ``unavailable`` (the machine has no controllable
+    clocks, e.g. no cpufreq in a VM).
+    """
+
+    preset: str
+    mode: Literal["locked", "already_locked", "unlocked", "unavailable"]
+    detail: str = ""
+    values: dict[str, str] = Field(default_factory=dict, description="values read before locking")
+    status: str | None = Field(None, description="output of the preset's status commands while measuring")
+
+    @property
+    def locked(self) -> bool:
+        return self.mode in ("locked", "already_locked")
+
+
+#: Columns of a latency profile, in file order (the first seven are profiles.LATENCY_COLUMNS).
+SCHEMA: dict[str, pl.DataType] = {
+    "batch_size": pl.Int64,
+    "tokens": pl.Int64,
+    "latency_ms": pl.Float64,
+    "p10_ms": pl.Float64,
+    "p90_ms": pl.Float64,
+    "samples": pl.Int64,
+    "status": pl.String,
+    "ci_low_ms": pl.Float64,
+    "ci_high_ms": pl.Float64,
+    "mean_ms": pl.Float64,
+    "std_ms": pl.Float64,
+    "min_ms": pl.Float64,
+    "max_ms": pl.Float64,
+    "attempts": pl.Int64,
+    "visit": pl.Int64,
+    "time_s": pl.Float64,
+}
+
+
+Workload = Literal["proxy", "pomt"]
+
+
+WORKLOADS: tuple[str, ...] = ("proxy", "pomt")
+
+
+#: Columns of a latency profile file: the engine's, then ``layer`` (POMT's block, null for the proxy).
+FILE_SCHEMA: dict[str, pl.DataType] = {**SCHEMA, "layer": pl.Int64}
+
+
+class LatencyMeta(ProfileMeta):
+    """Metadata of a latency profile (see docs/FORMATS.md)."""
+
+    kind: Literal["latency"] = "latency"
+    batch_sizes: list[int]
+    timing_mode: Literal["eager", "cuda_graphs"]
+    device_preset: str
+    device_display_name: str
+    device_name: str
+    torch_device: str
+    clocks: ClockState
+    clocks_locked: bool
+    pretrained: bool = False
+    checkpoint: str | None = None
+    rel_precision: float
+    budget_s: float
+    min_samples: int
+    warmup: int
+    seed: int
+    remeasure_rounds: int
+    passes: int = 1
+    num_threads: int = Field(default_factory=torch.get_num_threads)
+    float32_matmul_precision: str = Field(default_factory=torch.get_float32_matmul_precision)
+    complete: bool = Field(False, description="every point measured and spikes re-measured")
+    elapsed_s: float = Field(0.0, description="seconds spent measuring, over all resumed runs")
+    resumed_rows: int = Field(0, description="rows taken over from an interrupted run (--resume)")
+    workload: Workload = Field("proxy", description="proxy: every block at n; pomt: the POMT-patched model")
+    layers: list[int] | None = Field(None, description="POMT's pruning blocks of the pomt workload; None for the proxy")
+
+
+_RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "img_size", "dtype", "batch_sizes", "grid", "timing_mode",
+                  "device_preset", "torch_device", "workload", "layers")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{value[0]}, {value[1]}, ..., {value[-1]}] ({len(value)} values)"
+    return str(value)
+
+
+def read_latency(path: str | Path) -> tuple[pl.DataFrame, LatencyMeta]:
+    """The frame and metadata of a latency profile file.
+
+    Raises:
+        PomtError: not a readable pomt latency profile.
+    """
+    frame, raw = read_checked(path, "latency", {"latency": LatencyMeta})
+    try:
+        meta = LatencyMeta.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PomtError(
+            f"{path} is not a latency profile of this pomt version (metadata field "
+            f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}): measure it again"
+        ) from None
+    return frame, meta
+
+
+def resume_rows(path: str | Path, expected: LatencyMeta) -> tuple[pl.DataFrame, LatencyMeta]:
+    """The finished rows of the profile at ``path``, checked to belong to the run ``expected`` describes.
+
+    Raises:
+        PomtError: the file is not a latency profile, or was measured for another model,
+            grid, batch sizes, dtype, timing mode or device.
+    """
+    frame, meta = read_latency(path)
+    for name in _RESUME_FIELDS:
+        old, new = getattr(meta, name), getattr(expected, name)
+        if old != new:
+            raise PomtError(
+                f"--resume {path} was measured with {name} {_show(old)}, but this run has {_show(new)}: "
+                "resume with the same options, or leave out --resume to start afresh"
+            )
+    layers = expected.layers if expected.workload == "pomt" else [None]
+    wanted = {(layer, b, n) for layer in layers for b in expected.batch_sizes for n in expected.grid}
+    found = set(zip(frame["layer"].to_list(), frame["batch_size"].to_list(), frame["tokens"].to_list()))
+    if found - wanted:
+        raise PomtError(f"--resume {path} holds points outside its own grid: it is damaged; start afresh")
+    return frame, meta

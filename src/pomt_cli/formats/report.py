@@ -1,0 +1,153 @@
+"""The compute-r report file: the chosen R per batch size, as validated JSON."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pomt_cli import __version__
+from pomt_cli.errors import PomtError
+from pomt_cli.formats.common import command_line
+from pomt_cli.formats.outputs import atomic_write_text
+
+
+#: 2 added the chosen layer, the workload of the prediction and whether pruning pays;
+#: reports of version 1 are read with ``layer`` None and the ``proxy`` workload.
+REPORT_FORMAT_VERSION = 2
+
+
+Criterion = Literal["utility", "latency_budget", "max_accuracy_drop"]
+
+
+class Choice(BaseModel):
+    """The chosen n for one batch size."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    batch_size: int = Field(ge=1)
+    R: int = Field(ge=0, description="tokens to prune, N - n")
+    tokens: int = Field(ge=1, description="n*, tokens kept")
+    latency_ms: float = Field(gt=0)
+    latency_saved_pct: float = Field(description="100 * (1 - L(n*) / L(n_max))")
+    accuracy: float = Field(ge=0, le=100, description="top-1 accuracy (%) at n*")
+    accuracy_lost: float = Field(ge=-100, le=100, description="A(n_max) - A(n*), percentage points")
+    utility: float = Field(description="U(n*) with the report's alpha")
+    reference_tokens: int = Field(ge=1, description="n_max, the largest n both profiles contain")
+    layer: int | None = Field(None, description="POMT's pruning block; None with a proxy latency profile")
+    workload: Literal["pomt", "proxy"] = Field(
+        "proxy", description="where latency_ms comes from: the POMT-patched model or the all-blocks proxy")
+    reference_ms: float | None = Field(None, description="L(n_max): the unpruned model's latency when n_max = N")
+    pays: bool = Field(True, description="False: no pruned point was faster than the unpruned model (R = 0)")
+
+    @property
+    def predicted_ms(self) -> float:
+        """The latency the profile predicts for the chosen model (L(n*))."""
+        return self.latency_ms
+
+
+class ProfileInput(BaseModel):
+    """Where an input profile came from."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    path: str = Field(description="the file, resolved")
+    sha256: str
+    kind: Literal["latency", "accuracy"]
+    dtype: str
+    host: str | None = None
+    created: str | None = None
+    device_preset: str | None = None
+    device_display_name: str | None = None
+    device_name: str | None = None
+    timing_mode: str | None = None
+    estimator: str | None = None
+    device_type: str | None = None
+    num_images: int | None = None
+
+
+class Report(BaseModel):
+    """The JSON report of ``pomt compute-r`` (format in docs/FORMATS.md)."""
+
+    model_config = ConfigDict(protected_namespaces=(), allow_inf_nan=False)
+
+    format_version: int = REPORT_FORMAT_VERSION
+    kind: Literal["compute_r"] = "compute_r"
+    model: str
+    num_tokens: int = Field(ge=1)
+    num_prefix: int = Field(ge=0)
+    num_blocks: int = Field(ge=1)
+    embed_dim: int = Field(ge=1)
+    criterion: Criterion
+    alpha: float = Field(ge=0, le=1)
+    latency_budget_ms: float | None = Field(None, gt=0)
+    max_accuracy_drop: float | None = Field(None, ge=0)
+    R: int = Field(ge=0, description="R of the first batch size")
+    tokens: int = Field(ge=1, description="n* of the first batch size")
+    batch_size: int = Field(ge=1, description="the first batch size")
+    layer: int | None = Field(None, description="the chosen layer of the first batch size (pomt workload)")
+    workload: Literal["pomt", "proxy"] = "proxy"
+    layers: list[int] | None = Field(None, description="the layers both profiles contain (pomt workload)")
+    choices: list[Choice] = Field(min_length=1)
+    latency: ProfileInput
+    accuracy: ProfileInput
+    notes: list[str] = Field(default_factory=list)
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    command: str = Field(default_factory=command_line)
+    pomt_version: str = __version__
+
+    def choice_for(self, batch_size: int) -> Choice | None:
+        """The choice made for ``batch_size``, or None when the report has none."""
+        return next((c for c in self.choices if c.batch_size == batch_size), None)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_report(report: Report, path: str | Path) -> Path:
+    """Write ``report`` to ``path`` as indented JSON, atomically."""
+    return atomic_write_text(path, report.model_dump_json(indent=2) + "\n")
+
+
+def read_report(path: str | Path, model: str | None = None) -> Report:
+    """The report in ``path``, checked to be for ``model`` when given.
+
+    Raises:
+        PomtError: the file is missing, not JSON, not a compute-r report, or computed for
+            another model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PomtError(f"report {path} does not exist: give the .json file written by pomt compute-r")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise PomtError(
+            f"report {path} is not readable JSON: is it corrupt? write it again with pomt compute-r"
+        ) from None
+    if not isinstance(data, dict) or data.get("kind") != "compute_r":
+        raise PomtError(f"{path} is not a pomt compute-r report: give the .json file written by pomt compute-r")
+    try:
+        report = Report.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the report"
+        raise PomtError(
+            f"report {path} is damaged ({where}: {first['msg']}): write it again with pomt compute-r"
+        ) from None
+    if model is not None and report.model != model:
+        raise PomtError(
+            f"{path} was computed for {report.model}, not {model}: run pomt compute-r with profiles of {model}, "
+            "or give --r directly"
+        )
+    return report

@@ -1,0 +1,1 @@
+"""Measurement: the timing engine, grid scheduling, workloads and step analysis of L(n)."""

@@ -1,0 +1,87 @@
+"""Step analysis of a latency curve: where L(n) drops."""
+
+from __future__ import annotations
+
+import polars as pl
+
+
+#: The widest gap between grid points (in tokens) across which a drop counts as a step: on
+#: a coarser grid a drop cannot be told from the curve's bending.
+MAX_STEP_WIDTH = 4
+
+
+#: Neighbouring pairs of grid points over which find_steps takes the curve's local trend.
+TREND_WINDOW = 15
+
+
+def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> pl.DataFrame:
+    """The largest latency steps: drops between adjacent grid points well beyond the curve's trend.
+
+    For adjacent measured points n > n - k of one batch size the relative drop is
+    ``d = (L(n) - L(n-k)) / L(n)``. A smooth curve drops by about ``s k / L(n)``, where
+    ``s`` is its local slope in ms per token (the running median of
+    ``(L(n) - L(n-k)) / k`` over :data:`TREND_WINDOW` neighbouring pairs, which follows a
+    curve that bends and does not mistake a fixed overhead for steps); the excess
+    ``d - s k / L(n)`` of a step is above ``min_drop`` and above the excesses' own spread
+    (3 x their scaled median absolute deviation), the two points' confidence intervals
+    of the median do not overlap, and they are at most :data:`MAX_STEP_WIDTH` tokens apart.
+
+    Returns:
+        One row per step, at most ``top`` per batch size, largest excess first:
+        ``batch_size, from_tokens, to_tokens, k, from_ms, to_ms, drop_pct, excess_pct``.
+    """
+    schema = {"batch_size": pl.Int64, "from_tokens": pl.Int64, "to_tokens": pl.Int64, "k": pl.Int64,
+              "from_ms": pl.Float64, "to_ms": pl.Float64, "drop_pct": pl.Float64, "excess_pct": pl.Float64}
+    measured = frame.filter(pl.col("latency_ms").is_not_null() & (pl.col("latency_ms") > 0))
+    found: list[dict] = []
+    for (batch_size,), part in measured.group_by(["batch_size"], maintain_order=True):
+        curve = part.sort("tokens", descending=True)
+        if curve.height < 3:
+            continue
+        low = curve["ci_low_ms"] if "ci_low_ms" in curve.columns else curve["latency_ms"]
+        high = curve["ci_high_ms"] if "ci_high_ms" in curve.columns else curve["latency_ms"]
+        pairs = pl.DataFrame({
+            "from_tokens": curve["tokens"][:-1],
+            "to_tokens": curve["tokens"][1:],
+            "from_ms": curve["latency_ms"][:-1],
+            "to_ms": curve["latency_ms"][1:],
+            # A step is significant when the intervals of the median do not overlap.
+            "separated": (low[:-1].fill_null(curve["latency_ms"][:-1]) > high[1:].fill_null(curve["latency_ms"][1:])),
+        }).with_columns(
+            k=pl.col("from_tokens") - pl.col("to_tokens"),
+            drop=(pl.col("from_ms") - pl.col("to_ms")) / pl.col("from_ms"),
+        )
+        slope = ((pl.col("from_ms") - pl.col("to_ms")) / pl.col("k")).rolling_median(
+            window_size=TREND_WINDOW, center=True, min_samples=1)
+        pairs = pairs.with_columns(excess=pl.col("drop") - slope * pl.col("k") / pl.col("from_ms"))
+        spread = pairs.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
+        steps = (
+            pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (pl.col("k") <= MAX_STEP_WIDTH)
+                         & (pl.col("excess") > max(min_drop, 3 * spread)))
+            .sort("excess", descending=True)
+            .head(top)
+        )
+        for row in steps.to_dicts():
+            found.append({
+                "batch_size": int(batch_size), "from_tokens": row["from_tokens"], "to_tokens": row["to_tokens"],
+                "k": row["k"], "from_ms": row["from_ms"], "to_ms": row["to_ms"],
+                "drop_pct": 100 * row["drop"], "excess_pct": 100 * row["excess"],
+            })
+    return pl.DataFrame(found, schema=schema, orient="row") if found else pl.DataFrame(schema=schema)
+
+
+def find_curve_steps(frame: pl.DataFrame, *, top: int = 8) -> pl.DataFrame:
+    """:func:`find_steps` of each curve of a profile: one per layer (the proxy's is null).
+
+    Returns:
+        The rows of :func:`find_steps` with a ``layer`` column first.
+    """
+    if "layer" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
+    parts = []
+    for layer in frame["layer"].unique(maintain_order=True).sort(nulls_last=False).to_list():
+        curve = frame.filter(pl.col("layer").is_null() if layer is None else pl.col("layer") == layer)
+        steps = find_steps(curve, top=top)
+        parts.append(steps.select(pl.lit(layer, dtype=pl.Int64).alias("layer"), pl.all()))
+    return pl.concat(parts) if parts else find_steps(frame, top=top).select(
+        pl.lit(None, dtype=pl.Int64).alias("layer"), pl.all())
