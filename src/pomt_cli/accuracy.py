@@ -40,7 +40,7 @@ from pomt_cli.data import LabelledImages, Listing, Preprocess, count_correct, li
 from pomt_cli.devices import resolve_torch_device
 from pomt_cli.errors import PomtError
 from pomt_cli.models import check_num_classes, create_model, state_dict_sha256, vit_geometry, weights_source
-from pomt_cli.options import check_layers, parse_dtype, token_grid
+from pomt_cli.options import Dtype, TokenRange, check_layers, token_grid
 from pomt_cli.outputs import output_stem, write_set
 from pomt_cli.plots import plot_accuracy
 from pomt_cli.profiles import ProfileMeta, write_profile
@@ -101,7 +101,7 @@ def reduction(estimator: str, g: TokenGeometry, n: int, layer: int) -> dict | No
     return None if method is None else method.estimator_setting(g, g.num_tokens - n, layer)
 
 
-def accuracy_grid(spec: str | None, g: TokenGeometry, estimator: str) -> list[int]:
+def accuracy_grid(spec: TokenRange | None, g: TokenGeometry, estimator: str) -> list[int]:
     """The kept-token counts n to evaluate: ``--tokens`` or every n the estimator can reach.
 
     Raises:
@@ -113,7 +113,7 @@ def accuracy_grid(spec: str | None, g: TokenGeometry, estimator: str) -> list[in
     grid = token_grid(spec, g.num_tokens, g.num_prefix)
     if grid[-1] < fewest:
         raise PomtError(
-            f"--tokens {spec!r}: ToMe merges at most half of the non-prefix tokens per block, so on "
+            f"--tokens {str(spec)!r}: ToMe merges at most half of the non-prefix tokens per block, so on "
             f"{g.name} ({g.num_blocks} blocks) it leaves at least {fewest} tokens; give STOP >= {fewest}"
         )
     return grid
@@ -265,7 +265,7 @@ def processes(device: str = "auto") -> Iterator[Processes]:
 
 
 class EstimateConfig(BaseModel):
-    """The options of one accuracy estimate (what ``pomt estimate-accuracy`` parses)."""
+    """The settings of one accuracy estimate, typed (``pomt estimate-accuracy`` parses its options into them)."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -276,14 +276,15 @@ class EstimateConfig(BaseModel):
     allow_random_weights: bool = False
     img_size: int | None = None
     limit: int | None = None
-    tokens: str | None = None
+    tokens: TokenRange | None = Field(None, description="the kept-token grid (default: every n the estimator reaches)")
     estimator: Estimator = "random"
     layer: int = 3
     layers: list[int] | None = Field(None, description="POMT's blocks, one curve each (default: [layer])")
     seed: int = 0
     batch_size: int = Field(64, ge=1)
-    dtype: str = "float32"
-    workers: int | None = None
+    dtype: Dtype = Dtype.float32
+    workers: int | None = Field(None, ge=1)
+    command: str | None = Field(None, description="the command line recorded in the profile (default: this process's)")
 
 
 class SkippedImage(BaseModel):
@@ -393,7 +394,7 @@ def run_estimate(
     Raises:
         PomtError: bad options, data or weights.
     """
-    dtype_name, dtype = parse_dtype(config.dtype)
+    dtype_name, dtype = config.dtype.value, config.dtype.torch
     listing: Listing = list_images(config.data, limit=config.limit)
     model, source = _model_for(config)
     check_num_classes(model, listing.num_classes, f"--data {config.data}")
@@ -458,6 +459,7 @@ def run_estimate(
         images_sha256=hashlib.sha256("\n".join(used).encode()).hexdigest(), images=used,
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.data_config.items()},
         batch_size=config.batch_size, device_type=procs.device.type,
+        **({"command": config.command} if config.command is not None else {}),
     )
     return AccuracyRun(frame=frame, meta=meta, decode_s=decode_s, evaluate_s=evaluate_s, local_images=len(data))
 
