@@ -163,7 +163,7 @@ def test_method_estimators_run_the_method_with_the_setting_that_leaves_n(tmp_pat
     model = tiny_model()
     listing, data = _data(tmp_path, model)
     g = geometry(model)
-    grid = accuracy_grid("17:5:6", g, estimator)
+    grid = accuracy_grid(TokenRange(start=17, stop=5, stride=6), g, estimator)
     hits, block_tokens = estimate_hits(model, data, grid, estimator=estimator, layer=1, batch_size=4)
     x = data.preprocess.normalize(data.images)
     for j, n in enumerate(grid):
