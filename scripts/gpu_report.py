@@ -337,13 +337,15 @@ def write_image_folder(root: Path, images: int, classes: int, width: int = 500, 
 def section_accuracy(cfg: dict, out: SectionWriter, folder: Path) -> None:
     from pomt_cli.accuracy.distributed import processes
     from pomt_cli.accuracy.evaluate import EstimateConfig, run_estimate
+    from pomt_cli.options import TokenRange
 
     root = Path(tempfile.mkdtemp(prefix="pomt-gpu-report-images-"))  # not under DIR: a cut-short run leaves it
     made = write_image_folder(root, cfg["accuracy_images"], cfg["accuracy_classes"], *cfg["accuracy_size"])
     out.put("images_written", {"images": cfg["accuracy_images"], "size": list(cfg["accuracy_size"]),
                                "seconds": round(made, 1)})
     config = EstimateConfig(model=cfg["accuracy_model"], data=str(root), allow_random_weights=True,
-                            tokens=cfg["accuracy_tokens"], batch_size=cfg["accuracy_batch"],
+                            tokens=TokenRange(**dict(zip(("start", "stop", "stride"), map(int, cfg["accuracy_tokens"].split(":"))))),
+                            batch_size=cfg["accuracy_batch"],
                             limit=cfg["accuracy_limit"])
     out.put("settings", config.model_dump(mode="json"))
     began = time.perf_counter()

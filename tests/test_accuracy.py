@@ -29,6 +29,7 @@ from pomt_cli.accuracy.data import Preprocess, balanced_subset, list_images, loa
 from pomt_cli.errors import PomtError
 from pomt_cli.models import create_model
 from pomt_cli.formats.lookup import read_profile
+from pomt_cli.options import TokenRange
 from pomt_cli.pruning import apply, geometry, remove
 
 CPU = Processes(rank=0, world_size=1, device=torch.device("cpu"))
@@ -157,7 +158,7 @@ def test_method_estimators_run_the_method_with_the_setting_that_leaves_n(tmp_pat
     model = tiny_model()
     listing, data = _data(tmp_path, model)
     g = geometry(model)
-    grid = accuracy_grid("17:5:6", g, estimator)
+    grid = accuracy_grid(TokenRange(start=17, stop=5, stride=6), g, estimator)
     hits, block_tokens = estimate_hits(model, data, grid, estimator=estimator, layer=1, batch_size=4)
     x = data.preprocess.normalize(data.images)
     for j, n in enumerate(grid):
@@ -170,7 +171,7 @@ def test_method_estimators_run_the_method_with_the_setting_that_leaves_n(tmp_pat
 
 
 def test_pomt_at_several_layers_is_one_curve_per_layer_each_as_alone():
-    base = dict(model=digits.NAME, data="digits", estimator="pomt", tokens="65:25:20", limit=100, batch_size=50)
+    base = dict(model=digits.NAME, data="digits", estimator="pomt", tokens=TokenRange(start=65, stop=25, stride=20), limit=100, batch_size=50)
     both = run_estimate(EstimateConfig(**base, layers=[0, 3]), CPU)
     assert both.frame["layer"].to_list() == [0, 0, 0, 3, 3, 3]
     assert both.frame["tokens"].to_list() == [65, 45, 25] * 2
@@ -220,7 +221,7 @@ def test_digits_checkpoint_option_and_sha(tmp_path, digits_run):
     state["head.bias"] = state["head.bias"] + torch.linspace(0, 1, 10)
     path = tmp_path / "tweaked.safetensors"
     save_file(state, str(path))
-    run = run_estimate(EstimateConfig(model=digits.NAME, data="digits", checkpoint=path, tokens="65:65:1"), CPU)
+    run = run_estimate(EstimateConfig(model=digits.NAME, data="digits", checkpoint=path, tokens=TokenRange(start=65, stop=65, stride=1)), CPU)
     assert run.meta.weights == "checkpoint" and run.meta.weights_file == str(path.resolve())
     assert run.meta.weights_sha256 != digits_run.meta.weights_sha256
 
@@ -244,7 +245,7 @@ def test_estimate_accuracy_command(tmp_path, pomt):
     [
         (["--model", "vit_tiny_patch16_224"], "random weights"),
         (["--limit", "455"], "exceeds the 454 images"),
-        (["--estimator", "best"], "unknown --estimator 'best'"),
+        (["--estimator", "best"], "Invalid value for '--estimator'"),
         (["--tokens", "65:0:5"], "STOP 0 must exceed"),
         (["--estimator", "pomt", "--layer", "1,9"], "--layer 9 is out of range: digits-vit has 4 blocks (layer 0..3)"),
         (["--layer", "1"], "--layer applies to --estimator pomt only"),
@@ -306,7 +307,7 @@ def test_a_checkpoint_brings_its_head_size_which_must_match_the_classes(tmp_path
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
     three = image_folder(tmp_path / "three", {"a": 2, "b": 2, "c": 2}, size=(40, 30))
     run = run_estimate(EstimateConfig(model="deit_tiny_patch16_224", data=str(three), checkpoint=path,
-                                      tokens="197:97:100"), CPU)
+                                      tokens=TokenRange(start=197, stop=97, stride=100)), CPU)
     assert run.meta.num_classes == 3 and run.meta.weights == "checkpoint"
     assert run.frame["tokens"].to_list() == [197, 97] and run.frame["images"].to_list() == [6, 6]
     two = image_folder(tmp_path / "two", {"a": 2, "b": 2}, size=(40, 30))

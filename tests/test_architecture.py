@@ -19,24 +19,16 @@ import pomt_cli
 PACKAGE = Path(pomt_cli.__file__).parent
 
 #: The layers, lowest first; a module may import its own layer and the layers below.
-#: ``options`` parses option values that the library still uses (dtypes, token grids):
-#: it sits below the library until the CLI rework moves those parsers out of it.
+#: ``options`` parses option values that the library shares (dtypes, token grids).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("pomt_cli", "pomt_cli.errors", "pomt_cli.pruning")),
     ("formats", ("pomt_cli.formats",)),
     ("models", ("pomt_cli.models", "pomt_cli.digits", "pomt_cli.options")),
     ("library", ("pomt_cli.selection", "pomt_cli.accuracy", "pomt_cli.measure", "pomt_cli.devices",
-                 "pomt_cli.bench", "pomt_cli.export", "pomt_cli.plots")),
+                 "pomt_cli.bench", "pomt_cli.export", "pomt_cli.plots", "pomt_cli.report")),
     ("pipelines", ("pomt_cli.pipelines",)),
-    ("cli", ("pomt_cli.cli", "pomt_cli.commands", "pomt_cli.console", "pomt_cli.__main__")),
+    ("cli", ("pomt_cli.cli", "pomt_cli.console", "pomt_cli.__main__")),
 ]
-
-#: Imports that close a cycle today, each with the change that removes it. An entry
-#: that no longer occurs fails the test, so the list only shrinks.
-KNOWN_CYCLE_EDGES = {
-    # `demo` re-parses argv through the Typer app; library pipelines (issue 8, item 2) end it.
-    ("pomt_cli.commands.demo", "pomt_cli.cli"),
-}
 
 
 def module_name(path: Path) -> str:
@@ -48,27 +40,30 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def imports_of(name: str, source: str, is_package: bool, known: set[str]) -> set[str]:
+    """The pomt_cli modules that module ``name`` (its ``source``) imports, wherever the import sits."""
+    package = name if is_package else name.rpartition(".")[0]
+    edges = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            edges |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
+            if not base.startswith("pomt_cli"):
+                continue
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                edges.add(target if target in known else base)
+    return edges - {name}
+
+
 def import_graph() -> dict[str, set[str]]:
     """Every module of pomt_cli -> the pomt_cli modules it imports."""
     known = modules()
-    graph: dict[str, set[str]] = {}
-    for name, path in known.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        edges = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                edges |= {a.name for a in node.names if a.name in known}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
-                if not base.startswith("pomt_cli"):
-                    continue
-                for alias in node.names:
-                    target = f"{base}.{alias.name}"
-                    edges.add(target if target in known else base)
-        graph[name] = edges - {name}
-    return graph
+    return {name: imports_of(name, path.read_text(encoding="utf-8"), path.name == "__init__.py", set(known))
+            for name, path in known.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -113,8 +108,10 @@ def test_the_cycle_finder_finds_a_cycle_and_only_a_cycle():
 def test_the_graph_sees_relative_function_level_and_module_imports():
     graph = import_graph()
     assert "pomt_cli.digits" in graph["pomt_cli.accuracy.data"]  # from pomt_cli import digits
-    assert "pomt_cli.cli" in graph["pomt_cli.commands.demo"]  # inside a function
     assert "pomt_cli.formats.report" in graph["pomt_cli.plots"]  # under TYPE_CHECKING
+    source = "def f():\n    from .cli import app\n    import pomt_cli.errors\n"
+    known = {"pomt_cli.cli", "pomt_cli.cli.app", "pomt_cli.errors", "pomt_cli.report"}
+    assert imports_of("pomt_cli.report", source, False, known) == {"pomt_cli.cli.app", "pomt_cli.errors"}
 
 
 @pytest.mark.parametrize("name", sorted(modules()))
@@ -123,11 +120,7 @@ def test_every_module_imports(name):
 
 
 def test_the_imports_form_no_cycle():
-    graph = import_graph()
-    for source, target in KNOWN_CYCLE_EDGES:
-        assert target in graph[source], f"{source} no longer imports {target}: remove it from KNOWN_CYCLE_EDGES"
-        graph[source] = graph[source] - {target}
-    cycle = find_cycle(graph)
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -135,13 +128,15 @@ def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_ones():
     graph = import_graph()
     upward = [f"{source} ({LAYERS[layer_of(source)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
               for source, targets in sorted(graph.items()) for target in sorted(targets)
-              if (source, target) not in KNOWN_CYCLE_EDGES and layer_of(target) > layer_of(source)]
+              if layer_of(target) > layer_of(source)]
     assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
 
 
-def test_the_cli_is_the_top_layer():
+def test_the_cli_is_the_top_layer_and_the_demo_calls_pipelines():
     graph = import_graph()
     cli = {m for m in graph if LAYERS[layer_of(m)][0] == "cli"}
     importers = {s for s, targets in graph.items() for t in targets if t in cli and s not in cli}
     assert not importers, f"the library imports the CLI: {sorted(importers)}"
-    assert cli >= {"pomt_cli.cli", "pomt_cli.commands", "pomt_cli.commands.demo"}
+    assert cli >= {"pomt_cli.cli", "pomt_cli.cli.app", "pomt_cli.cli.demo"}
+    assert "pomt_cli.pipelines" in graph["pomt_cli.cli.demo"]
+    assert not {t for t in graph["pomt_cli.pipelines"] if t.startswith("pomt_cli.cli")}

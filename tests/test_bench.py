@@ -117,7 +117,7 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "best"], "unknown --method 'best'"),
+        (["--method", "best"], "Invalid value for '--method'"),
         (["--method", "pomt"], "needs -r R or --r-from"),
         (["--method", "pomt", "-r", "70"], "r=70 is too large"),
         (["-r", "5", "--r-from", "x.json"], "not both"),

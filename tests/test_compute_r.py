@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from conftest import ACC, GEOMETRY, LAT_B1, LAT_B4, MODEL, N, run_in_process, write_accuracy, write_latency
+from pomt_cli.cli.compute_r import selection_settings
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import output_stem
 from pomt_cli.formats.common import ProfileMeta, write_profile
@@ -46,7 +47,7 @@ def test_score_columns_by_hand():
 
 
 def test_argmax_picks_the_step():
-    settings = SelectionSettings.from_options()
+    settings = selection_settings()
     ranked = rank(score(points(LAT_B4), N, settings.alpha), settings, batch_size=4)
     assert ranked["tokens"].head(3).to_list() == [13, 11, 9]  # 0.7275, 0.6875, 0.635
     ranked = rank(score(points(LAT_B1), N, settings.alpha), settings, batch_size=1)
@@ -56,30 +57,30 @@ def test_argmax_picks_the_step():
 def test_utility_ties_go_to_the_larger_n():
     frame = pl.DataFrame({"tokens": [5, 17, 9], "latency_ms": [5.0, 10.0, 8.0], "accuracy": [40.0, 80.0, 60.0]})
     # U(17) = 0 + 0.5 * 1 = 0.5; U(5) = 0.5 * 0.5 + 0.5 * 0.5 = 0.5; U(9) = 0.1 + 0.375 = 0.475.
-    settings = SelectionSettings.from_options(alpha=0.5)
+    settings = selection_settings(alpha=0.5)
     assert rank(score(frame, N, 0.5), settings, 1)["tokens"].to_list() == [17, 5, 9]
 
 
 @pytest.mark.parametrize("budget, expected", [(6.0, 13), (9.9, 15), (10.0, 15), (4.5, 5), (4.213, 3)])
 def test_latency_budget_picks_the_most_accurate_feasible_n(budget, expected):
-    settings = SelectionSettings.from_options(latency_budget_ms=budget)
+    settings = selection_settings(latency_budget_ms=budget)
     assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == expected
 
 
 def test_infeasible_latency_budget_names_the_nearest_feasible_value():
-    settings = SelectionSettings.from_options(latency_budget_ms=1.0)
+    settings = selection_settings(latency_budget_ms=1.0)
     with pytest.raises(PomtError) as info:
         rank(score(points(LAT_B4), N, settings.alpha), settings, 4)
     assert str(info.value) == ("no n meets --latency-budget 1 ms at batch 4: the fastest point is n=3 at 4.21 ms; "
                                "give at least 4.22")
     # The suggested value is feasible.
-    settings = SelectionSettings.from_options(latency_budget_ms=4.22)
+    settings = selection_settings(latency_budget_ms=4.22)
     assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == 3
 
 
 @pytest.mark.parametrize("drop, expected", [(0.0, 15), (2.0, 13), (10.0, 11), (100.0, 3)])
 def test_max_accuracy_drop_picks_the_fastest_n_within_the_drop(drop, expected):
-    settings = SelectionSettings.from_options(max_accuracy_drop=drop)
+    settings = selection_settings(max_accuracy_drop=drop)
     assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == expected
 
 
@@ -93,23 +94,23 @@ def test_max_accuracy_drop_picks_the_fastest_n_within_the_drop(drop, expected):
 ])
 def test_settings_refuse_bad_options(kwargs, message):
     with pytest.raises(PomtError, match=message):
-        SelectionSettings.from_options(**kwargs)
+        selection_settings(**kwargs)
 
 
 def test_one_r_per_batch_size_and_the_filter(profiles):
     lat, acc = profiles
-    selection = compute_r(lat, acc, SelectionSettings.from_options())
+    selection = compute_r(lat, acc, selection_settings())
     report = selection.report
     assert [(c.batch_size, c.tokens, c.R) for c in report.choices] == [(1, 9, 8), (4, 13, 4)]
     assert (report.batch_size, report.tokens, report.R) == (1, 9, 8)
     # Only the latency grid's points are used, though the accuracy grid is finer.
     assert selection.curves[4]["tokens"].to_list() == sorted(LAT_B4, reverse=True)
     assert len(selection.candidates[4]) == len(LAT_B4)
-    only4 = compute_r(lat, acc, SelectionSettings.from_options(), batch_sizes=[4]).report
+    only4 = compute_r(lat, acc, selection_settings(), batch_sizes=[4]).report
     assert [(c.batch_size, c.R) for c in only4.choices] == [(4, 4)]
     assert (only4.batch_size, only4.R) == (4, 4)
     with pytest.raises(PomtError, match=r"--batch-size 8 is not in .*lat.parquet \(it has batch size\(s\) 1, 4\)"):
-        compute_r(lat, acc, SelectionSettings.from_options(), batch_sizes=[8])
+        compute_r(lat, acc, selection_settings(), batch_sizes=[8])
 
 
 def test_out_of_memory_points_are_left_out_and_the_reference_moves(tmp_path):
@@ -117,16 +118,16 @@ def test_out_of_memory_points_are_left_out_and_the_reference_moves(tmp_path):
     curve[17] = None  # out of memory: 15 becomes the reference
     lat = write_latency(tmp_path / "lat.parquet", {4: curve})
     acc = write_accuracy(tmp_path / "acc.parquet")
-    choice = compute_r(lat, acc, SelectionSettings.from_options(max_accuracy_drop=0.0)).report.choices[0]
+    choice = compute_r(lat, acc, selection_settings(max_accuracy_drop=0.0)).report.choices[0]
     assert choice.reference_tokens == 15
     assert choice.tokens == 15 and choice.latency_saved_pct == 0.0
-    choice = compute_r(lat, acc, SelectionSettings.from_options()).report.choices[0]
+    choice = compute_r(lat, acc, selection_settings()).report.choices[0]
     assert choice.latency_saved_pct == pytest.approx(100 * (1 - 5.2 / 9.8))
 
 
 def test_allowed_differences_are_noted_and_inputs_recorded(profiles):
     lat, acc = profiles
-    report = compute_r(lat, acc, SelectionSettings.from_options()).report
+    report = compute_r(lat, acc, selection_settings()).report
     notes = " | ".join(report.notes)
     assert "float16" in notes and "float32" in notes
     assert "different machines" in notes and "board" in notes
@@ -142,14 +143,14 @@ def test_profiles_of_different_geometry_are_refused(tmp_path, field, value):
     lat = write_latency(tmp_path / "lat.parquet")
     acc = write_accuracy(tmp_path / "acc.parquet", **{field: value})
     with pytest.raises(PomtError, match=f"describe different models \\({field} "):
-        compute_r(lat, acc, SelectionSettings.from_options())
+        compute_r(lat, acc, selection_settings())
 
 
 def test_too_few_common_points_names_both_counts(tmp_path):
     lat = write_latency(tmp_path / "lat.parquet", {4: {17: 10.0, 15: 9.0, 13: 5.0}})
     acc = write_accuracy(tmp_path / "acc.parquet", {16: 80.0, 15: 79.0, 14: 78.0, 12: 70.0})
     with pytest.raises(PomtError) as info:
-        compute_r(lat, acc, SelectionSettings.from_options())
+        compute_r(lat, acc, selection_settings())
     message = str(info.value)
     assert "1 grid point(s) in common at batch 4" in message
     assert "3 measured point(s), the accuracy profile 4" in message
@@ -157,7 +158,7 @@ def test_too_few_common_points_names_both_counts(tmp_path):
 
 def test_report_round_trip_and_model_check(tmp_path, profiles):
     lat, acc = profiles
-    report = compute_r(lat, acc, SelectionSettings.from_options(latency_budget_ms=6.0)).report
+    report = compute_r(lat, acc, selection_settings(latency_budget_ms=6.0)).report
     path = write_report(report, tmp_path / "r.json")
     again = read_report(path, model=MODEL)
     assert again == report
@@ -215,7 +216,7 @@ def write_layered(folder: Path, layers_in_accuracy: bool = True) -> tuple[Path, 
 
 def test_layer_and_r_are_chosen_together_and_r0_when_nothing_pays(tmp_path):
     lat, acc = write_layered(tmp_path)
-    selection = compute_r(lat, acc, SelectionSettings.from_options())
+    selection = compute_r(lat, acc, selection_settings())
     report = selection.report
     b4, b1 = report.choices
     assert (b4.batch_size, b4.layer, b4.R, b4.tokens, b4.workload) == (4, 0, 4, 13, "pomt")
@@ -228,24 +229,24 @@ def test_layer_and_r_are_chosen_together_and_r0_when_nothing_pays(tmp_path):
     # Layer 2's n = N row is merged into the unpruned one; all other points are scored.
     assert selection.curves[4].select("layer", "tokens").rows() == [(0, 17), (0, 13), (2, 13), (0, 9), (2, 9)]
     # The fastest pruned point within 2 points of accuracy: layer 2 keeps 9 of 17 tokens.
-    drop = compute_r(lat, acc, SelectionSettings.from_options(max_accuracy_drop=2.0)).report.choices[0]
+    drop = compute_r(lat, acc, selection_settings(max_accuracy_drop=2.0)).report.choices[0]
     assert (drop.layer, drop.R) == (2, 8)
 
 
 def test_one_profile_with_layers_and_one_without_is_refused(tmp_path):
     lat, acc = write_layered(tmp_path, layers_in_accuracy=False)
     with pytest.raises(PomtError, match="estimate accuracy with --estimator pomt --layer 0,2 so that both"):
-        compute_r(lat, acc, SelectionSettings.from_options())
+        compute_r(lat, acc, selection_settings())
     proxy = write_latency(tmp_path / "proxy.parquet")
     (tmp_path / "again").mkdir()
     _, layered = write_layered(tmp_path / "again")
     with pytest.raises(PomtError, match="profile latency with --method pomt --layer 0,2 so that both"):
-        compute_r(proxy, layered, SelectionSettings.from_options())
+        compute_r(proxy, layered, selection_settings())
 
 
 def test_a_report_of_format_1_is_read_as_the_proxy(tmp_path, profiles):
     lat, acc = profiles
-    data = json.loads(compute_r(lat, acc, SelectionSettings.from_options()).report.model_dump_json())
+    data = json.loads(compute_r(lat, acc, selection_settings()).report.model_dump_json())
     data["format_version"] = 1
     for key in ("layer", "workload", "layers"):
         del data[key]

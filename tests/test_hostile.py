@@ -129,7 +129,7 @@ def test_a_full_disk_leaves_no_file_and_the_earlier_ones_as_they_were(tmp_path, 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("pomt_cli.commands.compute_r.plot_selection", full)  # the second file of the set
+    monkeypatch.setattr("pomt_cli.pipelines.plot_selection", full)  # the second file of the set
     code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--alpha", "0.9",
                                    "--output-dir", str(out)], capsys)
     one_line_error(code, err, "No space left on device", str(out))
@@ -399,7 +399,7 @@ def test_the_root_hint_of_a_preset_file_names_its_path(tmp_path, monkeypatch):
 
 
 def test_warnings_stay_out_of_the_error_line_and_are_one_line_after_success(tmp_path, profiles, capsys, monkeypatch):
-    from pomt_cli.commands import compute_r
+    from pomt_cli import pipelines as compute_r
 
     lat, acc = profiles
     real = compute_r.select_r
@@ -423,7 +423,7 @@ def test_non_ascii_names_stay_apart_in_file_names():
 
 
 def test_the_accuracy_summary_spreads_over_a_coarse_grid(monkeypatch):
-    import pomt_cli.commands.estimate_accuracy as ea
+    import pomt_cli.cli.estimate_accuracy as ea
 
     class Run:
         meta = None

@@ -19,9 +19,9 @@ DEFAULT_LINE = f"model: {DEFAULT_MODEL} (the default; --model NAME for another)"
 
 
 @pytest.mark.parametrize("args", [
-    ["profile", "--device", "cpu", "--dtype", "float64"],
-    ["bench", "--device", "cpu", "--dtype", "float64"],
-    ["estimate-accuracy", "--data", "digits", "--estimator", "nope"],
+    ["profile", "--device", "cpu", "--cuda-graphs"],
+    ["bench", "--device", "cpu", "--cuda-graphs"],
+    ["estimate-accuracy", "--data", "digits", "--layer", "1"],
 ])
 def test_the_default_model_is_named_first(args, capsys):
     # Bad input stops each command right after its first line, before any model is built.
@@ -31,13 +31,44 @@ def test_the_default_model_is_named_first(args, capsys):
 
 
 def test_export_defaults_to_the_paper_model_too(tmp_path, capsys):
-    code, out, err = run_in_process(["export", "--output", str(tmp_path / "m.onnx"), "--dtype", "float64"], capsys)
-    assert code == 2 and "unknown dtype" in err and out.splitlines() == [DEFAULT_LINE]
+    code, out, err = run_in_process(["export", "--output", str(tmp_path / "m.onnx"), "--layer", "5"], capsys)
+    assert code == 2 and "none has no layer" in err and out.splitlines() == [DEFAULT_LINE]
 
 
 def test_a_model_given_is_named_without_the_default_note(capsys):
-    code, out, _ = run_in_process(["profile", "--model", "digits-vit", "--device", "cpu", "--dtype", "x"], capsys)
+    code, out, _ = run_in_process(["profile", "--model", "digits-vit", "--device", "cpu", "--cuda-graphs"], capsys)
     assert code == 2 and out.splitlines() == ["model: digits-vit"]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["profile", "--dtype", "float64"], "--dtype"),
+    (["profile", "--method", "tome"], "--method"),
+    (["bench", "--method", "merge"], "--method"),
+    (["bench", "--dtype", "fp8"], "--dtype"),
+    (["estimate-accuracy", "--data", "digits", "--estimator", "nope"], "--estimator"),
+    (["export", "--output", "m.onnx", "--method", "merge"], "--method"),
+])
+def test_a_bad_choice_fails_at_parse_time_in_one_line(args, option, capsys):
+    # Parsing refuses it before the command starts: not even the model line is printed.
+    code, out, err = run_in_process(args, capsys)
+    assert code == 2 and out == "", out
+    assert err.startswith(f"error: Invalid value for '{option}'") and len(err.strip().splitlines()) == 1, err
+    assert "is not one of" in err and f"`pomt {args[0]} --help`" in err
+
+
+def test_profile_help_lists_the_presets_and_the_choices():
+    from pomt_cli.devices.presets import preset_names
+
+    env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
+    done = subprocess.run([sys.executable, "-m", "pomt_cli", "profile", "--help"], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.replace("\u2502", " ").split())
+    assert f"({', '.join(preset_names())})" in text, text
+    assert "proxy|pomt" in text and "float32|float16|bfloat16" in text, text
+    done = subprocess.run([sys.executable, "-m", "pomt_cli", "bench", "--help"], capture_output=True, text=True,
+                          env=env)
+    assert "none|pomt|tome|topk" in " ".join(done.stdout.replace("\u2502", " ").split()), done.stdout
 
 
 def _help(*args: str) -> str:
@@ -72,7 +103,7 @@ def _render(renderable) -> str:
 
 
 def test_the_bench_tables_read_whole_at_80_columns():
-    from pomt_cli.commands.bench import _render as bench_tables
+    from pomt_cli.cli.bench import _render as bench_tables
 
     rows = []
     for b in (1, 64):
@@ -100,7 +131,7 @@ def test_the_bench_tables_read_whole_at_80_columns():
 
 
 def test_the_accuracy_table_reads_whole_at_80_columns():
-    from pomt_cli.commands.estimate_accuracy import block_tokens_text, summary_table
+    from pomt_cli.cli.estimate_accuracy import block_tokens_text, summary_table
 
     grid = list(range(197, 0, -4))
     frame = pl.DataFrame({

@@ -10,17 +10,24 @@ each method is also evaluated once on them (top-1, top-5).
 
 from __future__ import annotations
 
+import datetime as _dt
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import polars as pl
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from pomt_cli import __version__
 from pomt_cli.accuracy.data import LabelledImages, evaluate
+from pomt_cli.formats.latency import ClockState
 from pomt_cli.errors import PomtError
+from pomt_cli.formats.outputs import write_set
+from pomt_cli.formats.common import command_line
 from pomt_cli.pruning import apply, capped_from, geometry, none, remove, removed_per_block, token_counts
 from pomt_cli.pruning.registry import get as get_method
 from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
@@ -283,3 +290,78 @@ def bench_frame(
                 **prediction_columns(predictions.get((b, s.label)), m.median_ms),
             })
     return pl.DataFrame(rows, schema=SCHEMA, orient="row")
+
+
+#: The Parquet metadata key of a bench report.
+BENCH_METADATA_KEY = "pomt"
+#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file).
+BENCH_FORMAT_VERSION = 2
+
+
+class BenchPlan(BaseModel):
+    """What one bench run times: each batch size's method settings, and the report's choices.
+
+    Attributes:
+        settings: per batch size, the settings timed (fitted to the model).
+        predictions: ``{(batch size, setting label): (predicted ms, workload)}`` from a compute-r report.
+    """
+
+    settings: dict[int, list[MethodSetting]]
+    predictions: dict[tuple[int, str], tuple[float, str]] = Field(default_factory=dict)
+
+    def distinct(self) -> list[MethodSetting]:
+        """Each setting once (accuracy does not depend on the batch size)."""
+        return list({s.label: s for group in self.settings.values() for s in group}.values())
+
+    def slugs(self) -> list[str]:
+        """The settings' parts of the report's file name, in plan order."""
+        return list(dict.fromkeys(s.slug for group in self.settings.values() for s in group))
+
+
+class BenchMeta(BaseModel):
+    """Metadata of a bench report (the ``pomt`` key of its Parquet file; see docs/FORMATS.md)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    kind: Literal["bench"] = "bench"
+    format_version: int = BENCH_FORMAT_VERSION
+    model: str
+    num_tokens: int
+    num_prefix: int
+    img_size: list[int]
+    img_size_option: int | None
+    num_blocks: int
+    dtype: str
+    batch_sizes: list[int]
+    methods: list[str]
+    settings: dict[str, list[MethodSetting]]
+    r_from: str | None
+    weights: str
+    data: str | None
+    num_images: int | None
+    limit: int | None
+    skipped_images: int | None
+    device_preset: str
+    device_display_name: str
+    device_name: str
+    torch_device: str
+    clocks: ClockState
+    timing_mode: Literal["eager", "cuda_graphs"]
+    rel_precision: float
+    budget_s: float
+    rounds: int
+    seed: int
+    num_threads: int
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    command: str = Field(default_factory=lambda: command_line())
+    pomt_version: str = __version__
+    torch_version: str = torch.__version__
+
+
+def write_bench(frame: pl.DataFrame, meta: BenchMeta, output_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write the report as CSV and as Parquet with ``meta``, as one set; returns both paths."""
+    paths = write_set(output_dir, stem, {
+        "csv": lambda tmp: frame.write_csv(tmp),
+        "parquet": lambda tmp: frame.write_parquet(tmp, metadata={BENCH_METADATA_KEY: meta.model_dump_json()}),
+    })
+    return paths["csv"], paths["parquet"]

@@ -56,38 +56,8 @@ class SelectionSettings(BaseModel):
 
     criterion: Criterion = "utility"
     alpha: float = Field(DEFAULT_ALPHA, ge=0.0, le=1.0)
-    latency_budget_ms: float | None = None
+    latency_budget_ms: float | None = Field(None, gt=0.0)
     max_accuracy_drop: float | None = Field(None, ge=0.0)
-
-    @classmethod
-    def from_options(
-        cls,
-        alpha: float | None = None,
-        latency_budget_ms: float | None = None,
-        max_accuracy_drop: float | None = None,
-    ) -> SelectionSettings:
-        """The settings for the command's options; at most one of them may be given.
-
-        Raises:
-            PomtError: several criteria, alpha outside [0, 1], a negative accuracy drop,
-                or a non-positive latency budget.
-        """
-        given = [name for name, value in (("--alpha", alpha), ("--latency-budget", latency_budget_ms),
-                                          ("--max-accuracy-drop", max_accuracy_drop)) if value is not None]
-        if len(given) > 1:
-            raise PomtError(f"{' and '.join(given)} are different ways to choose n: give only one of them")
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise PomtError(f"--alpha {alpha} must lie between 0 and 1 (1 weighs only latency, 0 only accuracy)")
-        if latency_budget_ms is not None:
-            if not latency_budget_ms > 0:
-                raise PomtError(f"--latency-budget {latency_budget_ms} must be a positive number of milliseconds")
-            return cls(criterion="latency_budget", latency_budget_ms=latency_budget_ms)
-        if max_accuracy_drop is not None:
-            if not max_accuracy_drop >= 0:
-                raise PomtError(f"--max-accuracy-drop {max_accuracy_drop} must be at least 0 (percentage points "
-                                "of top-1 accuracy; 0 allows no loss)")
-            return cls(criterion="max_accuracy_drop", max_accuracy_drop=max_accuracy_drop)
-        return cls(alpha=DEFAULT_ALPHA if alpha is None else alpha)
 
 
 @dataclass(frozen=True)

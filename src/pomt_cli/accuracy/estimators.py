@@ -25,7 +25,7 @@ def reduction(estimator: str, g: TokenGeometry, n: int, layer: int) -> dict | No
     return None if method is None else method.estimator_setting(g, g.num_tokens - n, layer)
 
 
-def accuracy_grid(spec: str | None, g: TokenGeometry, estimator: str) -> list[int]:
+def accuracy_grid(spec: TokenRange | None, g: TokenGeometry, estimator: str) -> list[int]:
     """The kept-token counts n to evaluate: ``--tokens`` or every n the estimator can reach.
 
     Raises:
@@ -37,7 +37,7 @@ def accuracy_grid(spec: str | None, g: TokenGeometry, estimator: str) -> list[in
     grid = token_grid(spec, g.num_tokens, g.num_prefix)
     if grid[-1] < fewest:
         raise PomtError(
-            f"--tokens {spec!r}: ToMe merges at most half of the non-prefix tokens per block, so on "
+            f"--tokens {str(spec)!r}: ToMe merges at most half of the non-prefix tokens per block, so on "
             f"{g.name} ({g.num_blocks} blocks) it leaves at least {fewest} tokens; give STOP >= {fewest}"
         )
     return grid

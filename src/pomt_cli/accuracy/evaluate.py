@@ -22,7 +22,7 @@ from pomt_cli.formats.accuracy import AccuracyMeta, Estimator, FRAME_SCHEMA, RAN
 from pomt_cli.formats.common import write_profile
 from pomt_cli.formats.outputs import write_set
 from pomt_cli.models import check_num_classes, create_model, state_dict_sha256, vit_geometry, weights_source
-from pomt_cli.options import check_layers, parse_dtype
+from pomt_cli.options import Dtype, TokenRange, check_layers
 from pomt_cli.plots import plot_accuracy
 from pomt_cli.pruning import apply, forward_kept, geometry, planned_token_counts, remove
 from pomt_cli.pruning.geometry import TokenGeometry
@@ -97,7 +97,7 @@ def estimate_hits(
 
 
 class EstimateConfig(BaseModel):
-    """The options of one accuracy estimate (what ``pomt estimate-accuracy`` parses)."""
+    """The settings of one accuracy estimate, typed (``pomt estimate-accuracy`` parses its options into them)."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -108,14 +108,15 @@ class EstimateConfig(BaseModel):
     allow_random_weights: bool = False
     img_size: int | None = None
     limit: int | None = None
-    tokens: str | None = None
+    tokens: TokenRange | None = Field(None, description="the kept-token grid (default: every n the estimator reaches)")
     estimator: Estimator = "random"
     layer: int = 3
     layers: list[int] | None = Field(None, description="POMT's blocks, one curve each (default: [layer])")
     seed: int = 0
     batch_size: int = Field(64, ge=1)
-    dtype: str = "float32"
-    workers: int | None = None
+    dtype: Dtype = Dtype.float32
+    workers: int | None = Field(None, ge=1)
+    command: str | None = Field(None, description="the command line recorded in the profile (default: this process's)")
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def run_estimate(
     Raises:
         PomtError: bad options, data or weights.
     """
-    dtype_name, dtype = parse_dtype(config.dtype)
+    dtype_name, dtype = config.dtype.value, config.dtype.torch
     listing: Listing = list_images(config.data, limit=config.limit)
     model, source = _model_for(config)
     check_num_classes(model, listing.num_classes, f"--data {config.data}")
@@ -253,6 +254,7 @@ def run_estimate(
         images_sha256=hashlib.sha256("\n".join(used).encode()).hexdigest(), images=used,
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.data_config.items()},
         batch_size=config.batch_size, device_type=procs.device.type,
+        **({"command": config.command} if config.command is not None else {}),
     )
     return AccuracyRun(frame=frame, meta=meta, decode_s=decode_s, evaluate_s=evaluate_s, local_images=len(data))
 

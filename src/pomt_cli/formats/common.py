@@ -10,6 +10,7 @@ import shlex
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Literal
 
 import polars as pl
@@ -40,18 +41,9 @@ LATENCY_COLUMNS = ("batch_size", "tokens", "latency_ms", "p10_ms", "p90_ms", "sa
 ACCURACY_COLUMNS = ("tokens", "accuracy", "top5", "images")
 
 
-_command_line: list[str] | None = None
-
-
-def set_command_line(args: list[str]) -> None:
-    """Record the arguments of this ``pomt`` invocation (the CLI calls this first)."""
-    global _command_line
-    _command_line = list(args)
-
-
-def command_line() -> str:
-    """The ``pomt ...`` command line of this invocation, as a shell would read it."""
-    return shlex.join(["pomt", *(sys.argv[1:] if _command_line is None else _command_line)])
+def command_line(args: Sequence[str] | None = None) -> str:
+    """``pomt ARGS`` as a shell would read it (default: this process's arguments)."""
+    return shlex.join(["pomt", *(sys.argv[1:] if args is None else args)])
 
 
 class ProfileMeta(BaseModel):
@@ -71,7 +63,7 @@ class ProfileMeta(BaseModel):
     img_size: list[int] | None = Field(None, description="input height and width in pixels the model was built for")
     img_size_option: int | None = Field(None, description="--img-size as given (None: the model's default size)")
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    command: str = Field(default_factory=command_line)
+    command: str = Field(default_factory=lambda: command_line())
     pomt_version: str = __version__
     torch_version: str = torch.__version__
     timm_version: str = timm.__version__

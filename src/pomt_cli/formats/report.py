@@ -97,7 +97,7 @@ class Report(BaseModel):
     accuracy: ProfileInput
     notes: list[str] = Field(default_factory=list)
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    command: str = Field(default_factory=command_line)
+    command: str = Field(default_factory=lambda: command_line())
     pomt_version: str = __version__
 
     def choice_for(self, batch_size: int) -> Choice | None:

@@ -1,38 +1,17 @@
-"""``pomt demo``: the whole pipeline on the bundled digits model and data, into one folder with a summary page."""
+"""The demo's Markdown summary page: what ran, the chosen R, the steps and the methods compared."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import math
-import time
 from pathlib import Path
 
 import polars as pl
-import typer
-from pomt_cli.console import plain_console
-from rich.rule import Rule
 
-from pomt_cli import __version__, digits
-from pomt_cli.devices.presets import default_preset_name, load_preset
-from pomt_cli.errors import PomtError
+from pomt_cli import __version__
 from pomt_cli.formats.latency import read_latency as read_latency_profile
-from pomt_cli.measure.steps import find_curve_steps
-from pomt_cli.formats.outputs import atomic_write_text, check_output_dir
 from pomt_cli.formats.lookup import read_profile
 from pomt_cli.formats.report import read_report
-
-out = plain_console()
-
-#: Batch sizes profiled and benched: one image, and a batch that fills a CPU's cores.
-BATCH_SIZES = "1,32"
-#: POMT's pruning blocks profiled: every block of digits-vit; compute-r chooses among them.
-LAYERS = ",".join(str(i) for i in range(digits.ARCHITECTURE["depth"]))
-#: The kept-token grid of both profiles: N = 65 down to 5 in steps of 4 (16 points per curve).
-TOKENS = "65:5:4"
-
-
-def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
+from pomt_cli.measure.steps import find_curve_steps
 
 
 def _markdown_table(frame: pl.DataFrame, formats: dict[str, str]) -> str:
@@ -54,7 +33,12 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: float) -> str:
-    """The demo's Markdown summary: what ran, R, the steps, the comparison, with the plots."""
+    """The demo's Markdown summary: what ran, R, the steps, the comparison, with the plots.
+
+    ``paths`` names the demo's files: ``latency``, ``latency_plot``, ``accuracy``,
+    ``accuracy_plot``, ``report``, ``report_plot`` and ``bench`` (its Parquet file); the
+    page links them relative to ``folder``.
+    """
     latency, latency_meta = read_latency_profile(paths["latency"])
     accuracy, accuracy_meta = read_profile(paths["accuracy"], "accuracy")
     report = read_report(paths["report"])
@@ -134,64 +118,3 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
     lines += ["Timings on a shared or throttled machine vary from run to run; the files hold each point's "
               "spread and sample count.", ""]
     return "\n".join(lines)
-
-
-def demo(
-    output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", help="Folder for every file and the summary."),
-    device: str | None = typer.Option(
-        None, "--device", help="Device preset to measure on (default: nvidia with CUDA, else cpu; or orin...)."
-    ),
-    torch_device: str | None = typer.Option(None, "--torch-device", help="Override the preset's torch device."),
-    lock_clocks: bool = typer.Option(
-        False, "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (needs root)."
-    ),
-    budget: float = typer.Option(
-        0.25, "--budget", help="Seconds per profile point at most (bench: four times as long per method and round)."
-    ),
-) -> dict[str, Path]:
-    """Run profile, estimate-accuracy, compute-r and bench on the bundled digits model; write a summary page."""
-    from pomt_cli.cli import app
-
-    device = device or default_preset_name()
-    load_preset(device)  # an unknown preset fails before anything runs
-    folder = check_output_dir(output_dir)  # each step creates it when it writes its files
-    began = time.perf_counter()
-    common = ["--device", device, *(["--torch-device", torch_device] if torch_device else []),
-              "--lock-clocks" if lock_clocks else "--no-lock-clocks"]
-
-    def step(title: str, args: list[str]) -> dict[str, Path]:
-        out.print(Rule(f"pomt {args[0]}: {title}"))
-        out.print("$ pomt " + " ".join(args), style="dim")
-        result = app(args=args, standalone_mode=False, prog_name="pomt")
-        if not isinstance(result, dict):  # an exit code: the step stopped (Ctrl-C)
-            raise typer.Exit(result or 1)
-        return result
-
-    latency = step("latency of the POMT-patched model against kept tokens, at every layer", [
-        "profile", "--model", digits.NAME, "--method", "pomt", "--layer", LAYERS, "--batch-size", BATCH_SIZES,
-        "--tokens", TOKENS, "--budget", str(budget), "--output-dir", str(folder), *common])
-    accuracy = step("POMT's accuracy against kept tokens, at every layer", [
-        "estimate-accuracy", "--model", digits.NAME, "--data", "digits", "--estimator", "pomt", "--layer", LAYERS,
-        "--tokens", TOKENS, "--batch-size", "150", "--output-dir", str(folder)])
-    chosen = step("R from the two profiles", [
-        "compute-r", "--latency", str(latency["profile"]), "--accuracy", str(accuracy["profile"]),
-        "--output-dir", str(folder)])
-    report = read_report(chosen["report"])
-    # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once.
-    per_block = max(1, math.ceil(max(c.R for c in report.choices) / digits.ARCHITECTURE["depth"]))
-    benched = step("the chosen (layer, R) against the baseline, ToMe and Top-K", [
-        "bench", "--model", digits.NAME, "--data", "digits", "--r-from", str(chosen["report"]),
-        "--tome-r", str(per_block), "--topk-r", str(per_block), "--budget", f"{4 * budget:g}", "--rounds", "3",
-        "--output-dir", str(folder), *common])
-    paths = {
-        "latency": latency["profile"], "latency_plot": latency["plot"],
-        "accuracy": accuracy["profile"], "accuracy_plot": accuracy["plot"],
-        "report": chosen["report"], "report_plot": chosen["plot"], "bench": benched["parquet"],
-    }
-    missing = [str(p) for p in paths.values() if not Path(p).is_file()]
-    if missing:
-        raise PomtError(f"the demo's steps did not write {', '.join(missing)}")
-    summary = atomic_write_text(folder / "summary.md", summary_page(paths, folder, device, time.perf_counter() - began))
-    out.print(Rule("done"))
-    out.print(f"summary: {summary} ({time.perf_counter() - began:.0f} s)")
-    return {**paths, "summary": summary}

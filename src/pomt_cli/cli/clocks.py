@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import typer
 from rich.text import Text
 
+from pomt_cli.cli.options import presets_text
 from pomt_cli.console import plain_console
 from pomt_cli.devices.clocks import ClockController, clock_lock
 from pomt_cli.devices.presets import DevicePreset, load_preset
@@ -20,8 +22,10 @@ clocks_app = typer.Typer(
     no_args_is_help=True,
 )
 
-DEVICE_HELP = "Device preset (orin, tx2, xavier, nvidia, a100, h100, cpu) or a preset .toml file."
-TORCH_DEVICE_HELP = "The torch device whose GPU is meant (cuda:1 -> that GPU for nvidia-smi) (default: the preset's)."
+PresetOption = Annotated[str, typer.Option("--device", help=f"Device preset ({presets_text()}) or a preset .toml file.")]
+GpuOption = Annotated[str | None, typer.Option(
+    "--torch-device", help="The torch device whose GPU is meant (cuda:1 -> that GPU for nvidia-smi) (default: the "
+    "preset's).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -40,8 +44,8 @@ def _controller(device: str, torch_device: str | None) -> tuple[DevicePreset, Cl
 
 @clocks_app.command("status")
 def status(
-    device: str = typer.Option(..., "--device", help=DEVICE_HELP),
-    torch_device: str | None = typer.Option(None, "--torch-device", help=TORCH_DEVICE_HELP),
+    device: PresetOption,
+    torch_device: GpuOption = None,
 ) -> None:
     """Show the clocks' current state (runs the preset's read-only status commands)."""
     preset, ctl = _controller(device, torch_device)
@@ -69,9 +73,10 @@ def status(
 
 @clocks_app.command("lock")
 def lock(
-    device: str = typer.Option(..., "--device", help=DEVICE_HELP),
-    torch_device: str | None = typer.Option(None, "--torch-device", help=TORCH_DEVICE_HELP),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands and what they need; run nothing."),
+    device: PresetOption,
+    torch_device: GpuOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands and what they need; run "
+                                          "nothing.")] = False,
 ) -> None:
     """Lock the clocks (saving their state first) until `pomt clocks restore`."""
     preset, ctl = _controller(device, torch_device)
@@ -105,8 +110,8 @@ def lock(
 
 @clocks_app.command("restore")
 def restore(
-    device: str = typer.Option(..., "--device", help=DEVICE_HELP),
-    torch_device: str | None = typer.Option(None, "--torch-device", help=TORCH_DEVICE_HELP),
+    device: PresetOption,
+    torch_device: GpuOption = None,
 ) -> None:
     """Put the clocks back as they were before `pomt clocks lock`."""
     preset, ctl = _controller(device, torch_device)

@@ -1,7 +1,8 @@
-"""The ``pomt`` command line: options -> validated config -> library call -> rendering.
+"""The ``pomt`` Typer app and :func:`main`: options -> typed settings -> a pipeline -> rendering.
 
-Each subcommand lives in ``pomt_cli.commands.<name>`` and is registered here. Commands
-parse and render; the library computes. Every user error reaches :func:`main` as a
+Each subcommand lives in ``pomt_cli.cli.<name>`` and is registered here. Commands parse
+their options into the settings of a :mod:`pomt_cli.pipelines` function, call it and
+render its result; the library computes. Every user error reaches :func:`main` as a
 :class:`~pomt_cli.errors.PomtError`, a click usage error or an ``OSError`` (a name too
 long, a full disk, a folder without permission) and is printed as one line on standard
 error, as written (no markup), with exit code 2. SIGTERM ends a command like Ctrl-C
@@ -13,16 +14,18 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Annotated
 
 import typer
 from rich.text import Text
 
 from pomt_cli import __version__
+from pomt_cli.cli import bench, clocks, compute_r, demo, estimate_accuracy, export, profile
 from pomt_cli.console import plain_console
 from pomt_cli.devices.signals import sigterm_raises
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import describe_os_error
-from pomt_cli.formats.common import set_command_line
+from pomt_cli.formats.common import command_line
 
 app = typer.Typer(
     name="pomt",
@@ -51,21 +54,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     # An empty metavar: a flag takes no value, so its help shows no type.
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."
-    ),
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit.")] = False,
 ) -> None:
     """Prune Vision Transformer tokens where the device's latency curve says it pays."""
 
 
-def _register() -> None:
-    from pomt_cli.commands import COMMANDS
-
-    for register in COMMANDS:
-        register(app)
-
-
-_register()
+# In help order.
+for _command in (profile, clocks, estimate_accuracy, compute_r, bench, demo, export):
+    _command.register(app)
 
 
 def fail(message: str) -> None:
@@ -88,12 +85,12 @@ def _warning_lines(caught: list[warnings.WarningMessage]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pomt`` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
-    set_command_line(args)
     try:
         # Outside standalone mode Typer returns the exit code of typer.Exit (and 130 for
-        # Ctrl-C) instead of exiting; commands themselves return None.
+        # Ctrl-C) instead of exiting; commands return None.
         with warnings.catch_warnings(record=True) as caught, sigterm_raises():
-            code = app(args=args, standalone_mode=False, prog_name="pomt")
+            # The command line travels to the commands as the context's object; the files record it.
+            code = app(args=args, standalone_mode=False, prog_name="pomt", obj=command_line(args))
     except PomtError as exc:
         fail(str(exc))
     except OSError as exc:

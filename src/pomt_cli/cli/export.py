@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pomt_cli.cli.options import CheckpointOption, DtypeOption, Method, ModelOption, SeedOption
 from pomt_cli.console import plain_console
 from pomt_cli.errors import PomtError
 from pomt_cli.export import check_output_file, export_onnx, require_onnx
-from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP, create_model, model_line
-from pomt_cli.options import parse_dtype
+from pomt_cli.models import DEFAULT_MODEL, create_model, model_line
+from pomt_cli.options import Dtype
 from pomt_cli.pruning import method_names
 from pomt_cli.pruning.registry import get as get_method
 
 out = plain_console()
-
-
-#: The registered methods as a choice (``--help`` lists them).
-Method = Enum("Method", {name: name for name in method_names()}, type=str)
 
 
 def register(app: typer.Typer) -> None:
@@ -29,27 +25,26 @@ def register(app: typer.Typer) -> None:
 
 def export(
     output: Annotated[Path, typer.Option("--output", help="The .onnx file to write (its folder must exist).")],
-    model: Annotated[str, typer.Option("--model", show_default=False, help=MODEL_HELP)] = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     method: Annotated[Method, typer.Option("--method", help="The token reduction built into the graph.")] = Method.none,
     r: Annotated[int, typer.Option("-r", "--r", min=0, help="POMT: tokens pruned in block --layer; ToMe: merged "
                                    "per block; Top-K: pruned per block.")] = 0,
     layer: Annotated[int, typer.Option("--layer", min=0, help="POMT's pruning block.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="The graph's static batch size.")] = 1,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+    dtype: DtypeOption = Dtype.float32,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="timm's pretrained weights.")] = False,
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Weights from a .safetensors or .pth "
-                                                    "file.")] = None,
+    checkpoint: CheckpointOption = None,
     opset: Annotated[int, typer.Option("--opset", min=17, help="ONNX opset.")] = 18,
     tolerance: Annotated[float | None, typer.Option(
         "--tolerance", min=0.0, help="Largest ONNX Runtime vs PyTorch difference, relative to the largest logit "
         "(default 1e-4 in float32, 1e-2 in float16).")] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the check's random batch.")] = 0,
-) -> dict[str, Path]:
+    seed: SeedOption = 0,
+) -> None:
     """Export the model with a token reduction to ONNX (static shapes), check it with ONNX Runtime, keep it only if it matches."""
     out.print(model_line(model))
     require_onnx()
     check_output_file(output)
-    _, torch_dtype = parse_dtype(dtype)
+    torch_dtype = dtype.torch
     if not get_method(method.value).takes_layer and layer != 3:
         raise PomtError(f"--layer is POMT's pruning block; {method.value} has no layer: leave --layer out")
     if not get_method(method.value).reduces and r:
@@ -66,4 +61,3 @@ def export(
     out.print(f"ONNX Runtime against PyTorch on a random batch: max abs difference {result.max_abs_diff:.2e}, "
               f"relative {result.max_rel_diff:.2e} (tolerance {result.tolerance:g})")
     out.print(f"onnx: {result.path}")
-    return {"onnx": result.path}

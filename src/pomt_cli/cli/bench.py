@@ -1,0 +1,174 @@
+"""``pomt bench``: the pruned model against the baseline, ToMe and Top-K, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+from rich import box
+from rich.table import Table
+
+from pomt_cli.bench import BASELINE
+from pomt_cli.cli.options import (
+    AllowRandomOption,
+    BenchBudgetOption,
+    CheckpointOption,
+    CudaGraphsOption,
+    DeviceOption,
+    DtypeOption,
+    ImgSizeOption,
+    LimitOption,
+    LockClocksOption,
+    Method,
+    ModelOption,
+    OutputDirOption,
+    RelPrecisionOption,
+    SeedOption,
+    ThreadsOption,
+    TorchDeviceOption,
+    parse_int_list,
+)
+from pomt_cli.cli.progress import RichReporter
+from pomt_cli.console import plain_console
+from pomt_cli.models import DEFAULT_MODEL, model_line
+from pomt_cli.options import Dtype
+from pomt_cli.pipelines import BUDGET_S, BenchResult, BenchSettings
+from pomt_cli.pipelines import bench as run_bench
+from pomt_cli.pruning import tome, topk
+
+out = plain_console()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A table whose numbers stay whole at 80 columns: number columns exactly as wide as their
+    widest cell or header, only the text columns fold."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(columns):
+        if name in ("method", "predicted by"):
+            table.add_column(name, justify="left", overflow="fold")
+        else:
+            width = max([len(r[i]) for r in rows] + [len(name)])
+            table.add_column(name, justify="right", width=width, no_wrap=True)
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
+def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> list[Table]:
+    """The report: a table of latency (and accuracy), and one of predictions when the run has them."""
+    columns = ["batch", "method", "out", "ms", "p10-p90", "vs none"]
+    if with_accuracy:
+        columns += ["top-1", "Δ pts"]
+    rows = []
+    for row in frame.iter_rows(named=True):
+        if row["latency_ms"] is None:
+            latency, spread, change = "out of memory", "", ""
+        else:
+            latency, spread = f"{row['latency_ms']:.3f}", f"{row['p10_ms']:.3g}-{row['p90_ms']:.3g}"
+            change = "" if row["method"] == BASELINE or row["latency_change_pct"] is None else (
+                f"{row['latency_change_pct']:+.1f}%")
+        cells = [str(row["batch_size"]), row["setting"], str(row["tokens_out"]), latency, spread, change]
+        if with_accuracy:
+            acc_change = "" if row["method"] == BASELINE or row["accuracy_change"] is None else f"{row['accuracy_change']:+.2f}"
+            cells += [f"{row['accuracy']:.2f}", acc_change]
+        rows.append(cells)
+    legend = "out: tokens leaving the last block; ms: median, p10-p90 its spread" + (
+        "; top-1 in %, Δ pts: its change against none" if with_accuracy else "")
+    tables = [_table(title, columns, rows)]
+    tables[0].caption, tables[0].caption_justify = legend, "left"
+    predicted = frame.filter(pl.col("predicted_ms").is_not_null())
+    if predicted.height:
+        rows = []
+        for row in predicted.iter_rows(named=True):
+            by = {"pomt": "real pruned model", "proxy": "all-blocks proxy"}.get(row["predicted_by"] or "", "")
+            rows.append([str(row["batch_size"]), row["setting"], f"{row['predicted_ms']:.3f}",
+                         "" if row["latency_ms"] is None else f"{row['latency_ms']:.3f}",
+                         "" if row["prediction_error"] is None else f"{row['prediction_error']:+.1%}", by])
+        tables.append(_table("Predicted against measured (ms)", ["batch", "method", "predicted", "measured",
+                                                                  "error", "predicted by"], rows))
+    return tables
+
+
+def render(result: BenchResult) -> None:
+    """The tables of latency (and accuracy) and of predictions, the clocks, then the files."""
+    meta, frame = result.meta, result.frame
+    images = meta.num_images
+    title = (f"{meta.model} on {meta.device_display_name} ({meta.device_name[:40]}), {meta.dtype}, "
+             f"{'CUDA graphs' if meta.timing_mode == 'cuda_graphs' else 'eager'}"
+             + (f", {images} images" if images else ""))
+    if result.skipped:
+        out.print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0][0]}")
+    for table in _render(frame, title, images is not None):
+        out.print(table)
+    if frame["predicted_ms"].is_not_null().any():
+        workload = next(c.workload for c in result.choices.values())
+        out.print(f"predicted: by {result.r_from} from "
+                  + ("the real pruned model's latency profile" if workload == "pomt" else
+                     "the all-blocks proxy (every block at n; the real saving is smaller)")
+                  + "; error = measured / predicted - 1")
+    clocks = meta.clocks
+    out.print(f"clocks: {clocks.mode} ({clocks.detail})" if clocks.detail else f"clocks: {clocks.mode}")
+    out.print(f"report: {result.csv}")
+    out.print(f"        {result.parquet}")
+
+
+def bench(
+    ctx: typer.Context,
+    model: ModelOption = DEFAULT_MODEL,
+    method: Annotated[list[Method], typer.Option(
+        "--method", help=f"Repeat for a comparison (default: all, pomt when -r or --r-from is given). {BASELINE} is "
+        "always included.")] = [],  # noqa: B006 (typer's way of a repeated option)
+    r: Annotated[int | None, typer.Option("-r", "--r", help="POMT: tokens pruned in block --layer.")] = None,
+    r_from: Annotated[Path | None, typer.Option(
+        "--r-from", help="POMT's R per batch size from a compute-r report (.json).")] = None,
+    layer: Annotated[int | None, typer.Option(
+        "--layer", help="POMT's pruning block (default: the report's choice with --r-from, else 3).")] = None,
+    tome_r: Annotated[int, typer.Option(
+        "--tome-r", help="ToMe: tokens merged in every block, capped per block at half the non-prefix tokens "
+        "(as ToMe).")] = 8,
+    topk_r: Annotated[int, typer.Option("--topk-r", help="Top-K: tokens pruned in every block.")] = 8,
+    batch_size: Annotated[str | None, typer.Option(
+        "--batch-size", help="Batch sizes, comma-separated (default: the report's with --r-from, else 1).")] = None,
+    device: DeviceOption = None,
+    torch_device: TorchDeviceOption = None,
+    dtype: DtypeOption = Dtype.float32,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="timm's pretrained weights (needed for "
+                                             "accuracy).")] = False,
+    checkpoint: CheckpointOption = None,
+    allow_random_weights: AllowRandomOption = False,
+    img_size: ImgSizeOption = None,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Labelled images for accuracy: an image folder or 'digits'.")] = None,
+    limit: LimitOption = None,
+    eval_batch_size: Annotated[int, typer.Option(
+        "--eval-batch-size", min=1, help="Images per forward pass for accuracy.")] = 64,
+    cuda_graphs: CudaGraphsOption = False,
+    rel_precision: RelPrecisionOption = 0.01,
+    budget: BenchBudgetOption = BUDGET_S,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds; samples are pooled over "
+                                        "them.")] = 3,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = None,
+    lock_clocks: LockClocksOption = True,
+    output_dir: OutputDirOption = Path("runs"),
+) -> None:
+    """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
+    out.print(model_line(model))
+    settings = BenchSettings(
+        model=model, methods=[m.value for m in method], r=r, r_from=r_from, layer=layer,
+        method_r={tome.Tome.name: tome_r, topk.Topk.name: topk_r},
+        batch_sizes=parse_int_list(batch_size, "--batch-size") if batch_size else None, device=device,
+        torch_device=torch_device, dtype=dtype, pretrained=pretrained, checkpoint=checkpoint,
+        allow_random_weights=allow_random_weights, img_size=img_size, data=data, limit=limit,
+        eval_batch_size=eval_batch_size, cuda_graphs=cuda_graphs, rel_precision=rel_precision, budget_s=budget,
+        rounds=rounds, seed=seed, threads=threads, lock_clocks=lock_clocks, output_dir=output_dir, command=ctx.obj,
+    )
+    with RichReporter() as reporter:
+        result = run_bench(settings, reporter)
+    render(result)

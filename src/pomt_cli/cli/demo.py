@@ -1,0 +1,68 @@
+"""``pomt demo``: the whole pipeline on the bundled digits model and data, into one folder with a summary page."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.rule import Rule
+
+from pomt_cli.cli import bench, compute_r, estimate_accuracy, profile
+from pomt_cli.cli.options import DeviceOption, TorchDeviceOption
+from pomt_cli.cli.progress import RichReporter
+from pomt_cli.console import plain_console
+from pomt_cli.pipelines import (
+    DEMO_BUDGET_S,
+    AccuracyResult,
+    BenchResult,
+    ComputeRResult,
+    DemoSettings,
+    ProfileResult,
+)
+from pomt_cli.pipelines import demo as run_demo
+
+out = plain_console()
+
+#: How each step's result is shown: as its own command shows it.
+_RENDER = {ProfileResult: profile.render, AccuracyResult: estimate_accuracy.render,
+           ComputeRResult: compute_r.render, BenchResult: bench.render}
+
+
+class DemoReporter(RichReporter):
+    """Progress bars as each command draws them, a rule before each step and its results after it."""
+
+    def step(self, title: str, args: Sequence[str]) -> None:
+        self.close()
+        out.print(Rule(f"pomt {args[0]}: {title}"))
+        out.print("$ pomt " + " ".join(args), style="dim")
+
+    def finished(self, result: object) -> None:
+        self.close()
+        _RENDER[type(result)](result)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+
+
+def demo(
+    ctx: typer.Context,
+    output_dir: Annotated[Path, typer.Option(
+        "--output-dir", help="Folder for every file and the summary.")] = Path("runs/demo"),
+    device: DeviceOption = None,
+    torch_device: TorchDeviceOption = None,
+    lock_clocks: Annotated[bool, typer.Option(
+        "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (needs root).")] = False,
+    budget: Annotated[float, typer.Option(
+        "--budget", min=0.001, help="Seconds of timing per profile point at most (bench: four times as long per "
+        "method and round).")] = DEMO_BUDGET_S,
+) -> None:
+    """Run profile, estimate-accuracy, compute-r and bench on the bundled digits model; write a summary page."""
+    settings = DemoSettings(output_dir=output_dir, device=device, torch_device=torch_device, lock_clocks=lock_clocks,
+                            budget_s=budget, command=ctx.obj)
+    with DemoReporter() as reporter:
+        result = run_demo(settings, reporter)
+    out.print(Rule("done"))
+    out.print(f"summary: {result.summary} ({result.elapsed_s:.0f} s)")

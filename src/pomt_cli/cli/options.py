@@ -1,0 +1,124 @@
+"""Options shared by the commands, each defined once (name, default, help, range), and the parsers of their text."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pomt_cli.formats.accuracy import estimators
+from pomt_cli.devices.presets import preset_names
+from pomt_cli.errors import PomtError
+from pomt_cli.formats.latency import WORKLOADS
+from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP
+from pomt_cli.options import SEED_MAX, Dtype, TokenRange
+from pomt_cli.pipelines import BUDGET_S
+from pomt_cli.pruning import method_names
+
+#: The registered token-reduction methods (``--help`` lists them; another value fails at parse time).
+Method = Enum("Method", {name: name for name in method_names()}, type=str)
+#: The accuracy estimators: ``random`` and every reducing method.
+Estimator = Enum("Estimator", {name: name for name in estimators()}, type=str)
+#: What ``pomt profile`` times: the all-blocks proxy or the POMT-patched model.
+Workload = Enum("Workload", {name: name for name in WORKLOADS}, type=str)
+
+
+def presets_text() -> str:
+    """The bundled presets, as a help text lists them."""
+    return ", ".join(preset_names())
+
+
+def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]``; every value at least ``minimum``, none repeated.
+
+    Raises:
+        PomtError: a value that is no integer, below ``minimum``, or repeated.
+    """
+    values: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise PomtError(f"{option} {text!r}: {part!r} is not an integer; give e.g. 1,4,16") from None
+        if value < minimum:
+            raise PomtError(f"{option} {text!r}: {value} is below {minimum}; give values >= {minimum}")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise PomtError(f"{option} {text!r} repeats a value; give each value once")
+    return values
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``--layer 1,3`` -> ``[1, 3]`` (the model's range is checked once the model is built)."""
+    return None if text is None else parse_int_list(text, "--layer", minimum=-(2**31))
+
+
+def parse_tokens(text: TokenRange | str) -> TokenRange:
+    """``START:STOP:STRIDE`` -> :class:`TokenRange` (the model's bounds are checked once it is built)."""
+    if isinstance(text, TokenRange):
+        return text
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise typer.BadParameter(f"{text!r} is not START:STOP:STRIDE; give e.g. 197:17:20")
+    try:
+        start, stop, stride = (int(p) for p in parts)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} must hold three integers START:STOP:STRIDE") from None
+    if stride <= 0:
+        raise typer.BadParameter(f"{text!r}: STRIDE must be positive, got {stride}")
+    return TokenRange(start=start, stop=stop, stride=stride)
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"{value:g} must be positive")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0 < value < 1:
+        raise typer.BadParameter(f"{value:g} must lie between 0 and 1, e.g. 0.01 for 1%")
+    return value
+
+
+ModelOption = Annotated[str, typer.Option("--model", show_default=False, help=MODEL_HELP)]
+DeviceOption = Annotated[str | None, typer.Option(
+    "--device", help=f"Device preset ({presets_text()}) or a preset .toml file (default: nvidia with CUDA, else cpu).")]
+TorchDeviceOption = Annotated[str | None, typer.Option(
+    "--torch-device", help="Override the preset's torch device (cpu, cuda, cuda:1, mps).")]
+DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="The dtype the model runs in.")]
+BatchSizesOption = Annotated[str, typer.Option("--batch-size", help="Batch sizes, comma-separated: 1,4,16,64.")]
+TokensOption = Annotated[TokenRange | None, typer.Option(
+    "--tokens", parser=parse_tokens, metavar="START:STOP:STRIDE",
+    help="Grid of kept tokens n, both ends inclusive (default: every n the model and method reach).")]
+PretrainedOption = Annotated[bool, typer.Option("--pretrained", help="Load timm's pretrained weights.")]
+CheckpointOption = Annotated[Path | None, typer.Option("--checkpoint", help="Weights from a .safetensors or .pth file.")]
+AllowRandomOption = Annotated[bool, typer.Option(
+    "--allow-random-weights", help="Measure accuracy with random weights anyway (it means nothing).")]
+ImgSizeOption = Annotated[int | None, typer.Option(
+    "--img-size", help="Input size in pixels, a multiple of the patch size (default: the model's; e.g. 224 for "
+    "DINOv2, whose timm default is 518).")]
+LimitOption = Annotated[int | None, typer.Option(
+    "--limit", help="A deterministic class-balanced subset of this many images.")]
+CudaGraphsOption = Annotated[bool, typer.Option(
+    "--cuda-graphs", help="Capture the forward pass in a CUDA graph and time replays (no launch overhead).")]
+RelPrecisionOption = Annotated[float, typer.Option(
+    "--rel-precision", callback=_fraction,
+    help="Stop timing once the 95% CI of the median is within this fraction.")]
+ProfileBudgetOption = Annotated[float, typer.Option(
+    "--budget", callback=_positive,
+    help=f"Seconds of timing per grid point at most, warm-up included (default {BUDGET_S:g}, as in bench, where "
+    "it is per method and round).")]
+BenchBudgetOption = Annotated[float, typer.Option(
+    "--budget", callback=_positive,
+    help=f"Seconds of timing per method and round at most (default {BUDGET_S:g}, as in profile, where it is per "
+    "grid point).")]
+SeedOption = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seeds the inputs and every random order.")]
+ThreadsOption = Annotated[int | None, typer.Option(
+    "--threads", min=1, help="CPU threads for torch (default: torch's choice).")]
+LockClocksOption = Annotated[bool, typer.Option(
+    "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (restored after).")]
+OutputDirOption = Annotated[Path, typer.Option("--output-dir", help="Folder for the files written.")]

@@ -1,0 +1,171 @@
+"""``pomt profile``: a device's latency against kept tokens, its largest steps and a plot."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+from rich.table import Table
+
+from pomt_cli.cli.options import (
+    BatchSizesOption,
+    CheckpointOption,
+    CudaGraphsOption,
+    DeviceOption,
+    DtypeOption,
+    ImgSizeOption,
+    LockClocksOption,
+    ModelOption,
+    OutputDirOption,
+    ProfileBudgetOption,
+    RelPrecisionOption,
+    SeedOption,
+    ThreadsOption,
+    TokensOption,
+    TorchDeviceOption,
+    Workload,
+    parse_int_list,
+    parse_layers,
+)
+from pomt_cli.cli.progress import RichReporter
+from pomt_cli.console import plain_console
+from pomt_cli.formats.latency import ClockState
+from pomt_cli.measure.steps import MAX_STEP_WIDTH
+from pomt_cli.models import DEFAULT_MODEL, model_line
+from pomt_cli.options import Dtype
+from pomt_cli.pipelines import BUDGET_S, ProfileResult, ProfileSettings
+from pomt_cli.pipelines import profile as run_profile
+
+out = plain_console()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile)
+
+
+def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int],
+                 layers: list[int] | None = None) -> list[Table | str]:
+    """One rich table of steps per curve: batch size, and POMT's layer when ``layers`` (or a line saying there is none)."""
+    rendered: list[Table | str] = []
+    stride = min((a - b for a, b in zip(grid, grid[1:])), default=1)
+    for layer, b in itertools.product(layers or [None], batch_sizes):
+        part = steps.filter(pl.col("batch_size") == b)
+        if layer is not None and "layer" in part.columns:
+            part = part.filter(pl.col("layer") == layer)
+        where = f"batch {b}" if layer is None else f"POMT at layer {layer}, batch {b}"
+        if part.is_empty():
+            hint = (f" (the grid's stride is {stride}; steps are looked for between points at most "
+                    f"{MAX_STEP_WIDTH} tokens apart: a finer --tokens grid can show them)" if stride > MAX_STEP_WIDTH else "")
+            rendered.append(f"{where}: no step stands out from the curve's trend{hint}")
+            continue
+        table = Table(title=f"Largest latency steps, {where}", title_justify="left")
+        # At 80 columns the words of the step wrap; the numbers never do.
+        table.add_column("step")
+        table.add_column("latency (ms)", justify="right", no_wrap=True)
+        table.add_column("change", justify="right", no_wrap=True)
+        table.add_column("beyond trend", justify="right", no_wrap=True)
+        for row in part.iter_rows(named=True):
+            table.add_row(
+                f"from {row['from_tokens']} to {row['to_tokens']} tokens",
+                f"{row['from_ms']:.3f} \u2192 {row['to_ms']:.3f}",
+                f"\u2212{row['drop_pct']:.1f}% latency",
+                f"{row['excess_pct']:.1f} pts",
+            )
+        rendered.append(table)
+    return rendered
+
+
+def workload_line(layers: list[int] | None, num_tokens: int) -> str:
+    """What the curve measured, in one line."""
+    if layers is None:
+        return ("workload: the all-blocks proxy (every block at n tokens), the paper's; a POMT model prunes in one "
+                "block and pays for scoring, so its real saving is smaller: --method pomt --layer L measures it")
+    return (f"workload: the POMT-patched model, R = {num_tokens} - n pruned in block "
+            f"{', '.join(map(str, layers))} (one curve per layer)")
+
+
+def _summary(frame: pl.DataFrame) -> str:
+    counts = dict(frame.group_by("status").len().iter_rows())
+    return (
+        f"{frame.height} points: {counts.get('ok', 0)} within the precision, {counts.get('budget', 0)} stopped "
+        f"by the time budget, {counts.get('oom', 0)} out of memory"
+    )
+
+
+def _clock_line(state: ClockState) -> str:
+    return {
+        "locked": "clocks: locked for the measurement, restored after",
+        "already_locked": f"clocks: {state.detail}",
+        "unlocked": "clocks: not locked (--no-lock-clocks); recorded in the profile",
+        "unavailable": f"clocks: not locked: {state.detail}",
+    }[state.mode]
+
+
+def render(result: ProfileResult) -> None:
+    """The clocks, the points' summary, the workload and the largest steps, then the files."""
+    meta, frame = result.meta, result.frame
+    out.print(_clock_line(meta.clocks))
+    out.print(_summary(frame) + f"; {meta.elapsed_s:.1f} s measuring")
+    budget_points = frame.filter(pl.col("status") == "budget").height
+    if budget_points:
+        out.print(f"{budget_points} point(s) did not reach \u00b1{meta.rel_precision:.1%} within {meta.budget_s:g} s: "
+                  "raise --budget or --rel-precision for them")
+    layers = meta.layers if meta.workload == "pomt" else None
+    out.print(workload_line(layers, meta.num_tokens))
+    for item in steps_tables(result.steps, meta.batch_sizes, meta.grid, layers):
+        out.print(item)
+    out.print(f"profile: {result.profile}")
+    out.print(f"plot:    {result.plot}")
+
+
+def profile(
+    ctx: typer.Context,
+    model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = None,
+    batch_size: BatchSizesOption = "1",
+    dtype: DtypeOption = Dtype.float32,
+    tokens: TokensOption = None,
+    torch_device: TorchDeviceOption = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Load timm's pretrained weights (latency does "
+                                             "not need them).")] = False,
+    checkpoint: CheckpointOption = None,
+    img_size: ImgSizeOption = None,
+    cuda_graphs: CudaGraphsOption = False,
+    rel_precision: RelPrecisionOption = 0.01,
+    budget: ProfileBudgetOption = BUDGET_S,
+    min_samples: Annotated[int, typer.Option("--min-samples", min=1, help="Timed calls per point at least.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls per point first.")] = 3,
+    passes: Annotated[int, typer.Option(
+        "--passes", min=1, help="Sweeps over the grid in fresh shuffled orders; each point's samples are pooled.")] = 2,
+    remeasure: Annotated[int, typer.Option(
+        "--remeasure", min=0, help="Rounds of re-measuring points that disagree with both neighbours.")] = 2,
+    seed: SeedOption = 0,
+    method: Annotated[Workload, typer.Option(
+        "--method", help="Workload: proxy (the paper's: every block at n tokens) or pomt (the real POMT-patched "
+        "model, R = N - n pruned in block --layer: what would be deployed).")] = Workload.proxy,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", help="With --method pomt: POMT's pruning blocks, comma-separated (default 3); one curve each, "
+        "each costing about one proxy profile.")] = None,
+    threads: ThreadsOption = None,
+    lock_clocks: LockClocksOption = True,
+    output_dir: OutputDirOption = Path("runs"),
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue this interrupted profile; finished points are kept.")] = None,
+    top_steps: Annotated[int, typer.Option("--top-steps", min=1, help="Steps listed per batch size.")] = 8,
+) -> None:
+    """Measure latency against kept tokens n: the device's latency-workload curve, its largest steps and a plot."""
+    out.print(model_line(model))
+    settings = ProfileSettings(
+        model=model, device=device, torch_device=torch_device, batch_sizes=parse_int_list(batch_size, "--batch-size"),
+        dtype=dtype, tokens=tokens, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size,
+        cuda_graphs=cuda_graphs, rel_precision=rel_precision, budget_s=budget, min_samples=min_samples,
+        warmup=warmup, passes=passes, remeasure=remeasure, seed=seed, workload=method.value,
+        layers=parse_layers(layer), threads=threads, lock_clocks=lock_clocks, output_dir=output_dir,
+        resume=resume, top_steps=top_steps, command=ctx.obj,
+    )
+    with RichReporter() as reporter:
+        result = run_profile(settings, reporter)
+    render(result)

@@ -1,0 +1,86 @@
+"""Progress bars and notes on standard error: the CLI's :class:`~pomt_cli.pipelines.Reporter`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pomt_cli.accuracy.evaluate import EvalProgress
+from pomt_cli.bench import BenchProgress
+from pomt_cli.console import plain_console
+from pomt_cli.measure.grid import GridProgress
+from pomt_cli.pipelines import Reporter
+
+err = plain_console(stderr=True, soft_wrap=True)
+
+
+class RichReporter(Reporter):
+    """Draws one progress bar per phase on standard error, started with the phase's first event."""
+
+    def __init__(self, *, notes_to_stdout: bool = False) -> None:
+        self._progress: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+        self._notes = plain_console(soft_wrap=True) if notes_to_stdout else err
+
+    def _task(self, name: str, description: str) -> tuple[Progress, TaskID]:
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[running]}"), console=err,
+            )
+            self._progress.start()
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task(description, total=None, running="")
+        return self._progress, self._tasks[name]
+
+    def close(self) -> None:
+        """Stop the bars (before the results are printed)."""
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress, self._tasks = None, {}
+
+    def __enter__(self) -> RichReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def note(self, text: str) -> None:
+        self.close()
+        self._notes.print(text)
+
+    def grid(self, event: GridProgress) -> None:
+        progress, task = self._task("grid", "starting")
+        if event.frame is None:
+            verb = "measuring" if event.phase == "measure" else "re-measuring"
+            where = "" if event.layer is None else f"layer {event.layer}, "
+            progress.update(task, total=event.total, completed=event.done,
+                            description=f"{verb} {where}batch {event.batch_size}, n={event.tokens}")
+        else:
+            progress.update(task, total=event.total, completed=event.done)
+
+    def interrupted(self, saved: int, path: Path) -> None:
+        self.close()
+        err.print(f"interrupted: {saved} points saved in {path}; continue with --resume {path}")
+
+    def decoding(self, done: int, total: int) -> None:
+        progress, task = self._task("decode", "decoding images")
+        progress.update(task, completed=done, total=total)
+
+    def evaluating(self, event: EvalProgress) -> None:
+        progress, task = self._task("evaluate", "evaluating")
+        first, last = event.running[0], event.running[-1]
+        running = f"n={first[0]}: {first[1]:.1f}%"
+        if len(event.running) > 1:
+            running += f", n={last[0]}: {last[1]:.1f}%"
+        progress.update(task, completed=event.done, total=event.total, running=f"top-1 so far {running}")
+
+    def timing(self, event: BenchProgress) -> None:
+        progress, task = self._task("timing", "timing")
+        progress.update(task, completed=event.done, total=event.total,
+                        description=f"timing batch {event.batch_size}, {event.method}, round {event.round + 1}")
+
+    def scoring(self, done: int, total: int) -> None:
+        progress, task = self._task("scoring", "evaluating accuracy")
+        progress.update(task, completed=done, total=total)

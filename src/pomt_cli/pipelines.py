@@ -1,0 +1,681 @@
+"""The pipelines: profile, estimate_accuracy, compute_r, bench and demo; typed settings in, typed results out.
+
+Each pipeline is the one place that sequences the layers below it (models, measurement,
+accuracy, selection, file formats) for one command. It takes a pydantic settings object,
+returns a result that names every file it wrote, reports progress through a
+:class:`Reporter` and never prints. Bad settings raise :class:`~pomt_cli.errors.PomtError`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pomt_cli import digits
+from pomt_cli.accuracy.evaluate import AccuracyRun, EstimateConfig, EvalProgress, run_estimate, write_accuracy
+from pomt_cli.accuracy.distributed import processes
+from pomt_cli.bench import (
+    BASELINE,
+    BenchMeta,
+    BenchPlan,
+    BenchProgress,
+    BenchTiming,
+    MethodSetting,
+    accuracy_of_methods,
+    bench_frame,
+    fit_settings,
+    time_methods,
+    write_bench,
+)
+from pomt_cli.accuracy.data import load_labelled
+from pomt_cli.formats.latency import ClockState
+from pomt_cli.devices.presets import DevicePreset, default_preset_name, load_preset
+from pomt_cli.devices.torch_device import device_name, resolve_torch_device
+from pomt_cli.devices.clocks import locked_clocks
+from pomt_cli.errors import PomtError
+from pomt_cli.measure.grid import GridProgress, LatencySettings
+from pomt_cli.formats.latency import LatencyMeta, Workload, resume_rows
+from pomt_cli.measure.steps import find_curve_steps
+from pomt_cli.measure.workload import profile_latency
+from pomt_cli.models import DEFAULT_MODEL, create_model, vit_geometry, weights_source
+from pomt_cli.options import SEED_MAX, Dtype, TokenRange, check_layers, token_grid
+from pomt_cli.formats.outputs import OutputSet, atomic_write_text, check_output_dir, output_stem, write_error
+from pomt_cli.plots import plot_latency, plot_selection
+from pomt_cli.formats.lookup import find_profile_pair
+from pomt_cli.formats.common import write_profile
+from pomt_cli.pruning import method_names
+from pomt_cli.pruning.registry import get as get_method
+from pomt_cli.report import summary_page
+from pomt_cli.formats.report import Choice, Report, read_report, write_report
+from pomt_cli.selection import Selection, SelectionSettings
+from pomt_cli.selection import compute_r as select_r
+
+#: Seconds of timing at most, the same default in profile (per grid point) and bench (per method and round).
+BUDGET_S = 1.0
+#: POMT's pruning block when neither the settings nor a report give one.
+DEFAULT_LAYER = 3
+#: Seconds between two checkpoints of an unfinished profile.
+CHECKPOINT_EVERY_S = 1.0
+
+
+class Reporter:
+    """What a pipeline tells its caller while it runs; every method does nothing here.
+
+    The CLI subclasses it to draw progress bars and print lines; a library caller passes
+    nothing (silence) or its own subclass.
+    """
+
+    def note(self, text: str) -> None:
+        """A line worth showing: which file was found, that nothing was left to measure."""
+
+    def grid(self, event: GridProgress) -> None:
+        """A profile's point started (``event.frame`` None) or finished."""
+
+    def interrupted(self, saved: int, path: Path) -> None:
+        """A profile stopped early; ``saved`` points are kept in ``path`` for ``--resume``."""
+
+    def decoding(self, done: int, total: int) -> None:
+        """Images decoded so far by this process."""
+
+    def evaluating(self, event: EvalProgress) -> None:
+        """Accuracy grid points evaluated so far."""
+
+    def timing(self, event: BenchProgress) -> None:
+        """One bench method timed in one round."""
+
+    def scoring(self, done: int, total: int) -> None:
+        """Bench settings whose accuracy was evaluated so far."""
+
+    def step(self, title: str, args: Sequence[str]) -> None:
+        """The demo starts a step: what it does, and the ``pomt`` command line it equals."""
+
+    def finished(self, result: object) -> None:
+        """The demo finished a step with this result."""
+
+
+_SILENT = Reporter()
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(protected_namespaces=(), frozen=True)
+
+    command: str | None = Field(None, description="the command line recorded in the files (default: this process's)")
+
+
+def _command(command: str | None) -> dict:
+    return {} if command is None else {"command": command}
+
+
+def _preset_and_device(device: str | None, torch_device: str | None) -> tuple[DevicePreset, torch.device]:
+    preset = load_preset(device or default_preset_name())
+    return preset, resolve_torch_device(torch_device or preset.torch_device)
+
+
+class ProfileSettings(_Settings):
+    """The settings of one latency profile (``pomt profile``)."""
+
+    model: str = DEFAULT_MODEL
+    device: str | None = Field(None, description="a preset name or .toml file (default: nvidia with CUDA, else cpu)")
+    torch_device: str | None = Field(None, description="overrides the preset's torch device")
+    batch_sizes: list[int] = Field([1], min_length=1)
+    dtype: Dtype = Dtype.float32
+    tokens: TokenRange | None = None
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    img_size: int | None = None
+    cuda_graphs: bool = False
+    rel_precision: float = Field(0.01, gt=0, lt=1)
+    budget_s: float = Field(BUDGET_S, gt=0, description="seconds per grid point")
+    min_samples: int = Field(10, ge=1)
+    warmup: int = Field(3, ge=0)
+    passes: int = Field(2, ge=1)
+    remeasure: int = Field(2, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    workload: Workload = "proxy"
+    layers: list[int] | None = Field(None, description="POMT's blocks with workload pomt (default [3])")
+    threads: int | None = Field(None, ge=1)
+    lock_clocks: bool = True
+    output_dir: Path = Path("runs")
+    resume: Path | None = None
+    top_steps: int = Field(8, ge=1)
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """A latency profile, its largest steps and the files written (``profile``: Parquet, ``plot``: PNG)."""
+
+    frame: pl.DataFrame
+    meta: LatencyMeta
+    steps: pl.DataFrame
+    profile: Path
+    plot: Path
+    resumed_complete: bool = False
+
+
+class _Checkpoints:
+    """Writes an unfinished profile to its Parquet file at most every :data:`CHECKPOINT_EVERY_S`."""
+
+    def __init__(self, path: Path, meta: LatencyMeta, earlier_s: float) -> None:
+        self.path, self.meta, self.earlier_s = path, meta, earlier_s
+        self.began = time.perf_counter()
+        self.frame: pl.DataFrame | None = None
+        self.written_at = 0.0
+        self.written = True
+
+    def elapsed_s(self) -> float:
+        return self.earlier_s + time.perf_counter() - self.began
+
+    def update(self, frame: pl.DataFrame, force: bool = False) -> None:
+        self.frame, self.written = frame, False
+        if force or time.perf_counter() - self.written_at >= CHECKPOINT_EVERY_S:
+            partial = self.meta.model_copy(update={"complete": False, "elapsed_s": self.elapsed_s()})
+            try:
+                write_profile(self.path, frame, partial)
+            except (OSError, pl.exceptions.PolarsError) as exc:
+                raise write_error(self.path, exc) from None
+            self.written_at, self.written = time.perf_counter(), True
+
+    def flush(self) -> None:
+        """Write the points not yet written (after an interruption)."""
+        if self.frame is not None and not self.written:
+            self.update(self.frame, force=True)
+
+
+def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileResult:
+    """Measure latency against kept tokens n, checkpointing as it goes; write the profile and its plot.
+
+    With ``settings.resume`` the finished points of that profile are kept and the rest measured.
+
+    Raises:
+        PomtError: bad settings, model or device; a resume file of another run.
+    """
+    s = settings
+    preset, tdev = _preset_and_device(s.device, s.torch_device)
+    if s.cuda_graphs and tdev.type != "cuda":
+        raise PomtError(f"--cuda-graphs needs a CUDA device, but the torch device is {tdev}: "
+                        "leave it out or use --torch-device cuda")
+    if s.layers is not None and s.workload != "pomt":
+        raise PomtError(f"--layer applies to --method pomt only; the {s.workload} workload has no layer: "
+                        "leave out --layer or add --method pomt")
+    layers = (s.layers or [DEFAULT_LAYER]) if s.workload == "pomt" else None
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    net = create_model(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint, img_size=s.img_size)
+    g = vit_geometry(net)
+    if layers is not None:
+        check_layers(layers, g.num_blocks, s.model)
+    grid = token_grid(s.tokens, g.num_tokens, g.num_prefix)
+    dtype = s.dtype.value
+    latency = LatencySettings(
+        batch_sizes=s.batch_sizes, grid=grid, dtype=dtype, cuda_graphs=s.cuda_graphs, rel_precision=s.rel_precision,
+        budget_s=s.budget_s, min_samples=s.min_samples, warmup=s.warmup, seed=s.seed, remeasure_rounds=s.remeasure,
+        passes=s.passes, workload=s.workload, layers=layers,
+    )
+    meta = LatencyMeta(
+        model=s.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,
+        embed_dim=g.embed_dim, dtype=dtype, grid=grid, batch_sizes=s.batch_sizes,
+        img_size=list(g.input_size[1:]), img_size_option=s.img_size,
+        timing_mode=latency.timing_mode, device_preset=preset.name, device_display_name=preset.display_name,
+        device_name=device_name(tdev), torch_device=str(tdev),
+        clocks=ClockState(preset=preset.name, mode="unlocked", detail="not started"),
+        clocks_locked=s.lock_clocks, pretrained=s.pretrained, checkpoint=str(s.checkpoint) if s.checkpoint else None,
+        rel_precision=s.rel_precision, budget_s=s.budget_s, min_samples=s.min_samples, warmup=s.warmup, seed=s.seed,
+        remeasure_rounds=s.remeasure, passes=s.passes, workload=s.workload, layers=layers, **_command(s.command),
+    )
+    previous = previous_meta = None
+    if s.resume is not None:
+        previous, previous_meta = resume_rows(s.resume, meta)
+    workload_slug = () if layers is None else ("pomt-layers" + "-".join(map(str, layers)),)
+    stem = output_stem("latency", s.model, device=preset.name, batch_size=s.batch_sizes, dtype=dtype,
+                       img_size=s.img_size, extra=(*workload_slug, *(("cudagraphs",) if s.cuda_graphs else ())))
+    complete = previous_meta is not None and previous_meta.complete
+    # The set claims the names for the whole run: the checkpoints of an unfinished profile
+    # go to its parquet, which --resume reads; the final profile and plot land together.
+    with OutputSet(s.output_dir, stem, ("parquet", "png")) as files:
+        parquet, png = files.path("parquet"), files.path("png")
+        if complete:
+            frame, meta = previous, previous_meta
+            reporter.note(f"{s.resume} is complete: nothing to measure")
+        else:
+            frame, meta = _measure(net, latency, tdev, preset, s.lock_clocks, meta, previous, previous_meta, parquet,
+                                   reporter)
+        steps = find_curve_steps(frame, top=s.top_steps)
+        title = (f"{s.model}, {meta.device_display_name} ({meta.device_name[:40]}), {dtype}, "
+                 f"{'CUDA graphs' if s.cuda_graphs else 'eager'}, "
+                 + ("every block at n (proxy)" if layers is None else "POMT-patched model"))
+        files.write("parquet", lambda tmp: write_profile(tmp, frame, meta))
+        files.write("png", lambda tmp: plot_latency(frame, tmp, title=title, steps=steps))
+        files.commit()
+    return ProfileResult(frame=frame, meta=meta, steps=steps, profile=parquet, plot=png, resumed_complete=complete)
+
+
+def _measure(net: torch.nn.Module, settings: LatencySettings, tdev: torch.device, preset: DevicePreset,
+             lock_clocks: bool, meta: LatencyMeta, previous: pl.DataFrame | None, previous_meta: LatencyMeta | None,
+             parquet: Path, reporter: Reporter) -> tuple[pl.DataFrame, LatencyMeta]:
+    """Run the grid with clocks locked and checkpoints; the frame and the final metadata."""
+    saved = _Checkpoints(parquet, meta, previous_meta.elapsed_s if previous_meta else 0.0)
+    resumed = previous.height if previous is not None else 0
+
+    def on_progress(event: GridProgress) -> None:
+        reporter.grid(event)
+        if event.frame is not None:
+            saved.update(event.frame)
+
+    try:
+        with locked_clocks(preset, torch_device=tdev, enabled=lock_clocks) as clocks:
+            saved.meta = meta.model_copy(update={"clocks": clocks, "clocks_locked": clocks.locked,
+                                                 "resumed_rows": resumed})
+            frame = profile_latency(net, settings, device=tdev, previous=previous, progress=on_progress)
+    except BaseException:
+        saved.flush()
+        if saved.frame is not None:
+            reporter.interrupted(saved.frame.height, parquet)
+        raise
+    return frame, saved.meta.model_copy(update={"complete": True, "elapsed_s": saved.elapsed_s()})
+
+
+class AccuracySettings(_Settings):
+    """The settings of one accuracy profile (``pomt estimate-accuracy``): the estimate and where it runs."""
+
+    estimate: EstimateConfig
+    torch_device: str = Field("auto", description="auto, cpu, cuda, mps; under torchrun each rank its GPU")
+    output_dir: Path = Path("runs")
+
+
+@dataclass(frozen=True)
+class AccuracyResult:
+    """An accuracy profile and the files written (``profile``: Parquet, ``plot``: PNG)."""
+
+    run: AccuracyRun
+    world_size: int
+    profile: Path
+    plot: Path
+
+
+def estimate_accuracy(settings: AccuracySettings, reporter: Reporter = _SILENT) -> AccuracyResult | None:
+    """Estimate accuracy against kept tokens on labelled images, alone or under torchrun.
+
+    Returns None in every process of a torchrun group but the first, which writes the files.
+
+    Raises:
+        PomtError: bad settings, data or weights.
+    """
+    check_output_dir(settings.output_dir)
+    config = settings.estimate
+    if settings.command is not None and config.command is None:
+        config = config.model_copy(update={"command": settings.command})
+    with processes(settings.torch_device) as procs:
+        heard = reporter if procs.is_main else _SILENT
+        run = run_estimate(config, procs, on_decode=heard.decoding, on_progress=heard.evaluating)
+        if not procs.is_main:
+            return None
+        parquet, png = write_accuracy(run, settings.output_dir)
+        return AccuracyResult(run=run, world_size=procs.world_size, profile=parquet, plot=png)
+
+
+class ComputeRSettings(_Settings):
+    """The settings of ``pomt compute-r``: the two profiles (found in ``output_dir`` when None) and the criterion."""
+
+    latency: Path | None = None
+    accuracy: Path | None = None
+    selection: SelectionSettings = SelectionSettings()
+    batch_sizes: list[int] | None = None
+    output_dir: Path = Path("runs")
+
+
+@dataclass(frozen=True)
+class ComputeRResult:
+    """The choice of R and the files written (``report``: JSON, ``plot``: PNG)."""
+
+    selection: Selection
+    latency: Path
+    accuracy: Path
+    report: Path
+    plot: Path
+
+
+def compute_r(settings: ComputeRSettings, reporter: Reporter = _SILENT) -> ComputeRResult:
+    """Choose R from a latency and an accuracy profile; write the report and its plot.
+
+    A profile not given is the newest in ``settings.output_dir`` that matches the other
+    (the reporter is told which).
+
+    Raises:
+        PomtError: missing, corrupt or mismatched profiles; an infeasible criterion.
+    """
+    s = settings
+    check_output_dir(s.output_dir)
+    latency, accuracy = s.latency, s.accuracy
+    if latency is None or accuracy is None:
+        found_latency, found_accuracy = find_profile_pair(s.output_dir, latency, accuracy)
+        for label, given, path in (("latency", latency, found_latency), ("accuracy", accuracy, found_accuracy)):
+            if given is None:
+                reporter.note(f"{label} profile: {path} (the newest in {s.output_dir} that matches)")
+        latency, accuracy = found_latency, found_accuracy
+    selection = select_r(latency, accuracy, s.selection, s.batch_sizes)
+    if s.command is not None:
+        selection = replace(selection, report=selection.report.model_copy(update={"command": s.command}))
+    report = selection.report
+    stem = output_stem("compute_r", report.model, device=report.latency.device_preset,
+                       batch_size=[c.batch_size for c in report.choices], dtype=report.latency.dtype)
+    device = report.latency.device_display_name or report.latency.device_preset or "unknown device"
+    title = (f"{report.model}, latency on {device} ({report.latency.dtype}), "
+             f"accuracy estimator: {report.accuracy.estimator or '?'}")
+    with OutputSet(s.output_dir, stem, ("json", "png")) as files:
+        files.write("json", lambda tmp: write_report(report, tmp))
+        files.write("png", lambda tmp: plot_selection(selection.curves, report, tmp, title=title))
+        paths = files.commit()
+    return ComputeRResult(selection=selection, latency=Path(latency), accuracy=Path(accuracy),
+                          report=paths["json"], plot=paths["png"])
+
+
+class BenchSettings(_Settings):
+    """The settings of ``pomt bench``: the methods, their settings, the timing and the data."""
+
+    model: str = DEFAULT_MODEL
+    methods: list[str] = Field(default_factory=list, description="default: every method, POMT when r is given")
+    r: int | None = Field(None, description="POMT's R for every batch size")
+    r_from: Path | None = Field(None, description="a compute-r report giving R (and the layer) per batch size")
+    layer: int | None = None
+    method_r: dict[str, int] = Field(default_factory=dict, description="r of methods that take one of their own")
+    batch_sizes: list[int] | None = Field(None, min_length=1)
+    device: str | None = None
+    torch_device: str | None = None
+    dtype: Dtype = Dtype.float32
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    allow_random_weights: bool = False
+    img_size: int | None = None
+    data: str | None = None
+    limit: int | None = None
+    eval_batch_size: int = Field(64, ge=1)
+    cuda_graphs: bool = False
+    rel_precision: float = Field(0.01, gt=0, lt=1)
+    budget_s: float = Field(BUDGET_S, gt=0, description="seconds per method and round")
+    rounds: int = Field(3, ge=1)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    threads: int | None = Field(None, ge=1)
+    lock_clocks: bool = True
+    output_dir: Path = Path("runs")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """A bench report and the files written (``csv`` and ``parquet``)."""
+
+    frame: pl.DataFrame
+    meta: BenchMeta
+    plan: BenchPlan
+    choices: dict[int, Choice]
+    skipped: list[tuple[str, str]]
+    r_from: Path | None
+    csv: Path
+    parquet: Path
+
+
+def _from_report() -> list[str]:
+    """The methods whose r comes from -r or --r-from (POMT's), with the layer from --layer or the report."""
+    return [m for m in method_names() if get_method(m).bench_r is None]
+
+
+def _r_per_batch(r: int | None, r_from: Path | None, model: str,
+                 batch_sizes: list[int] | None) -> tuple[dict[int, int] | None, list[int] | None, str | None]:
+    """POMT's r for each batch size (from r or a compute-r report), and the batch sizes to run."""
+    if r is not None and r_from is not None:
+        raise PomtError("give either -r or --r-from, not both")
+    if r_from is None:
+        return (None if r is None else {b: r for b in batch_sizes or [1]}), batch_sizes, None
+    report = read_report(r_from, model=model)
+    chosen = {c.batch_size: c.R for c in report.choices}
+    if batch_sizes is None:
+        batch_sizes = sorted(chosen)
+    missing = [b for b in batch_sizes if b not in chosen]
+    if missing:
+        raise PomtError(
+            f"--r-from {r_from} gives R for batch size(s) {', '.join(map(str, sorted(chosen)))}, not for "
+            f"{', '.join(map(str, missing))}: profile those batch sizes and run compute-r again, or give -r"
+        )
+    return chosen, batch_sizes, str(Path(r_from).resolve())
+
+
+def _layers_and_choices(r_from: Path | None, layer: int | None, sizes: list[int], num_blocks: int,
+                        model: str) -> tuple[dict[int, int], dict[int, Choice]]:
+    """POMT's layer per batch size (the report's choice, else ``layer``, else 3), and the report's choices.
+
+    Raises:
+        PomtError: ``layer`` contradicts the layers a report chose, or a layer the model lacks.
+    """
+    choices = {}
+    if r_from is not None:
+        report = read_report(r_from, model=model)
+        choices = {b: c for b in sizes if (c := report.choice_for(b)) is not None}
+    layers = {}
+    for b in sizes:
+        chosen = choices[b].layer if b in choices else None
+        if chosen is not None and layer is not None and layer != chosen:
+            raise PomtError(f"--layer {layer} contradicts --r-from {r_from}, which chose layer {chosen} at batch {b}: "
+                            "leave out --layer to bench the report's choice")
+        layers[b] = chosen if chosen is not None else (layer if layer is not None else DEFAULT_LAYER)
+        if not 0 <= layers[b] < num_blocks:
+            source = f"--r-from {r_from} chose layer {chosen} at batch {b}" if chosen is not None else (
+                f"--layer {layers[b]} is out of range")
+            raise PomtError(f"{source}, but {model} has {num_blocks} blocks (layer 0..{num_blocks - 1}): "
+                            + ("run compute-r with profiles of this model" if chosen is not None else
+                               "give a layer in that range"))
+    return layers, choices
+
+
+def _predictions(settings: dict[int, list[MethodSetting]], choices: dict[int, Choice],
+                 num_tokens: int) -> dict[tuple[int, str], tuple[float, str]]:
+    """What the report predicts: the chosen POMT setting's latency, and the unpruned model's where it was measured."""
+    predicted = {}
+    for b, choice in choices.items():
+        for s in settings[b]:
+            if s.method in _from_report():
+                predicted[(b, s.label)] = (choice.latency_ms, choice.workload)
+            elif s.method == BASELINE and choice.reference_ms is not None and choice.reference_tokens == num_tokens:
+                predicted[(b, s.label)] = (choice.reference_ms, choice.workload)
+    return predicted
+
+
+def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
+    """Time (and evaluate) the model unpruned and with each method, in interleaved rounds; write the report.
+
+    Raises:
+        PomtError: bad settings, a report of another model, a setting the model cannot take.
+    """
+    s = settings
+    names, from_report = method_names(), _from_report()
+    given_r = s.r is not None or s.r_from is not None
+    defaults = [m for m in names if m not in from_report or given_r]
+    methods = list(dict.fromkeys([BASELINE, *(s.methods or defaults)]))
+    unknown = [m for m in methods if m not in names]
+    if unknown:
+        raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(names)}")
+    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, s.model, s.batch_sizes)
+    sizes = sizes or [1]
+    needing = [m for m in methods if m in from_report]
+    if needing and r_by_batch is None:
+        raise PomtError(f"--method {needing[0]} needs -r R or --r-from REPORT (from `pomt compute-r`)")
+    if r_by_batch is not None:
+        methods += [m for m in from_report if m not in methods]
+    preset, tdev = _preset_and_device(s.device, s.torch_device)
+    if s.cuda_graphs and tdev.type != "cuda":
+        raise PomtError(f"--cuda-graphs needs a CUDA device, but the torch device is {tdev}: leave it out")
+    source = weights_source(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint)
+    if s.data is not None and source == "random" and not s.allow_random_weights:
+        raise PomtError(f"{s.model} would have random weights, which make accuracy meaningless: give --pretrained or "
+                        "--checkpoint PATH, leave out --data, or pass --allow-random-weights")
+    check_output_dir(s.output_dir)
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    net = create_model(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint, img_size=s.img_size)
+    g = vit_geometry(net)
+    layers, choices = _layers_and_choices(s.r_from, s.layer, sizes, g.num_blocks, s.model)
+
+    # POMT's r may differ per batch size: one setting per distinct r.
+    planned: dict[int, list[MethodSetting]] = {}
+    for b in sizes:
+        chosen = []
+        for m in methods:
+            if m in from_report and b in choices and r_by_batch[b] == 0:
+                continue  # the report's answer is the unpruned model: the baseline carries its prediction
+            elif m in from_report:
+                chosen.append(MethodSetting(method=m, r=r_by_batch[b], layer=layers[b]))
+            else:
+                chosen.append(MethodSetting(method=m, r=s.method_r.get(m, get_method(m).bench_r)))
+        planned[b] = fit_settings(net, chosen)  # checked; ToMe's per-block cap shows in the labels
+    plan = BenchPlan(settings=planned, predictions=_predictions(planned, choices, g.num_tokens))
+    listing = labelled = None
+    if s.data is not None:
+        listing, labelled = load_labelled(s.data, net, limit=s.limit)
+
+    net = net.to(device=tdev, dtype=s.dtype.torch)
+    timing = BenchTiming(dtype=s.dtype.torch, cuda_graphs=s.cuda_graphs, rel_precision=s.rel_precision,
+                         budget_s=s.budget_s, rounds=s.rounds, seed=s.seed)
+    with locked_clocks(preset, torch_device=tdev, enabled=s.lock_clocks) as clocks:
+        timed = time_methods(net, plan.settings, timing, device=tdev, on_progress=reporter.timing)
+    accuracy = None
+    if labelled is not None:
+        distinct = plan.distinct()
+        reporter.scoring(0, len(distinct))
+        done = iter(range(1, len(distinct) + 1))
+        accuracy = accuracy_of_methods(net, distinct, labelled, batch_size=s.eval_batch_size, device=tdev,
+                                       dtype=s.dtype.torch,
+                                       on_done=lambda _: reporter.scoring(next(done), len(distinct)))
+    frame = bench_frame(plan.settings, timed, accuracy, plan.predictions)
+    meta = BenchMeta(
+        model=s.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, img_size=list(g.input_size[1:]),
+        img_size_option=s.img_size, num_blocks=g.num_blocks, dtype=s.dtype.value, batch_sizes=sizes, methods=methods,
+        settings={str(b): group for b, group in plan.settings.items()}, r_from=report_path, weights=source,
+        data=listing.source if listing else None, num_images=len(labelled) if labelled else None, limit=s.limit,
+        skipped_images=len(labelled.skipped) if labelled else None, device_preset=preset.name,
+        device_display_name=preset.display_name, device_name=device_name(tdev), torch_device=str(tdev),
+        clocks=clocks, timing_mode="cuda_graphs" if s.cuda_graphs else "eager", rel_precision=s.rel_precision,
+        budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, num_threads=torch.get_num_threads(),
+        **_command(s.command),
+    )
+    stem = output_stem("bench", s.model, device=preset.name, batch_size=sizes, dtype=s.dtype.value,
+                       img_size=s.img_size, extra=(*plan.slugs(), *(["cudagraphs"] if s.cuda_graphs else [])))
+    csv, parquet = write_bench(frame, meta, s.output_dir, stem)
+    return BenchResult(frame=frame, meta=meta, plan=plan, choices=choices,
+                       skipped=list(labelled.skipped) if labelled else [], r_from=s.r_from, csv=csv, parquet=parquet)
+
+
+#: Batch sizes profiled and benched: one image, and a batch that fills a CPU's cores.
+DEMO_BATCH_SIZES = [1, 32]
+#: POMT's pruning blocks profiled: every block of digits-vit; compute-r chooses among them.
+DEMO_LAYERS = list(range(digits.ARCHITECTURE["depth"]))
+#: The kept-token grid of both profiles: N = 65 down to 5 in steps of 4 (16 points per curve).
+DEMO_TOKENS = TokenRange(start=65, stop=5, stride=4)
+#: Seconds per profile point in the demo (bench: four times as long per method and round).
+DEMO_BUDGET_S = 0.25
+
+
+class DemoSettings(_Settings):
+    """The settings of ``pomt demo``: where it writes and measures."""
+
+    output_dir: Path = Path("runs/demo")
+    device: str | None = None
+    torch_device: str | None = None
+    lock_clocks: bool = False
+    budget_s: float = Field(DEMO_BUDGET_S, gt=0, description="seconds per profile point")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """The results of the demo's four steps and the summary page written beside them."""
+
+    latency: ProfileResult
+    accuracy: AccuracyResult
+    chosen: ComputeRResult
+    benched: BenchResult
+    summary: Path
+    elapsed_s: float
+
+    def paths(self) -> dict[str, Path]:
+        """Every file the demo wrote, by name."""
+        return {
+            "latency": self.latency.profile, "latency_plot": self.latency.plot,
+            "accuracy": self.accuracy.profile, "accuracy_plot": self.accuracy.plot,
+            "report": self.chosen.report, "report_plot": self.chosen.plot, "bench": self.benched.parquet,
+            "summary": self.summary,
+        }
+
+
+def _layers_text(layers: Sequence[int]) -> str:
+    return ",".join(map(str, layers))
+
+
+def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
+    """Profile, estimate accuracy, choose R and bench on the bundled digits model; write a summary page.
+
+    Raises:
+        PomtError: an unknown preset, an unwritable folder, or any step's error.
+    """
+    s = settings
+    device = s.device or default_preset_name()
+    load_preset(device)  # an unknown preset fails before anything runs
+    folder = check_output_dir(s.output_dir)  # each step creates it when it writes its files
+    began = time.perf_counter()
+    common = ["--device", device, *(["--torch-device", s.torch_device] if s.torch_device else []),
+              "--lock-clocks" if s.lock_clocks else "--no-lock-clocks"]
+    sizes = _layers_text(DEMO_BATCH_SIZES)
+
+    reporter.step("latency of the POMT-patched model against kept tokens, at every layer", [
+        "profile", "--model", digits.NAME, "--method", "pomt", "--layer", _layers_text(DEMO_LAYERS),
+        "--batch-size", sizes, "--tokens", str(DEMO_TOKENS), "--budget", f"{s.budget_s:g}",
+        "--output-dir", str(folder), *common])
+    latency = profile(ProfileSettings(
+        model=digits.NAME, device=device, torch_device=s.torch_device, batch_sizes=DEMO_BATCH_SIZES,
+        tokens=DEMO_TOKENS, budget_s=s.budget_s, workload="pomt", layers=DEMO_LAYERS, lock_clocks=s.lock_clocks,
+        output_dir=folder, command=s.command), reporter)
+    reporter.finished(latency)
+
+    reporter.step("POMT's accuracy against kept tokens, at every layer", [
+        "estimate-accuracy", "--model", digits.NAME, "--data", "digits", "--estimator", "pomt",
+        "--layer", _layers_text(DEMO_LAYERS), "--tokens", str(DEMO_TOKENS), "--batch-size", "150",
+        "--output-dir", str(folder)])
+    accuracy = estimate_accuracy(AccuracySettings(
+        estimate=EstimateConfig(model=digits.NAME, data="digits", estimator="pomt", layer=DEMO_LAYERS[0],
+                                layers=DEMO_LAYERS, tokens=DEMO_TOKENS, batch_size=150),
+        output_dir=folder, command=s.command), reporter)
+    if accuracy is None:
+        raise PomtError("pomt demo runs in one process: start it without torchrun")
+    reporter.finished(accuracy)
+
+    reporter.step("R from the two profiles", [
+        "compute-r", "--latency", str(latency.profile), "--accuracy", str(accuracy.profile),
+        "--output-dir", str(folder)])
+    chosen = compute_r(ComputeRSettings(latency=latency.profile, accuracy=accuracy.profile, output_dir=folder,
+                                        command=s.command), reporter)
+    reporter.finished(chosen)
+
+    # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once.
+    report: Report = chosen.selection.report
+    per_block = max(1, math.ceil(max(c.R for c in report.choices) / digits.ARCHITECTURE["depth"]))
+    own_r = {m: per_block for m in method_names() if get_method(m).bench_r is not None and get_method(m).reduces}
+    reporter.step("the chosen (layer, R) against the baseline, ToMe and Top-K", [
+        "bench", "--model", digits.NAME, "--data", "digits", "--r-from", str(chosen.report),
+        *[arg for m in own_r for arg in (f"--{m}-r", str(per_block))], "--budget", f"{4 * s.budget_s:g}",
+        "--rounds", "3", "--output-dir", str(folder), *common])
+    benched = bench(BenchSettings(
+        model=digits.NAME, data="digits", r_from=chosen.report, method_r=own_r, budget_s=4 * s.budget_s, rounds=3,
+        device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks, output_dir=folder,
+        command=s.command), reporter)
+    reporter.finished(benched)
+
+    files = {"latency": latency.profile, "latency_plot": latency.plot, "accuracy": accuracy.profile,
+             "accuracy_plot": accuracy.plot, "report": chosen.report, "report_plot": chosen.plot,
+             "bench": benched.parquet}
+    summary = atomic_write_text(folder / "summary.md",
+                                summary_page(files, folder, device, time.perf_counter() - began))
+    return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, benched=benched, summary=summary,
+                      elapsed_s=time.perf_counter() - began)

@@ -1,0 +1,91 @@
+"""The pipelines called from Python: typed settings in, typed results with the paths written out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_accuracy, write_latency
+from pomt_cli import digits, pipelines
+from pomt_cli.accuracy.evaluate import EstimateConfig
+from pomt_cli.options import TokenRange
+from pomt_cli.pipelines import (
+    AccuracySettings,
+    ComputeRSettings,
+    ProfileSettings,
+    Reporter,
+)
+from pomt_cli.formats.lookup import read_profile
+from pomt_cli.selection import SelectionSettings
+from pomt_cli.formats.report import read_report
+
+FAST = dict(budget_s=0.05, min_samples=3, warmup=1, passes=1, remeasure=0, lock_clocks=False)
+
+
+class Recorder(Reporter):
+    def __init__(self) -> None:
+        self.points: list[tuple[int, int]] = []
+        self.notes: list[str] = []
+
+    def grid(self, event) -> None:
+        if event.frame is not None:
+            self.points.append((event.batch_size, event.tokens))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def test_profile_returns_the_files_it_wrote_and_resumes_a_complete_one(tmp_path):
+    recorder = Recorder()
+    settings = ProfileSettings(model=digits.NAME, device="cpu", batch_sizes=[1, 2],
+                               tokens=TokenRange(start=65, stop=25, stride=20), output_dir=tmp_path,
+                               command="pomt profile --model digits-vit", **FAST)
+    result = pipelines.profile(settings, recorder)
+    assert result.profile.parent == tmp_path and result.profile.suffix == ".parquet" and result.plot.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([result.profile.name, result.plot.name])
+    frame, meta = read_profile(result.profile, "latency")
+    assert sorted(zip(frame["batch_size"], frame["tokens"])) == sorted((b, n) for b in (1, 2) for n in (65, 45, 25))
+    assert sorted(recorder.points) == sorted(zip(frame["batch_size"], frame["tokens"]))
+    assert meta["complete"] and meta["command"] == "pomt profile --model digits-vit"
+    assert result.frame.equals(frame.select(result.frame.columns))
+
+    again = pipelines.profile(settings.model_copy(update={"resume": result.profile}), recorder)
+    assert again.resumed_complete and again.profile == result.profile
+    assert recorder.notes == [f"{result.profile} is complete: nothing to measure"]
+
+
+def test_profile_refuses_bad_settings_before_writing(tmp_path):
+    with pytest.raises(pipelines.PomtError, match="--layer applies to --method pomt only"):
+        pipelines.profile(ProfileSettings(model=digits.NAME, device="cpu", layers=[1], output_dir=tmp_path / "o"))
+    with pytest.raises(pipelines.PomtError, match="STOP 1 must exceed"):
+        pipelines.profile(ProfileSettings(model=digits.NAME, device="cpu", tokens=TokenRange(start=65, stop=1, stride=1),
+                                          output_dir=tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_compute_r_finds_the_pair_chooses_r_and_returns_its_files(tmp_path):
+    lat = write_latency(tmp_path / "lat.parquet")
+    acc = write_accuracy(tmp_path / "acc.parquet")
+    recorder = Recorder()
+    result = pipelines.compute_r(ComputeRSettings(output_dir=tmp_path, selection=SelectionSettings(alpha=0.5),
+                                                  command="pomt compute-r"), recorder)
+    assert (result.latency, result.accuracy) == (lat, acc)
+    assert recorder.notes[0].startswith(f"latency profile: {lat}") and recorder.notes[1].startswith(
+        f"accuracy profile: {acc}")
+    assert result.report.is_file() and result.plot.is_file() and result.report.parent == tmp_path
+    report = read_report(result.report)
+    assert report.command == "pomt compute-r" and report.choices == result.selection.report.choices
+    assert json.loads(result.report.read_text())["criterion"] == "utility"
+
+
+def test_estimate_accuracy_on_the_digits_model(tmp_path):
+    config = EstimateConfig(model=digits.NAME, data="digits", tokens=TokenRange(start=65, stop=33, stride=32),
+                            limit=40, batch_size=40)
+    result = pipelines.estimate_accuracy(AccuracySettings(estimate=config, torch_device="cpu", output_dir=tmp_path,
+                                                          command="pomt estimate-accuracy"))
+    assert result is not None and result.world_size == 1
+    frame, meta = read_profile(result.profile, "accuracy")
+    assert frame["tokens"].to_list() == [65, 33] and frame["images"].to_list() == [40, 40]
+    assert meta["command"] == "pomt estimate-accuracy" and result.plot.is_file()
+    assert frame.select("accuracy").equals(result.run.frame.select("accuracy"))
