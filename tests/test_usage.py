@@ -84,6 +84,21 @@ def test_help_names_the_default_model_and_no_bool_after_version():
     assert "--install-completion" in _help()
 
 
+@pytest.mark.parametrize("command", ["", "profile", "estimate-accuracy", "compute-r", "bench", "demo", "export",
+                                     "clocks", "clocks status", "clocks lock", "clocks restore"])
+def test_help_reads_whole_at_80_columns(command):
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run([sys.executable, "-m", "pomt_cli", *command.split(), "--help"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, done.stdout
+    assert "\u2026" not in done.stdout and "<bool>" not in done.stdout, done.stdout
+    assert not [line for line in lines if line.rstrip().endswith("...") and not line.startswith("Usage:")], done.stdout
+    if command in ("profile", "bench", "estimate-accuracy", "export"):
+        assert DEFAULT_MODEL in done.stdout, done.stdout
+
+
 def test_show_completion_prints_the_script_for_a_named_shell():
     env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     done = subprocess.run([sys.executable, "-m", "pomt_cli", "--show-completion", "bash"], capture_output=True,

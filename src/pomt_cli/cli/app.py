@@ -32,7 +32,9 @@ app = typer.Typer(
     help="Prune Vision Transformer tokens where the device's latency curve says it pays.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # Plain help: it wraps to the terminal (whole at 80 columns, option names never cut) and
+    # shows flags without a value placeholder; rich renders the commands' output.
+    rich_markup_mode=None,
 )
 
 # Typer may vendor click (typer._click) or use click itself: take the exception types from

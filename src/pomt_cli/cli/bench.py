@@ -42,7 +42,7 @@ out = plain_console()
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)
+    app.command("bench", short_help="Time the baseline, POMT, ToMe and Top-K side by side.")(bench)
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:

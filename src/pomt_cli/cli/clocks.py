@@ -29,7 +29,7 @@ GpuOption = Annotated[str | None, typer.Option(
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(clocks_app, name="clocks")
+    app.add_typer(clocks_app, name="clocks", short_help="Show, lock or restore a device's clocks.")
 
 
 def _heading(preset: DevicePreset) -> Text:
@@ -42,7 +42,7 @@ def _controller(device: str, torch_device: str | None) -> tuple[DevicePreset, Cl
     return preset, ClockController(preset, torch_device or preset.torch_device)
 
 
-@clocks_app.command("status")
+@clocks_app.command("status", short_help="Show the clocks as they are now (read-only).")
 def status(
     device: PresetOption,
     torch_device: GpuOption = None,
@@ -71,7 +71,7 @@ def status(
             out.print(f"(exit {result.returncode})")
 
 
-@clocks_app.command("lock")
+@clocks_app.command("lock", short_help="Lock the clocks until `pomt clocks restore`.")
 def lock(
     device: PresetOption,
     torch_device: GpuOption = None,

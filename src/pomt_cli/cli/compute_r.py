@@ -28,7 +28,7 @@ _CRITERION_TITLES = {
 
 
 def register(app: typer.Typer) -> None:
-    app.command("compute-r")(compute_r)
+    app.command("compute-r", short_help="Choose R from a latency and an accuracy profile.")(compute_r)
 
 
 def selection_settings(

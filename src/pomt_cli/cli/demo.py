@@ -44,7 +44,7 @@ class DemoReporter(RichReporter):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
+    app.command("demo", short_help="The whole pipeline on the bundled digits model.")(demo)
 
 
 def demo(

@@ -40,7 +40,7 @@ TABLE_ROWS = 12
 
 
 def register(app: typer.Typer) -> None:
-    app.command("estimate-accuracy")(estimate_accuracy)
+    app.command("estimate-accuracy", short_help="Accuracy against kept tokens on labelled images.")(estimate_accuracy)
 
 
 def block_tokens_text(counts: list[int]) -> str:

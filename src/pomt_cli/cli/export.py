@@ -20,7 +20,7 @@ out = plain_console()
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export")(export)
+    app.command("export", short_help="Export a pruned model to ONNX, checked by ONNX Runtime.")(export)
 
 
 def export(

@@ -43,7 +43,7 @@ out = plain_console()
 
 
 def register(app: typer.Typer) -> None:
-    app.command("profile")(profile)
+    app.command("profile", short_help="Latency against kept tokens: the curve and its steps.")(profile)
 
 
 def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int],
