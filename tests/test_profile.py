@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -460,6 +461,18 @@ def test_cuda_asked_for_but_absent(tmp_path, capsys):
     code, _, err = run_in_process(["profile", *TINY[2:], "--device", "h100", "--output-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "CUDA is not available" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(Path("/etc/nv_tegra_release").exists(), reason="this machine is a Jetson")
+def test_the_orin_preset_profiles_on_the_cpu_of_a_machine_that_is_not_a_jetson(tmp_path, capsys):
+    code, out, err = run_in_process(["profile", "--device", "orin", "--torch-device", "cpu", "--model", "digits-vit",
+                                     "--tokens", "65:45:20", "--passes", "1", "--remeasure", "0",
+                                     "--output-dir", str(tmp_path), *FAST], capsys)
+    assert code == 0, err
+    frame, meta = read_latency_profile(tmp_path / "latency_digits-vit_orin_bs1_float32.parquet")
+    assert frame["tokens"].to_list() == [65, 45] and meta.device_preset == "orin" and meta.torch_device == "cpu"
+    assert meta.clocks.mode == "unavailable" and "not a Jetson" in meta.clocks.detail
+    assert "clocks: not locked: /etc/nv_tegra_release does not exist" in " ".join(out.split())
 
 
 def test_unwritable_output_dir(tmp_path, capsys):
