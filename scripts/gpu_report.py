@@ -306,7 +306,7 @@ def watched(frame, watch: dict) -> list[dict]:
 
 
 def section_bench(cfg: dict, out: SectionWriter, folder: Path) -> None:
-    import polars as pl
+    from pomt_cli.formats.bench import read_bench
 
     target = folder / "bench"
     args = ["bench", "--device", cfg["preset"], "--no-lock-clocks", "--model", cfg["bench_model"],
@@ -318,7 +318,7 @@ def section_bench(cfg: dict, out: SectionWriter, folder: Path) -> None:
     out.put("exit_code", code)
     out.put("wall_s", round(wall, 1))
     if files:
-        frame = pl.read_parquet(files[0])
+        frame, _ = read_bench(files[0])
         keep = ["batch_size", "setting", "tokens_out", "latency_ms", "p10_ms", "p90_ms", "samples", "status",
                 "latency_change_pct", "speedup"]
         out.put("rows", frame.select(keep).to_dicts())

@@ -189,17 +189,27 @@ class FakeTools:
 
 
 def preset_file(tmp_path: Path, name: str, *, needs_root: bool = False, requires_path: str | None = None) -> Path:
-    """A copy of a bundled preset as a file, with ``needs_root`` and ``requires_path`` replaced."""
+    """A copy of a bundled preset as a file, with ``needs_root`` and ``requires_path`` replaced (or added)."""
     text = (Path(__file__).parents[1] / "src/pomt_cli/configs/devices" / f"{name}.toml").read_text()
     text = text.replace("needs_root = true", f"needs_root = {str(needs_root).lower()}")
     if requires_path is not None:
-        text = "\n".join(
-            f'requires_path = "{requires_path}"' if line.startswith("requires_path") else line
-            for line in text.splitlines()
-        )
+        line = f'requires_path = "{requires_path}"'
+        lines = text.splitlines()
+        if any(old.startswith("requires_path") for old in lines):
+            lines = [line if old.startswith("requires_path") else old for old in lines]
+        else:
+            lines.insert(lines.index("[clocks]") + 1, line)
+        text = "\n".join(lines) + "\n"
     path = tmp_path / f"fake-{name}.toml"
     path.write_text(text)
     return path
+
+
+def jetson_preset(tmp_path: Path, name: str = "orin", *, needs_root: bool = False) -> Path:
+    """A bundled Jetson preset as a file whose ``requires_path`` exists: an ``nv_tegra_release`` in ``tmp_path``."""
+    release = tmp_path / "nv_tegra_release"
+    release.write_text("# R36 (release), REVISION: 4.0\n")
+    return preset_file(tmp_path, name, needs_root=needs_root, requires_path=str(release))
 
 
 def sigint_default() -> None:

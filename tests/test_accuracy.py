@@ -28,7 +28,7 @@ from pomt_cli.pruning.registry import spread
 from pomt_cli.accuracy.data import Preprocess, balanced_subset, list_images, load_images
 from pomt_cli.errors import PomtError
 from pomt_cli.models import create_model
-from pomt_cli.formats.lookup import read_profile
+from pomt_cli.formats.accuracy import read_accuracy
 from pomt_cli.options import TokenRange
 from pomt_cli.pruning import apply, geometry, remove
 
@@ -233,10 +233,10 @@ def test_estimate_accuracy_command(tmp_path, pomt):
     assert done.returncode == 0, done.stderr
     parquet = out / "accuracy_digits-vit_float32_random_digits.parquet"
     assert sorted(p.name for p in out.iterdir()) == sorted([parquet.name, parquet.with_suffix(".png").name])
-    frame, meta = read_profile(parquet, "accuracy")
+    frame, meta = read_accuracy(parquet)
     assert frame["tokens"].to_list() == [65, 45, 25, 5] and frame["images"].to_list() == [200] * 4
-    assert meta["limit"] == 200 and len(meta["images"]) == 200 and meta["estimator"] == "random"
-    assert meta["command"].startswith("pomt estimate-accuracy --model digits-vit")
+    assert meta.limit == 200 and len(meta.images) == 200 and meta.estimator == "random"
+    assert meta.command.startswith("pomt estimate-accuracy --model digits-vit")
     assert "200 images of 10 classes" in done.stdout
 
 
@@ -291,10 +291,11 @@ def test_torchrun_gives_the_same_profile_as_one_process(tmp_path, pomt):
                             timeout=300)
     assert double.returncode == 0, double.stderr
     name = "accuracy_digits-vit_float32_random_digits.parquet"
-    one, meta_one = read_profile(tmp_path / "one" / name, "accuracy")
-    two, meta_two = read_profile(tmp_path / "two" / name, "accuracy")
+    one, meta_one = read_accuracy(tmp_path / "one" / name)
+    two, meta_two = read_accuracy(tmp_path / "two" / name)
     assert one.equals(two)
-    different = {k for k in meta_one if meta_one[k] != meta_two[k]}
+    fields_one, fields_two = meta_one.model_dump(), meta_two.model_dump()
+    different = {k for k in fields_one if fields_one[k] != fields_two[k]}
     assert different <= {"created", "command"}, different
     assert "in 2 processes" in double.stdout
     assert sorted((tmp_path / "two").iterdir()) == [tmp_path / "two" / name, tmp_path / "two" / name.replace("parquet", "png")]

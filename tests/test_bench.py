@@ -12,6 +12,7 @@ from conftest import image_folder, run_in_process, run_pomt, tiny_vit
 from pomt_cli.bench import BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, fit_settings, time_methods
 from pomt_cli.accuracy.data import Preprocess, evaluate, list_images, load_images
 from pomt_cli.errors import PomtError
+from pomt_cli.formats.bench import read_bench
 from pomt_cli.pruning import apply, geometry, remove
 
 FAST = BenchTiming(budget_s=0.05, min_samples=3, warmup=1, rounds=2)
@@ -53,8 +54,8 @@ def test_bench_tome_r16_on_deit_small_runs_with_the_cap(tmp_path, capsys):
     # 197 - 16 * 11 = 21 tokens enter block 11, which merges (21 - 1) // 2 = 10, as ToMe does
     assert frame["setting"].to_list() == ["none", "tome r=16 (capped from block 11)"]
     assert frame["tokens_out"].to_list() == [197, 11]
-    meta = json.loads(pl.read_parquet_metadata(out / f"{stem}.parquet")["pomt"])
-    assert meta["settings"]["1"][1]["per_block"] == [16] * 11 + [10]
+    _, meta = read_bench(out / f"{stem}.parquet")
+    assert meta.settings["1"][1].per_block == [16] * 11 + [10]
 
 
 def test_time_methods_pools_rounds_and_reports_tokens_per_batch_size():
@@ -98,15 +99,14 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
     assert done.returncode == 0, done.stderr
     stem = "bench_digits-vit_cpu_bs2_float32_none_pomt-r24-l3_tome-r6"
     assert sorted(p.name for p in out.iterdir()) == [f"{stem}.csv", f"{stem}.parquet"]
-    stored = pl.read_parquet(out / f"{stem}.parquet")
+    stored, meta = read_bench(out / f"{stem}.parquet")
     # A CSV has no types: its all-null columns (no predictions here) would read back as text.
     frame = pl.read_csv(out / f"{stem}.csv", schema_overrides=stored.schema)
     assert frame.equals(stored, null_equal=True)
     assert frame["setting"].to_list() == ["none", "pomt r=24 @3", "tome r=6"]
     assert frame["tokens_out"].to_list() == [65, 41, 41] and frame["images"].to_list() == [100] * 3
     assert frame["accuracy"][0] >= 90 and frame["accuracy_change"][0] == 0
-    meta = json.loads(pl.read_parquet_metadata(out / f"{stem}.parquet")["pomt"])
-    assert meta["model"] == "digits-vit" and meta["weights"] == "bundled" and meta["clocks"]["mode"] == "unlocked"
+    assert meta.model == "digits-vit" and meta.weights == "bundled" and meta.clocks.mode == "unlocked"
     assert stem in done.stdout.replace("\n", "")
     # The table reads whole at 80 columns (a subprocess's console is 80 wide): no number cut short.
     assert "\u2026" not in done.stdout and all(len(line) <= 80 for line in done.stdout.splitlines())

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAKE_TOOL, FakeTools, preset_file, run_in_process, sigint_default
+from conftest import FAKE_TOOL, FakeTools, jetson_preset, preset_file, run_in_process, sigint_default
 from pomt_cli.devices.clocks import ClockController, locked_clocks
 from pomt_cli.devices.presets import load_preset, preset_names
 from pomt_cli.devices.torch_device import resolve_torch_device
@@ -35,6 +35,12 @@ def fake_tools(tmp_path, monkeypatch) -> FakeTools:
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     return tools
+
+
+@pytest.fixture
+def orin(tmp_path):
+    """The bundled orin preset (root needed), on a machine that passes for a Jetson: its requires_path in tmp_path."""
+    return load_preset(str(jetson_preset(tmp_path, "orin", needs_root=True)))
 
 
 ORIN_LOCK = ["nvpmodel -q", "jetson_clocks --store {s}/jetson_clocks.conf", "nvpmodel -m 0", "jetson_clocks"]
@@ -96,9 +102,9 @@ def test_resolve_torch_device():
             resolve_torch_device("cuda")
 
 
-def test_orin_lock_and_restore_run_in_order_with_the_saved_mode(fake_tools):
-    ctl = ClockController(load_preset("orin"), "cpu")
-    with locked_clocks(load_preset("orin"), torch_device="cpu") as state:
+def test_orin_lock_and_restore_run_in_order_with_the_saved_mode(orin, fake_tools):
+    ctl = ClockController(orin, "cpu")
+    with locked_clocks(orin, torch_device="cpu") as state:
         assert state.mode == "locked" and state.locked
         assert state.values == {"nvpmodel_mode": "2"}
         assert "Fake Orin" in state.status
@@ -141,7 +147,7 @@ print("not reached")
 @pytest.mark.parametrize("sig, returncode", [("SIGINT", -signal.SIGINT), ("SIGTERM", 143)])
 def test_restore_runs_after_a_signal(tmp_path, sig, returncode):
     tools = FakeTools(tmp_path)
-    preset = preset_file(tmp_path, "orin")
+    preset = jetson_preset(tmp_path, "orin")
     done = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, str(preset), sig], env=tools.env(),
                           capture_output=True, text=True, timeout=60, preexec_fn=sigint_default)
     assert done.returncode == returncode, done.stderr
@@ -151,10 +157,10 @@ def test_restore_runs_after_a_signal(tmp_path, sig, returncode):
     assert not (state_dir / "state.json").exists()
 
 
-def test_missing_tool_changes_nothing_and_names_the_commands(fake_tools):
+def test_missing_tool_changes_nothing_and_names_the_commands(orin, fake_tools):
     fake_tools.remove("jetson_clocks")
     with pytest.raises(PomtError) as err:
-        with locked_clocks(load_preset("orin"), torch_device="cpu"):
+        with locked_clocks(orin, torch_device="cpu"):
             pytest.fail("must not get here")
     message = str(err.value)
     assert "jetson_clocks, not found on PATH" in message and "\n" not in message
@@ -170,37 +176,46 @@ def test_missing_root_changes_nothing(fake_tools, monkeypatch):
     assert fake_tools.calls() == []
 
 
-def test_a_failing_lock_command_is_undone(fake_tools, monkeypatch):
+def test_a_failing_lock_command_is_undone(orin, fake_tools, monkeypatch):
     monkeypatch.setenv("FAKE_FAIL", "nvpmodel -m 0")
-    ctl = ClockController(load_preset("orin"), "cpu")
+    ctl = ClockController(orin, "cpu")
     with pytest.raises(PomtError, match=r"`nvpmodel -m 0` failed \(exit 3: fake failure"):
-        with locked_clocks(load_preset("orin"), torch_device="cpu"):
+        with locked_clocks(orin, torch_device="cpu"):
             pytest.fail("must not get here")
     assert fake_tools.calls() == expand(ORIN_LOCK[:3] + ORIN_RESTORE, ctl.state_dir)
     assert not ctl.state_file.exists()
 
 
-def test_unparseable_read_changes_nothing(fake_tools, tmp_path):
+def test_unparseable_read_changes_nothing(orin, fake_tools, tmp_path):
     (fake_tools.bin / "nvpmodel").write_text(FAKE_TOOL + "echo 'NV Power Mode: unknown'\n")
     with pytest.raises(PomtError, match="does not match"):
-        with locked_clocks(load_preset("orin"), torch_device="cpu"):
+        with locked_clocks(orin, torch_device="cpu"):
             pytest.fail("must not get here")
     assert fake_tools.calls() == ["nvpmodel -q"]
 
 
-def test_unlocked_and_already_locked_run_no_lock_commands(fake_tools):
-    with locked_clocks(load_preset("orin"), torch_device="cpu", enabled=False) as state:
+def test_unlocked_and_already_locked_run_no_lock_commands(orin, fake_tools):
+    with locked_clocks(orin, torch_device="cpu", enabled=False) as state:
         assert state.mode == "unlocked" and not state.locked
     assert fake_tools.calls() == ORIN_STATUS
-    ctl = ClockController(load_preset("orin"), "cpu")
+    ctl = ClockController(orin, "cpu")
     ctl.lock()
     before = len(fake_tools.calls())
-    with locked_clocks(load_preset("orin"), torch_device="cpu") as state:
+    with locked_clocks(orin, torch_device="cpu") as state:
         assert state.mode == "already_locked" and state.locked
     assert fake_tools.calls()[before:] == ORIN_STATUS  # neither locked again nor restored
     assert ctl.state_file.exists()
     ctl.restore()
     assert fake_tools.calls()[-2:] == expand(ORIN_RESTORE, ctl.state_dir)
+
+
+@pytest.mark.skipif(Path("/etc/nv_tegra_release").exists(), reason="this machine is a Jetson")
+@pytest.mark.parametrize("name", ["orin", "xavier", "tx2"])
+def test_a_jetson_preset_off_a_jetson_is_unavailable_and_runs_nothing(fake_tools, name):
+    with locked_clocks(load_preset(name), torch_device="cpu") as state:
+        assert state.mode == "unavailable" and not state.locked
+        assert state.detail.startswith("/etc/nv_tegra_release does not exist: this machine is not a Jetson")
+    assert fake_tools.calls() == []
 
 
 def test_cpu_without_cpufreq_is_unavailable_and_with_it_sets_the_governor(fake_tools, tmp_path):
@@ -223,30 +238,31 @@ def test_cpu_without_cpufreq_is_unavailable_and_with_it_sets_the_governor(fake_t
 
 
 
-def test_clocks_commands(fake_tools, capsys):
-    code, out, _ = run_in_process(["clocks", "lock", "--device", "orin", "--dry-run"], capsys)
+def test_clocks_commands(fake_tools, tmp_path, capsys):
+    orin = str(jetson_preset(tmp_path, "orin"))
+    code, out, _ = run_in_process(["clocks", "lock", "--device", orin, "--dry-run"], capsys)
     assert code == 0
     assert "nvpmodel -m 0" in out and "jetson_clocks --store" in out and "nothing was run" in out
     assert fake_tools.calls() == []
 
-    code, out, _ = run_in_process(["clocks", "lock", "--device", "orin"], capsys)
+    code, out, _ = run_in_process(["clocks", "lock", "--device", orin], capsys)
     assert code == 0 and "nvpmodel_mode=2" in out
-    code, out, _ = run_in_process(["clocks", "status", "--device", "orin"], capsys)
+    code, out, _ = run_in_process(["clocks", "status", "--device", orin], capsys)
     assert code == 0 and "locked by pomt" in out and "NV Power Mode: MODE_30W" in out
-    code, out, _ = run_in_process(["clocks", "lock", "--device", "orin"], capsys)
+    code, out, _ = run_in_process(["clocks", "lock", "--device", orin], capsys)
     assert code == 2  # a second lock would overwrite the saved state
-    code, out, _ = run_in_process(["clocks", "restore", "--device", "orin"], capsys)
+    code, out, _ = run_in_process(["clocks", "restore", "--device", orin], capsys)
     assert code == 0 and "restored" in out
-    state_dir = Path(os.environ["POMT_STATE_DIR"]) / "clocks" / "orin"
+    state_dir = Path(os.environ["POMT_STATE_DIR"]) / "clocks" / "fake-orin"
     assert fake_tools.calls() == expand(ORIN_LOCK, state_dir) + ORIN_STATUS + expand(ORIN_RESTORE, state_dir)
 
-    code, _, err = run_in_process(["clocks", "restore", "--device", "orin"], capsys)
+    code, _, err = run_in_process(["clocks", "restore", "--device", orin], capsys)
     assert code == 2 and "no saved clock state" in err and len(err.strip().splitlines()) == 1
 
 
-def test_clocks_status_without_the_tools_is_a_one_line_error(fake_tools, capsys):
+def test_clocks_status_without_the_tools_is_a_one_line_error(fake_tools, tmp_path, capsys):
     fake_tools.remove("nvpmodel")
-    code, _, err = run_in_process(["clocks", "status", "--device", "tx2"], capsys)
+    code, _, err = run_in_process(["clocks", "status", "--device", str(jetson_preset(tmp_path, "tx2"))], capsys)
     assert code == 2
     assert err.startswith("error:") and "nvpmodel" in err and len(err.strip().splitlines()) == 1
 

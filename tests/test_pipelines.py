@@ -16,7 +16,8 @@ from pomt_cli.pipelines import (
     ProfileSettings,
     Reporter,
 )
-from pomt_cli.formats.lookup import read_profile
+from pomt_cli.formats.accuracy import read_accuracy
+from pomt_cli.formats.latency import read_latency
 from pomt_cli.selection import SelectionSettings
 from pomt_cli.formats.report import read_report
 
@@ -44,10 +45,10 @@ def test_profile_returns_the_files_it_wrote_and_resumes_a_complete_one(tmp_path)
     result = pipelines.profile(settings, recorder)
     assert result.profile.parent == tmp_path and result.profile.suffix == ".parquet" and result.plot.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([result.profile.name, result.plot.name])
-    frame, meta = read_profile(result.profile, "latency")
+    frame, meta = read_latency(result.profile)
     assert sorted(zip(frame["batch_size"], frame["tokens"])) == sorted((b, n) for b in (1, 2) for n in (65, 45, 25))
     assert sorted(recorder.points) == sorted(zip(frame["batch_size"], frame["tokens"]))
-    assert meta["complete"] and meta["command"] == "pomt profile --model digits-vit"
+    assert meta.complete and meta.command == "pomt profile --model digits-vit"
     assert result.frame.equals(frame.select(result.frame.columns))
 
     again = pipelines.profile(settings.model_copy(update={"resume": result.profile}), recorder)
@@ -85,7 +86,7 @@ def test_estimate_accuracy_on_the_digits_model(tmp_path):
     result = pipelines.estimate_accuracy(AccuracySettings(estimate=config, torch_device="cpu", output_dir=tmp_path,
                                                           command="pomt estimate-accuracy"))
     assert result is not None and result.world_size == 1
-    frame, meta = read_profile(result.profile, "accuracy")
+    frame, meta = read_accuracy(result.profile)
     assert frame["tokens"].to_list() == [65, 33] and frame["images"].to_list() == [40, 40]
-    assert meta["command"] == "pomt estimate-accuracy" and result.plot.is_file()
+    assert meta.command == "pomt estimate-accuracy" and result.plot.is_file()
     assert frame.select("accuracy").equals(result.run.frame.select("accuracy"))

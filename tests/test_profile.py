@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -24,7 +25,6 @@ from pomt_cli.measure.steps import find_steps
 from pomt_cli.measure.workload import kept_patches, profile_latency
 from pomt_cli.plots import latency_figure, plot_latency
 from pomt_cli.formats.common import LATENCY_COLUMNS, write_profile
-from pomt_cli.formats.lookup import read_profile
 from pomt_cli.measure.timing import Measurement, Task
 
 
@@ -378,14 +378,14 @@ def test_profile_command_writes_the_profile_and_the_plot(tmp_path, capsys):
     assert code == 0, err
     parquet, png = tmp_path / f"{STEM}.parquet", tmp_path / f"{STEM}.png"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([parquet.name, png.name])
-    frame, meta = read_profile(parquet, "latency")
+    frame, meta = read_latency_profile(parquet)
     assert frame.columns[: len(LATENCY_COLUMNS)] == list(LATENCY_COLUMNS)
     assert frame["tokens"].to_list() == [197, 147, 97] and frame["batch_size"].to_list() == [1, 1, 1]
-    assert meta["model"] == "deit_tiny_patch16_224" and (meta["num_tokens"], meta["num_prefix"]) == (197, 1)
-    assert meta["grid"] == [197, 147, 97] and meta["batch_sizes"] == [1]
-    assert meta["timing_mode"] == "eager" and meta["device_preset"] == "cpu" and meta["complete"]
-    assert meta["clocks"]["mode"] == "unlocked" and meta["clocks_locked"] is False
-    assert "--no-lock-clocks" in meta["command"] and meta["torch_version"] == torch.__version__
+    assert meta.model == "deit_tiny_patch16_224" and (meta.num_tokens, meta.num_prefix) == (197, 1)
+    assert meta.grid == [197, 147, 97] and meta.batch_sizes == [1]
+    assert meta.timing_mode == "eager" and meta.device_preset == "cpu" and meta.complete
+    assert meta.clocks.mode == "unlocked" and meta.clocks_locked is False
+    assert "--no-lock-clocks" in meta.command and meta.torch_version == torch.__version__
     assert "profile:" in out and "grid's stride is 50" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -461,6 +461,18 @@ def test_cuda_asked_for_but_absent(tmp_path, capsys):
     code, _, err = run_in_process(["profile", *TINY[2:], "--device", "h100", "--output-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "CUDA is not available" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(Path("/etc/nv_tegra_release").exists(), reason="this machine is a Jetson")
+def test_the_orin_preset_profiles_on_the_cpu_of_a_machine_that_is_not_a_jetson(tmp_path, capsys):
+    code, out, err = run_in_process(["profile", "--device", "orin", "--torch-device", "cpu", "--model", "digits-vit",
+                                     "--tokens", "65:45:20", "--passes", "1", "--remeasure", "0",
+                                     "--output-dir", str(tmp_path), *FAST], capsys)
+    assert code == 0, err
+    frame, meta = read_latency_profile(tmp_path / "latency_digits-vit_orin_bs1_float32.parquet")
+    assert frame["tokens"].to_list() == [65, 45] and meta.device_preset == "orin" and meta.torch_device == "cpu"
+    assert meta.clocks.mode == "unavailable" and "not a Jetson" in meta.clocks.detail
+    assert "clocks: not locked: /etc/nv_tegra_release does not exist" in " ".join(out.split())
 
 
 def test_unwritable_output_dir(tmp_path, capsys):
@@ -559,7 +571,7 @@ def test_dinov2_at_the_papers_224_px_has_257_tokens(tmp_path, capsys):
     code, _, err = run_in_process(args, capsys)
     assert code == 0, err
     stem = "latency_vit-small-patch14-dinov2_cpu_bs1_float32_img224"
-    frame, meta = read_profile(tmp_path / f"{stem}.parquet", "latency")
-    assert (meta["num_tokens"], meta["num_prefix"]) == (257, 1) and meta["grid"] == [257, 141]
-    assert meta["img_size"] == [224, 224] and meta["img_size_option"] == 224
+    frame, meta = read_latency_profile(tmp_path / f"{stem}.parquet")
+    assert (meta.num_tokens, meta.num_prefix) == (257, 1) and meta.grid == [257, 141]
+    assert meta.img_size == [224, 224] and meta.img_size_option == 224
     assert frame["tokens"].to_list() == [257, 141] and (tmp_path / f"{stem}.png").exists()

@@ -10,90 +10,26 @@ each method is also evaluated once on them (top-1, top-5).
 
 from __future__ import annotations
 
-import datetime as _dt
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 from torch import nn
 
-from pomt_cli import __version__
 from pomt_cli.accuracy.data import LabelledImages, evaluate
-from pomt_cli.formats.latency import ClockState
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.outputs import write_set
-from pomt_cli.formats.common import command_line
-from pomt_cli.pruning import apply, capped_from, geometry, none, remove, removed_per_block, token_counts
-from pomt_cli.pruning.registry import get as get_method
+from pomt_cli.formats.bench import SCHEMA, MethodSetting
+from pomt_cli.pruning import capped_from, geometry, none, remove, removed_per_block, token_counts
 from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 
 #: The method every other is compared with (latency and accuracy changes, speedups).
 BASELINE = none.NoReduction.name
 
-SCHEMA: dict[str, pl.DataType] = {
-    "batch_size": pl.Int64,
-    "method": pl.String,
-    "setting": pl.String,
-    "tokens_out": pl.Int64,
-    "latency_ms": pl.Float64,
-    "p10_ms": pl.Float64,
-    "p90_ms": pl.Float64,
-    "ci_low_ms": pl.Float64,
-    "ci_high_ms": pl.Float64,
-    "samples": pl.Int64,
-    "status": pl.String,
-    "latency_change_pct": pl.Float64,
-    "speedup": pl.Float64,
-    "accuracy": pl.Float64,
-    "top5": pl.Float64,
-    "accuracy_change": pl.Float64,
-    "images": pl.Int64,
-    "predicted_ms": pl.Float64,
-    "prediction_error": pl.Float64,
-    "predicted_by": pl.String,
-}
-"""Columns of a bench report, one row per (batch size, method)."""
-
 Predictions = Mapping[tuple[int, str], tuple[float, str]]
 """``{(batch size, setting label): (predicted ms, workload that predicted it)}``."""
-
-
-class MethodSetting(BaseModel):
-    """One method with its setting, as ``pomt_cli.pruning.apply`` takes it."""
-
-    method: str
-    r: int | list[int] = 0
-    layer: int = 3
-    #: Tokens each block removes on the model, as applied (ToMe's schedule after the
-    #: per-block cap); filled in by :func:`fit_settings`.
-    per_block: list[int] | None = None
-    #: ToMe: the first block whose r the cap lowered (None: not capped, or not fitted yet).
-    capped_from: int | None = None
-
-    @field_validator("method")
-    @classmethod
-    def _registered(cls, method: str) -> str:
-        get_method(method)
-        return method
-
-    @property
-    def label(self) -> str:
-        """``none``, ``pomt r=56 @3`` (r tokens pruned in block 3), ``tome r=8``, ``tome r=16 (capped from block 11)``."""
-        label = get_method(self.method).label(self.r, self.layer)
-        return label + (f" (capped from block {self.capped_from})" if self.capped_from is not None else "")
-
-    @property
-    def slug(self) -> str:
-        """The setting in a file name: ``none``, ``pomt-r56-l3``, ``tome-r8``."""
-        return get_method(self.method).slug(self.r, self.layer)
-
-    def apply_to(self, model: nn.Module) -> nn.Module:
-        return apply(model, self.method, r=self.r, layer=self.layer)
 
 
 class BenchTiming(BaseModel):
@@ -292,12 +228,6 @@ def bench_frame(
     return pl.DataFrame(rows, schema=SCHEMA, orient="row")
 
 
-#: The Parquet metadata key of a bench report.
-BENCH_METADATA_KEY = "pomt"
-#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file).
-BENCH_FORMAT_VERSION = 2
-
-
 class BenchPlan(BaseModel):
     """What one bench run times: each batch size's method settings, and the report's choices.
 
@@ -316,52 +246,3 @@ class BenchPlan(BaseModel):
     def slugs(self) -> list[str]:
         """The settings' parts of the report's file name, in plan order."""
         return list(dict.fromkeys(s.slug for group in self.settings.values() for s in group))
-
-
-class BenchMeta(BaseModel):
-    """Metadata of a bench report (the ``pomt`` key of its Parquet file; see docs/FORMATS.md)."""
-
-    model_config = ConfigDict(protected_namespaces=())
-
-    kind: Literal["bench"] = "bench"
-    format_version: int = BENCH_FORMAT_VERSION
-    model: str
-    num_tokens: int
-    num_prefix: int
-    img_size: list[int]
-    img_size_option: int | None
-    num_blocks: int
-    dtype: str
-    batch_sizes: list[int]
-    methods: list[str]
-    settings: dict[str, list[MethodSetting]]
-    r_from: str | None
-    weights: str
-    data: str | None
-    num_images: int | None
-    limit: int | None
-    skipped_images: int | None
-    device_preset: str
-    device_display_name: str
-    device_name: str
-    torch_device: str
-    clocks: ClockState
-    timing_mode: Literal["eager", "cuda_graphs"]
-    rel_precision: float
-    budget_s: float
-    rounds: int
-    seed: int
-    num_threads: int
-    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    command: str = Field(default_factory=lambda: command_line())
-    pomt_version: str = __version__
-    torch_version: str = torch.__version__
-
-
-def write_bench(frame: pl.DataFrame, meta: BenchMeta, output_dir: str | Path, stem: str) -> tuple[Path, Path]:
-    """Write the report as CSV and as Parquet with ``meta``, as one set; returns both paths."""
-    paths = write_set(output_dir, stem, {
-        "csv": lambda tmp: frame.write_csv(tmp),
-        "parquet": lambda tmp: frame.write_parquet(tmp, metadata={BENCH_METADATA_KEY: meta.model_dump_json()}),
-    })
-    return paths["csv"], paths["parquet"]

@@ -23,17 +23,15 @@ from pomt_cli.accuracy.evaluate import AccuracyRun, EstimateConfig, EvalProgress
 from pomt_cli.accuracy.distributed import processes
 from pomt_cli.bench import (
     BASELINE,
-    BenchMeta,
     BenchPlan,
     BenchProgress,
     BenchTiming,
-    MethodSetting,
     accuracy_of_methods,
     bench_frame,
     fit_settings,
     time_methods,
-    write_bench,
 )
+from pomt_cli.formats.bench import BenchMeta, MethodSetting, write_bench
 from pomt_cli.accuracy.data import load_labelled
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.devices.presets import DevicePreset, default_preset_name, load_preset

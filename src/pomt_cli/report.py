@@ -8,8 +8,9 @@ from pathlib import Path
 import polars as pl
 
 from pomt_cli import __version__
-from pomt_cli.formats.latency import read_latency as read_latency_profile
-from pomt_cli.formats.lookup import read_profile
+from pomt_cli.formats.accuracy import read_accuracy
+from pomt_cli.formats.bench import read_bench
+from pomt_cli.formats.latency import read_latency
 from pomt_cli.formats.report import read_report
 from pomt_cli.measure.steps import find_curve_steps
 
@@ -39,10 +40,10 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
     ``accuracy_plot``, ``report``, ``report_plot`` and ``bench`` (its Parquet file); the
     page links them relative to ``folder``.
     """
-    latency, latency_meta = read_latency_profile(paths["latency"])
-    accuracy, accuracy_meta = read_profile(paths["accuracy"], "accuracy")
+    latency, latency_meta = read_latency(paths["latency"])
+    accuracy, accuracy_meta = read_accuracy(paths["accuracy"])
     report = read_report(paths["report"])
-    bench = pl.read_parquet(paths["bench"])
+    bench, _ = read_bench(paths["bench"])
     steps = find_curve_steps(latency, top=3)
     rel = {name: p.relative_to(folder).as_posix() for name, p in paths.items()}
     full = accuracy.row(0, named=True)
@@ -52,7 +53,7 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
         f"Run on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC with pomt {__version__}, device preset "
         f"`{device}` ({latency_meta.device_name}), {elapsed_s:.0f} s in all. The model is the bundled "
         f"`digits-vit` ({latency_meta.num_tokens} tokens: {latency_meta.num_tokens - latency_meta.num_prefix} patches "
-        f"and a class token, {latency_meta.num_blocks} blocks), evaluated on the {accuracy_meta['num_images']} held-out "
+        f"and a class token, {latency_meta.num_blocks} blocks), evaluated on the {accuracy_meta.num_images} held-out "
         "images of scikit-learn's handwritten digits.",
         "",
         "## R",
@@ -96,8 +97,8 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
         accuracy_table = _markdown_table(picks, {"kept tokens n": "tokens", "top-1 %": "accuracy:.2f",
                                                  "top-5 %": "top5:.2f"})
     lines += ["", "## Accuracy against kept tokens", "",
-              f"Estimated with `pomt estimate-accuracy` (the {accuracy_meta['estimator']} estimator"
-              + (f" at layers {', '.join(map(str, accuracy_meta['layers']))}" if accuracy_meta.get("layers") else "")
+              f"Estimated with `pomt estimate-accuracy` (the {accuracy_meta.estimator} estimator"
+              + (f" at layers {', '.join(map(str, accuracy_meta.layers))}" if accuracy_meta.layers else "")
               + f"): {full['accuracy']:.2f}% top-1 with all tokens. File: `{rel['accuracy']}`.", "",
               f"![accuracy]({rel['accuracy_plot']})", "",
               accuracy_table,

@@ -37,7 +37,8 @@ from pydantic import BaseModel, Field
 
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import GEOMETRY_FIELDS
-from pomt_cli.formats.lookup import read_profile
+from pomt_cli.formats.accuracy import AccuracyMeta, read_accuracy
+from pomt_cli.formats.latency import LatencyMeta, read_latency
 from pomt_cli.formats.report import Choice, Criterion, ProfileInput, Report, sha256_file
 
 DEFAULT_ALPHA = 0.5
@@ -176,7 +177,8 @@ def rank(scored: pl.DataFrame, settings: SelectionSettings, batch_size: int) -> 
     return feasible.sort(["latency_ms", "accuracy", "tokens"], descending=[False, True, True])
 
 
-def check_geometry(latency_meta: dict, accuracy_meta: dict, latency_path: Path, accuracy_path: Path) -> list[str]:
+def check_geometry(latency_meta: LatencyMeta, accuracy_meta: AccuracyMeta, latency_path: Path,
+                   accuracy_path: Path) -> list[str]:
     """Refuse profiles of different token geometries; describe allowed differences.
 
     Returns:
@@ -186,26 +188,25 @@ def check_geometry(latency_meta: dict, accuracy_meta: dict, latency_path: Path, 
     Raises:
         PomtError: model name, N, p, depth or width differ.
     """
-    differing = [f for f in GEOMETRY_FIELDS if latency_meta.get(f) != accuracy_meta.get(f)]
+    differing = [f for f in GEOMETRY_FIELDS if getattr(latency_meta, f) != getattr(accuracy_meta, f)]
     if differing:
-        parts = ", ".join(f"{f} {latency_meta.get(f)} vs {accuracy_meta.get(f)}" for f in differing)
+        parts = ", ".join(f"{f} {getattr(latency_meta, f)} vs {getattr(accuracy_meta, f)}" for f in differing)
         raise PomtError(
             f"{latency_path} and {accuracy_path} describe different models ({parts}): "
             "profile latency and accuracy of the same model"
         )
     notes: list[str] = []
-    lat_device = str(latency_meta.get("torch_device", "")).split(":")[0]
-    acc_device = accuracy_meta.get("device_type")
+    lat_device = (latency_meta.torch_device or "").split(":")[0]
+    acc_device = accuracy_meta.device_type
     if lat_device and acc_device and lat_device != acc_device:
-        notes.append(f"latency was measured on {latency_meta.get('device_preset', lat_device)} "
+        notes.append(f"latency was measured on {latency_meta.device_preset or lat_device} "
                      f"({lat_device}), accuracy estimated on {acc_device}")
-    if latency_meta.get("dtype") != accuracy_meta.get("dtype"):
-        notes.append(f"latency was measured in {latency_meta.get('dtype')}, "
-                     f"accuracy estimated in {accuracy_meta.get('dtype')}")
-    if latency_meta.get("host") != accuracy_meta.get("host"):
-        notes.append(f"the profiles come from different machines (latency: {latency_meta.get('host')}, "
-                     f"accuracy: {accuracy_meta.get('host')})")
-    if latency_meta.get("complete") is False:
+    if latency_meta.dtype != accuracy_meta.dtype:
+        notes.append(f"latency was measured in {latency_meta.dtype}, accuracy estimated in {accuracy_meta.dtype}")
+    lat_host, acc_host = latency_meta.recorded("host"), accuracy_meta.recorded("host")
+    if lat_host != acc_host:
+        notes.append(f"the profiles come from different machines (latency: {lat_host}, accuracy: {acc_host})")
+    if latency_meta.recorded("complete") is False:
         notes.append(f"{latency_path} is an interrupted profile: only its measured points are used")
     return notes
 
@@ -306,9 +307,10 @@ def merge_unpruned(points: pl.DataFrame, num_tokens: int, batch_size: int, laten
     return pl.concat([merged, points.filter(pl.col("tokens") != num_tokens)])
 
 
-def _input_record(path: Path, meta: dict) -> ProfileInput:
-    """The report's record of one input profile."""
-    fields = {k: meta[k] for k in ProfileInput.model_fields if k in meta and k not in ("path", "sha256")}
+def _input_record(path: Path, meta: LatencyMeta | AccuracyMeta) -> ProfileInput:
+    """The report's record of one input profile: the fields of :class:`ProfileInput` that the file holds."""
+    fields = {k: getattr(meta, k) for k in ProfileInput.model_fields
+              if k in meta.model_fields_set and k not in ("path", "sha256")}
     return ProfileInput(path=str(path.resolve()), sha256=sha256_file(path), **fields)
 
 
@@ -332,10 +334,10 @@ def compute_r(
             the profile lacks, fewer than 2 common points, an infeasible budget.
     """
     latency_path, accuracy_path = Path(latency_path), Path(accuracy_path)
-    latency, latency_meta = read_profile(latency_path, "latency")
-    accuracy, accuracy_meta = read_profile(accuracy_path, "accuracy")
+    latency, latency_meta = read_latency(latency_path)
+    accuracy, accuracy_meta = read_accuracy(accuracy_path)
     notes = check_geometry(latency_meta, accuracy_meta, latency_path, accuracy_path)
-    available = list(latency_meta.get("batch_sizes") or [])
+    available = list(latency_meta.batch_sizes or [])
     for b in latency["batch_size"].unique(maintain_order=True).to_list():
         if b not in available:
             available.append(b)
@@ -352,7 +354,7 @@ def compute_r(
     if not chosen:
         raise PomtError(f"{latency_path} holds no measured points: run pomt profile again")
 
-    num_tokens = int(latency_meta["num_tokens"])
+    num_tokens = latency_meta.num_tokens
     layers, layer_notes = check_layers_match(profile_layers(latency), profile_layers(accuracy), latency_path,
                                              accuracy_path)
     notes += layer_notes
@@ -393,8 +395,8 @@ def compute_r(
 
     first = choices[0]
     report = Report(
-        model=latency_meta["model"], num_tokens=num_tokens, num_prefix=int(latency_meta["num_prefix"]),
-        num_blocks=int(latency_meta["num_blocks"]), embed_dim=int(latency_meta["embed_dim"]),
+        model=latency_meta.model, num_tokens=num_tokens, num_prefix=latency_meta.num_prefix,
+        num_blocks=latency_meta.num_blocks, embed_dim=latency_meta.embed_dim,
         criterion=settings.criterion, alpha=settings.alpha, latency_budget_ms=settings.latency_budget_ms,
         max_accuracy_drop=settings.max_accuracy_drop, R=first.R, tokens=first.tokens,
         batch_size=first.batch_size, layer=first.layer, workload=workload, layers=layers or None, choices=choices,

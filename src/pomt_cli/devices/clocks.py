@@ -99,9 +99,12 @@ class ClockController:
     def available(self) -> str | None:
         """``None`` when the clocks can be controlled here, else why not."""
         path = self.preset.clocks.requires_path
-        if path and not Path(path).exists():
-            return f"{path} does not exist on this machine, so its clocks cannot be controlled (a VM or container?)"
-        return None
+        if not path or Path(path).exists():
+            return None
+        message = self.preset.clocks.requires_message
+        if message:
+            return f"{path} does not exist: {message}"
+        return f"{path} does not exist on this machine, so its clocks cannot be controlled (a VM or container?)"
 
     def saved_state(self) -> SavedClockState | None:
         """The state saved by a lock that has not been restored yet, or None.
@@ -352,7 +355,8 @@ def locked_clocks(
     block raises ``SystemExit(143)``). Yields the :class:`ClockState` to record.
 
     - ``enabled=False``: nothing is run but the status commands; mode ``unlocked``.
-    - The preset's ``requires_path`` is missing (no cpufreq): mode ``unavailable``.
+    - The preset's ``requires_path`` is missing (no cpufreq, not a Jetson): mode ``unavailable``;
+      nothing is run.
     - A state saved by ``pomt clocks lock`` exists: the clocks are left as they are and
       not restored at the end; mode ``already_locked``.
 

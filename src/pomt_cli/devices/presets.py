@@ -57,7 +57,10 @@ class ClockControl(BaseModel):
 
     needs_root: bool = True
     requires_path: str | None = Field(
-        None, description="a file that exists only where the clocks can be controlled (cpufreq)"
+        None, description="a file that exists only where the clocks can be controlled (cpufreq, a Jetson's L4T)"
+    )
+    requires_message: str | None = Field(
+        None, description="what a missing requires_path means, e.g. 'this machine is not a Jetson'"
     )
     read: list[ClockRead] = Field(default_factory=list)
     lock: list[list[str]] = Field(min_length=1)

@@ -1,4 +1,4 @@
-"""The accuracy profile file: its columns, its metadata, its estimators and its file name."""
+"""The accuracy profile file: its columns, its metadata, its one reader, its estimators and its file name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import polars as pl
 from pydantic import AfterValidator, BaseModel, Field
 
-from pomt_cli.formats.common import ProfileMeta
+from pomt_cli.formats.common import ProfileMeta, read_checked
 from pomt_cli.formats.outputs import output_stem
 from pomt_cli.pruning import method_names
 from pomt_cli.pruning.registry import Method
@@ -62,27 +62,40 @@ class SkippedImage(BaseModel):
 
 
 class AccuracyMeta(ProfileMeta):
-    """Metadata of an accuracy profile (see docs/FORMATS.md)."""
+    """Metadata of an accuracy profile (see docs/FORMATS.md).
+
+    pomt's own writer fills every field; they are None in a profile that another tool
+    wrote with the common fields only (:class:`ProfileMeta`).
+    """
 
     kind: Literal["accuracy"] = "accuracy"
-    estimator: Estimator
-    layer: int | None = Field(description="POMT's pruning block (the first of layers); None for the other estimators")
+    estimator: Estimator | None = None
+    layer: int | None = Field(None, description="POMT's pruning block (the first of layers); None for the other estimators")
     layers: list[int] | None = Field(None, description="POMT's pruning blocks, one curve each; None for the others")
-    seed: int
-    weights: str = Field(description="pretrained, checkpoint, bundled or random")
-    weights_file: str | None
-    weights_sha256: str
-    data: str = Field(description="the data folder (absolute) or 'digits'")
-    num_images: int = Field(description="images evaluated (readable ones)")
-    num_classes: int
-    limit: int | None
-    images_available: int
-    skipped: list[SkippedImage]
-    images_sha256: str = Field(description="SHA-256 of the evaluated image names, one per line, in order")
-    images: list[str]
-    preprocessing: dict
-    batch_size: int
-    device_type: str
+    seed: int | None = None
+    weights: str | None = Field(None, description="pretrained, checkpoint, bundled or random")
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+    data: str | None = Field(None, description="the data folder (absolute) or 'digits'")
+    num_images: int | None = Field(None, description="images evaluated (readable ones)")
+    num_classes: int | None = None
+    limit: int | None = None
+    images_available: int | None = None
+    skipped: list[SkippedImage] | None = None
+    images_sha256: str | None = Field(None, description="SHA-256 of the evaluated image names, one per line, in order")
+    images: list[str] | None = None
+    preprocessing: dict | None = None
+    batch_size: int | None = None
+    device_type: str | None = None
+
+
+def read_accuracy(path: str | Path) -> tuple[pl.DataFrame, AccuracyMeta]:
+    """The frame and metadata of an accuracy profile file, checked strictly.
+
+    Raises:
+        PomtError: the file is missing, not a pomt accuracy profile, or damaged.
+    """
+    return read_checked(path, AccuracyMeta)
 
 
 def accuracy_stem(meta: AccuracyMeta) -> str:

@@ -8,10 +8,9 @@ import math
 import platform
 import shlex
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import polars as pl
 import timm
@@ -69,6 +68,10 @@ class ProfileMeta(BaseModel):
     timm_version: str = timm.__version__
     python_version: str = platform.python_version()
     host: str = platform.node()
+
+    def recorded(self, field: str) -> object:
+        """``field`` as the file holds it; None where it lacks the field (its default describes this run)."""
+        return getattr(self, field) if field in self.model_fields_set else None
 
 
 def write_profile(path: str | Path, frame: pl.DataFrame, meta: ProfileMeta) -> Path:
@@ -152,22 +155,21 @@ def check_columns(path: Path, frame: pl.DataFrame) -> None:
                                 "write it again with pomt")
 
 
-def read_checked(path: str | Path, kind: str | None,
-                 meta_models: Mapping[str, type[ProfileMeta]]) -> tuple[pl.DataFrame, dict]:
-    """The frame and the metadata (a dict) of a profile file, checked strictly.
+M = TypeVar("M", bound="ProfileMeta")
 
-    The metadata must validate as its kind's record (types included), and every known
-    column must have its type and valid values (:func:`check_columns`).
 
-    Args:
-        path: the Parquet file.
-        kind: ``"latency"`` or ``"accuracy"`` to insist on one kind.
-        meta_models: the metadata record of each kind that may be read.
+def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M]:
+    """The frame and the typed metadata of a profile file of ``meta_model``'s kind, checked strictly.
+
+    The metadata must validate as ``meta_model`` (types included; the fields that only
+    pomt's own writer fills are optional, so that profiles other tools write still read),
+    and every known column must have its type and valid values (:func:`check_columns`).
 
     Raises:
         PomtError: the file is missing, not a Parquet file, not a pomt profile, of the
             other kind, or damaged (the message names the field).
     """
+    kind = meta_model.model_fields["kind"].default
     path = Path(path)
     if path.is_dir():
         raise PomtError(f"profile {path} is a folder: give the path of a .parquet file written by pomt")
@@ -181,30 +183,24 @@ def read_checked(path: str | Path, kind: str | None,
     if METADATA_KEY not in raw:
         raise PomtError(f"{path} is a Parquet file without pomt metadata: was it written by pomt?")
     try:
-        meta = json.loads(raw[METADATA_KEY])
+        data = json.loads(raw[METADATA_KEY])
     except json.JSONDecodeError:
         raise PomtError(f"{path} has damaged pomt metadata (not JSON): write it again with pomt") from None
-    if not isinstance(meta, dict) or meta.get("kind") not in ("latency", "accuracy"):
+    if not isinstance(data, dict) or data.get("kind") not in ("latency", "accuracy"):
         raise PomtError(f"{path} has damaged pomt metadata (kind is not latency or accuracy): write it again with pomt")
-    if kind is not None and meta["kind"] != kind:
+    if data["kind"] != kind:
         hint = "pomt profile" if kind == "latency" else "pomt estimate-accuracy"
         article = {"latency": "a", "accuracy": "an"}
-        raise PomtError(f"{path} is {article[meta['kind']]} {meta['kind']} profile, but {article[kind]} {kind} "
+        raise PomtError(f"{path} is {article[data['kind']]} {data['kind']} profile, but {article[kind]} {kind} "
                         f"profile is needed here (from `{hint}`)")
-    # The fields every profile has must be there; of the kind's own fields (which other
-    # tools writing profiles may leave out) those present must have their type.
-    errors = []
-    for model, allow_missing in ((ProfileMeta, False), (meta_models[meta["kind"]], True)):
-        try:
-            model.model_validate(meta)
-        except ValidationError as exc:
-            errors += [e for e in exc.errors() if not (allow_missing and e["type"] == "missing")]
-    if errors:
-        first = errors[0]
+    try:
+        meta = meta_model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "metadata"
         raise PomtError(f"{path} has damaged pomt metadata (field {where}: {first['msg']}): "
                         "write it again with pomt") from None
-    wanted = LATENCY_COLUMNS if meta["kind"] == "latency" else ACCURACY_COLUMNS
+    wanted = LATENCY_COLUMNS if kind == "latency" else ACCURACY_COLUMNS
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise PomtError(f"{path} lacks the column(s) {', '.join(missing)}: write it again with pomt")

@@ -7,7 +7,7 @@ from typing import Literal
 
 import polars as pl
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import ProfileMeta, read_checked
@@ -65,25 +65,29 @@ FILE_SCHEMA: dict[str, pl.DataType] = {**SCHEMA, "layer": pl.Int64}
 
 
 class LatencyMeta(ProfileMeta):
-    """Metadata of a latency profile (see docs/FORMATS.md)."""
+    """Metadata of a latency profile (see docs/FORMATS.md).
+
+    pomt's own writer fills every field; those without a default here are None in a
+    profile that another tool wrote with the common fields only (:class:`ProfileMeta`).
+    """
 
     kind: Literal["latency"] = "latency"
-    batch_sizes: list[int]
-    timing_mode: Literal["eager", "cuda_graphs"]
-    device_preset: str
-    device_display_name: str
-    device_name: str
-    torch_device: str
-    clocks: ClockState
-    clocks_locked: bool
+    batch_sizes: list[int] | None = Field(None, description="None: the batch sizes of the frame's rows")
+    timing_mode: Literal["eager", "cuda_graphs"] | None = None
+    device_preset: str | None = None
+    device_display_name: str | None = None
+    device_name: str | None = None
+    torch_device: str | None = None
+    clocks: ClockState | None = None
+    clocks_locked: bool | None = None
     pretrained: bool = False
     checkpoint: str | None = None
-    rel_precision: float
-    budget_s: float
-    min_samples: int
-    warmup: int
-    seed: int
-    remeasure_rounds: int
+    rel_precision: float | None = None
+    budget_s: float | None = None
+    min_samples: int | None = None
+    warmup: int | None = None
+    seed: int | None = None
+    remeasure_rounds: int | None = None
     passes: int = 1
     num_threads: int = Field(default_factory=torch.get_num_threads)
     float32_matmul_precision: str = Field(default_factory=torch.get_float32_matmul_precision)
@@ -105,21 +109,12 @@ def _show(value: object) -> str:
 
 
 def read_latency(path: str | Path) -> tuple[pl.DataFrame, LatencyMeta]:
-    """The frame and metadata of a latency profile file.
+    """The frame and metadata of a latency profile file, checked strictly.
 
     Raises:
-        PomtError: not a readable pomt latency profile.
+        PomtError: the file is missing, not a pomt latency profile, or damaged.
     """
-    frame, raw = read_checked(path, "latency", {"latency": LatencyMeta})
-    try:
-        meta = LatencyMeta.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise PomtError(
-            f"{path} is not a latency profile of this pomt version (metadata field "
-            f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}): measure it again"
-        ) from None
-    return frame, meta
+    return read_checked(path, LatencyMeta)
 
 
 def resume_rows(path: str | Path, expected: LatencyMeta) -> tuple[pl.DataFrame, LatencyMeta]:

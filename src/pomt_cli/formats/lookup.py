@@ -1,4 +1,4 @@
-"""Reading any profile by its kind, and finding profiles in a folder (the pair for compute-r)."""
+"""Finding profiles in a folder: the newest latency and accuracy pair for compute-r."""
 
 from __future__ import annotations
 
@@ -22,43 +22,36 @@ LISTED_CANDIDATES = 4
 META_MODELS: dict[str, type[ProfileMeta]] = {"latency": LatencyMeta, "accuracy": AccuracyMeta}
 
 
-def read_profile(path: str | Path, kind: str | None = None) -> tuple[pl.DataFrame, dict]:
-    """The frame and the metadata (a dict) of a latency or accuracy profile, checked strictly.
-
-    Of the kind's own fields, which other tools writing profiles may leave out, those
-    present must have their type (:func:`pomt_cli.formats.common.read_checked`).
-
-    Raises:
-        PomtError: the file is missing, not a pomt profile, of the other kind, or damaged.
-    """
-    return read_checked(path, kind, META_MODELS)
-
-
 class ProfileFile(NamedTuple):
     """A profile found in a folder: its path, its metadata, and when it was written."""
 
     path: Path
-    meta: dict
+    meta: LatencyMeta | AccuracyMeta
     written: tuple[str, float]  # (the metadata's ``created``, the file's mtime): newest sorts last
 
     @property
     def geometry(self) -> tuple:
-        return tuple(self.meta.get(f) for f in GEOMETRY_FIELDS)
+        return tuple(getattr(self.meta, f) for f in GEOMETRY_FIELDS)
+
+    @property
+    def interrupted(self) -> bool:
+        """A latency profile whose run stopped before its end (``complete`` recorded false)."""
+        return isinstance(self.meta, LatencyMeta) and self.meta.recorded("complete") is False
 
     def describe(self) -> str:
-        return f"{self.path.name} ({self.meta.get('model')}, N={self.meta.get('num_tokens')})"
+        return f"{self.path.name} ({self.meta.model}, N={self.meta.num_tokens})"
 
 
 def _profile_file(path: Path) -> ProfileFile | None:
     """The metadata of a pomt profile, or None for any other or unreadable file (only the footer is read)."""
     try:
-        meta = json.loads(pl.read_parquet_metadata(path)[METADATA_KEY])
+        data = json.loads(pl.read_parquet_metadata(path)[METADATA_KEY])
+        meta = META_MODELS[data["kind"]].model_validate(data)
         mtime = path.stat().st_mtime
     except Exception:  # not Parquet, not pomt's, damaged: not a candidate
         return None
-    if not isinstance(meta, dict) or meta.get("kind") not in ("latency", "accuracy"):
-        return None
-    return ProfileFile(path, meta, (str(meta.get("created", "")), mtime))
+    created = meta.created if "created" in meta.model_fields_set else ""  # the default would be now
+    return ProfileFile(path, meta, (created, mtime))
 
 
 def find_profiles(folder: str | Path, kind: str) -> list[ProfileFile]:
@@ -71,7 +64,7 @@ def find_profiles(folder: str | Path, kind: str) -> list[ProfileFile]:
     if not folder.is_dir():
         return []
     found = [f for path in sorted(folder.glob("*.parquet")) if (f := _profile_file(path)) is not None]
-    found = [f for f in found if f.meta["kind"] == kind and not (kind == "latency" and f.meta.get("complete") is False)]
+    found = [f for f in found if f.meta.kind == kind and not f.interrupted]
     return sorted(found, key=lambda f: f.written, reverse=True)
 
 
@@ -106,12 +99,12 @@ def find_profile_pair(folder: str | Path, latency: str | Path | None = None,
     if latency is not None or accuracy is not None:
         given, kind = (latency, "accuracy") if latency is not None else (accuracy, "latency")
         other = {"latency": "accuracy", "accuracy": "latency"}[kind]
-        read_profile(given, other)  # a missing or damaged file fails with its own message
-        mine = _profile_file(Path(given))
+        _, meta = read_checked(given, META_MODELS[other])  # a missing or damaged file fails with its own message
+        mine = ProfileFile(Path(given), meta, ("", 0.0))
         match = [f for f in candidates[kind] if f.geometry == mine.geometry]
         if not match:
             raise PomtError(f"no {kind} profile in {folder} matches {wanted[other]} {given} "
-                            f"({mine.meta.get('model')}, N={mine.meta.get('num_tokens')}); candidates: "
+                            f"({mine.meta.model}, N={mine.meta.num_tokens}); candidates: "
                             f"{_listing(candidates[kind])}: give {wanted[kind]} FILE or run `{commands[kind]}` "
                             "for that model")
         return (Path(given), match[0].path) if kind == "accuracy" else (match[0].path, Path(given))

@@ -1,0 +1,180 @@
+"""The bench report file: its columns, its metadata, its one writer and its one reader."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from pomt_cli import __version__
+from pomt_cli.errors import PomtError
+from pomt_cli.formats.common import command_line
+from pomt_cli.formats.latency import ClockState
+from pomt_cli.formats.outputs import write_set
+from pomt_cli.pruning import apply
+from pomt_cli.pruning.registry import get as get_method
+
+SCHEMA: dict[str, pl.DataType] = {
+    "batch_size": pl.Int64,
+    "method": pl.String,
+    "setting": pl.String,
+    "tokens_out": pl.Int64,
+    "latency_ms": pl.Float64,
+    "p10_ms": pl.Float64,
+    "p90_ms": pl.Float64,
+    "ci_low_ms": pl.Float64,
+    "ci_high_ms": pl.Float64,
+    "samples": pl.Int64,
+    "status": pl.String,
+    "latency_change_pct": pl.Float64,
+    "speedup": pl.Float64,
+    "accuracy": pl.Float64,
+    "top5": pl.Float64,
+    "accuracy_change": pl.Float64,
+    "images": pl.Int64,
+    "predicted_ms": pl.Float64,
+    "prediction_error": pl.Float64,
+    "predicted_by": pl.String,
+}
+"""Columns of a bench report, one row per (batch size, method)."""
+
+
+#: Columns that version 1 lacked; a file of version 1 is read with them null.
+PREDICTION_COLUMNS = ("predicted_ms", "prediction_error", "predicted_by")
+
+
+#: The Parquet metadata key of a bench report.
+BENCH_METADATA_KEY = "pomt"
+#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file).
+BENCH_FORMAT_VERSION = 2
+
+
+class MethodSetting(BaseModel):
+    """One method with its setting, as ``pomt_cli.pruning.apply`` takes it."""
+
+    method: str
+    r: int | list[int] = 0
+    layer: int = 3
+    #: Tokens each block removes on the model, as applied (ToMe's schedule after the
+    #: per-block cap); filled in by :func:`pomt_cli.bench.fit_settings`.
+    per_block: list[int] | None = None
+    #: ToMe: the first block whose r the cap lowered (None: not capped, or not fitted yet).
+    capped_from: int | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        get_method(method)
+        return method
+
+    @property
+    def label(self) -> str:
+        """``none``, ``pomt r=56 @3`` (r tokens pruned in block 3), ``tome r=8``, ``tome r=16 (capped from block 11)``."""
+        label = get_method(self.method).label(self.r, self.layer)
+        return label + (f" (capped from block {self.capped_from})" if self.capped_from is not None else "")
+
+    @property
+    def slug(self) -> str:
+        """The setting in a file name: ``none``, ``pomt-r56-l3``, ``tome-r8``."""
+        return get_method(self.method).slug(self.r, self.layer)
+
+    def apply_to(self, model: nn.Module) -> nn.Module:
+        return apply(model, self.method, r=self.r, layer=self.layer)
+
+
+class BenchMeta(BaseModel):
+    """Metadata of a bench report (the ``pomt`` key of its Parquet file; see docs/FORMATS.md)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    kind: Literal["bench"] = "bench"
+    format_version: int = BENCH_FORMAT_VERSION
+    model: str
+    num_tokens: int
+    num_prefix: int
+    img_size: list[int]
+    img_size_option: int | None
+    num_blocks: int
+    dtype: str
+    batch_sizes: list[int]
+    methods: list[str]
+    settings: dict[str, list[MethodSetting]]
+    r_from: str | None
+    weights: str
+    data: str | None
+    num_images: int | None
+    limit: int | None
+    skipped_images: int | None
+    device_preset: str
+    device_display_name: str
+    device_name: str
+    torch_device: str
+    clocks: ClockState
+    timing_mode: Literal["eager", "cuda_graphs"]
+    rel_precision: float
+    budget_s: float
+    rounds: int
+    seed: int
+    num_threads: int
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    command: str = Field(default_factory=lambda: command_line())
+    pomt_version: str = __version__
+    torch_version: str = torch.__version__
+
+
+def write_bench(frame: pl.DataFrame, meta: BenchMeta, output_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write the report as CSV and as Parquet with ``meta``, as one set; returns both paths."""
+    paths = write_set(output_dir, stem, {
+        "csv": lambda tmp: frame.write_csv(tmp),
+        "parquet": lambda tmp: frame.write_parquet(tmp, metadata={BENCH_METADATA_KEY: meta.model_dump_json()}),
+    })
+    return paths["csv"], paths["parquet"]
+
+
+def read_bench(path: str | Path) -> tuple[pl.DataFrame, BenchMeta]:
+    """The frame and metadata of a bench report's Parquet file, checked strictly.
+
+    Raises:
+        PomtError: the file is missing, not a pomt bench report, or damaged (the message
+            names the field or column).
+    """
+    path = Path(path)
+    again = "write it again with pomt bench"
+    if path.is_dir():
+        raise PomtError(f"bench report {path} is a folder: give the .parquet file written by pomt bench")
+    if not path.is_file():
+        raise PomtError(f"bench report {path} does not exist: give the .parquet file written by pomt bench")
+    try:
+        raw = pl.read_parquet_metadata(path)
+        frame = pl.read_parquet(path)
+    except Exception as exc:  # polars raises several types for corrupt files
+        raise PomtError(f"bench report {path} is not a readable Parquet file ({type(exc).__name__}): "
+                        "is it corrupt?") from None
+    try:
+        data = json.loads(raw[BENCH_METADATA_KEY])
+    except (KeyError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict) or data.get("kind") != "bench":
+        raise PomtError(f"{path} is not a pomt bench report: give the .parquet file written by pomt bench")
+    try:
+        meta = BenchMeta.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "metadata"
+        raise PomtError(f"bench report {path} is damaged (field {where}: {first['msg']}): {again}") from None
+    frame = frame.with_columns(pl.lit(None, dtype=SCHEMA[c]).alias(c) for c in PREDICTION_COLUMNS
+                               if c not in frame.columns)
+    missing = [c for c in SCHEMA if c not in frame.columns]
+    if missing:
+        raise PomtError(f"{path} lacks the column(s) {', '.join(missing)}: {again}")
+    for name, dtype in SCHEMA.items():
+        if frame.schema[name] != dtype:
+            raise PomtError(f"{path}: column {name} has type {frame.schema[name]}, not {dtype}: is it damaged? "
+                            f"{again}")
+    return frame.select(list(SCHEMA)), meta

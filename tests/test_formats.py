@@ -1,0 +1,99 @@
+"""One typed reader per file format: profiles from other tools, older files, bench reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import ACC, GEOMETRY, LAT_B1, LAT_B4, latency_frame, run_pomt, write_accuracy, write_latency
+
+from pomt_cli.errors import PomtError
+from pomt_cli.formats.accuracy import read_accuracy
+from pomt_cli.formats.bench import PREDICTION_COLUMNS, SCHEMA, read_bench
+from pomt_cli.formats.common import ProfileMeta, write_profile
+from pomt_cli.formats.latency import read_latency
+from pomt_cli.selection import SelectionSettings, compute_r
+
+
+def test_profiles_without_pomts_own_fields_read_typed(tmp_path):
+    lat, acc = write_latency(tmp_path / "lat.parquet"), write_accuracy(tmp_path / "acc.parquet")
+    frame, meta = read_latency(lat)
+    assert (meta.model, meta.num_tokens, meta.batch_sizes, meta.device_preset) == (GEOMETRY["model"], 17, [1, 4],
+                                                                                    "orin")
+    assert meta.clocks is None and meta.rel_precision is None and meta.recorded("host") == "board"
+    assert frame["tokens"].to_list() == [*LAT_B1, *LAT_B4] and frame["layer"].is_null().all()
+    frame, meta = read_accuracy(acc)
+    assert meta.estimator == "random" and meta.num_images == 1000 and meta.layer is None and meta.images is None
+    assert frame["accuracy"].to_list() == list(ACC.values())
+
+
+def test_a_profile_with_only_the_common_fields_is_chosen_from(tmp_path):
+    common = {**GEOMETRY, "dtype": "float16", "grid": sorted(LAT_B1, reverse=True)}
+    lat = write_profile(tmp_path / "lat.parquet", latency_frame({1: LAT_B1}), ProfileMeta(kind="latency", **common))
+    acc = write_accuracy(tmp_path / "acc.parquet")
+    _, meta = read_latency(lat)
+    assert meta.batch_sizes is None and meta.torch_device is None and meta.recorded("complete") is None
+    report = compute_r(lat, acc, SelectionSettings()).report
+    assert [c.batch_size for c in report.choices] == [1] and report.latency.device_preset is None
+    assert report.latency.dtype == "float16" and report.latency.host == meta.host
+
+
+def test_a_profile_of_the_other_kind_or_a_damaged_field_is_one_line(tmp_path):
+    lat, acc = write_latency(tmp_path / "lat.parquet"), write_accuracy(tmp_path / "acc.parquet")
+    with pytest.raises(PomtError, match="is an accuracy profile, but a latency profile is needed"):
+        read_latency(acc)
+    with pytest.raises(PomtError, match="is a latency profile, but an accuracy profile is needed"):
+        read_accuracy(lat)
+    write_latency(lat, clocks={"preset": "orin", "mode": "sometimes"})
+    with pytest.raises(PomtError, match=r"damaged pomt metadata \(field clocks.mode"):
+        read_latency(lat)
+
+
+@pytest.fixture(scope="module")
+def bench_file(tmp_path_factory) -> Path:
+    """The Parquet file of a short ``pomt bench`` of the digits model: none and POMT r=8."""
+    out = tmp_path_factory.mktemp("bench")
+    done = run_pomt("bench", "--model", "digits-vit", "--method", "pomt", "-r", "8", "--budget", "0.02",
+                    "--rounds", "1", "--no-lock-clocks", "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    return next(out.glob("bench_*.parquet"))
+
+
+def test_read_bench_gives_the_frame_and_the_typed_metadata(bench_file):
+    frame, meta = read_bench(bench_file)
+    assert frame.schema == pl.Schema(SCHEMA) and frame["method"].to_list() == ["none", "pomt"]
+    assert meta.kind == "bench" and meta.model == "digits-vit" and meta.methods == ["none", "pomt"]
+    assert meta.settings["1"][1].r == 8 and meta.clocks.mode == "unlocked"
+
+
+def test_a_bench_report_of_version_1_reads_with_null_predictions(bench_file, tmp_path):
+    stored, _ = read_bench(bench_file)
+    data = json.loads(pl.read_parquet_metadata(bench_file)["pomt"])
+    old = tmp_path / "old.parquet"
+    stored.drop(PREDICTION_COLUMNS).write_parquet(old, metadata={"pomt": json.dumps({**data, "format_version": 1})})
+    frame, meta = read_bench(old)
+    assert meta.format_version == 1 and frame.columns == list(SCHEMA)
+    assert frame.select(PREDICTION_COLUMNS).null_count().row(0) == (2, 2, 2)
+    assert frame.drop(PREDICTION_COLUMNS).equals(stored.drop(PREDICTION_COLUMNS))
+
+
+def test_bad_bench_files_are_one_line_errors(bench_file, tmp_path):
+    with pytest.raises(PomtError, match="does not exist: give the .parquet file written by pomt bench"):
+        read_bench(tmp_path / "none.parquet")
+    lat = write_latency(tmp_path / "lat.parquet")
+    with pytest.raises(PomtError, match="is not a pomt bench report"):
+        read_bench(lat)
+    stored = pl.read_parquet(bench_file)
+    data = json.loads(pl.read_parquet_metadata(bench_file)["pomt"])
+    damaged = tmp_path / "damaged.parquet"
+    stored.write_parquet(damaged, metadata={"pomt": json.dumps({**data, "rounds": "three"})})
+    with pytest.raises(PomtError, match=r"damaged \(field rounds: .*write it again with pomt bench"):
+        read_bench(damaged)
+    stored.with_columns(pl.col("latency_ms").cast(pl.String)).write_parquet(damaged, metadata={"pomt": json.dumps(data)})
+    with pytest.raises(PomtError, match="column latency_ms has type String, not Float64"):
+        read_bench(damaged)
+    stored.drop("setting").write_parquet(damaged, metadata={"pomt": json.dumps(data)})
+    with pytest.raises(PomtError, match="lacks the column"):
+        read_bench(damaged)
