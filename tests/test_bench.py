@@ -208,7 +208,7 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
         if choice["R"] == 0:
             assert f"- batch {choice['batch_size']}: R = 0, nothing is predicted beyond" in summary
         else:
-            assert f"- batch {choice['batch_size']}: pomt r={choice['R']} @{choice['layer']} saves " in summary
+            assert f"- batch {choice['batch_size']}: pomt r={choice['R']} @{choice['layer']}: saving predicted " in summary
 
 
 def constant(ms: float) -> Measurement:
@@ -246,7 +246,7 @@ def test_the_prediction_is_benchs_unpruned_ms_times_the_profiles_ratio():
     assert (check.predicted_saving_pct, check.predicted_ms, check.measured_ms) == (25.0, 7.5, 8.0)
     assert check.measured_saving_pct == pytest.approx(20.0)
     assert check.saving_low_pct == pytest.approx(20.0) and check.saving_high_pct == pytest.approx(30.0)
-    assert check_text(check) == ("batch 32: pomt r=5 @1 saves measured 20.0%, predicted 25.0% (20.0% to 30.0%); "
+    assert check_text(check) == ("batch 32: pomt r=5 @1: saving predicted 25.0% (20.0% to 30.0%), measured 20.0%; "
                                  "not slower than none beyond both intervals")
 
 

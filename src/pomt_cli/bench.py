@@ -397,13 +397,17 @@ def check_text(check: ChoiceCheck) -> str:
     if check.R == 0:
         return (f"batch {check.batch_size}: R = 0, nothing is predicted beyond the unpruned model "
                 "(never slower: it is the unpruned model)")
-    predicted = "" if check.predicted_saving_pct is None else f", predicted {check.predicted_saving_pct:.1f}%"
-    if check.saving_low_pct is not None and check.saving_high_pct is not None:
-        predicted += f" ({check.saving_low_pct:.1f}% to {check.saving_high_pct:.1f}%)"
-    measured = "" if check.measured_saving_pct is None else f"measured {check.measured_saving_pct:.1f}%"
+    parts = []
+    if check.predicted_saving_pct is not None:
+        parts.append(f"predicted {check.predicted_saving_pct:.1f}%")
+        if check.saving_low_pct is not None and check.saving_high_pct is not None:
+            parts[-1] += f" ({check.saving_low_pct:.1f}% to {check.saving_high_pct:.1f}%)"
+    if check.measured_saving_pct is not None:
+        parts.append(f"measured {check.measured_saving_pct:.1f}%")
+    saving = f" saving {', '.join(parts)};" if parts else ""
     verdict = {True: "SLOWER than none beyond both intervals", False: "not slower than none beyond both intervals",
                None: "slower or not: unknown (no interval)"}[check.slower]
-    return f"batch {check.batch_size}: {check.setting} saves {measured}{predicted}; {verdict}"
+    return f"batch {check.batch_size}: {check.setting}:{saving} {verdict}"
 
 
 #: The Parquet metadata key of a bench report.
