@@ -9,10 +9,24 @@ import pytest
 import torch
 
 from conftest import image_folder, run_in_process, run_pomt, tiny_vit
-from pomt_cli.bench import BenchTiming, MethodSetting, accuracy_of_methods, bench_frame, check_settings, fit_settings, time_methods
+from pomt_cli.bench import (
+    SCHEMA,
+    BenchTiming,
+    MethodSetting,
+    Prediction,
+    accuracy_of_methods,
+    bench_frame,
+    check_choices,
+    check_settings,
+    check_text,
+    fit_settings,
+    time_methods,
+)
 from pomt_cli.accuracy.data import Preprocess, evaluate, list_images, load_images
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import read_bench
+from pomt_cli.formats.report import Choice
+from pomt_cli.measure.timing import Measurement
 from pomt_cli.pruning import apply, geometry, remove
 
 FAST = BenchTiming(budget_s=0.05, min_samples=3, warmup=1, rounds=2)
@@ -165,12 +179,18 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
     pruned = [c for c in report["choices"] if c["R"] > 0]  # R = 0 is the unpruned model, benched as none
     assert pomt_rows["tokens_out"].to_list() == [65 - c["R"] for c in pruned]
     assert report["workload"] == "pomt" and report["layers"] == [0, 1, 2, 3]
-    # bench ran the report's (layer, R) and stored what the profile predicted for it.
+    # bench ran the report's (layer, R) and predicted it as its own unpruned ms times the profile's ratio.
     assert pomt_rows["setting"].to_list() == [f"pomt r={c['R']} @{c['layer']}" for c in pruned]
-    assert pomt_rows["predicted_ms"].to_list() == [c["latency_ms"] for c in pruned]
+    assert pomt_rows["profile_ms"].to_list() == [c["latency_ms"] for c in pruned]
+    assert pomt_rows["predicted_ratio"].to_list() == [c["latency_ratio"] for c in pruned]
     assert pomt_rows["predicted_by"].to_list() == ["pomt"] * len(pruned)
     none_rows = frame.filter(pl.col("method") == "none")
-    assert none_rows["predicted_ms"].to_list() == [c["reference_ms"] for c in report["choices"]]
+    none_ms = dict(zip(none_rows["batch_size"].to_list(), none_rows["latency_ms"].to_list()))
+    assert pomt_rows["predicted_ms"].to_list() == pytest.approx(
+        [none_ms[c["batch_size"]] * c["latency_ratio"] for c in pruned])
+    # The unpruned row is the reference: the profile's ms, no prediction of its own.
+    assert none_rows["profile_ms"].to_list() == [c["reference_ms"] for c in report["choices"]]
+    assert none_rows["predicted_ms"].null_count() == none_rows["prediction_error"].null_count() == none_rows.height
     predicted = frame.filter(pl.col("predicted_ms").is_not_null())
     errors = (predicted["latency_ms"] / predicted["predicted_ms"] - 1).to_list()
     assert predicted["prediction_error"].to_list() == pytest.approx(errors)
@@ -182,6 +202,68 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
         assert f"]({image})" in summary
     assert set(frame["setting"].to_list()) <= {line.split(" | ")[1] for line in summary.splitlines()
                                                if line.startswith("| 1 |") or line.startswith("| 32 |")}
+    # Per batch size: never slower, or R = 0 with nothing predicted beyond the unpruned model.
+    for choice in report["choices"]:
+        if choice["R"] == 0:
+            assert f"- batch {choice['batch_size']}: R = 0, nothing is predicted beyond" in summary
+        else:
+            assert f"- batch {choice['batch_size']}: pomt r={choice['R']} @{choice['layer']}: saving predicted " in summary
+
+
+def constant(ms: float) -> Measurement:
+    """A measurement of 20 calls of ``ms`` each: median and interval are ``ms``."""
+    return Measurement(status="ok", mode="eager", raw_ms=(ms,) * 20, rel_precision=0.01)
+
+
+POMT5 = MethodSetting(method="pomt", r=5, layer=1)
+
+
+def choice(R: int, **fields) -> Choice:
+    """A compute-r choice at batch 32 (N = 17) whose profile read 12.8 ms unpruned."""
+    return Choice(batch_size=32, R=R, tokens=17 - R, layer=1, workload="pomt", reference_tokens=17,
+                  reference_ms=12.8, latency_ms=12.8 if R == 0 else 9.6, latency_saved_pct=0.0 if R == 0 else 25.0,
+                  accuracy=90.0, accuracy_lost=0.0, utility=0.5, pays=R > 0, **fields)
+
+
+def test_the_prediction_is_benchs_unpruned_ms_times_the_profiles_ratio():
+    # The profile read both models 28% slower than bench (12.8 and 9.6 ms against 10 and 7.5):
+    # the ratio 9.6 / 12.8 = 0.75 cancels that offset.
+    predictions = {(32, "none"): Prediction(profile_ms=12.8, workload="pomt"),
+                   (32, POMT5.label): Prediction(profile_ms=9.6, ratio=0.75, low=0.7, high=0.8, workload="pomt")}
+    timed = {(32, "none"): (constant(10.0), 17), (32, POMT5.label): (constant(8.0), 12)}
+    frame = bench_frame({32: [MethodSetting(method="none"), POMT5]}, timed, None, predictions)
+    unpruned, pruned = frame.rows(named=True)
+    assert (pruned["profile_ms"], pruned["predicted_ms"], pruned["predicted_by"]) == (9.6, 7.5, "pomt")
+    assert pruned["prediction_error"] == pytest.approx(8.0 / 7.5 - 1)  # +6.67%; the profile's ms: -16.7%
+    assert (pruned["predicted_ratio"], pruned["predicted_ratio_low"], pruned["predicted_ratio_high"]) == (
+        0.75, 0.7, 0.8)
+    assert pruned["slower_than_none"] is False
+    # The unpruned row shows the profile's ms and has no error of its own: its measurement is the reference.
+    assert unpruned["profile_ms"] == 12.8
+    assert (unpruned["predicted_ms"], unpruned["prediction_error"], unpruned["slower_than_none"]) == (None, None, None)
+    check, = check_choices(frame, [choice(5, latency_ratio=0.75, latency_ratio_low=0.7, latency_ratio_high=0.8)])
+    assert (check.predicted_saving_pct, check.predicted_ms, check.measured_ms) == (25.0, 7.5, 8.0)
+    assert check.measured_saving_pct == pytest.approx(20.0)
+    assert check.saving_low_pct == pytest.approx(20.0) and check.saving_high_pct == pytest.approx(30.0)
+    assert check_text(check) == ("batch 32: pomt r=5 @1: saving predicted 25.0% (20.0% to 30.0%), measured 20.0%; "
+                                 "not slower than none beyond both intervals")
+
+
+def test_a_setting_slower_beyond_both_intervals_is_said_and_r0_predicts_nothing():
+    predictions = {(32, POMT5.label): Prediction(profile_ms=9.6, ratio=0.75, workload="pomt")}
+    timed = {(32, "none"): (constant(10.0), 17), (32, POMT5.label): (constant(11.0), 12)}
+    frame = bench_frame({32: [MethodSetting(method="none"), POMT5]}, timed, None, predictions)
+    assert frame["slower_than_none"].to_list() == [None, True]
+    assert frame["prediction_error"][1] == pytest.approx(11.0 / 7.5 - 1)
+    check, = check_choices(frame, [choice(5)])
+    assert check.slower is True and check_text(check).endswith("; SLOWER than none beyond both intervals")
+    # R = 0: bench measured the unpruned model as none; nothing is predicted beyond it.
+    only = bench_frame({32: [MethodSetting(method="none")]}, {(32, "none"): (constant(10.0), 17)}, None,
+                       {(32, "none"): Prediction(profile_ms=12.8, workload="pomt")})
+    check, = check_choices(only, [choice(0)])
+    assert (check.predicted_ms, check.prediction_error, check.profile_ms, check.slower) == (None, None, 12.8, False)
+    assert check_text(check) == ("batch 32: R = 0, nothing is predicted beyond the unpruned model "
+                                 "(never slower: it is the unpruned model)")
 
 
 def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pomt, demo_dir):

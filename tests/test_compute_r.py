@@ -195,10 +195,15 @@ LAYERED_LAT = {
 LAYERED_ACC = {(0, 17): 80.0, (0, 13): 70.0, (0, 9): 40.0, (2, 17): 80.0, (2, 13): 79.0, (2, 9): 78.0}
 
 
-def write_layered(folder: Path, layers_in_accuracy: bool = True) -> tuple[Path, Path]:
-    """A pomt-workload latency profile and a POMT accuracy profile at layers 0 and 2."""
+def write_layered(folder: Path, layers_in_accuracy: bool = True,
+                  ci_low: float | None = None) -> tuple[Path, Path]:
+    """A pomt-workload latency profile and a POMT accuracy profile at layers 0 and 2.
+
+    ``ci_low``: each point's interval starts this far below its latency (default: no lower end).
+    """
     rows = [{"batch_size": b, "tokens": n, "latency_ms": ms, "p10_ms": ms, "p90_ms": ms, "samples": 20,
-             "status": "ok", "ci_high_ms": ms + (0.05 if (b, layer, n) == (1, 2, 9) else 0.001), "layer": layer}
+             "status": "ok", "ci_high_ms": ms + (0.05 if (b, layer, n) == (1, 2, 9) else 0.001), "layer": layer,
+             **({} if ci_low is None else {"ci_low_ms": ms - ci_low})}
             for b, curve in LAYERED_LAT.items() for (layer, n), ms in curve.items()]
     lat_meta = {**GEOMETRY, "dtype": "float32", "grid": [17, 13, 9], "batch_sizes": [4, 1], "device_preset": "cpu",
                 "torch_device": "cpu", "timing_mode": "eager", "host": "h", "workload": "pomt", "layers": [0, 2]}
@@ -233,6 +238,23 @@ def test_layer_and_r_are_chosen_together_and_r0_when_nothing_pays(tmp_path):
     assert (drop.layer, drop.R) == (2, 8)
 
 
+def test_the_choice_carries_its_saving_as_a_ratio_to_the_same_curve(tmp_path):
+    lat, acc = write_layered(tmp_path)
+    b4, b1 = compute_r(lat, acc, selection_settings()).report.choices
+    # Layer 0 at n = 13 over layer 0 at n = N (not the 10.1 ms median of both layers).
+    assert (b4.layer, b4.tokens, b4.latency_ratio, b4.unpruned_ms) == (0, 13, 6.0 / 10.0, 10.0)
+    assert b4.latency_ratio_low is None and b4.latency_ratio_high is None  # no ci_low_ms in the profile
+    # R = 0 is the unpruned model itself: nothing is predicted beyond it.
+    assert (b1.R, b1.latency_ratio, b1.unpruned_ms, b1.latency_ratio_low) == (0, 1.0, 1.0, None)
+    (tmp_path / "ci").mkdir()
+    lat, acc = write_layered(tmp_path / "ci", ci_low=0.5)
+    b4 = compute_r(lat, acc, selection_settings()).report.choices[0]
+    # ci_low(n*) / ci_high(N) to ci_high(n*) / ci_low(N): 5.5 / 10.001 to 6.001 / 9.5.
+    assert b4.latency_ratio == 0.6
+    assert b4.latency_ratio_low == pytest.approx(0.5499450055) and b4.latency_ratio_high == pytest.approx(0.6316842105)
+    assert b4.ratio == 0.6
+
+
 def test_one_profile_with_layers_and_one_without_is_refused(tmp_path):
     lat, acc = write_layered(tmp_path, layers_in_accuracy=False)
     with pytest.raises(PomtError, match="estimate accuracy with --estimator pomt --layer 0,2 so that both"):
@@ -251,11 +273,26 @@ def test_a_report_of_format_1_is_read_as_the_proxy(tmp_path, profiles):
     for key in ("layer", "workload", "layers"):
         del data[key]
     for choice in data["choices"]:
-        for key in ("layer", "workload", "reference_ms", "pays"):
+        for key in ("layer", "workload", "reference_ms", "pays", "latency_ratio", "latency_ratio_low",
+                    "latency_ratio_high", "unpruned_ms"):
             del choice[key]
     (tmp_path / "v1.json").write_text(json.dumps(data))
     old = read_report(tmp_path / "v1.json")
     assert old.workload == "proxy" and old.choices[0].layer is None and old.choices[0].pays
+    # Before version 3 a report has no ratio: bench takes 1 - latency_saved_pct / 100 (2 / 4 at batch 1).
+    assert old.choices[0].latency_ratio is None and old.choices[0].ratio == 0.5
+
+
+def test_a_report_of_format_2_is_read_without_the_ratio(tmp_path):
+    lat, acc = write_layered(tmp_path)
+    data = json.loads(compute_r(lat, acc, selection_settings()).report.model_dump_json())
+    data["format_version"] = 2
+    for choice in data["choices"]:
+        for key in ("latency_ratio", "latency_ratio_low", "latency_ratio_high", "unpruned_ms"):
+            del choice[key]
+    (tmp_path / "v2.json").write_text(json.dumps(data))
+    b4, b1 = read_report(tmp_path / "v2.json").choices
+    assert b4.latency_ratio is None and b4.ratio == pytest.approx(6.0 / 10.1) and b1.ratio == 1.0
 
 
 def assert_refused(code: int, stderr: str, out_dir: Path, message: str) -> None:
@@ -285,7 +322,7 @@ def test_cli_happy_path(tmp_path, profiles, pomt):
     report_path, png = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     assert png.is_file() and png.read_bytes().startswith(b"\x89PNG")
     data = json.loads(report_path.read_text())
-    assert data["kind"] == "compute_r" and data["format_version"] == 2
+    assert data["kind"] == "compute_r" and data["format_version"] == 3
     assert (data["model"], data["num_tokens"], data["num_prefix"], data["num_blocks"], data["embed_dim"]) == (
         MODEL, 17, 1, 3, 48)
     assert data["criterion"] == "utility" and data["alpha"] == 0.5

@@ -75,7 +75,7 @@ def test_a_bench_report_of_version_1_reads_with_null_predictions(bench_file, tmp
     stored.drop(PREDICTION_COLUMNS).write_parquet(old, metadata={"pomt": json.dumps({**data, "format_version": 1})})
     frame, meta = read_bench(old)
     assert meta.format_version == 1 and frame.columns == list(SCHEMA)
-    assert frame.select(PREDICTION_COLUMNS).null_count().row(0) == (2, 2, 2)
+    assert frame.select(PREDICTION_COLUMNS).null_count().row(0) == (2,) * len(PREDICTION_COLUMNS)
     assert frame.drop(PREDICTION_COLUMNS).equals(stored.drop(PREDICTION_COLUMNS))
 
 
@@ -97,3 +97,28 @@ def test_bad_bench_files_are_one_line_errors(bench_file, tmp_path):
     stored.drop("setting").write_parquet(damaged, metadata={"pomt": json.dumps(data)})
     with pytest.raises(PomtError, match="lacks the column"):
         read_bench(damaged)
+
+
+def test_a_bench_report_of_version_2_keeps_its_absolute_prediction_as_profile_ms(bench_file, tmp_path):
+    stored, _ = read_bench(bench_file)
+    data = json.loads(pl.read_parquet_metadata(bench_file)["pomt"])
+    new = ["profile_ms", "predicted_ratio", "predicted_ratio_low", "predicted_ratio_high", "slower_than_none"]
+    v2 = stored.drop(new).with_columns(predicted_ms=pl.Series([12.8, 9.6]),
+                                       prediction_error=pl.Series([None, 8.0 / 9.6 - 1]),
+                                       predicted_by=pl.Series(["pomt", "pomt"]))
+    old = tmp_path / "v2.parquet"
+    v2.write_parquet(old, metadata={"pomt": json.dumps({**data, "format_version": 2})})
+    frame, meta = read_bench(old)
+    assert meta.format_version == 2 and frame.columns == list(SCHEMA)
+    assert frame["profile_ms"].to_list() == frame["predicted_ms"].to_list() == [12.8, 9.6]
+    assert frame["prediction_error"][1] == pytest.approx(8.0 / 9.6 - 1)
+    assert frame.select(new[1:]).null_count().row(0) == (2, 2, 2, 2)
+
+
+def test_a_bench_report_newer_than_this_pomt_is_refused(bench_file, tmp_path):
+    stored, _ = read_bench(bench_file)
+    data = json.loads(pl.read_parquet_metadata(bench_file)["pomt"])
+    newer = tmp_path / "v9.parquet"
+    stored.write_parquet(newer, metadata={"pomt": json.dumps({**data, "format_version": 9})})
+    with pytest.raises(PomtError, match="format 9, newer than this pomt reads"):
+        read_bench(newer)

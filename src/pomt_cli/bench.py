@@ -6,12 +6,17 @@ batch size. Methods are timed in interleaved rounds (each round visits the metho
 fresh seeded order) and a method's samples are pooled over the rounds, so that drift and
 background load fall on all methods alike and ratios are fair. With labelled images,
 each method is also evaluated once on them (top-1, top-5).
+
+With a compute-r report, a method's predicted latency is bench's own measurement of the
+unpruned model at that batch size times the report's ratio (the profile's latency of the
+chosen point over the same curve's unpruned point): an offset common to the whole profile,
+such as its short visits against bench's long interleaved rounds, cancels in the ratio.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -22,14 +27,33 @@ from torch import nn
 from pomt_cli.accuracy.data import LabelledImages, evaluate
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import SCHEMA, MethodSetting
+from pomt_cli.formats.report import Choice
 from pomt_cli.pruning import capped_from, geometry, none, remove, removed_per_block, token_counts
 from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 
 #: The method every other is compared with (latency and accuracy changes, speedups).
 BASELINE = none.NoReduction.name
 
-Predictions = Mapping[tuple[int, str], tuple[float, str]]
-"""``{(batch size, setting label): (predicted ms, workload that predicted it)}``."""
+class Prediction(BaseModel):
+    """What a compute-r report predicts for one bench row.
+
+    Attributes:
+        profile_ms: the profile's own latency of the setting (for ``none``, of the unpruned model).
+        ratio: the setting's latency over the unpruned model's, from one curve of the profile;
+            None for ``none`` itself, whose measurement is the reference.
+        low, high: the ratio's interval, when the profile stores confidence intervals.
+        workload: ``pomt`` (the real pruned model) or ``proxy`` (the all-blocks proxy).
+    """
+
+    profile_ms: float | None = None
+    ratio: float | None = None
+    low: float | None = None
+    high: float | None = None
+    workload: str
+
+
+Predictions = Mapping[tuple[int, str], Prediction]
+"""``{(batch size, setting label): prediction}``."""
 
 
 class BenchTiming(BaseModel):
@@ -161,13 +185,32 @@ def time_methods(
     return results
 
 
-def prediction_columns(prediction: tuple[float, str] | None, measured_ms: float | None) -> dict:
-    """``predicted_ms``, ``prediction_error`` (measured / predicted - 1) and ``predicted_by`` of one row."""
+def prediction_columns(prediction: Prediction | None, measured_ms: float | None, none_ms: float | None) -> dict:
+    """The prediction columns of one row.
+
+    ``predicted_ms`` is ``none_ms`` (bench's own unpruned measurement at that batch size)
+    times the profile's ratio, ``prediction_error`` is measured / predicted - 1, and
+    ``profile_ms`` keeps the profile's absolute latency. A prediction without a ratio (the
+    unpruned model's, the reference) has no predicted ms and no error.
+    """
     if prediction is None:
-        return {"predicted_ms": None, "prediction_error": None, "predicted_by": None}
-    predicted, workload = prediction
+        return {"predicted_ms": None, "prediction_error": None, "predicted_by": None, "profile_ms": None,
+                "predicted_ratio": None, "predicted_ratio_low": None, "predicted_ratio_high": None}
+    predicted = none_ms * prediction.ratio if none_ms and prediction.ratio is not None else None
     error = measured_ms / predicted - 1 if measured_ms and predicted else None
-    return {"predicted_ms": predicted, "prediction_error": error, "predicted_by": workload}
+    return {"predicted_ms": predicted, "prediction_error": error, "predicted_by": prediction.workload,
+            "profile_ms": prediction.profile_ms, "predicted_ratio": prediction.ratio,
+            "predicted_ratio_low": prediction.low, "predicted_ratio_high": prediction.high}
+
+
+def slower_than_none(row: Measurement, none: Measurement | None) -> bool | None:
+    """Whether ``row`` measured slower than ``none`` beyond both intervals (its CI above none's).
+
+    None when either lacks an interval (out of memory) or ``row`` is ``none`` itself.
+    """
+    if none is None or row is none or None in (row.ci_low_ms, none.ci_high_ms):
+        return None
+    return row.ci_low_ms > none.ci_high_ms
 
 
 def accuracy_of_methods(
@@ -201,14 +244,16 @@ def bench_frame(
 ) -> pl.DataFrame:
     """The report: one row per (batch size, method), changes against ``none`` when it was run.
 
-    A row with a prediction (from a compute-r report) carries it, the workload that made
-    it, and the prediction error ``measured / predicted - 1``.
+    A row with a prediction (from a compute-r report) carries it (:func:`prediction_columns`),
+    the workload that made it, and the prediction error ``measured / predicted - 1``. Each
+    row but ``none`` says whether it measured slower than ``none`` beyond both intervals.
     """
     predictions = predictions or {}
     rows = []
     for b, settings in plan.items():
         base = timed.get((b, BASELINE))
         base_ms = base[0].median_ms if base else None
+        base_m = base[0] if base else None
         base_acc = accuracy.get(BASELINE) if accuracy else None
         for s in settings:
             m, leaving = timed[(b, s.label)]
@@ -223,9 +268,75 @@ def bench_frame(
                 "accuracy": acc[0] if acc else None, "top5": acc[1] if acc else None,
                 "accuracy_change": acc[0] - base_acc[0] if acc and base_acc else None,
                 "images": acc[2] if acc else None,
-                **prediction_columns(predictions.get((b, s.label)), m.median_ms),
+                **prediction_columns(predictions.get((b, s.label)), m.median_ms, base_ms),
+                "slower_than_none": slower_than_none(m, base_m),
             })
     return pl.DataFrame(rows, schema=SCHEMA, orient="row")
+
+
+class ChoiceCheck(BaseModel):
+    """A compute-r choice for one batch size against what bench measured.
+
+    Savings are percentages of the unpruned model's latency (positive: faster). For R = 0
+    nothing is predicted beyond the unpruned model: the predicted fields are None.
+    """
+
+    batch_size: int
+    R: int
+    layer: int | None
+    pays: bool
+    setting: str
+    predicted_saving_pct: float | None
+    saving_low_pct: float | None
+    saving_high_pct: float | None
+    measured_saving_pct: float | None
+    profile_ms: float | None
+    predicted_ms: float | None
+    measured_ms: float | None
+    prediction_error: float | None
+    slower: bool | None = Field(description="measured slower than none beyond both intervals (None: unknown)")
+
+
+def check_choices(frame: pl.DataFrame, choices: Iterable[Choice]) -> list[ChoiceCheck]:
+    """Each choice with its bench row: the chosen POMT setting, or ``none`` when R = 0."""
+    checks = []
+    for c in choices:
+        rows = frame.filter((pl.col("batch_size") == c.batch_size)
+                            & (pl.col("method") == ("pomt" if c.R else BASELINE)))
+        if rows.is_empty():
+            continue
+        row = rows.row(0, named=True)
+        ratio, low, high = row["predicted_ratio"], row["predicted_ratio_low"], row["predicted_ratio_high"]
+        pruned = c.R > 0
+        checks.append(ChoiceCheck(
+            batch_size=c.batch_size, R=c.R, layer=c.layer, pays=c.pays, setting=row["setting"],
+            predicted_saving_pct=100 * (1 - ratio) if pruned and ratio is not None else None,
+            saving_low_pct=100 * (1 - high) if pruned and high is not None else None,
+            saving_high_pct=100 * (1 - low) if pruned and low is not None else None,
+            measured_saving_pct=(-row["latency_change_pct"] if pruned and row["latency_change_pct"] is not None
+                                 else None),
+            profile_ms=row["profile_ms"], predicted_ms=row["predicted_ms"] if pruned else None,
+            measured_ms=row["latency_ms"], prediction_error=row["prediction_error"] if pruned else None,
+            slower=row["slower_than_none"] if pruned else False))
+    return checks
+
+
+def check_text(check: ChoiceCheck) -> str:
+    """One sentence: the choice's predicted and measured saving, and whether it measured slower."""
+    if check.R == 0:
+        return (f"batch {check.batch_size}: R = 0, nothing is predicted beyond the unpruned model "
+                "(never slower: it is the unpruned model)")
+    parts = []
+    if check.predicted_saving_pct is not None:
+        parts.append(f"predicted {check.predicted_saving_pct:.1f}%")
+        if check.saving_low_pct is not None and check.saving_high_pct is not None:
+            parts[-1] += f" ({check.saving_low_pct:.1f}% to {check.saving_high_pct:.1f}%)"
+    if check.measured_saving_pct is not None:
+        parts.append(f"measured {check.measured_saving_pct:.1f}%")
+    saving = f" saving {', '.join(parts)};" if parts else ""
+    verdict = {True: "SLOWER than none beyond both intervals", False: "not slower than none beyond both intervals",
+               None: "slower or not: unknown (no interval)"}[check.slower]
+    return f"batch {check.batch_size}: {check.setting}:{saving} {verdict}"
 
 
 class BenchPlan(BaseModel):
@@ -233,11 +344,11 @@ class BenchPlan(BaseModel):
 
     Attributes:
         settings: per batch size, the settings timed (fitted to the model).
-        predictions: ``{(batch size, setting label): (predicted ms, workload)}`` from a compute-r report.
+        predictions: ``{(batch size, setting label): prediction}`` from a compute-r report.
     """
 
     settings: dict[int, list[MethodSetting]]
-    predictions: dict[tuple[int, str], tuple[float, str]] = Field(default_factory=dict)
+    predictions: dict[tuple[int, str], Prediction] = Field(default_factory=dict)
 
     def distinct(self) -> list[MethodSetting]:
         """Each setting once (accuracy does not depend on the batch size)."""

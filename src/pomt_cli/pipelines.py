@@ -26,6 +26,7 @@ from pomt_cli.bench import (
     BenchPlan,
     BenchProgress,
     BenchTiming,
+    Prediction,
     accuracy_of_methods,
     bench_frame,
     fit_settings,
@@ -471,15 +472,18 @@ def _layers_and_choices(r_from: Path | None, layer: int | None, sizes: list[int]
 
 
 def _predictions(settings: dict[int, list[MethodSetting]], choices: dict[int, Choice],
-                 num_tokens: int) -> dict[tuple[int, str], tuple[float, str]]:
-    """What the report predicts: the chosen POMT setting's latency, and the unpruned model's where it was measured."""
+                 num_tokens: int) -> dict[tuple[int, str], Prediction]:
+    """What the report predicts: the chosen POMT setting's ratio to the unpruned model (and the
+    profile's ms), and the unpruned model's profile ms where it was measured (no ratio: the reference)."""
     predicted = {}
     for b, choice in choices.items():
         for s in settings[b]:
-            if s.method in _from_report():
-                predicted[(b, s.label)] = (choice.latency_ms, choice.workload)
+            if s.method in _from_report() and choice.ratio is not None:
+                predicted[(b, s.label)] = Prediction(
+                    profile_ms=choice.latency_ms, ratio=choice.ratio, low=choice.latency_ratio_low,
+                    high=choice.latency_ratio_high, workload=choice.workload)
             elif s.method == BASELINE and choice.reference_ms is not None and choice.reference_tokens == num_tokens:
-                predicted[(b, s.label)] = (choice.reference_ms, choice.workload)
+                predicted[(b, s.label)] = Prediction(profile_ms=choice.reference_ms, workload=choice.workload)
     return predicted
 
 

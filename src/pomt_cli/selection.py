@@ -21,6 +21,12 @@ Either way only pruned points faster than the unpruned model beyond their interv
 (``ci_high_ms`` below its latency) are candidates; when none is, the answer is R = 0:
 pruning does not pay at that batch size.
 
+Each choice also carries its predicted saving as a ratio (:func:`latency_ratio`): the
+chosen point's latency over the same curve's unpruned point (the same layer, n = N), with
+the interval of that ratio from the two points' confidence intervals. ``pomt bench``
+multiplies its own measurement of the unpruned model by this ratio, so that an offset
+common to the whole profile (its short visits against bench's long rounds) cancels.
+
 Everything here returns data and raises :class:`~pomt_cli.errors.PomtError` for bad input;
 the report (:class:`Report`) is the JSON file that ``pomt bench --r-from`` reads.
 """
@@ -104,11 +110,11 @@ def score(points: pl.DataFrame, num_tokens: int, alpha: float) -> pl.DataFrame:
 
     Returns:
         ``tokens, R, latency_ms, latency_saved_pct, accuracy, accuracy_lost, utility``,
-        n descending, then ``layer`` and ``ci_high_ms`` where ``points`` has them. The
+        n descending, then ``layer``, ``ci_low_ms`` and ``ci_high_ms`` where ``points`` has them. The
         reference of the saving and the loss is the largest n (one row: with layers, the
         unpruned model's, see :func:`merge_unpruned`).
     """
-    extra = [c for c in ("layer", "ci_high_ms") if c in points.columns]
+    extra = [c for c in ("layer", "ci_low_ms", "ci_high_ms") if c in points.columns]
     order = ["tokens", *(["layer"] if "layer" in extra else [])]
     frame = points.select("tokens", "latency_ms", "accuracy", *extra).sort(
         order, descending=[True] + [False] * (len(order) - 1))
@@ -224,8 +230,8 @@ def common_points(
     (layer, n).
 
     Returns:
-        ``tokens, latency_ms, accuracy, layer, ci_high_ms``, n descending (``ci_high_ms``
-        is the latency where the profile has no interval).
+        ``tokens, latency_ms, accuracy, layer, ci_low_ms, ci_high_ms``, n descending (the
+        interval is null where the profile has none).
 
     Raises:
         PomtError: fewer than 2 points in common.
@@ -236,14 +242,14 @@ def common_points(
 
     lat = keyed(latency.filter((pl.col("batch_size") == batch_size) & (pl.col("status") != "oom")
                                & pl.col("latency_ms").is_not_null() & pl.col("latency_ms").is_not_nan()))
-    high = pl.col("ci_high_ms").fill_null(pl.col("latency_ms")) if "ci_high_ms" in lat.columns else pl.col("latency_ms")
-    lat = lat.unique(["_key", "tokens"], keep="last").select("_key", "layer", "tokens", "latency_ms",
-                                                             high.alias("ci_high_ms"))
+    bounds = [pl.col(c).cast(pl.Float64) if c in lat.columns else pl.lit(None, dtype=pl.Float64).alias(c)
+              for c in ("ci_low_ms", "ci_high_ms")]
+    lat = lat.unique(["_key", "tokens"], keep="last").select("_key", "layer", "tokens", "latency_ms", *bounds)
     acc = (keyed(accuracy.filter(pl.col("accuracy").is_not_null() & pl.col("accuracy").is_not_nan()))
            .unique(["_key", "tokens"], keep="last").select("_key", "tokens", "accuracy"))
     joined = (lat.join(acc, on=["_key", "tokens"], how="inner")
               .sort(["_key", "tokens"], descending=[False, True])
-              .select("tokens", "latency_ms", "accuracy", "layer", "ci_high_ms"))
+              .select("tokens", "latency_ms", "accuracy", "layer", "ci_low_ms", "ci_high_ms"))
     if joined.height < 2:
         raise PomtError(
             f"{latency_path} and {accuracy_path} have {joined.height} grid point(s) in common at batch "
@@ -292,7 +298,8 @@ def check_layers_match(latency_layers: list[int], accuracy_layers: list[int], la
 def merge_unpruned(points: pl.DataFrame, num_tokens: int, batch_size: int, latency_path: Path) -> pl.DataFrame:
     """With layers: every layer's n = N point is the same unpruned model; one row stands for them all.
 
-    Its latency and interval are the medians over the layers, its layer the first.
+    Its latency and interval are the medians over the layers, its layer the first
+    (:func:`latency_ratio` reads each layer's own n = N point from the frame before the merge).
 
     Raises:
         PomtError: the common grid lacks n = N (the unpruned model was not measured).
@@ -303,8 +310,46 @@ def merge_unpruned(points: pl.DataFrame, num_tokens: int, batch_size: int, laten
             f"{latency_path} has no point at n = {num_tokens} (the unpruned model) at batch {batch_size} in common "
             f"with the accuracy profile: profile both with a --tokens grid that starts at {num_tokens}")
     merged = full.sort("layer").head(1).with_columns(
-        latency_ms=pl.lit(full["latency_ms"].median()), ci_high_ms=pl.lit(full["ci_high_ms"].median()))
+        **{c: pl.lit(full[c].median(), dtype=pl.Float64) for c in ("latency_ms", "ci_low_ms", "ci_high_ms")})
     return pl.concat([merged, points.filter(pl.col("tokens") != num_tokens)])
+
+
+class Ratio(BaseModel):
+    """The predicted latency of a choice over the unpruned model's, from one curve of the profile."""
+
+    ratio: float
+    unpruned_ms: float
+    low: float | None = None
+    high: float | None = None
+
+
+def latency_ratio(point: dict, unpruned: dict) -> Ratio:
+    """``L(layer, n*) / L(layer, N)``: the chosen point over the same curve's unpruned point.
+
+    The interval is the ratio's range over the two points' confidence intervals,
+    ``ci_low(n*) / ci_high(N)`` to ``ci_high(n*) / ci_low(N)``; None when either point
+    lacks one.
+
+    Args:
+        point: the chosen point (``latency_ms``, ``ci_low_ms``, ``ci_high_ms``).
+        unpruned: the point at n = N on the same curve, with the same keys.
+    """
+    bounds = (point.get("ci_low_ms"), point.get("ci_high_ms"), unpruned.get("ci_low_ms"), unpruned.get("ci_high_ms"))
+    whole = all(v is not None and v > 0 and not math.isnan(v) for v in bounds)
+    return Ratio(ratio=point["latency_ms"] / unpruned["latency_ms"], unpruned_ms=unpruned["latency_ms"],
+                 low=bounds[0] / bounds[3] if whole else None, high=bounds[1] / bounds[2] if whole else None)
+
+
+def _ratio_of(best: dict, points: pl.DataFrame, num_tokens: int) -> Ratio | None:
+    """The choice's :func:`latency_ratio` (1 for R = 0); None when its curve lacks n = N."""
+    if best["R"] == 0:
+        return Ratio(ratio=1.0, unpruned_ms=best["latency_ms"])
+    curve = points.filter(pl.col("tokens") == num_tokens)
+    if best.get("layer") is not None:
+        curve = curve.filter(pl.col("layer") == best["layer"])
+    if curve.is_empty():
+        return None
+    return latency_ratio(best, curve.row(0, named=True))
 
 
 def _input_record(path: Path, meta: LatencyMeta | AccuracyMeta) -> ProfileInput:
@@ -370,14 +415,13 @@ def compute_r(
     candidates: dict[int, pl.DataFrame] = {}
     choices: list[Choice] = []
     for b in chosen:
-        points = common_points(latency, accuracy, b, latency_path, accuracy_path)
-        if layers:
-            points = merge_unpruned(points, num_tokens, b, latency_path)
+        curve_points = common_points(latency, accuracy, b, latency_path, accuracy_path)
+        points = merge_unpruned(curve_points, num_tokens, b, latency_path) if layers else curve_points
         scored = score(points, num_tokens, settings.alpha)
         reference = scored.row(0, named=True)
         # Only pruned points faster than the reference beyond their own interval can pay.
-        paying = scored.filter((pl.col("tokens") == reference["tokens"])
-                               | (pl.col("ci_high_ms") < reference["latency_ms"]))
+        high = pl.col("ci_high_ms").fill_null(pl.col("latency_ms"))
+        paying = scored.filter((pl.col("tokens") == reference["tokens"]) | (high < reference["latency_ms"]))
         pays = paying.height > 1
         if not pays:
             unpruned = "unpruned model" if reference["R"] == 0 else f"reference n = {reference['tokens']}"
@@ -385,11 +429,16 @@ def compute_r(
                          f"({reference['latency_ms']:.3f} ms), so R = {reference['R']}")
         ranked = rank(paying, settings, b)
         best = ranked.row(0, named=True)
-        curves[b] = scored.drop("ci_high_ms")
-        candidates[b] = ranked.head(TOP_CANDIDATES).drop("ci_high_ms")
+        ratio = _ratio_of(best, curve_points, num_tokens)
+        curves[b] = scored.drop("ci_low_ms", "ci_high_ms")
+        candidates[b] = ranked.head(TOP_CANDIDATES).drop("ci_low_ms", "ci_high_ms")
         choices.append(Choice(batch_size=b, reference_tokens=int(reference["tokens"]),
                               layer=best["layer"] if layers else None, workload=workload,
                               reference_ms=reference["latency_ms"], pays=pays,
+                              latency_ratio=ratio.ratio if ratio else None,
+                              latency_ratio_low=ratio.low if ratio else None,
+                              latency_ratio_high=ratio.high if ratio else None,
+                              unpruned_ms=ratio.unpruned_ms if ratio else None,
                               **{k: best[k] for k in ("R", "tokens", "latency_ms", "latency_saved_pct",
                                                       "accuracy", "accuracy_lost", "utility")}))
 

@@ -10,7 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from pomt_cli.bench import BASELINE
+from pomt_cli.bench import BASELINE, check_choices, check_text
 from pomt_cli.cli.options import (
     AllowRandomOption,
     BenchBudgetOption,
@@ -82,17 +82,23 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> list[Table]
         "; top-1 in %, Δ pts: its change against none" if with_accuracy else "")
     tables = [_table(title, columns, rows)]
     tables[0].caption, tables[0].caption_justify = legend, "left"
-    predicted = frame.filter(pl.col("predicted_ms").is_not_null())
+    predicted = frame.filter(pl.col("predicted_ms").is_not_null() | pl.col("profile_ms").is_not_null())
     if predicted.height:
         rows = []
         for row in predicted.iter_rows(named=True):
-            by = {"pomt": "real pruned model", "proxy": "all-blocks proxy"}.get(row["predicted_by"] or "", "")
-            rows.append([str(row["batch_size"]), row["setting"], f"{row['predicted_ms']:.3f}",
-                         "" if row["latency_ms"] is None else f"{row['latency_ms']:.3f}",
-                         "" if row["prediction_error"] is None else f"{row['prediction_error']:+.1%}", by])
-        tables.append(_table("Predicted against measured (ms)", ["batch", "method", "predicted", "measured",
-                                                                  "error", "predicted by"], rows))
+            rows.append([str(row["batch_size"]), row["setting"], _ms(row["profile_ms"]), _ms(row["predicted_ms"]),
+                         _ms(row["latency_ms"]),
+                         "" if row["prediction_error"] is None else f"{row['prediction_error']:+.1%}"])
+        table = _table("Predicted against measured (ms)", ["batch", "method", "profile", "predicted", "measured",
+                                                           "error"], rows)
+        table.caption, table.caption_justify = (
+            "predicted: none's measured ms x the profile's ratio; profile: the profile's own ms"), "left"
+        tables.append(table)
     return tables
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def render(result: BenchResult) -> None:
@@ -106,12 +112,14 @@ def render(result: BenchResult) -> None:
         out.print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0][0]}")
     for table in _render(frame, title, images is not None):
         out.print(table)
-    if frame["predicted_ms"].is_not_null().any():
+    if result.choices:
         workload = next(c.workload for c in result.choices.values())
         out.print(f"predicted: by {result.r_from} from "
                   + ("the real pruned model's latency profile" if workload == "pomt" else
                      "the all-blocks proxy (every block at n; the real saving is smaller)")
                   + "; error = measured / predicted - 1")
+        for check in check_choices(frame, result.choices.values()):
+            out.print(check_text(check))
     clocks = meta.clocks
     out.print(f"clocks: {clocks.mode} ({clocks.detail})" if clocks.detail else f"clocks: {clocks.mode}")
     out.print(f"report: {result.csv}")

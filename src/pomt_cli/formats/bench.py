@@ -41,18 +41,28 @@ SCHEMA: dict[str, pl.DataType] = {
     "predicted_ms": pl.Float64,
     "prediction_error": pl.Float64,
     "predicted_by": pl.String,
+    "profile_ms": pl.Float64,
+    "predicted_ratio": pl.Float64,
+    "predicted_ratio_low": pl.Float64,
+    "predicted_ratio_high": pl.Float64,
+    "slower_than_none": pl.Boolean,
 }
 """Columns of a bench report, one row per (batch size, method)."""
 
 
-#: Columns that version 1 lacked; a file of version 1 is read with them null.
-PREDICTION_COLUMNS = ("predicted_ms", "prediction_error", "predicted_by")
+#: Columns that earlier versions lacked, read as null: version 1 had no prediction;
+#: version 2 predicted with the profile's absolute ms (its ``predicted_ms`` is also its
+#: ``profile_ms``) and had no ratio.
+PREDICTION_COLUMNS = ("predicted_ms", "prediction_error", "predicted_by", "profile_ms", "predicted_ratio",
+                      "predicted_ratio_low", "predicted_ratio_high", "slower_than_none")
 
 
 #: The Parquet metadata key of a bench report.
 BENCH_METADATA_KEY = "pomt"
-#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file).
-BENCH_FORMAT_VERSION = 2
+#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file). 3: the
+#: prediction is bench's unpruned ms times the profile's ratio (``predicted_ms``), beside
+#: the profile's absolute ms (``profile_ms``); version 2 compared with the absolute ms.
+BENCH_FORMAT_VERSION = 3
 
 
 class MethodSetting(BaseModel):
@@ -168,6 +178,11 @@ def read_bench(path: str | Path) -> tuple[pl.DataFrame, BenchMeta]:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "metadata"
         raise PomtError(f"bench report {path} is damaged (field {where}: {first['msg']}): {again}") from None
+    if meta.format_version > BENCH_FORMAT_VERSION:
+        raise PomtError(f"{path} is a bench report of format {meta.format_version}, newer than this pomt reads "
+                        f"({BENCH_FORMAT_VERSION}): upgrade pomt")
+    if meta.format_version == 2 and "profile_ms" not in frame.columns and "predicted_ms" in frame.columns:
+        frame = frame.with_columns(profile_ms=pl.col("predicted_ms"))
     frame = frame.with_columns(pl.lit(None, dtype=SCHEMA[c]).alias(c) for c in PREDICTION_COLUMNS
                                if c not in frame.columns)
     missing = [c for c in SCHEMA if c not in frame.columns]

@@ -18,7 +18,10 @@ from pomt_cli.formats.outputs import atomic_write_text
 
 #: 2 added the chosen layer, the workload of the prediction and whether pruning pays;
 #: reports of version 1 are read with ``layer`` None and the ``proxy`` workload.
-REPORT_FORMAT_VERSION = 2
+#: 3 added the predicted saving as a ratio to the same curve's unpruned point, with its
+#: interval; reports of versions 1 and 2 are read without it (:attr:`Choice.ratio` falls
+#: back to ``1 - latency_saved_pct / 100``).
+REPORT_FORMAT_VERSION = 3
 
 
 Criterion = Literal["utility", "latency_budget", "max_accuracy_drop"]
@@ -43,11 +46,32 @@ class Choice(BaseModel):
         "proxy", description="where latency_ms comes from: the POMT-patched model or the all-blocks proxy")
     reference_ms: float | None = Field(None, description="L(n_max): the unpruned model's latency when n_max = N")
     pays: bool = Field(True, description="False: no pruned point was faster than the unpruned model (R = 0)")
+    latency_ratio: float | None = Field(
+        None, gt=0, description="L(layer, n*) / L(layer, N): the chosen point over the same curve's unpruned point")
+    latency_ratio_low: float | None = Field(None, gt=0, description="the ratio's interval from the two points' CIs")
+    latency_ratio_high: float | None = Field(None, gt=0)
+    unpruned_ms: float | None = Field(None, gt=0, description="L(layer, N): the denominator of latency_ratio")
 
     @property
     def predicted_ms(self) -> float:
         """The latency the profile predicts for the chosen model (L(n*))."""
         return self.latency_ms
+
+    @property
+    def ratio(self) -> float | None:
+        """The predicted latency over the unpruned model's (1 for R = 0); None when the profile cannot say.
+
+        Reports before version 3 lack :attr:`latency_ratio`: their ratio is
+        ``1 - latency_saved_pct / 100`` (``latency_ms / reference_ms``) when the reference
+        is the unpruned model.
+        """
+        if self.latency_ratio is not None:
+            return self.latency_ratio
+        if self.R == 0:
+            return 1.0
+        if self.reference_tokens == self.R + self.tokens:
+            return 1 - self.latency_saved_pct / 100
+        return None
 
 
 class ProfileInput(BaseModel):
