@@ -8,11 +8,11 @@ from torch import nn
 
 from pomt_cli.errors import PomtError
 from pomt_cli.measure.grid import GridProgress, LatencySettings, ProgressFn, run_grid, sort_profile, with_layer
+from pomt_cli.measure.runtimes import KeptTokens, Prepared, Runtime, prepare, weights_digest
 from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 from pomt_cli.models import vit_geometry
 from pomt_cli.options import DTYPES, check_layers
 from pomt_cli.pruning import apply, remove
-from pomt_cli.pruning.geometry import forward_kept
 
 
 def kept_patches(num_patches: int, kept: int, seed: int) -> torch.Tensor:
@@ -37,6 +37,10 @@ def profile_latency(
     profile each); progress events then count over all layers and carry the whole
     profile so far. The model is left unpatched.
 
+    Each point's workload runs in ``settings.runtime`` (:func:`pomt_cli.measure.runtimes.prepare`):
+    with compile or onnxruntime it is made ready once per point (an ``export`` or
+    ``compile`` progress event first) and kept for the later visits.
+
     Returns:
         A frame of :data:`FILE_SCHEMA` (``layer`` null for the proxy), sorted by
         :func:`sort_profile`.
@@ -56,6 +60,9 @@ def profile_latency(
     if previous is not None and "layer" not in previous.columns:
         previous = with_layer(previous, None)
     finished: list[pl.DataFrame] = []
+    digest = None
+    if settings.runtime is Runtime.onnxruntime:
+        digest = weights_digest(model.to(dtype=DTYPES[settings.dtype]))
     per_layer = len(settings.points()) * settings.passes
     offset = 0
     for i, layer in enumerate(layers):
@@ -71,7 +78,8 @@ def profile_latency(
                 left = per_layer * (len(layers) - i - 1)
                 progress(GridProgress(event.phase, event.batch_size, event.tokens, offset + event.done,
                                       offset + event.total + left, event.measurement, frame, layer))
-        frame = _profile_curve(model, settings, device=device, previous=earlier, progress=callback, layer=layer)
+        frame = _profile_curve(model, settings, device=device, previous=earlier, progress=callback, layer=layer,
+                               weights=digest)
         finished.append(with_layer(frame, layer))
         offset += per_layer if earlier is None else max(0, per_layer - earlier.height * settings.passes)
     return sort_profile(pl.concat(finished))
@@ -85,8 +93,13 @@ def _profile_curve(
     previous: pl.DataFrame | None,
     progress: ProgressFn | None,
     layer: int | None,
+    weights: str | None = None,
 ) -> pl.DataFrame:
-    """One curve: the proxy (``layer`` None) or POMT pruning N - n tokens in block ``layer``."""
+    """One curve: the proxy (``layer`` None) or POMT pruning N - n tokens in block ``layer``.
+
+    ``weights`` is the model's :func:`~pomt_cli.measure.runtimes.weights_digest` (it keys
+    the ONNX cache).
+    """
     g = vit_geometry(model)
     if settings.cuda_graphs and device.type != "cuda":
         raise PomtError(f"CUDA graphs need a CUDA device, but the torch device is {device}: leave out --cuda-graphs")
@@ -101,6 +114,33 @@ def _profile_curve(
             raise PomtError(f"{g.name} does not fit in the memory of {device}") from None
         raise
     images: dict[int, torch.Tensor] = {}
+    runtime = settings.runtime
+    options = settings.runtime_options()
+    # Compiled and exported workloads do not change with later patches: one per point.
+    ready: dict[tuple[int, int], Prepared] = {}
+    seen = {"done": 0, "total": len(settings.points()) * settings.passes}
+
+    def heard(event: GridProgress) -> None:
+        seen.update(done=event.done, total=event.total)
+        progress(event)
+
+    def prepare_point(model: nn.Module, x: torch.Tensor, tokens: int, keep: torch.Tensor,
+                       batch_size: int) -> Prepared:
+        if layer is None:
+            module, label = KeptTokens(model, keep), f"proxy n={tokens}"
+        else:
+            # R = 0 is the unpruned model itself, as it would be deployed.
+            r = g.num_tokens - tokens
+            module = remove(model) if r == 0 else apply(model, "pomt", r=r, layer=layer)
+            label = "none" if r == 0 else f"pomt r={r} @{layer}"
+        if runtime is Runtime.eager:
+            return prepare(module, x, runtime)
+        if progress is not None:
+            phase = "export" if runtime is Runtime.onnxruntime else "compile"
+            progress(GridProgress(phase, batch_size, tokens, seen["done"], seen["total"], layer=layer))
+        prepared = prepare(module, x, runtime, label=label, weights=weights, options=options)
+        ready[(batch_size, tokens)] = prepared
+        return prepared
 
     def measure_point(batch_size: int, tokens: int, prior: list[float]) -> Measurement:
         try:
@@ -122,19 +162,12 @@ def _profile_curve(
             return Measurement.out_of_memory("inputs do not fit", mode=mode, rel_precision=settings.rel_precision,
                                              task=task)
         x = images[batch_size]
-        if layer is None:
-            def workload() -> torch.Tensor:
-                return forward_kept(model, x, keep)
-        else:
-            # R = 0 is the unpruned model itself, as it would be deployed.
-            pruned = remove(model) if tokens == g.num_tokens else apply(model, "pomt", r=g.num_tokens - tokens,
-                                                                          layer=layer)
-
-            def workload() -> torch.Tensor:
-                return pruned(x)
+        prepared = ready.get((batch_size, tokens))
+        if prepared is None:
+            prepared = prepare_point(model, x, tokens, keep, batch_size)
         with torch.inference_mode():
             return measure(
-                workload,
+                prepared.fn,
                 device=device,
                 rel_precision=settings.rel_precision,
                 budget_s=settings.budget_s / settings.passes,
@@ -162,7 +195,7 @@ def _profile_curve(
             spike_tol=settings.spike_tol,
             remeasure_rounds=settings.remeasure_rounds,
             previous=previous,
-            progress=progress,
+            progress=None if progress is None else heard,
             point_budget_s=settings.budget_s,
         )
     finally:
