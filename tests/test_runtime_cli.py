@@ -6,6 +6,7 @@ import json
 
 import polars as pl
 import pytest
+import torch
 from conftest import MODEL, run_in_process, write_accuracy, write_latency
 
 from pomt_cli.measure import runtimes
@@ -154,3 +155,19 @@ def test_compute_r_records_the_runtime_and_bench_refuses_another(tmp_path, capsy
                                    "--output-dir", str(tmp_path / "o")], capsys)
     assert code == 2 and "measured on eager, but this bench runs --runtime compile" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_workload_that_does_not_compile_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    original = runtimes.forward_kept
+
+    def with_a_graph_break(model, images, keep):
+        torch._dynamo.graph_break()
+        return original(model, images, keep)
+
+    monkeypatch.setattr(runtimes, "forward_kept", with_a_graph_break)
+    code, _, err = run_in_process(["profile", *DIGITS, "--tokens", "65:25:20", "--runtime", "compile",
+                                   "--compile-backend", "eager", "--output-dir", str(tmp_path / "runs"), *FAST],
+                                  capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "digits-vit proxy n=25 does not compile as one graph" in err and "use --runtime eager" in err
+    assert not (tmp_path / "runs").exists()

@@ -44,7 +44,7 @@ from pomt_cli.measure.grid import GridProgress, LatencySettings
 from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, check_runtime, runtime_info
 from pomt_cli.formats.latency import LatencyMeta, Workload, resume_rows
 from pomt_cli.measure.steps import find_curve_steps
-from pomt_cli.measure.workload import profile_latency
+from pomt_cli.measure.workload import check_workload, profile_latency
 from pomt_cli.models import DEFAULT_MODEL, create_model, vit_geometry, weights_source
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange, check_layers, token_grid
 from pomt_cli.formats.outputs import OutputSet, atomic_write_text, check_output_dir, output_stem, write_error
@@ -268,6 +268,8 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
                        img_size=s.img_size,
                        extra=(*workload_slug, *s.runtime_slug(), *(("cudagraphs",) if s.cuda_graphs else ())))
     complete = previous_meta is not None and previous_meta.complete
+    if not complete:
+        check_workload(net, latency, device=tdev)  # a graph that does not compile or export: before any file
     # The set claims the names for the whole run: the checkpoints of an unfinished profile
     # go to its parquet, which --resume reads; the final profile and plot land together.
     with OutputSet(s.output_dir, stem, ("parquet", "png")) as files:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import polars as pl
 import torch
 from torch import nn
@@ -83,6 +85,43 @@ def profile_latency(
         finished.append(with_layer(frame, layer))
         offset += per_layer if earlier is None else max(0, per_layer - earlier.height * settings.passes)
     return sort_profile(pl.concat(finished))
+
+
+def check_workload(model: nn.Module, settings: LatencySettings, *, device: torch.device) -> None:
+    """Refuse, before anything is measured or written, a workload that ``settings.runtime`` cannot run.
+
+    The most pruned point of the first curve (the smallest n, the first layer) is made
+    ready once at the first batch size: compile captures it as one graph (with the
+    ``eager`` backend: capture without code generation), onnxruntime exports and checks it
+    into the cache, where the profile finds it again. Eager needs no check. The model is
+    left unpatched.
+
+    Raises:
+        PomtError: the workload does not compile as one graph, or does not export.
+    """
+    if settings.runtime is Runtime.eager:
+        return
+    g = vit_geometry(model)
+    dtype = DTYPES[settings.dtype]
+    model = model.eval().to(device=device, dtype=dtype)
+    batch_size, tokens = settings.batch_sizes[0], min(settings.grid)
+    generator = torch.Generator().manual_seed(settings.seed)
+    x = torch.randn(batch_size, *g.input_size, generator=generator).to(device=device, dtype=dtype)
+    options = settings.runtime_options()
+    if settings.runtime is Runtime.compile:
+        options = replace(options, compile_backend="eager", compile_warmup=1)
+    try:
+        if settings.workload == "pomt" and settings.layers:
+            layer, r = settings.layers[0], g.num_tokens - tokens
+            module = remove(model) if r == 0 else apply(model, "pomt", r=r, layer=layer)
+            label = "none" if r == 0 else f"pomt r={r} @{layer}"
+        else:
+            keep = kept_patches(g.num_patches, tokens - g.num_prefix, settings.seed * 100_003 + tokens).to(device)
+            module, label = KeptTokens(model, keep), f"proxy n={tokens}"
+        weights = weights_digest(model) if settings.runtime is Runtime.onnxruntime else None
+        prepare(module, x, settings.runtime, label=label, weights=weights, options=options)
+    finally:
+        remove(model)
 
 
 def _profile_curve(
