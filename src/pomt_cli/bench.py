@@ -29,6 +29,7 @@ from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import SCHEMA, MethodSetting
 from pomt_cli.formats.report import Choice
 from pomt_cli.pruning import capped_from, geometry, none, remove, removed_per_block, token_counts
+from pomt_cli.measure.runtimes import Prepared, Runtime, RuntimeOptions, prepare, weights_digest
 from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 
 #: The method every other is compared with (latency and accuracy changes, speedups).
@@ -67,6 +68,8 @@ class BenchTiming(BaseModel):
     warmup: int = Field(3, ge=0)
     rounds: int = Field(3, ge=1)
     seed: int = 0
+    runtime: Runtime = Runtime.eager
+    runtime_options: RuntimeOptions = Field(default_factory=RuntimeOptions)
 
     model_config = {"arbitrary_types_allowed": True}
 
@@ -126,7 +129,9 @@ def time_methods(
 ) -> dict[tuple[int, str], tuple[Measurement, int]]:
     """Latency of each batch size's settings (``plan``), in interleaved rounds.
 
-    The model must be on ``device`` in ``timing.dtype``; it is left unpatched.
+    The model must be on ``device`` in ``timing.dtype``; it is left unpatched. Each
+    setting runs in ``timing.runtime``: with compile or onnxruntime it is made ready once
+    per batch size (:func:`pomt_cli.measure.runtimes.prepare`) and kept across the rounds.
 
     Returns:
         ``{(batch_size, label): (measurement, tokens leaving the last block)}``.
@@ -138,6 +143,8 @@ def time_methods(
     total = sum(len(settings) for settings in plan.values()) * timing.rounds
     done = 0
     results: dict[tuple[int, str], tuple[Measurement, int]] = {}
+    eager = timing.runtime is Runtime.eager
+    digest = weights_digest(model) if timing.runtime is Runtime.onnxruntime else None
     try:
         for batch_size, settings in plan.items():
             generator = torch.Generator().manual_seed(timing.seed)
@@ -159,13 +166,20 @@ def time_methods(
                 continue
             parts: dict[str, list[Measurement]] = {s.label: [] for s in settings}
             leaving: dict[str, int] = {}
+            ready: dict[str, Prepared] = {}
             for round_ in range(timing.rounds):
                 order = list(settings)
                 rng.shuffle(order)
                 for s in order:
                     s.apply_to(model)
+                    prepared = ready.get(s.label)
+                    if prepared is None:
+                        prepared = prepare(model, images, timing.runtime, label=s.label, weights=digest,
+                                           options=timing.runtime_options)
+                        if not eager:  # eager calls the model as patched now: made again each round
+                            ready[s.label] = prepared
                     with torch.inference_mode():
-                        m = measure(lambda: model(images), device=device, rel_precision=timing.rel_precision,
+                        m = measure(prepared.fn, device=device, rel_precision=timing.rel_precision,
                                     budget_s=timing.budget_s, min_samples=timing.min_samples, warmup=timing.warmup,
                                     cuda_graphs=timing.cuda_graphs, task=Task(s.label, g.name, batch_size, dtype=dtype))
                     if m.status != "oom" and s.label not in leaving:

@@ -40,9 +40,10 @@ from pomt_cli.devices.torch_device import device_name, resolve_torch_device
 from pomt_cli.devices.clocks import locked_clocks
 from pomt_cli.errors import PomtError
 from pomt_cli.measure.grid import GridProgress, LatencySettings
+from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, check_runtime, runtime_info
 from pomt_cli.formats.latency import LatencyMeta, Workload, resume_rows
 from pomt_cli.measure.steps import find_curve_steps
-from pomt_cli.measure.workload import profile_latency
+from pomt_cli.measure.workload import check_workload, profile_latency
 from pomt_cli.models import DEFAULT_MODEL, create_model, vit_geometry, weights_source
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange, check_layers, token_grid
 from pomt_cli.formats.outputs import OutputSet, atomic_write_text, check_output_dir, output_stem, write_error
@@ -117,7 +118,34 @@ def _preset_and_device(device: str | None, torch_device: str | None) -> tuple[De
     return preset, resolve_torch_device(torch_device or preset.torch_device)
 
 
-class ProfileSettings(_Settings):
+class _RuntimeSettings(_Settings):
+    """What runs the timed forward passes (``--runtime``, ``--ort-providers``, ``--compile-backend``)."""
+
+    runtime: Runtime = Runtime.eager
+    ort_providers: list[str] | None = Field(None, description="ONNX Runtime's providers (None: those available)")
+    compile_backend: str = Field("inductor", description="torch.compile's backend")
+
+    def runtime_options(self, cuda_graphs: bool) -> RuntimeOptions:
+        providers = None if self.ort_providers is None else tuple(self.ort_providers)
+        return RuntimeOptions(providers=providers, compile_backend=self.compile_backend, cuda_graphs=cuda_graphs)
+
+    def checked_runtime(self, device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> dict:
+        """The runtime's record for the metadata, once it is checked to run here as asked.
+
+        Raises:
+            PomtError: CUDA graphs with compile or onnxruntime, a missing extra, a
+                provider not available here, a dtype the runtime cannot take.
+        """
+        options = self.runtime_options(cuda_graphs)
+        check_runtime(self.runtime, device=device, dtype=dtype, options=options)
+        return runtime_info(self.runtime, options, device=device)
+
+    def runtime_slug(self) -> tuple[str, ...]:
+        """The runtime's part of a file name: none for eager (its names stay as they were)."""
+        return () if self.runtime is Runtime.eager else (self.runtime.value,)
+
+
+class ProfileSettings(_RuntimeSettings):
     """The settings of one latency profile (``pomt profile``)."""
 
     model: str = DEFAULT_MODEL
@@ -197,6 +225,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
     """
     s = settings
     preset, tdev = _preset_and_device(s.device, s.torch_device)
+    info = s.checked_runtime(tdev, s.dtype.torch, s.cuda_graphs)
     if s.cuda_graphs and tdev.type != "cuda":
         raise PomtError(f"--cuda-graphs needs a CUDA device, but the torch device is {tdev}: "
                         "leave it out or use --torch-device cuda")
@@ -215,7 +244,8 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
     latency = LatencySettings(
         batch_sizes=s.batch_sizes, grid=grid, dtype=dtype, cuda_graphs=s.cuda_graphs, rel_precision=s.rel_precision,
         budget_s=s.budget_s, min_samples=s.min_samples, warmup=s.warmup, seed=s.seed, remeasure_rounds=s.remeasure,
-        passes=s.passes, workload=s.workload, layers=layers,
+        passes=s.passes, workload=s.workload, layers=layers, runtime=s.runtime, ort_providers=s.ort_providers,
+        compile_backend=s.compile_backend,
     )
     meta = LatencyMeta(
         model=s.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,
@@ -226,15 +256,19 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
         clocks=ClockState(preset=preset.name, mode="unlocked", detail="not started"),
         clocks_locked=s.lock_clocks, pretrained=s.pretrained, checkpoint=str(s.checkpoint) if s.checkpoint else None,
         rel_precision=s.rel_precision, budget_s=s.budget_s, min_samples=s.min_samples, warmup=s.warmup, seed=s.seed,
-        remeasure_rounds=s.remeasure, passes=s.passes, workload=s.workload, layers=layers, **_command(s.command),
+        remeasure_rounds=s.remeasure, passes=s.passes, workload=s.workload, layers=layers, runtime=s.runtime.value,
+        runtime_info=info, **_command(s.command),
     )
     previous = previous_meta = None
     if s.resume is not None:
         previous, previous_meta = resume_rows(s.resume, meta)
     workload_slug = () if layers is None else ("pomt-layers" + "-".join(map(str, layers)),)
     stem = output_stem("latency", s.model, device=preset.name, batch_size=s.batch_sizes, dtype=dtype,
-                       img_size=s.img_size, extra=(*workload_slug, *(("cudagraphs",) if s.cuda_graphs else ())))
+                       img_size=s.img_size,
+                       extra=(*workload_slug, *s.runtime_slug(), *(("cudagraphs",) if s.cuda_graphs else ())))
     complete = previous_meta is not None and previous_meta.complete
+    if not complete:
+        check_workload(net, latency, device=tdev)  # a graph that does not compile or export: before any file
     # The set claims the names for the whole run: the checkpoints of an unfinished profile
     # go to its parquet, which --resume reads; the final profile and plot land together.
     with OutputSet(s.output_dir, stem, ("parquet", "png")) as files:
@@ -247,7 +281,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
                                    reporter)
         steps = find_curve_steps(frame, top=s.top_steps)
         title = (f"{s.model}, {meta.device_display_name} ({meta.device_name[:40]}), {dtype}, "
-                 f"{'CUDA graphs' if s.cuda_graphs else 'eager'}, "
+                 f"{'CUDA graphs' if s.cuda_graphs else s.runtime.value}, "
                  + ("every block at n (proxy)" if layers is None else "POMT-patched model"))
         files.write("parquet", lambda tmp: write_profile(tmp, frame, meta))
         files.write("png", lambda tmp: plot_latency(frame, tmp, title=title, steps=steps))
@@ -375,7 +409,7 @@ def compute_r(settings: ComputeRSettings, reporter: Reporter = _SILENT) -> Compu
                           report=paths["json"], plot=paths["png"])
 
 
-class BenchSettings(_Settings):
+class BenchSettings(_RuntimeSettings):
     """The settings of ``pomt bench``: the methods, their settings, the timing and the data."""
 
     model: str = DEFAULT_MODEL
@@ -424,14 +458,24 @@ def _from_report() -> list[str]:
     return [m for m in method_names() if get_method(m).bench_r is None]
 
 
-def _r_per_batch(r: int | None, r_from: Path | None, model: str,
-                 batch_sizes: list[int] | None) -> tuple[dict[int, int] | None, list[int] | None, str | None]:
-    """POMT's r for each batch size (from r or a compute-r report), and the batch sizes to run."""
+def _r_per_batch(r: int | None, r_from: Path | None, model: str, batch_sizes: list[int] | None,
+                 runtime: Runtime = Runtime.eager) -> tuple[dict[int, int] | None, list[int] | None, str | None]:
+    """POMT's r for each batch size (from r or a compute-r report), and the batch sizes to run.
+
+    Raises:
+        PomtError: both or a bad report; a report whose latency was measured on another
+            runtime than ``runtime`` (its steps belong to that runtime's kernels).
+    """
     if r is not None and r_from is not None:
         raise PomtError("give either -r or --r-from, not both")
     if r_from is None:
         return (None if r is None else {b: r for b in batch_sizes or [1]}), batch_sizes, None
     report = read_report(r_from, model=model)
+    if report.runtime != runtime.value:
+        raise PomtError(
+            f"--r-from {r_from} chose R from a latency profile measured on {report.runtime}, but this bench runs "
+            f"--runtime {runtime.value}: bench with --runtime {report.runtime}, or profile with --runtime "
+            f"{runtime.value} and run compute-r again")
     chosen = {c.batch_size: c.R for c in report.choices}
     if batch_sizes is None:
         batch_sizes = sorted(chosen)
@@ -501,7 +545,7 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     unknown = [m for m in methods if m not in names]
     if unknown:
         raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(names)}")
-    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, s.model, s.batch_sizes)
+    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, s.model, s.batch_sizes, s.runtime)
     sizes = sizes or [1]
     needing = [m for m in methods if m in from_report]
     if needing and r_by_batch is None:
@@ -509,6 +553,7 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     if r_by_batch is not None:
         methods += [m for m in from_report if m not in methods]
     preset, tdev = _preset_and_device(s.device, s.torch_device)
+    info = s.checked_runtime(tdev, s.dtype.torch, s.cuda_graphs)
     if s.cuda_graphs and tdev.type != "cuda":
         raise PomtError(f"--cuda-graphs needs a CUDA device, but the torch device is {tdev}: leave it out")
     source = weights_source(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint)
@@ -541,7 +586,8 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
 
     net = net.to(device=tdev, dtype=s.dtype.torch)
     timing = BenchTiming(dtype=s.dtype.torch, cuda_graphs=s.cuda_graphs, rel_precision=s.rel_precision,
-                         budget_s=s.budget_s, rounds=s.rounds, seed=s.seed)
+                         budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, runtime=s.runtime,
+                         runtime_options=s.runtime_options(s.cuda_graphs))
     with locked_clocks(preset, torch_device=tdev, enabled=s.lock_clocks) as clocks:
         timed = time_methods(net, plan.settings, timing, device=tdev, on_progress=reporter.timing)
     accuracy = None
@@ -562,10 +608,11 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
         device_display_name=preset.display_name, device_name=device_name(tdev), torch_device=str(tdev),
         clocks=clocks, timing_mode="cuda_graphs" if s.cuda_graphs else "eager", rel_precision=s.rel_precision,
         budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, num_threads=torch.get_num_threads(),
-        **_command(s.command),
+        runtime=s.runtime.value, runtime_info=info, **_command(s.command),
     )
     stem = output_stem("bench", s.model, device=preset.name, batch_size=sizes, dtype=s.dtype.value,
-                       img_size=s.img_size, extra=(*plan.slugs(), *(["cudagraphs"] if s.cuda_graphs else [])))
+                       img_size=s.img_size,
+                       extra=(*plan.slugs(), *s.runtime_slug(), *(["cudagraphs"] if s.cuda_graphs else [])))
     csv, parquet = write_bench(frame, meta, s.output_dir, stem)
     return BenchResult(frame=frame, meta=meta, plan=plan, choices=choices,
                        skipped=list(labelled.skipped) if labelled else [], r_from=s.r_from, csv=csv, parquet=parquet)

@@ -15,6 +15,7 @@ from pomt_cli.cli.options import (
     AllowRandomOption,
     BenchBudgetOption,
     CheckpointOption,
+    CompileBackendOption,
     CudaGraphsOption,
     DeviceOption,
     DtypeOption,
@@ -23,15 +24,19 @@ from pomt_cli.cli.options import (
     LockClocksOption,
     Method,
     ModelOption,
+    OrtProvidersOption,
     OutputDirOption,
     RelPrecisionOption,
+    RuntimeOption,
     SeedOption,
     ThreadsOption,
     TorchDeviceOption,
     parse_int_list,
+    parse_providers,
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console
+from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
 from pomt_cli.pipelines import BUDGET_S, BenchResult, BenchSettings
@@ -101,12 +106,22 @@ def _ms(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def _runtime_text(info: dict | None) -> str:
+    """``eager``, ``compile (inductor)``, ``onnxruntime (CPU)``: what ran the timed calls."""
+    if not info or info["runtime"] == "eager":
+        return "eager"
+    if info["runtime"] == "compile":
+        return f"compile ({info['compile_backend']})"
+    short = {v: "TensorRT" if k == "tensorrt" else k.upper() for k, v in PROVIDER_ALIASES.items()}
+    return f"onnxruntime ({', '.join(short.get(p, p) for p in info['providers'] or [])})"
+
+
 def render(result: BenchResult) -> None:
     """The tables of latency (and accuracy) and of predictions, the clocks, then the files."""
     meta, frame = result.meta, result.frame
     images = meta.num_images
     title = (f"{meta.model} on {meta.device_display_name} ({meta.device_name[:40]}), {meta.dtype}, "
-             f"{'CUDA graphs' if meta.timing_mode == 'cuda_graphs' else 'eager'}"
+             f"{'CUDA graphs' if meta.timing_mode == 'cuda_graphs' else _runtime_text(meta.runtime_info)}"
              + (f", {images} images" if images else ""))
     if result.skipped:
         out.print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0][0]}")
@@ -157,6 +172,9 @@ def bench(
     eval_batch_size: Annotated[int, typer.Option(
         "--eval-batch-size", min=1, help="Images per forward pass for accuracy.")] = 64,
     cuda_graphs: CudaGraphsOption = False,
+    runtime: RuntimeOption = Runtime.eager,
+    ort_providers: OrtProvidersOption = None,
+    compile_backend: CompileBackendOption = "inductor",
     rel_precision: RelPrecisionOption = 0.01,
     budget: BenchBudgetOption = BUDGET_S,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds; samples are pooled over "
@@ -174,7 +192,8 @@ def bench(
         batch_sizes=parse_int_list(batch_size, "--batch-size") if batch_size else None, device=device,
         torch_device=torch_device, dtype=dtype, pretrained=pretrained, checkpoint=checkpoint,
         allow_random_weights=allow_random_weights, img_size=img_size, data=data, limit=limit,
-        eval_batch_size=eval_batch_size, cuda_graphs=cuda_graphs, rel_precision=rel_precision, budget_s=budget,
+        eval_batch_size=eval_batch_size, cuda_graphs=cuda_graphs, runtime=runtime,
+        ort_providers=parse_providers(ort_providers), compile_backend=compile_backend, rel_precision=rel_precision, budget_s=budget,
         rounds=rounds, seed=seed, threads=threads, lock_clocks=lock_clocks, output_dir=output_dir, command=ctx.obj,
     )
     with RichReporter() as reporter:

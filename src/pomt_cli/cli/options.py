@@ -12,6 +12,7 @@ from pomt_cli.formats.accuracy import estimators
 from pomt_cli.devices.presets import preset_names
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.latency import WORKLOADS
+from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
 from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange
 from pomt_cli.pipelines import BUDGET_S
@@ -72,6 +73,16 @@ def parse_tokens(text: TokenRange | str) -> TokenRange:
     return TokenRange(start=start, stop=stop, stride=stride)
 
 
+def parse_providers(text: str | None) -> list[str] | None:
+    """``--ort-providers cuda,cpu`` -> ``["cuda", "cpu"]`` (checked against those available by the pipeline)."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise PomtError(f"--ort-providers {text!r} names no provider: give e.g. cpu or cuda,cpu")
+    return names
+
+
 def _positive(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter(f"{value:g} must be positive")
@@ -122,3 +133,13 @@ ThreadsOption = Annotated[int | None, typer.Option(
 LockClocksOption = Annotated[bool, typer.Option(
     "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (restored after).")]
 OutputDirOption = Annotated[Path, typer.Option("--output-dir", help="Folder for the files written.")]
+RuntimeOption = Annotated[Runtime, typer.Option(
+    "--runtime", help="What runs the timed forward passes: eager PyTorch, torch.compile (fullgraph, warmed up per "
+    "shape) or ONNX Runtime (one exported graph per shape, cached; needs the onnx extra).")]
+OrtProvidersOption = Annotated[str | None, typer.Option(
+    "--ort-providers", metavar="P[,P...]",
+    help=f"With --runtime onnxruntime: execution providers in order ({', '.join(PROVIDER_ALIASES)} or full names; "
+    "default: those available for the device).")]
+CompileBackendOption = Annotated[str, typer.Option(
+    "--compile-backend", help="With --runtime compile: torch.compile's backend (inductor, or eager to check that "
+    "the model compiles as one graph without generating code).")]

@@ -13,27 +13,32 @@ from rich.table import Table
 from pomt_cli.cli.options import (
     BatchSizesOption,
     CheckpointOption,
+    CompileBackendOption,
     CudaGraphsOption,
     DeviceOption,
     DtypeOption,
     ImgSizeOption,
     LockClocksOption,
     ModelOption,
+    OrtProvidersOption,
     OutputDirOption,
     ProfileBudgetOption,
     RelPrecisionOption,
+    RuntimeOption,
     SeedOption,
     ThreadsOption,
     TokensOption,
     TorchDeviceOption,
     Workload,
     parse_int_list,
+    parse_providers,
     parse_layers,
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.measure.steps import MAX_STEP_WIDTH
+from pomt_cli.measure.runtimes import Runtime
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
 from pomt_cli.pipelines import BUDGET_S, ProfileResult, ProfileSettings
@@ -108,6 +113,11 @@ def render(result: ProfileResult) -> None:
     """The clocks, the points' summary, the workload and the largest steps, then the files."""
     meta, frame = result.meta, result.frame
     out.print(_clock_line(meta.clocks))
+    if meta.runtime != "eager":
+        info = meta.runtime_info or {}
+        detail = (f"torch.compile, backend {info.get('compile_backend')}" if meta.runtime == "compile" else
+                  f"ONNX Runtime {info.get('onnxruntime_version')}, {', '.join(info.get('providers') or [])}")
+        out.print(f"runtime: {meta.runtime} ({detail})")
     out.print(_summary(frame) + f"; {meta.elapsed_s:.1f} s measuring")
     budget_points = frame.filter(pl.col("status") == "budget").height
     if budget_points:
@@ -134,6 +144,9 @@ def profile(
     checkpoint: CheckpointOption = None,
     img_size: ImgSizeOption = None,
     cuda_graphs: CudaGraphsOption = False,
+    runtime: RuntimeOption = Runtime.eager,
+    ort_providers: OrtProvidersOption = None,
+    compile_backend: CompileBackendOption = "inductor",
     rel_precision: RelPrecisionOption = 0.01,
     budget: ProfileBudgetOption = BUDGET_S,
     min_samples: Annotated[int, typer.Option("--min-samples", min=1, help="Timed calls per point at least.")] = 10,
@@ -161,7 +174,8 @@ def profile(
     settings = ProfileSettings(
         model=model, device=device, torch_device=torch_device, batch_sizes=parse_int_list(batch_size, "--batch-size"),
         dtype=dtype, tokens=tokens, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size,
-        cuda_graphs=cuda_graphs, rel_precision=rel_precision, budget_s=budget, min_samples=min_samples,
+        cuda_graphs=cuda_graphs, runtime=runtime,
+        ort_providers=parse_providers(ort_providers), compile_backend=compile_backend, rel_precision=rel_precision, budget_s=budget, min_samples=min_samples,
         warmup=warmup, passes=passes, remeasure=remeasure, seed=seed, workload=method.value,
         layers=parse_layers(layer), threads=threads, lock_clocks=lock_clocks, output_dir=output_dir,
         resume=resume, top_steps=top_steps, command=ctx.obj,

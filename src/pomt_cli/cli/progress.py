@@ -53,7 +53,8 @@ class RichReporter(Reporter):
     def grid(self, event: GridProgress) -> None:
         progress, task = self._task("grid", "starting")
         if event.frame is None:
-            verb = "measuring" if event.phase == "measure" else "re-measuring"
+            verb = {"measure": "measuring", "remeasure": "re-measuring", "export": "exporting",
+                    "compile": "compiling"}[event.phase]
             where = "" if event.layer is None else f"layer {event.layer}, "
             progress.update(task, total=event.total, completed=event.done,
                             description=f"{verb} {where}batch {event.batch_size}, n={event.tokens}")

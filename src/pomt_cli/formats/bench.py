@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import command_line
-from pomt_cli.formats.latency import ClockState
+from pomt_cli.formats.latency import ClockState, RuntimeName
 from pomt_cli.formats.outputs import write_set
 from pomt_cli.pruning import apply
 from pomt_cli.pruning.registry import get as get_method
@@ -127,6 +127,9 @@ class BenchMeta(BaseModel):
     torch_device: str
     clocks: ClockState
     timing_mode: Literal["eager", "cuda_graphs"]
+    runtime: RuntimeName = Field("eager", description="what ran the timed calls (reports without it: eager)")
+    runtime_info: dict[str, Any] | None = Field(
+        None, description="the runtime's providers and versions (pomt_cli.measure.runtimes.runtime_info)")
     rel_precision: float
     budget_s: float
     rounds: int

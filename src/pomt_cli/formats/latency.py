@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 import torch
@@ -60,6 +60,10 @@ Workload = Literal["proxy", "pomt"]
 WORKLOADS: tuple[str, ...] = ("proxy", "pomt")
 
 
+#: What runs the timed forward passes (``pomt_cli.measure.runtimes.Runtime``'s values).
+RuntimeName = Literal["eager", "compile", "onnxruntime"]
+
+
 #: Columns of a latency profile file: the engine's, then ``layer`` (POMT's block, null for the proxy).
 FILE_SCHEMA: dict[str, pl.DataType] = {**SCHEMA, "layer": pl.Int64}
 
@@ -96,10 +100,13 @@ class LatencyMeta(ProfileMeta):
     resumed_rows: int = Field(0, description="rows taken over from an interrupted run (--resume)")
     workload: Workload = Field("proxy", description="proxy: every block at n; pomt: the POMT-patched model")
     layers: list[int] | None = Field(None, description="POMT's pruning blocks of the pomt workload; None for the proxy")
+    runtime: RuntimeName = Field("eager", description="what ran the timed calls (files without it: eager)")
+    runtime_info: dict[str, Any] | None = Field(
+        None, description="the runtime's providers and versions (pomt_cli.measure.runtimes.runtime_info)")
 
 
 _RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "img_size", "dtype", "batch_sizes", "grid", "timing_mode",
-                  "device_preset", "torch_device", "workload", "layers")
+                  "device_preset", "torch_device", "workload", "layers", "runtime")
 
 
 def _show(value: object) -> str:

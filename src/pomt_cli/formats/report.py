@@ -6,7 +6,7 @@ import datetime as _dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -92,6 +92,8 @@ class ProfileInput(BaseModel):
     estimator: str | None = None
     device_type: str | None = None
     num_images: int | None = None
+    runtime: str | None = Field(None, description="latency: what ran the timed calls (None: a file without it, eager)")
+    runtime_info: dict[str, Any] | None = Field(None, description="latency: the runtime's providers and versions")
 
 
 class Report(BaseModel):
@@ -123,6 +125,11 @@ class Report(BaseModel):
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     command: str = Field(default_factory=lambda: command_line())
     pomt_version: str = __version__
+
+    @property
+    def runtime(self) -> str:
+        """What ran the latency profile's timed calls (eager for profiles that do not say)."""
+        return self.latency.runtime or "eager"
 
     def choice_for(self, batch_size: int) -> Choice | None:
         """The choice made for ``batch_size``, or None when the report has none."""

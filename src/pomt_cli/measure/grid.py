@@ -12,6 +12,7 @@ import polars as pl
 from pydantic import BaseModel, Field, field_validator
 
 from pomt_cli.formats.latency import FILE_SCHEMA, SCHEMA, Workload
+from pomt_cli.measure.runtimes import Runtime, RuntimeOptions
 from pomt_cli.measure.steps import find_steps
 from pomt_cli.measure.timing import Measurement
 
@@ -36,6 +37,9 @@ class LatencySettings(BaseModel):
     passes: int = Field(2, ge=1, description="sweeps over the grid; each visit gets budget_s / passes")
     workload: Workload = "proxy"
     layers: list[int] | None = Field(None, description="POMT's pruning blocks (workload pomt), one curve each")
+    runtime: Runtime = Runtime.eager
+    ort_providers: list[str] | None = Field(None, description="ONNX Runtime's providers (None: the default)")
+    compile_backend: str = Field("inductor", description="torch.compile's backend")
 
     @field_validator("batch_sizes", "grid")
     @classmethod
@@ -53,6 +57,11 @@ class LatencySettings(BaseModel):
         """How far (relative) a point must lie from a neighbour to disagree with it."""
         return 2 * self.rel_precision
 
+    def runtime_options(self) -> RuntimeOptions:
+        """How :func:`pomt_cli.measure.runtimes.prepare` sets the runtime up for this profile."""
+        providers = None if self.ort_providers is None else tuple(self.ort_providers)
+        return RuntimeOptions(providers=providers, compile_backend=self.compile_backend, cuda_graphs=self.cuda_graphs)
+
     def points(self) -> list[Point]:
         """Every (batch size, n), batch sizes as given and n in grid order."""
         return [(b, n) for b in self.batch_sizes for n in self.grid]
@@ -63,10 +72,11 @@ class GridProgress:
     """One step of a profile run, for progress bars and checkpoints.
 
     ``measurement`` is None when a point starts and set when it is done; ``frame`` (the
-    profile so far) is set when a point is done.
+    profile so far) is set when a point is done. The phases ``export`` and ``compile``
+    announce that a point's workload is being made ready for its runtime (untimed).
     """
 
-    phase: Literal["measure", "remeasure"]
+    phase: Literal["measure", "remeasure", "export", "compile"]
     batch_size: int
     tokens: int
     done: int
