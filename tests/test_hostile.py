@@ -54,6 +54,17 @@ def test_markup_in_the_output_folder_is_printed_as_written(tmp_path, profiles, c
     assert MARKUP in stdout and sorted(p.suffix for p in out.iterdir()) == [".json", ".png"]
 
 
+def test_a_long_output_path_prints_whole_on_one_line_at_80_columns(tmp_path, profiles, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    lat, acc = profiles
+    out = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-on-its-own-" * 2)
+    code, stdout, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc),
+                                        "--output-dir", str(out)], capsys)
+    assert code == 0, err
+    report = next(out.glob("*.json"))
+    assert f"report: {report}" in stdout.splitlines(), stdout
+
+
 @pytest.mark.parametrize("args, shown", [
     (["profile", "--model", "digits-vit", "--device", "cpu", "--tokens", "250:100:4"], "'250:100:4'"),
     (["compute-r", "--latency", MARKUP + ".parquet", "--accuracy", "x.parquet"], MARKUP + ".parquet"),

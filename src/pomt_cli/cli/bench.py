@@ -35,7 +35,7 @@ from pomt_cli.cli.options import (
     parse_providers,
 )
 from pomt_cli.cli.progress import RichReporter
-from pomt_cli.console import plain_console
+from pomt_cli.console import plain_console, print_path
 from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
@@ -137,7 +137,7 @@ def render(result: BenchResult) -> None:
             out.print(check_text(check))
     clocks = meta.clocks
     out.print(f"clocks: {clocks.mode} ({clocks.detail})" if clocks.detail else f"clocks: {clocks.mode}")
-    out.print(f"report: {result.csv}")
+    print_path(out, "report:", result.csv)
     out.print(f"        {result.parquet}")
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from pomt_cli.cli.options import parse_int_list
 from pomt_cli.cli.progress import RichReporter
-from pomt_cli.console import plain_console
+from pomt_cli.console import plain_console, print_path
 from pomt_cli.errors import PomtError
 from pomt_cli.pipelines import ComputeRResult, ComputeRSettings
 from pomt_cli.pipelines import compute_r as run_compute_r
@@ -120,8 +120,8 @@ def render(result: ComputeRResult) -> None:
         out.print(f"note: {note}")
     for choice in report.choices:
         out.print(candidates_table(result.selection.candidates[choice.batch_size], report, choice.batch_size))
-    out.print(f"report: {result.report}")
-    out.print(f"plot:   {result.plot}")
+    print_path(out, "report:", result.report)
+    print_path(out, "plot:  ", result.plot)
 
 
 def compute_r(

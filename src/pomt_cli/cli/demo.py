@@ -12,7 +12,7 @@ from rich.rule import Rule
 from pomt_cli.cli import bench, compute_r, estimate_accuracy, profile
 from pomt_cli.cli.options import DeviceOption, TorchDeviceOption
 from pomt_cli.cli.progress import RichReporter
-from pomt_cli.console import plain_console
+from pomt_cli.console import plain_console, print_path
 from pomt_cli.pipelines import (
     DEMO_BUDGET_S,
     AccuracyResult,
@@ -65,4 +65,4 @@ def demo(
     with DemoReporter() as reporter:
         result = run_demo(settings, reporter)
     out.print(Rule("done"))
-    out.print(f"summary: {result.summary} ({result.elapsed_s:.0f} s)")
+    print_path(out, "summary:", result.summary, f" ({result.elapsed_s:.0f} s)")

@@ -26,7 +26,7 @@ from pomt_cli.cli.options import (
     parse_layers,
 )
 from pomt_cli.cli.progress import RichReporter
-from pomt_cli.console import plain_console
+from pomt_cli.console import plain_console, print_path
 from pomt_cli.errors import PomtError
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
@@ -100,8 +100,8 @@ def render(result: AccuracyResult) -> None:
         more = f" and {len(meta.skipped) - 3} more" if len(meta.skipped) > 3 else ""
         out.print(f"skipped {len(meta.skipped)} unreadable image(s): {shown}{more} (all listed in the profile)")
     out.print(summary_table(run))
-    out.print(f"accuracy profile: {result.profile}")
-    out.print(f"plot:             {result.plot}")
+    print_path(out, "accuracy profile:", result.profile)
+    print_path(out, "plot:            ", result.plot)
 
 
 def estimate_accuracy(

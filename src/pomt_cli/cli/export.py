@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from pomt_cli.cli.options import CheckpointOption, DtypeOption, Method, ModelOption, SeedOption
-from pomt_cli.console import plain_console
+from pomt_cli.console import plain_console, print_path
 from pomt_cli.errors import PomtError
 from pomt_cli.export import check_output_file, export_onnx, require_onnx
 from pomt_cli.models import DEFAULT_MODEL, create_model, model_line
@@ -60,4 +60,4 @@ def export(
     out.print(f"tokens entering each block, then leaving the last: {meta['tokens_per_block']}")
     out.print(f"ONNX Runtime against PyTorch on a random batch: max abs difference {result.max_abs_diff:.2e}, "
               f"relative {result.max_rel_diff:.2e} (tolerance {result.tolerance:g})")
-    out.print(f"onnx: {result.path}")
+    print_path(out, "onnx:", result.path)

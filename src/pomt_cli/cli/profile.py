@@ -35,7 +35,7 @@ from pomt_cli.cli.options import (
     parse_layers,
 )
 from pomt_cli.cli.progress import RichReporter
-from pomt_cli.console import plain_console
+from pomt_cli.console import plain_console, print_path
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.measure.steps import MAX_STEP_WIDTH
 from pomt_cli.measure.runtimes import Runtime
@@ -127,8 +127,8 @@ def render(result: ProfileResult) -> None:
     out.print(workload_line(layers, meta.num_tokens))
     for item in steps_tables(result.steps, meta.batch_sizes, meta.grid, layers):
         out.print(item)
-    out.print(f"profile: {result.profile}")
-    out.print(f"plot:    {result.plot}")
+    print_path(out, "profile:", result.profile)
+    print_path(out, "plot:   ", result.plot)
 
 
 def profile(
