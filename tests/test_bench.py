@@ -121,9 +121,11 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
     assert frame["tokens_out"].to_list() == [65, 41, 41] and frame["images"].to_list() == [100] * 3
     assert frame["accuracy"][0] >= 90 and frame["accuracy_change"][0] == 0
     assert meta.model == "digits-vit" and meta.weights == "bundled" and meta.clocks.mode == "unlocked"
-    assert stem in done.stdout.replace("\n", "")
-    # The table reads whole at 80 columns (a subprocess's console is 80 wide): no number cut short.
-    assert "\u2026" not in done.stdout and all(len(line) <= 80 for line in done.stdout.splitlines())
+    # The paths print whole, each on one line; the rest reads whole at 80 columns (a
+    # subprocess's console is 80 wide): no number cut short.
+    lines = done.stdout.splitlines()
+    assert f"report: {out / stem}.csv" in lines and f"        {out / stem}.parquet" in lines
+    assert "\u2026" not in done.stdout and all(len(line) <= 80 for line in lines if str(out) not in line)
     for row in frame.iter_rows(named=True):
         assert f"{row['latency_ms']:.3f}" in done.stdout and f"{row['accuracy']:.2f}" in done.stdout
 

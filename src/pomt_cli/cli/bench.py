@@ -138,7 +138,7 @@ def render(result: BenchResult) -> None:
     clocks = meta.clocks
     out.print(f"clocks: {clocks.mode} ({clocks.detail})" if clocks.detail else f"clocks: {clocks.mode}")
     print_path(out, "report:", result.csv)
-    out.print(f"        {result.parquet}")
+    print_path(out, "       ", result.parquet)
 
 
 def bench(
