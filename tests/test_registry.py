@@ -63,6 +63,19 @@ def test_a_method_cannot_be_registered_twice(droplast):
         register(DropLast)
 
 
+def test_a_method_without_its_reduction_cannot_be_registered():
+    class NoReduce(Method):
+        name = "noreduce"
+        title = "No reduction written"
+
+        def schedule(self, g, r, layer):
+            return [r] * g.num_blocks
+
+    with pytest.raises(TypeError, match="reduce"):
+        register(NoReduce)
+    assert "noreduce" not in method_names()
+
+
 def test_a_fifth_method_works_through_apply(droplast):
     assert method_names() == ("none", "pomt", "tome", "topk", "droplast")
     model = tiny_vit()  # 17 tokens, 3 blocks

@@ -8,6 +8,7 @@ and the CLI choices all look methods up here. The built-in ones, in this order: 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,12 +34,13 @@ class BlockPlan:
     class_token: bool = True
 
 
-class Method:
+class Method(ABC):
     """A token-reduction method: its setting, schedule and limits, names, and block reduction.
 
     A setting is ``r`` (an int, or what :meth:`schedule` accepts) and, for a method with
     :attr:`takes_layer`, a block ``layer``. Override :meth:`schedule` and :meth:`reduce`;
-    the rest has defaults that suit a method removing tokens by pruning.
+    they are abstract, so a method lacking one cannot be registered; the rest has defaults
+    that suit a method removing tokens by pruning.
     """
 
     #: The name users type (``--method``, ``--estimator``) and files record.
@@ -52,18 +54,19 @@ class Method:
     #: bench's r when no option gives one; None: the method needs -r or --r-from.
     bench_r: ClassVar[int | None] = 8
 
+    @abstractmethod
     def schedule(self, g: TokenGeometry, r, layer: int) -> list[int]:
         """Tokens requested to be removed in each block, from the setting.
 
         Raises:
             ValueError: a setting the method does not take; the message says what it takes.
         """
-        raise NotImplementedError
 
     def cap(self, requested: list[int], g: TokenGeometry) -> list[int]:
         """The tokens each block really removes (a method may lower what was requested)."""
         return requested
 
+    @abstractmethod
     def reduce(
         self, block: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         size: torch.Tensor | None, plan: BlockPlan,
@@ -80,7 +83,6 @@ class Method:
         Returns:
             ``(x, size)``: x + attention, with ``plan.r`` tokens removed, and the sizes.
         """
-        raise NotImplementedError
 
     def estimator_setting(self, g: TokenGeometry, removed: int, layer: int) -> dict:
         """Keyword arguments of ``apply`` that remove ``removed`` tokens (accuracy estimators).
