@@ -14,7 +14,7 @@ from torch import nn
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.common import command_line
+from pomt_cli.formats.common import command_line, first_error, open_parquet
 from pomt_cli.formats.latency import ClockState, RuntimeName
 from pomt_cli.formats.outputs import write_set
 from pomt_cli.pruning import apply
@@ -159,16 +159,7 @@ def read_bench(path: str | Path) -> tuple[pl.DataFrame, BenchMeta]:
     """
     path = Path(path)
     again = "write it again with pomt bench"
-    if path.is_dir():
-        raise PomtError(f"bench report {path} is a folder: give the .parquet file written by pomt bench")
-    if not path.is_file():
-        raise PomtError(f"bench report {path} does not exist: give the .parquet file written by pomt bench")
-    try:
-        raw = pl.read_parquet_metadata(path)
-        frame = pl.read_parquet(path)
-    except Exception as exc:  # polars raises several types for corrupt files
-        raise PomtError(f"bench report {path} is not a readable Parquet file ({type(exc).__name__}): "
-                        "is it corrupt?") from None
+    raw, frame = open_parquet(path, "bench report", "give the .parquet file written by pomt bench")
     try:
         data = json.loads(raw[BENCH_METADATA_KEY])
     except (KeyError, json.JSONDecodeError):
@@ -178,9 +169,8 @@ def read_bench(path: str | Path) -> tuple[pl.DataFrame, BenchMeta]:
     try:
         meta = BenchMeta.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "metadata"
-        raise PomtError(f"bench report {path} is damaged (field {where}: {first['msg']}): {again}") from None
+        where, msg = first_error(exc, "metadata")
+        raise PomtError(f"bench report {path} is damaged (field {where}: {msg}): {again}") from None
     if meta.format_version > BENCH_FORMAT_VERSION:
         raise PomtError(f"{path} is a bench report of format {meta.format_version}, newer than this pomt reads "
                         f"({BENCH_FORMAT_VERSION}): upgrade pomt")

@@ -158,6 +158,29 @@ def check_columns(path: Path, frame: pl.DataFrame) -> None:
 M = TypeVar("M", bound="ProfileMeta")
 
 
+def first_error(exc: ValidationError, whole: str) -> tuple[str, str]:
+    """Where the first error of ``exc`` is (dotted field path, or ``whole``) and what it says."""
+    first = exc.errors()[0]
+    return ".".join(str(part) for part in first["loc"]) or whole, first["msg"]
+
+
+def open_parquet(path: Path, what: str, give: str) -> tuple[dict[str, str], pl.DataFrame]:
+    """The key-value metadata and the frame of the Parquet file ``path``.
+
+    Raises:
+        PomtError: ``path`` is a folder, missing or unreadable; the message names it as
+            ``what`` (``profile``, ``bench report``) and ends with ``give``.
+    """
+    if path.is_dir():
+        raise PomtError(f"{what} {path} is a folder: {give}")
+    if not path.is_file():
+        raise PomtError(f"{what} {path} does not exist: {give}")
+    try:
+        return pl.read_parquet_metadata(path), pl.read_parquet(path)
+    except Exception as exc:  # polars raises several types for corrupt files
+        raise PomtError(f"{what} {path} is not a readable Parquet file ({type(exc).__name__}): is it corrupt?") from None
+
+
 def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M]:
     """The frame and the typed metadata of a profile file of ``meta_model``'s kind, checked strictly.
 
@@ -171,15 +194,7 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
     """
     kind = meta_model.model_fields["kind"].default
     path = Path(path)
-    if path.is_dir():
-        raise PomtError(f"profile {path} is a folder: give the path of a .parquet file written by pomt")
-    if not path.is_file():
-        raise PomtError(f"profile {path} does not exist: give the path of a .parquet file written by pomt")
-    try:
-        raw = pl.read_parquet_metadata(path)
-        frame = pl.read_parquet(path)
-    except Exception as exc:  # polars raises several types for corrupt files
-        raise PomtError(f"profile {path} is not a readable Parquet file ({type(exc).__name__}): is it corrupt?") from None
+    raw, frame = open_parquet(path, "profile", "give the path of a .parquet file written by pomt")
     if METADATA_KEY not in raw:
         raise PomtError(f"{path} is a Parquet file without pomt metadata: was it written by pomt?")
     try:
@@ -196,10 +211,8 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
     try:
         meta = meta_model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "metadata"
-        raise PomtError(f"{path} has damaged pomt metadata (field {where}: {first['msg']}): "
-                        "write it again with pomt") from None
+        where, msg = first_error(exc, "metadata")
+        raise PomtError(f"{path} has damaged pomt metadata (field {where}: {msg}): write it again with pomt") from None
     wanted = LATENCY_COLUMNS if kind == "latency" else ACCURACY_COLUMNS
     missing = [c for c in wanted if c not in frame.columns]
     if missing:

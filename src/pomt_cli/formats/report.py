@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.common import command_line
+from pomt_cli.formats.common import command_line, first_error
 from pomt_cli.formats.outputs import atomic_write_text
 
 
@@ -171,11 +171,8 @@ def read_report(path: str | Path, model: str | None = None) -> Report:
     try:
         report = Report.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "the report"
-        raise PomtError(
-            f"report {path} is damaged ({where}: {first['msg']}): write it again with pomt compute-r"
-        ) from None
+        where, msg = first_error(exc, "the report")
+        raise PomtError(f"report {path} is damaged ({where}: {msg}): write it again with pomt compute-r") from None
     if model is not None and report.model != model:
         raise PomtError(
             f"{path} was computed for {report.model}, not {model}: run pomt compute-r with profiles of {model}, "
