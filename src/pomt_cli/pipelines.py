@@ -789,7 +789,8 @@ DEMO_BATCH_SIZES = [1, 32]
 DEMO_LAYERS = list(range(digits.ARCHITECTURE["depth"]))
 #: The kept-token grid of both profiles: N = 65 down to 5 in steps of 4 (16 points per curve).
 DEMO_TOKENS = TokenRange(start=65, stop=5, stride=4)
-#: Seconds per profile point in the demo (bench: four times as long per method and round).
+#: Seconds per profile point in the demo (refine: twice as long per setting and round; bench: four times
+#: as long per method and round).
 DEMO_BUDGET_S = 0.25
 
 
@@ -805,11 +806,12 @@ class DemoSettings(_Settings):
 
 @dataclass(frozen=True)
 class DemoResult:
-    """The results of the demo's four steps and the summary page written beside them."""
+    """The results of the demo's five steps and the summary page written beside them."""
 
     latency: ProfileResult
     accuracy: AccuracyResult
     chosen: ComputeRResult
+    refined: RefineResult
     benched: BenchResult
     summary: Path
     elapsed_s: float
@@ -829,7 +831,7 @@ def _layers_text(layers: Sequence[int]) -> str:
 
 
 def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
-    """Profile, estimate accuracy, choose R and bench on the bundled digits model; write a summary page.
+    """Profile, estimate accuracy, choose R, refine it and bench on the bundled digits model; write a summary.
 
     Raises:
         PomtError: an unknown preset, an unwritable folder, or any step's error.
@@ -872,8 +874,16 @@ def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
                                         command=s.command), reporter)
     reporter.finished(chosen)
 
+    reporter.step("the best candidates measured again beside the unpruned model", [
+        "refine", str(chosen.report), "--candidates", str(REFINE_CANDIDATES), "--budget", f"{2 * s.budget_s:g}",
+        "--rounds", "3", *common])
+    refined = refine(RefineSettings(report=chosen.report, candidates=REFINE_CANDIDATES, budget_s=2 * s.budget_s,
+                                    rounds=3, device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks,
+                                    command=s.command), reporter)
+    reporter.finished(refined)
+
     # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once.
-    report: Report = chosen.selection.report
+    report: Report = refined.report
     per_block = max(1, math.ceil(max(c.R for c in report.choices) / digits.ARCHITECTURE["depth"]))
     own_r = {m: per_block for m in method_names() if get_method(m).bench_r is not None and get_method(m).reduces}
     reporter.step("the chosen (layer, R) against the baseline, ToMe and Top-K", [
@@ -891,5 +901,6 @@ def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
              "bench": benched.parquet}
     summary = atomic_write_text(folder / "summary.md",
                                 summary_page(files, folder, device, time.perf_counter() - began))
-    return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, benched=benched, summary=summary,
+    return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, refined=refined, benched=benched,
+                      summary=summary,
                       elapsed_s=time.perf_counter() - began)
