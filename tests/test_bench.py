@@ -199,6 +199,14 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
     summary = (out / "summary.md").read_text()
     for choice in report["choices"]:
         assert f"**R = {choice['R']} at layer {choice['layer']}**" in summary
+    # refine ran between compute-r and bench: every choice was made again from side-by-side ratios.
+    assert report["format_version"] == 4 and report["refine"]["rounds"] == 3 and report["refine"]["candidates"] == 3
+    assert all(c["refined"] for c in report["choices"])
+    assert "Refined (`pomt refine`" in summary
+    for choice in report["choices"]:
+        assert f"- batch {choice['batch_size']}: R = {choice['R']}" in summary
+        if choice["R"]:
+            assert f"refined ratio {choice['latency_ratio']:.3f}" in summary
     for image in ("latency_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.png",
                   "compute_r_digits-vit_cpu_bs1-32_float32.png"):
         assert f"]({image})" in summary

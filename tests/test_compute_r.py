@@ -322,7 +322,7 @@ def test_cli_happy_path(tmp_path, profiles, pomt):
     report_path, png = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     assert png.is_file() and png.read_bytes().startswith(b"\x89PNG")
     data = json.loads(report_path.read_text())
-    assert data["kind"] == "compute_r" and data["format_version"] == 3
+    assert data["kind"] == "compute_r" and data["format_version"] == 4
     assert (data["model"], data["num_tokens"], data["num_prefix"], data["num_blocks"], data["embed_dim"]) == (
         MODEL, 17, 1, 3, 48)
     assert data["criterion"] == "utility" and data["alpha"] == 0.5

@@ -84,7 +84,7 @@ def test_help_names_the_default_model_and_no_bool_after_version():
     assert "--install-completion" in _help()
 
 
-@pytest.mark.parametrize("command", ["", "profile", "estimate-accuracy", "compute-r", "bench", "demo", "export",
+@pytest.mark.parametrize("command", ["", "profile", "estimate-accuracy", "compute-r", "refine", "bench", "demo", "export",
                                      "clocks", "clocks status", "clocks lock", "clocks restore"])
 def test_help_reads_whole_at_80_columns(command):
     env = {**os.environ, "COLUMNS": "80"}

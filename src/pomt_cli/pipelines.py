@@ -1,4 +1,4 @@
-"""The pipelines: profile, estimate_accuracy, compute_r, bench and demo; typed settings in, typed results out.
+"""The pipelines: profile, estimate_accuracy, compute_r, refine, bench and demo; typed settings in, typed results out.
 
 Each pipeline is the one place that sequences the layers below it (models, measurement,
 accuracy, selection, file formats) for one command. It takes a pydantic settings object,
@@ -50,11 +50,21 @@ from pomt_cli.formats.outputs import OutputSet, atomic_write_text, check_output_
 from pomt_cli.plots import plot_latency, plot_selection
 from pomt_cli.formats.lookup import find_profile_pair
 from pomt_cli.formats.common import write_profile
-from pomt_cli.pruning import method_names
+from pomt_cli.pruning import method_names, pomt
 from pomt_cli.pruning.registry import get as get_method
 from pomt_cli.report import summary_page
-from pomt_cli.formats.report import Choice, Report, read_report, write_report
-from pomt_cli.selection import Selection, SelectionSettings
+from pomt_cli.formats.report import (
+    REPORT_FORMAT_VERSION,
+    Choice,
+    RefinedSetting,
+    RefineRecord,
+    Report,
+    read_report,
+    sha256_file,
+    write_report,
+)
+from pomt_cli.formats.latency import read_latency
+from pomt_cli.selection import REFINE_CANDIDATES, Rechoice, Selection, SelectionSettings, rechoose, refine_candidates
 from pomt_cli.selection import compute_r as select_r
 
 #: Seconds of timing at most, the same default in profile (per grid point) and bench (per method and round).
@@ -398,15 +408,170 @@ def compute_r(settings: ComputeRSettings, reporter: Reporter = _SILENT) -> Compu
     report = selection.report
     stem = output_stem("compute_r", report.model, device=report.latency.device_preset,
                        batch_size=[c.batch_size for c in report.choices], dtype=report.latency.dtype)
-    device = report.latency.device_display_name or report.latency.device_preset or "unknown device"
-    title = (f"{report.model}, latency on {device} ({report.latency.dtype}), "
-             f"accuracy estimator: {report.accuracy.estimator or '?'}")
     with OutputSet(s.output_dir, stem, ("json", "png")) as files:
         files.write("json", lambda tmp: write_report(report, tmp))
-        files.write("png", lambda tmp: plot_selection(selection.curves, report, tmp, title=title))
+        files.write("png", lambda tmp: plot_selection(selection.curves, report, tmp, title=_plot_title(report)))
         paths = files.commit()
     return ComputeRResult(selection=selection, latency=Path(latency), accuracy=Path(accuracy),
                           report=paths["json"], plot=paths["png"])
+
+
+def _plot_title(report: Report) -> str:
+    device = report.latency.device_display_name or report.latency.device_preset or "unknown device"
+    return (f"{report.model}, latency on {device} ({report.latency.dtype}), "
+            f"accuracy estimator: {report.accuracy.estimator or '?'}")
+
+
+class RefineSettings(_Settings):
+    """The settings of ``pomt refine``: the report, and how long to measure each setting."""
+
+    report: Path
+    candidates: int = Field(REFINE_CANDIDATES, ge=1, description="pruned candidates per batch size")
+    budget_s: float = Field(BUDGET_S, gt=0, description="seconds per setting and round")
+    rounds: int = Field(3, ge=1)
+    device: str | None = Field(None, description="a preset name or .toml file (default: the profile's)")
+    torch_device: str | None = Field(None, description="default: the profile's torch device")
+    lock_clocks: bool = True
+    threads: int | None = Field(None, ge=1, description="default: the profile's thread count")
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """The refined report, compute-r's choices before it, each batch size's measurement, the files."""
+
+    report: Report
+    before: list[Choice]
+    rechoices: dict[int, Rechoice]
+    path: Path
+    plot: Path | None
+
+
+def _check_inputs(report: Report, path: Path) -> tuple[Path, Path]:
+    """The report's profiles, checked to exist and to be unchanged since compute-r read them.
+
+    Raises:
+        PomtError: a proxy report; a profile missing or changed.
+    """
+    if report.workload != "pomt":
+        raise PomtError(
+            f"{path} chose R from the all-blocks proxy, but refine measures the POMT-patched model: profile with "
+            "--method pomt --layer L, estimate accuracy with --estimator pomt --layer L, and run compute-r again")
+    files = []
+    for record in (report.latency, report.accuracy):
+        profile_path = Path(record.path)
+        if not profile_path.is_file():
+            raise PomtError(f"the {record.kind} profile {profile_path} that compute-r read is missing: "
+                            f"run pomt compute-r again")
+        if sha256_file(profile_path) != record.sha256:
+            raise PomtError(f"the {record.kind} profile {profile_path} changed since compute-r wrote {path}: "
+                            "run pomt compute-r again")
+        files.append(profile_path)
+    return files[0], files[1]
+
+
+def refine(settings: RefineSettings, reporter: Reporter = _SILENT) -> RefineResult:
+    """Measure compute-r's best candidates beside the unpruned model on the device; choose again; rewrite the report.
+
+    The model, dtype, batch sizes, runtime and device come from the latency profile that
+    the report names. Per batch size the unpruned model and the best pruned candidates are
+    timed in interleaved rounds (:func:`pomt_cli.bench.time_methods`); each choice is made
+    again with the refined ratios (:func:`pomt_cli.selection.rechoose`) and the report (and
+    its plot, when compute-r wrote one beside it) is rewritten as one set.
+
+    Raises:
+        PomtError: a missing or wrong report, a proxy report, profiles missing or changed,
+            a device or runtime this machine lacks.
+    """
+    s = settings
+    began = time.perf_counter()
+    path = Path(s.report)
+    report = read_report(path)
+    latency_path, accuracy_path = _check_inputs(report, path)
+    check_output_dir(path.parent)
+    _, meta = read_latency(latency_path)
+    preset, tdev = _preset_and_device(s.device or meta.device_preset, s.torch_device or meta.torch_device)
+    info = meta.runtime_info or {}
+    runtime = _RuntimeSettings(runtime=Runtime(meta.runtime), ort_providers=info.get("providers"),
+                               compile_backend=info.get("compile_backend") or "inductor")
+    cuda_graphs = meta.timing_mode == "cuda_graphs"
+    dtype = Dtype(meta.dtype)
+    runtime.checked_runtime(tdev, dtype.torch, cuda_graphs)
+    criterion = SelectionSettings(criterion=report.criterion, alpha=report.alpha,
+                                  latency_budget_ms=report.latency_budget_ms,
+                                  max_accuracy_drop=report.max_accuracy_drop)
+    sizes = [c.batch_size for c in report.choices]
+    selection = select_r(latency_path, accuracy_path, criterion, sizes)
+    candidates = {b: refine_candidates(selection.curves[b], criterion, b, s.candidates) for b in sizes}
+
+    torch.set_num_threads(s.threads or meta.num_threads)
+    net = create_model(meta.model, pretrained=meta.pretrained, checkpoint=meta.checkpoint,
+                       img_size=meta.img_size_option)
+    planned = {b: fit_settings(net, [MethodSetting(method=BASELINE),
+                                     *(MethodSetting(method=pomt.Pomt.name, r=row["R"], layer=row["layer"])
+                                       for row in candidates[b].iter_rows(named=True))]) for b in sizes}
+    net = net.to(device=tdev, dtype=dtype.torch)
+    timing = BenchTiming(dtype=dtype.torch, cuda_graphs=cuda_graphs, rel_precision=meta.rel_precision or 0.01,
+                         budget_s=s.budget_s, min_samples=meta.min_samples or 10, warmup=meta.warmup or 3,
+                         rounds=s.rounds, seed=s.seed, runtime=runtime.runtime,
+                         runtime_options=runtime.runtime_options(cuda_graphs))
+    with locked_clocks(preset, torch_device=tdev, enabled=s.lock_clocks) as clocks:
+        timed = time_methods(net, planned, timing, device=tdev, on_progress=reporter.timing)
+
+    rechoices: dict[int, Rechoice] = {}
+    table: list[RefinedSetting] = []
+    notes = [n for n in selection.report.notes if ": pruning does not pay here" not in n]
+    for b in sizes:
+        rows = []
+        for setting in planned[b]:
+            m, _ = timed[(b, setting.label)]
+            if m.median_ms is None:
+                raise PomtError(f"{setting.label} at batch {b} did not run ({m.error or m.status}): "
+                                "refine needs every setting measured; free the device and try again")
+            pruned = setting.method != BASELINE
+            rows.append({"layer": setting.layer if pruned else None, "tokens": meta.num_tokens - (setting.r if pruned
+                                                                                                  else 0),
+                         "R": setting.r if pruned else 0, "ms": m.median_ms, "ci_low_ms": m.ci_low_ms,
+                         "ci_high_ms": m.ci_high_ms, "samples": m.samples})
+        measured = pl.DataFrame(rows, schema={"layer": pl.Int64, "tokens": pl.Int64, "R": pl.Int64, "ms": pl.Float64,
+                                              "ci_low_ms": pl.Float64, "ci_high_ms": pl.Float64,
+                                              "samples": pl.Int64})
+        again = rechoose(selection.curves[b], selection.points[b], measured, criterion, b, meta.num_tokens)
+        rechoices[b] = again
+        if not again.pays:
+            notes.append(f"batch {b}: pruning does not pay here: measured side by side, no candidate is faster than "
+                         "the unpruned model beyond the interval of its ratio, so R = 0")
+        for row in again.table.iter_rows(named=True):
+            if row["R"] == 0:
+                row.update(layer=None, setting=BASELINE)
+            else:
+                row["setting"] = MethodSetting(method=pomt.Pomt.name, r=row["R"], layer=row["layer"]).label
+            table.append(RefinedSetting(batch_size=b, **row))
+
+    before = report.refine.before if report.refine is not None else report.choices
+    choices = [rechoices[b].choice for b in sizes]
+    first = choices[0]
+    record = RefineRecord(
+        candidates=s.candidates, candidates_measured={str(b): candidates[b].height for b in sizes},
+        budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, elapsed_s=time.perf_counter() - began,
+        torch_device=str(tdev), num_threads=torch.get_num_threads(), clocks=clocks.mode, settings=table,
+        before=before, **_command(s.command))
+    refined = report.model_copy(update={
+        "format_version": REPORT_FORMAT_VERSION, "choices": choices, "R": first.R, "tokens": first.tokens,
+        "batch_size": first.batch_size, "layer": first.layer, "notes": notes, "refine": record})
+    plot = path.with_suffix(".png") if path.suffix == ".json" else None
+    if plot is not None and plot.is_file():
+        with OutputSet(path.parent, path.stem, ("json", "png")) as files:
+            files.write("json", lambda tmp: write_report(refined, tmp))
+            files.write("png", lambda tmp: plot_selection(selection.curves, refined, tmp, title=_plot_title(refined)))
+            files.commit()
+    else:
+        plot = None
+        try:
+            write_report(refined, path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+    return RefineResult(report=refined, before=before, rechoices=rechoices, path=path, plot=plot)
 
 
 class BenchSettings(_RuntimeSettings):
@@ -624,7 +789,8 @@ DEMO_BATCH_SIZES = [1, 32]
 DEMO_LAYERS = list(range(digits.ARCHITECTURE["depth"]))
 #: The kept-token grid of both profiles: N = 65 down to 5 in steps of 4 (16 points per curve).
 DEMO_TOKENS = TokenRange(start=65, stop=5, stride=4)
-#: Seconds per profile point in the demo (bench: four times as long per method and round).
+#: Seconds per profile point in the demo (refine: twice as long per setting and round; bench: four times
+#: as long per method and round).
 DEMO_BUDGET_S = 0.25
 
 
@@ -640,11 +806,12 @@ class DemoSettings(_Settings):
 
 @dataclass(frozen=True)
 class DemoResult:
-    """The results of the demo's four steps and the summary page written beside them."""
+    """The results of the demo's five steps and the summary page written beside them."""
 
     latency: ProfileResult
     accuracy: AccuracyResult
     chosen: ComputeRResult
+    refined: RefineResult
     benched: BenchResult
     summary: Path
     elapsed_s: float
@@ -664,7 +831,7 @@ def _layers_text(layers: Sequence[int]) -> str:
 
 
 def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
-    """Profile, estimate accuracy, choose R and bench on the bundled digits model; write a summary page.
+    """Profile, estimate accuracy, choose R, refine it and bench on the bundled digits model; write a summary.
 
     Raises:
         PomtError: an unknown preset, an unwritable folder, or any step's error.
@@ -707,8 +874,16 @@ def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
                                         command=s.command), reporter)
     reporter.finished(chosen)
 
+    reporter.step("the best candidates measured again beside the unpruned model", [
+        "refine", str(chosen.report), "--candidates", str(REFINE_CANDIDATES), "--budget", f"{2 * s.budget_s:g}",
+        "--rounds", "3", *common])
+    refined = refine(RefineSettings(report=chosen.report, candidates=REFINE_CANDIDATES, budget_s=2 * s.budget_s,
+                                    rounds=3, device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks,
+                                    command=s.command), reporter)
+    reporter.finished(refined)
+
     # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once.
-    report: Report = chosen.selection.report
+    report: Report = refined.report
     per_block = max(1, math.ceil(max(c.R for c in report.choices) / digits.ARCHITECTURE["depth"]))
     own_r = {m: per_block for m in method_names() if get_method(m).bench_r is not None and get_method(m).reduces}
     reporter.step("the chosen (layer, R) against the baseline, ToMe and Top-K", [
@@ -726,5 +901,6 @@ def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
              "bench": benched.parquet}
     summary = atomic_write_text(folder / "summary.md",
                                 summary_page(files, folder, device, time.perf_counter() - began))
-    return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, benched=benched, summary=summary,
+    return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, refined=refined, benched=benched,
+                      summary=summary,
                       elapsed_s=time.perf_counter() - began)

@@ -12,7 +12,7 @@ from pomt_cli.bench import check_choices, check_text
 from pomt_cli.formats.accuracy import read_accuracy
 from pomt_cli.formats.bench import read_bench
 from pomt_cli.formats.latency import read_latency
-from pomt_cli.formats.report import read_report
+from pomt_cli.formats.report import Choice, Report, read_report
 from pomt_cli.measure.steps import find_curve_steps
 
 
@@ -32,6 +32,28 @@ def _markdown_table(frame: pl.DataFrame, formats: dict[str, str]) -> str:
 
 def _cell(value: float | None, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
+
+
+def _setting(choice: Choice) -> str:
+    return f"R = {choice.R}" + (f" at layer {choice.layer}" if choice.R else "")
+
+
+def _refined_text(choice: Choice, report: Report, before: Choice | None) -> str:
+    """Whether ``choice`` was refined; its profile and refined ratio; compute-r's choice before it."""
+    if not choice.refined or report.refine is None:
+        return f"{_setting(choice)}, not refined (chosen from the profile alone)"
+    row = next((r for r in report.refine.settings if r.batch_size == choice.batch_size and r.chosen), None)
+    text = f"{_setting(choice)}, refined"
+    if row is not None and choice.R:
+        text += f": profile ratio {_cell(row.profile_ratio, '.3f') or '?'}, refined ratio {row.ratio:.3f}"
+        if row.ratio_low is not None and row.ratio_high is not None:
+            text += f" ({row.ratio_low:.3f} to {row.ratio_high:.3f})"
+    elif not choice.pays:
+        text += ": no candidate measured faster than the unpruned model beyond its interval"
+    if before is not None:
+        same = (before.R, before.R and before.layer) == (choice.R, choice.R and choice.layer)
+        text += f"; compute-r chose {_setting(before)} ({'unchanged' if same else 'changed'})"
+    return text
 
 
 def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: float) -> str:
@@ -61,10 +83,12 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
         "",
     ]
     lines += [f"compute-r chose the block and R together (criterion: {report.criterion}, alpha {report.alpha}) "
-              f"from the latency of the POMT-patched model itself and POMT's accuracy at each layer; bench then "
-              "measured the choice beside the unpruned model. The predicted saving is the profile's latency at "
-              "the chosen point over its unpruned point on the same curve (in brackets: from the two points' "
-              "intervals); the predicted ms is bench's own unpruned ms times that ratio, so that an offset "
+              f"from the latency of the POMT-patched model itself and POMT's accuracy at each layer; refine "
+              "measured its best candidates again beside the unpruned model and chose again; bench then "
+              "measured the choice beside the unpruned model. The predicted saving is the chosen setting's "
+              "latency over the unpruned model's: measured side by side by refine when the choice was refined, "
+              "else the profile's on the same curve (in brackets: from the two measurements' intervals); the "
+              "predicted ms is bench's own unpruned ms times that ratio, so that an offset "
               "common to the whole profile cancels. Error = measured / predicted − 1. With R = 0 nothing is "
               "predicted beyond the unpruned model.", "",
               "| batch | choice | tokens kept | saving predicted | saving measured | predicted ms | "
@@ -85,6 +109,11 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
             f"| {c.batch_size} | {choice} | {c.tokens} of {report.num_tokens} | {predicted or 'none'} | "
             f"{measured} | {_cell(check.predicted_ms, '.3f')} | {_cell(check.measured_ms, '.3f')} | "
             f"{_cell(check.prediction_error, '+.1%')} | {_cell(check.profile_ms, '.3f')} | {c.accuracy_lost:.2f} |")
+    lines += ["", "Refined (`pomt refine`: the best candidates measured again beside the unpruned model in "
+              "interleaved rounds, and the choice made again from their ratios):", ""]
+    before = {c.batch_size: c for c in report.refine.before} if report.refine is not None else {}
+    for c in report.choices:
+        lines.append(f"- batch {c.batch_size}: " + _refined_text(c, report, before.get(c.batch_size)))
     lines += ["", "Never slower (the chosen setting against the unpruned model, beyond both measurements' "
               "intervals):", "", *[f"- {check_text(check)}" for check in checks]]
     lines += ["", f"![latency, accuracy and utility]({rel['report_plot']})", "",

@@ -29,13 +29,17 @@ common to the whole profile (its short visits against bench's long rounds) cance
 
 Everything here returns data and raises :class:`~pomt_cli.errors.PomtError` for bad input;
 the report (:class:`Report`) is the JSON file that ``pomt bench --r-from`` reads.
+
+``pomt refine`` measures the best pruned candidates (:func:`refine_candidates`) again beside
+the unpruned model, in interleaved rounds on the device, and :func:`rechoose` makes the
+choice again with their refined ratios on the profile's scale.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -76,14 +80,18 @@ class Selection:
         curves: per batch size, every common point scored (:func:`score`), n descending.
         candidates: per batch size, the best points by the criterion (at most
             :data:`TOP_CANDIDATES`), best first; the first row is the choice.
+        points: per batch size, the common points before the unpruned ones are merged
+            (each layer's own n = N point, with the intervals).
     """
 
     report: Report
     curves: dict[int, pl.DataFrame]
     candidates: dict[int, pl.DataFrame]
+    points: dict[int, pl.DataFrame] = field(default_factory=dict)
 
 
-def utility(latency_ms: pl.Series, accuracy: pl.Series, alpha: float) -> pl.Series:
+def utility(latency_ms: pl.Series, accuracy: pl.Series, alpha: float,
+            maxima: tuple[float, float] | None = None) -> pl.Series:
     """The paper's utility ``alpha * (1 - L / max L) + (1 - alpha) * A / max A``.
 
     When every accuracy is 0 the accuracy term is 0 (it cannot tell the points apart).
@@ -92,21 +100,24 @@ def utility(latency_ms: pl.Series, accuracy: pl.Series, alpha: float) -> pl.Seri
         latency_ms: L(n) of the candidate points.
         accuracy: A(n) of the same points, in the same order.
         alpha: weight of latency, in [0, 1].
+        maxima: ``(max L, max A)`` of a larger set of points (default: of these points).
     """
-    max_l = latency_ms.max()
-    max_a = accuracy.max()
+    max_l, max_a = maxima if maxima is not None else (latency_ms.max(), accuracy.max())
     latency_term = 1.0 - latency_ms / max_l
     accuracy_term = accuracy / max_a if max_a and max_a > 0 else accuracy * 0.0
     return (alpha * latency_term + (1.0 - alpha) * accuracy_term).alias("utility")
 
 
-def score(points: pl.DataFrame, num_tokens: int, alpha: float) -> pl.DataFrame:
+def score(points: pl.DataFrame, num_tokens: int, alpha: float, maxima: tuple[float, float] | None = None,
+          carry: Sequence[str] = ()) -> pl.DataFrame:
     """Every point with R, the latency saved, the accuracy lost and the utility.
 
     Args:
         points: columns ``tokens, latency_ms, accuracy`` (one batch size, at least one row).
         num_tokens: N.
         alpha: the utility's weight of latency.
+        maxima: the utility's ``(max L, max A)`` (default: over ``points``).
+        carry: further columns of ``points`` kept at the end.
 
     Returns:
         ``tokens, R, latency_ms, latency_saved_pct, accuracy, accuracy_lost, utility``,
@@ -114,7 +125,7 @@ def score(points: pl.DataFrame, num_tokens: int, alpha: float) -> pl.DataFrame:
         reference of the saving and the loss is the largest n (one row: with layers, the
         unpruned model's, see :func:`merge_unpruned`).
     """
-    extra = [c for c in ("layer", "ci_low_ms", "ci_high_ms") if c in points.columns]
+    extra = [c for c in ("layer", "ci_low_ms", "ci_high_ms") if c in points.columns] + list(carry)
     order = ["tokens", *(["layer"] if "layer" in extra else [])]
     frame = points.select("tokens", "latency_ms", "accuracy", *extra).sort(
         order, descending=[True] + [False] * (len(order) - 1))
@@ -124,7 +135,7 @@ def score(points: pl.DataFrame, num_tokens: int, alpha: float) -> pl.DataFrame:
         R=num_tokens - pl.col("tokens"),
         latency_saved_pct=100.0 * (1.0 - pl.col("latency_ms") / ref_latency),
         accuracy_lost=ref_accuracy - pl.col("accuracy"),
-        utility=utility(frame["latency_ms"], frame["accuracy"], alpha),
+        utility=utility(frame["latency_ms"], frame["accuracy"], alpha, maxima),
     ).select("tokens", "R", "latency_ms", "latency_saved_pct", "accuracy", "accuracy_lost", "utility", *extra)
 
 
@@ -413,6 +424,7 @@ def compute_r(
                      "smaller than predicted; profile with --method pomt --layer L to predict the pruned model itself")
     curves: dict[int, pl.DataFrame] = {}
     candidates: dict[int, pl.DataFrame] = {}
+    common: dict[int, pl.DataFrame] = {}
     choices: list[Choice] = []
     for b in chosen:
         curve_points = common_points(latency, accuracy, b, latency_path, accuracy_path)
@@ -432,6 +444,7 @@ def compute_r(
         ratio = _ratio_of(best, curve_points, num_tokens)
         curves[b] = scored.drop("ci_low_ms", "ci_high_ms")
         candidates[b] = ranked.head(TOP_CANDIDATES).drop("ci_low_ms", "ci_high_ms")
+        common[b] = curve_points
         choices.append(Choice(batch_size=b, reference_tokens=int(reference["tokens"]),
                               layer=best["layer"] if layers else None, workload=workload,
                               reference_ms=reference["latency_ms"], pays=pays,
@@ -452,6 +465,131 @@ def compute_r(
         latency=_input_record(latency_path, latency_meta), accuracy=_input_record(accuracy_path, accuracy_meta),
         notes=notes,
     )
-    return Selection(report=report, curves=curves, candidates=candidates)
+    return Selection(report=report, curves=curves, candidates=candidates, points=common)
 
+
+# Refining a choice (``pomt refine``): the candidates measured again side by side, and the
+# choice made again among them.
+
+#: Pruned candidates per batch size that ``pomt refine`` measures again by default.
+REFINE_CANDIDATES = 3
+
+
+def refine_candidates(curve: pl.DataFrame, settings: SelectionSettings, batch_size: int,
+                      count: int = REFINE_CANDIDATES) -> pl.DataFrame:
+    """The ``count`` best pruned points (R > 0) of one batch size by the criterion.
+
+    Ranked like :func:`compute_r` ranks, but without its "faster beyond its interval"
+    filter, so that the noise of one grid point cannot hide a point that pays.
+
+    Args:
+        curve: a frame of :func:`score` (one batch size, the unpruned row merged).
+        settings: the report's criterion.
+        batch_size: for the messages.
+        count: at most this many points.
+
+    Returns:
+        The points, best first (empty when no pruned point meets a latency budget).
+    """
+    try:
+        ranked = rank(curve, settings, batch_size)
+    except PomtError:  # no point within the latency budget: nothing to measure
+        return curve.head(0)
+    return ranked.filter(pl.col("R") > 0).head(count)
+
+
+@dataclass(frozen=True)
+class Rechoice:
+    """The choice of one batch size made again from a side-by-side measurement.
+
+    Attributes:
+        choice: the new choice (``refined`` True).
+        table: every setting measured, unpruned first: ``layer, tokens, R, ms, ci_low_ms,
+            ci_high_ms, samples, profile_ratio, ratio, ratio_low, ratio_high, chosen``.
+        pays: whether a pruned candidate measured faster beyond the ratio's interval.
+    """
+
+    choice: Choice
+    table: pl.DataFrame
+    pays: bool
+
+
+def _ratio_fields(ratio: Ratio) -> dict:
+    return {"ratio": ratio.ratio, "ratio_low": ratio.low, "ratio_high": ratio.high}
+
+
+def rechoose(curve: pl.DataFrame, points: pl.DataFrame, measured: pl.DataFrame, settings: SelectionSettings,
+             batch_size: int, num_tokens: int) -> Rechoice:
+    """Choose again among the unpruned model and the candidates, with their refined ratios.
+
+    A candidate's latency becomes its refined ratio (its median over the unpruned
+    model's, measured side by side) times the profile's unpruned latency (the reference
+    compute-r chose against); the unpruned model keeps its profile latency. The points
+    are scored with the maxima of the whole curve and ranked by the criterion. Only
+    candidates whose ratio interval lies below 1 may be chosen; when none does, R = 0.
+
+    Args:
+        curve: the batch size's scored curve (:func:`score`, the unpruned row merged).
+        points: the same batch size's common points before the merge
+            (:attr:`Selection.points`), for each candidate's profile ratio.
+        measured: ``layer, tokens, R, ms, ci_low_ms, ci_high_ms, samples``: the unpruned
+            model (R = 0) and each candidate, as measured side by side.
+        settings: the report's criterion.
+        batch_size: the batch size.
+        num_tokens: N.
+
+    Raises:
+        PomtError: no setting meets the report's latency budget any more.
+    """
+    unpruned_rows = measured.filter(pl.col("R") == 0)
+    if unpruned_rows.is_empty():
+        raise ValueError("the unpruned model (R = 0) must be among the measured settings")
+    unpruned = unpruned_rows.row(0, named=True)
+    reference = curve.filter(pl.col("R") == 0).row(0, named=True)
+    as_point = {"latency_ms": unpruned["ms"], "ci_low_ms": unpruned["ci_low_ms"], "ci_high_ms": unpruned["ci_high_ms"]}
+    rows = [{"tokens": reference["tokens"], "layer": reference.get("layer"), "latency_ms": reference["latency_ms"],
+             "accuracy": reference["accuracy"], "ci_low_ms": unpruned["ci_low_ms"],
+             "ci_high_ms": unpruned["ci_high_ms"], "ms": unpruned["ms"], "samples": unpruned["samples"],
+             "profile_ratio": 1.0, "ratio": 1.0, "ratio_low": None, "ratio_high": None}]
+    for m in measured.filter(pl.col("R") > 0).iter_rows(named=True):
+        where = (pl.col("tokens") == m["tokens"]) & (pl.col("layer") == m["layer"])
+        on_curve, point = curve.filter(where), points.filter(where)
+        if on_curve.is_empty() or point.is_empty():
+            raise ValueError(f"layer {m['layer']}, n = {m['tokens']} is not on the curve of batch {batch_size}")
+        ratio = latency_ratio({"latency_ms": m["ms"], "ci_low_ms": m["ci_low_ms"], "ci_high_ms": m["ci_high_ms"]},
+                              as_point)
+        profile = _ratio_of({**point.row(0, named=True), "R": m["R"]}, points, num_tokens)
+        rows.append({"tokens": m["tokens"], "layer": m["layer"], "latency_ms": ratio.ratio * reference["latency_ms"],
+                     "accuracy": on_curve["accuracy"][0], "ci_low_ms": m["ci_low_ms"], "ci_high_ms": m["ci_high_ms"],
+                     "ms": m["ms"], "samples": m["samples"], "profile_ratio": profile.ratio if profile else None,
+                     **_ratio_fields(ratio)})
+    floats = ("latency_ms", "accuracy", "ci_low_ms", "ci_high_ms", "ms", "profile_ratio", "ratio", "ratio_low",
+              "ratio_high")
+    frame = pl.DataFrame(rows, schema={"tokens": pl.Int64, "layer": pl.Int64, "samples": pl.Int64,
+                                       **{c: pl.Float64 for c in floats}})
+    maxima = (curve["latency_ms"].max(), curve["accuracy"].max())
+    scored = score(frame, num_tokens, settings.alpha, maxima,
+                   carry=("ms", "samples", "profile_ratio", "ratio", "ratio_low", "ratio_high"))
+    paying = scored.filter((pl.col("R") == 0) | (pl.col("ratio_high").fill_null(pl.col("ratio")) < 1.0))
+    try:
+        best = rank(paying, settings, batch_size).row(0, named=True)
+    except PomtError:
+        fastest = scored.sort("latency_ms").row(0, named=True)
+        raise PomtError(
+            f"measured side by side, no setting meets the report's latency budget {settings.latency_budget_ms:g} ms "
+            f"at batch {batch_size} (the fastest reads {fastest['latency_ms']:.3f} ms on the profile's scale): "
+            "run pomt compute-r with a larger --latency-budget") from None
+    pays = paying.height > 1
+    pruned = best["R"] > 0
+    choice = Choice(
+        batch_size=batch_size, reference_tokens=int(reference["tokens"]), layer=best["layer"], workload="pomt",
+        reference_ms=reference["latency_ms"], pays=pays, latency_ratio=best["ratio"],
+        latency_ratio_low=best["ratio_low"] if pruned else None, latency_ratio_high=best["ratio_high"] if pruned else None,
+        unpruned_ms=unpruned["ms"], refined=True, refined_ms=best["ms"], refined_unpruned_ms=unpruned["ms"],
+        **{k: best[k] for k in ("R", "tokens", "latency_ms", "latency_saved_pct", "accuracy", "accuracy_lost",
+                                "utility")})
+    chosen = (pl.col("R") == best["R"]) & ((pl.col("R") == 0) | (pl.col("layer") == best["layer"]))
+    table = scored.select("layer", "tokens", "R", "ms", "ci_low_ms", "ci_high_ms", "samples", "profile_ratio",
+                          "ratio", "ratio_low", "ratio_high", chosen=chosen)
+    return Rechoice(choice=choice, table=table, pays=pays)
 

@@ -20,7 +20,7 @@ import typer
 from rich.text import Text
 
 from pomt_cli import __version__
-from pomt_cli.cli import bench, clocks, compute_r, demo, estimate_accuracy, export, profile
+from pomt_cli.cli import bench, clocks, compute_r, demo, estimate_accuracy, export, profile, refine
 from pomt_cli.console import plain_console
 from pomt_cli.devices.signals import sigterm_raises
 from pomt_cli.errors import PomtError
@@ -63,7 +63,7 @@ def _root(
 
 
 # In help order.
-for _command in (profile, clocks, estimate_accuracy, compute_r, bench, demo, export):
+for _command in (profile, clocks, estimate_accuracy, compute_r, refine, bench, demo, export):
     _command.register(app)
 
 

@@ -129,8 +129,10 @@ def render(result: BenchResult) -> None:
         out.print(table)
     if result.choices:
         workload = next(c.workload for c in result.choices.values())
+        refined = any(c.refined for c in result.choices.values())
         out.print(f"predicted: by {result.r_from} from "
-                  + ("the real pruned model's latency profile" if workload == "pomt" else
+                  + ("the ratios pomt refine measured side by side" if refined else
+                     "the real pruned model's latency profile" if workload == "pomt" else
                      "the all-blocks proxy (every block at n; the real saving is smaller)")
                   + "; error = measured / predicted - 1")
         for check in check_choices(frame, result.choices.values()):

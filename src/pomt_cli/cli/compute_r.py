@@ -120,6 +120,8 @@ def render(result: ComputeRResult) -> None:
         out.print(f"note: {note}")
     for choice in report.choices:
         out.print(candidates_table(result.selection.candidates[choice.batch_size], report, choice.batch_size))
+    if report.workload == "pomt":
+        out.print(f"measure the choices again side by side on the device: pomt refine {result.report}")
     print_path(out, "report:", result.report)
     print_path(out, "plot:  ", result.plot)
 

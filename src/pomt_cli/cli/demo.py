@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.rule import Rule
 
-from pomt_cli.cli import bench, compute_r, estimate_accuracy, profile
+from pomt_cli.cli import bench, compute_r, estimate_accuracy, profile, refine
 from pomt_cli.cli.options import DeviceOption, TorchDeviceOption
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
@@ -20,6 +20,7 @@ from pomt_cli.pipelines import (
     ComputeRResult,
     DemoSettings,
     ProfileResult,
+    RefineResult,
 )
 from pomt_cli.pipelines import demo as run_demo
 
@@ -27,7 +28,8 @@ out = plain_console()
 
 #: How each step's result is shown: as its own command shows it.
 _RENDER = {ProfileResult: profile.render, AccuracyResult: estimate_accuracy.render,
-           ComputeRResult: compute_r.render, BenchResult: bench.render}
+           ComputeRResult: compute_r.render, RefineResult: refine.render,
+           BenchResult: bench.render}
 
 
 class DemoReporter(RichReporter):
@@ -56,10 +58,10 @@ def demo(
     lock_clocks: Annotated[bool, typer.Option(
         "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (needs root).")] = False,
     budget: Annotated[float, typer.Option(
-        "--budget", min=0.001, help="Seconds of timing per profile point at most (bench: four times as long per "
-        "method and round).")] = DEMO_BUDGET_S,
+        "--budget", min=0.001, help="Seconds of timing per profile point at most (refine: twice as long per "
+        "setting and round; bench: four times as long per method and round).")] = DEMO_BUDGET_S,
 ) -> None:
-    """Run profile, estimate-accuracy, compute-r and bench on the bundled digits model; write a summary page."""
+    """Run profile, estimate-accuracy, compute-r, refine and bench on the bundled digits model; write a summary."""
     settings = DemoSettings(output_dir=output_dir, device=device, torch_device=torch_device, lock_clocks=lock_clocks,
                             budget_s=budget, command=ctx.obj)
     with DemoReporter() as reporter:

@@ -21,7 +21,11 @@ from pomt_cli.formats.outputs import atomic_write_text
 #: 3 added the predicted saving as a ratio to the same curve's unpruned point, with its
 #: interval; reports of versions 1 and 2 are read without it (:attr:`Choice.ratio` falls
 #: back to ``1 - latency_saved_pct / 100``).
-REPORT_FORMAT_VERSION = 3
+#: 4 added ``pomt refine``: each choice says whether it was re-chosen from a side-by-side
+#: measurement (``refined``, ``refined_ms``, ``refined_unpruned_ms``) and the report records
+#: the refinement (:class:`RefineRecord`); reports of versions 1 to 3 are read with
+#: ``refined`` False and no record.
+REPORT_FORMAT_VERSION = 4
 
 
 Criterion = Literal["utility", "latency_budget", "max_accuracy_drop"]
@@ -51,6 +55,9 @@ class Choice(BaseModel):
     latency_ratio_low: float | None = Field(None, gt=0, description="the ratio's interval from the two points' CIs")
     latency_ratio_high: float | None = Field(None, gt=0)
     unpruned_ms: float | None = Field(None, gt=0, description="L(layer, N): the denominator of latency_ratio")
+    refined: bool = Field(False, description="re-chosen by pomt refine from a side-by-side measurement")
+    refined_ms: float | None = Field(None, gt=0, description="refine: the chosen setting's measured median")
+    refined_unpruned_ms: float | None = Field(None, gt=0, description="refine: the unpruned model's measured median")
 
     @property
     def predicted_ms(self) -> float:
@@ -96,6 +103,45 @@ class ProfileInput(BaseModel):
     runtime_info: dict[str, Any] | None = Field(None, description="latency: the runtime's providers and versions")
 
 
+class RefinedSetting(BaseModel):
+    """One setting that ``pomt refine`` measured: its median and ratio to the unpruned model's."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    batch_size: int = Field(ge=1)
+    setting: str = Field(description="the bench label: none, pomt r=R @layer")
+    layer: int | None = None
+    tokens: int = Field(ge=1)
+    R: int = Field(ge=0)
+    ms: float = Field(gt=0, description="median over the pooled rounds")
+    ci_low_ms: float | None = None
+    ci_high_ms: float | None = None
+    samples: int = Field(ge=0)
+    profile_ratio: float | None = Field(None, description="L(layer, n) / L(layer, N) in the latency profile")
+    ratio: float = Field(gt=0, description="ms over the unpruned model's refined ms")
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    chosen: bool = False
+
+
+class RefineRecord(BaseModel):
+    """What ``pomt refine`` measured, and compute-r's choices before it."""
+
+    candidates: int = Field(ge=1, description="pruned candidates per batch size (C)")
+    candidates_measured: dict[str, int] = Field(description="batch size -> pruned candidates measured")
+    budget_s: float = Field(gt=0, description="seconds per setting and round")
+    rounds: int = Field(ge=1)
+    seed: int = Field(ge=0)
+    elapsed_s: float = Field(ge=0)
+    torch_device: str
+    num_threads: int
+    clocks: str = Field(description="locked, already_locked, unlocked or unavailable")
+    settings: list[RefinedSetting]
+    before: list[Choice] = Field(description="compute-r's choices, from the profile alone")
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    command: str = Field(default_factory=lambda: command_line())
+
+
 class Report(BaseModel):
     """The JSON report of ``pomt compute-r`` (format in docs/FORMATS.md)."""
 
@@ -122,6 +168,7 @@ class Report(BaseModel):
     latency: ProfileInput
     accuracy: ProfileInput
     notes: list[str] = Field(default_factory=list)
+    refine: RefineRecord | None = Field(None, description="pomt refine's measurement (None: not refined)")
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     command: str = Field(default_factory=lambda: command_line())
     pomt_version: str = __version__

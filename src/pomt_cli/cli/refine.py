@@ -1,0 +1,110 @@
+"""``pomt refine``: compute-r's best candidates measured again beside the unpruned model, and R chosen again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from pomt_cli.cli.options import LockClocksOption, SeedOption, presets_text
+from pomt_cli.cli.progress import RichReporter
+from pomt_cli.console import plain_console, print_path
+from pomt_cli.formats.report import Choice
+from pomt_cli.pipelines import BUDGET_S, RefineResult, RefineSettings
+from pomt_cli.pipelines import refine as run_refine
+from pomt_cli.selection import REFINE_CANDIDATES
+
+out = plain_console()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("refine", short_help="Time the best candidates side by side; choose R again.")(refine)
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def settings_table(result: RefineResult, batch_size: int) -> Table:
+    """The settings measured at one batch size: profile ratio, refined ratio and interval, the choice."""
+    table = Table(title=f"Batch {batch_size}, side by side; ratio: ms over the unpruned ms",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("layer", "R", "ms", "profile", "refined", "interval", "chosen"):
+        table.add_column(name, justify="left" if name == "chosen" else "right", no_wrap=True)
+    for row in result.rechoices[batch_size].table.iter_rows(named=True):
+        pruned = row["R"] > 0
+        interval = (f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}"
+                    if pruned and row["ratio_low"] is not None and row["ratio_high"] is not None else "")
+        table.add_row(str(row["layer"]) if pruned else "-", str(row["R"]), f"{row['ms']:.3f}",
+                      _ratio(row["profile_ratio"]), _ratio(row["ratio"]), interval, "<-" if row["chosen"] else "")
+    return table
+
+
+def _setting(choice: Choice) -> str:
+    return f"R = {choice.R}" + (f" at layer {choice.layer}" if choice.R else "")
+
+
+def choice_line(choice: Choice, before: Choice | None) -> str:
+    """``batch 32: R = 28 at layer 0, 14.2% less (...); compute-r chose R = 32 at layer 1: changed``."""
+    if choice.R == 0:
+        what = ("pruning does not pay here: no candidate measured faster than the unpruned model beyond its "
+                "interval" if not choice.pays else "the unpruned model scores best")
+    else:
+        what = f"{100 * (1 - choice.latency_ratio):.1f}% less than the unpruned model measured side by side"
+        if choice.latency_ratio_low is not None and choice.latency_ratio_high is not None:
+            what += (f" ({100 * (1 - choice.latency_ratio_high):.1f}% to "
+                     f"{100 * (1 - choice.latency_ratio_low):.1f}%)")
+    line = f"batch {choice.batch_size}: {_setting(choice)}, {what}"
+    if before is None:
+        return line
+    same = (before.R, before.R and before.layer) == (choice.R, choice.R and choice.layer)
+    return f"{line}; compute-r chose {_setting(before)}: " + ("unchanged" if same else "changed")
+
+
+def render(result: RefineResult) -> None:
+    """A table per batch size, the final choices against compute-r's, then the report."""
+    for choice in result.report.choices:
+        out.print(settings_table(result, choice.batch_size))
+    before = {c.batch_size: c for c in result.before}
+    for choice in result.report.choices:
+        out.print(choice_line(choice, before.get(choice.batch_size)))
+    print_path(out, "report:", result.path)
+    if result.plot is not None:
+        print_path(out, "plot:  ", result.plot)
+
+
+def refine(
+    ctx: typer.Context,
+    report: Annotated[Path, typer.Argument(help="The compute-r report (.json); rewritten in place.")],
+    candidates: Annotated[int, typer.Option(
+        "--candidates", min=1, help="Pruned candidates per batch size, the best by the report's criterion.")
+    ] = REFINE_CANDIDATES,
+    budget: Annotated[float, typer.Option(
+        "--budget", min=0.001, help="Seconds of timing per setting and round at most.")] = BUDGET_S,
+    rounds: Annotated[int, typer.Option(
+        "--rounds", min=1, help="Interleaved rounds; samples are pooled over them.")] = 3,
+    device: Annotated[str | None, typer.Option(
+        "--device", help=f"Device preset ({presets_text()}) or a preset .toml file (default: the latency "
+        "profile's).")] = None,
+    torch_device: Annotated[str | None, typer.Option(
+        "--torch-device", help="Torch device (cpu, cuda, cuda:1, mps; default: the latency profile's).")] = None,
+    lock_clocks: LockClocksOption = True,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="CPU threads for torch (default: the latency profile's).")] = None,
+    seed: SeedOption = 0,
+) -> None:
+    """Measure compute-r's best candidates and the unpruned model side by side on the device, choose R again.
+
+    The model, dtype, batch sizes, runtime and device are the latency profile's; the
+    report (and its plot) is rewritten with the refined choice, which bench --r-from
+    then predicts from.
+    """
+    settings = RefineSettings(report=report, candidates=candidates, budget_s=budget, rounds=rounds, device=device,
+                              torch_device=torch_device, lock_clocks=lock_clocks, threads=threads, seed=seed,
+                              command=ctx.obj)
+    with RichReporter() as reporter:
+        result = run_refine(settings, reporter)
+    render(result)
