@@ -194,12 +194,16 @@ def time_runtimes(
         ready: dict[tuple[str, int, str], Prepared] = {}
         to_prepare = [(r, b, s) for r in compiled for b, settings in plan.items() if inputs[b] is not None
                       for s in settings]
-        for done, (runtime, b, s) in enumerate(to_prepare, 1):
+        for done, (runtime, b, s) in enumerate(to_prepare):
+            if on_progress is not None:  # before each: an export or a compilation may take long
+                on_progress(BenchProgress(done, len(to_prepare), b, s.label, 0, runtime.value, preparing=True))
             s.apply_to(model)
             ready[(runtime.value, b, s.label)] = prepare(model, inputs[b], runtime, label=s.label, weights=digest,
                                                          options=timing.runtime_options)
-            if on_progress is not None:
-                on_progress(BenchProgress(done, len(to_prepare), b, s.label, 0, runtime.value, preparing=True))
+        if to_prepare and on_progress is not None:
+            runtime, b, s = to_prepare[-1]
+            on_progress(BenchProgress(len(to_prepare), len(to_prepare), b, s.label, 0, runtime.value,
+                                      preparing=True))
         remove(model)
         total = sum(len(settings) for settings in plan.values()) * len(runtimes) * timing.rounds
         done = 0

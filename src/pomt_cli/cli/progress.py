@@ -78,9 +78,16 @@ class RichReporter(Reporter):
         progress.update(task, completed=event.done, total=event.total, running=f"top-1 so far {running}")
 
     def timing(self, event: BenchProgress) -> None:
+        if event.preparing:
+            verb = "exporting" if event.runtime == "onnxruntime" else "compiling"
+            progress, task = self._task("preparing", "making ready")
+            progress.update(task, completed=event.done, total=event.total,
+                            description=f"{verb} batch {event.batch_size}, {event.method}")
+            return
         progress, task = self._task("timing", "timing")
+        where = "" if event.runtime == "eager" else f"{event.runtime}, "
         progress.update(task, completed=event.done, total=event.total,
-                        description=f"timing batch {event.batch_size}, {event.method}, round {event.round + 1}")
+                        description=f"timing batch {event.batch_size}, {where}{event.method}, round {event.round + 1}")
 
     def scoring(self, done: int, total: int) -> None:
         progress, task = self._task("scoring", "evaluating accuracy")
