@@ -43,7 +43,9 @@ class RichReporter(Reporter):
     def __enter__(self) -> RichReporter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self._progress is not None:
+            self._progress.live.transient = True  # an error is one line: no bar is left above it
         self.close()
 
     def note(self, text: str) -> None:
