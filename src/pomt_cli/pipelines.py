@@ -497,7 +497,7 @@ def _r_per_batch(r: int | None, r_from: Path | None, model: str, batch_sizes: li
     if r_from is None:
         return (None if r is None else {b: r for b in batch_sizes or [1]}), batch_sizes, None
     report = read_report(r_from, model=model)
-    names = [Runtime(r).value for r in runtimes]
+    names = [Runtime(runtime).value for runtime in runtimes]
     if report.runtime not in names:
         given = ",".join(names)
         add = f"bench with --runtime {report.runtime}" if len(names) == 1 else f"add {report.runtime} to --runtime"

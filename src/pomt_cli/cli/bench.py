@@ -36,7 +36,7 @@ from pomt_cli.cli.options import (
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
-from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
+from pomt_cli.measure.runtimes import PROVIDER_ALIASES
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
 from pomt_cli.pipelines import BUDGET_S, BenchResult, BenchSettings
