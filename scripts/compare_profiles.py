@@ -1,58 +1,127 @@
-"""Compare two latency profiles of the same grid: how far apart are they, point by point?
+"""Compare latency profiles of the same model and grid: how far apart are they, and do they step alike?
 
-The repeatability benchmark of docs/PERFORMANCE.md: run `pomt profile` twice with the
-same options (into two folders) and compare. Prints, per batch size, the median and the
-90th percentile over points of |L1(n) - L2(n)| / L2(n), the largest difference, and the
-largest steps of each run, so that one sees whether both runs found the same steps.
+Two uses. Repeatability (docs/PERFORMANCE.md): run `pomt profile` twice with the same
+options (into two folders) and compare. Runtimes (issue 13): run the same `pomt profile`
+with `--runtime eager`, `onnxruntime` and `compile` and compare, to see where the
+curves' steps differ between runtimes.
 
-    python scripts/compare_profiles.py runs/a/latency_....parquet runs/b/latency_....parquet
+Each profile is labelled by its runtime (from its metadata), or by its file name when two
+share a runtime. Prints, per profile after the first and batch size, the median, the
+90th percentile and the largest |L_i(n) - L_1(n)| / L_1(n) over the common points; the
+largest steps of each profile (`find_steps`); and per batch size the steps found in one
+profile but not in another (a step matches another when their token ranges overlap).
+
+    python scripts/compare_profiles.py runs/a/latency_....parquet runs/b/latency_....parquet [more ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from pomt_cli.errors import PomtError
 from pomt_cli.formats.latency import read_latency as read_latency_profile
 from pomt_cli.measure.steps import find_steps
 
+KEY = ["batch_size", "tokens"]
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("first")
-    parser.add_argument("second")
-    parser.add_argument("--steps", type=int, default=4, help="steps listed per run and batch size")
-    args = parser.parse_args()
-    one, meta_one = read_latency_profile(args.first)
-    two, meta_two = read_latency_profile(args.second)
-    key = ["batch_size", "tokens"]
+
+def labels(paths: list[str], runtimes: list[str]) -> list[str]:
+    """Each profile's runtime; its file name where two share a runtime; its path where two share that too."""
+    names = [Path(p).name for p in paths]
+    out = []
+    for path, name, runtime in zip(paths, names, runtimes):
+        if runtimes.count(runtime) == 1:
+            out.append(runtime)
+        else:
+            out.append(name if names.count(name) == 1 else path)
+    return out
+
+
+def agreement(first: pl.DataFrame, other: pl.DataFrame) -> pl.DataFrame:
+    """Per batch size: common points and the median, p90 and max of |L_i(n) - L_1(n)| / L_1(n)."""
     both = (
-        one.select(*key, pl.col("latency_ms").alias("l1"))
-        .join(two.select(*key, pl.col("latency_ms").alias("l2")), on=key)
+        first.select(*KEY, pl.col("latency_ms").alias("l1"))
+        .join(other.select(*KEY, pl.col("latency_ms").alias("li")), on=KEY)
         .drop_nulls()
-        .with_columns(rel=(pl.col("l1") - pl.col("l2")).abs() / pl.col("l2"))
+        .with_columns(rel=(pl.col("li") - pl.col("l1")).abs() / pl.col("l1"))
     )
+    return both.group_by("batch_size").agg(
+        points=pl.len(), median=pl.col("rel").median(), p90=pl.col("rel").quantile(0.9), max=pl.col("rel").max(),
+    ).sort("batch_size")
+
+
+def overlaps(a: dict, b: dict) -> bool:
+    """Whether two steps' token ranges (from_tokens > to_tokens) overlap."""
+    return a["to_tokens"] < b["from_tokens"] and b["to_tokens"] < a["from_tokens"]
+
+
+def step_text(step: dict) -> str:
+    return f"{step['from_tokens']}\u2192{step['to_tokens']} \u2212{step['drop_pct']:.0f}%"
+
+
+def differences(steps: list[pl.DataFrame], names: list[str], batch_size: int) -> str:
+    """One line: each step of one profile that another profile lacks, and which profiles lack it."""
+    found = [s.filter(pl.col("batch_size") == batch_size).to_dicts() for s in steps]
+    parts = []
+    for i, mine in enumerate(found):
+        for step in mine:
+            lacking = [names[j] for j, theirs in enumerate(found)
+                       if j != i and not any(overlaps(step, t) for t in theirs)]
+            if lacking:
+                parts.append(f"{names[i]} {step_text(step)} (not in {', '.join(lacking)})")
+    return f"batch {batch_size}: " + ("; ".join(parts) if parts else "the same steps in every profile")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("profiles", nargs="+", metavar="PROFILE", help="two or more latency profiles (.parquet)")
+    parser.add_argument("--steps", type=int, default=4, help="steps listed per profile and batch size")
+    args = parser.parse_args(argv)
+    if len(args.profiles) < 2:
+        parser.error("give two or more latency profiles to compare")
+    try:
+        read = [read_latency_profile(p) for p in args.profiles]
+    except PomtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    frames, metas = [f for f, _ in read], [m for _, m in read]
+    for path, meta in zip(args.profiles[1:], metas[1:]):
+        if meta.model != metas[0].model or meta.grid != metas[0].grid:
+            print(f"error: {path} profiles {meta.model} on another grid than {args.profiles[0]} "
+                  f"({metas[0].model}): compare profiles of one model and grid", file=sys.stderr)
+            return 2
+    names = labels(args.profiles, [m.runtime for m in metas])
     console = Console(highlight=False)
-    console.print(f"{meta_one.model}, {meta_one.device_name}, {meta_one.dtype}, {meta_one.timing_mode}; "
-                  f"measuring {meta_one.elapsed_s:.1f} s and {meta_two.elapsed_s:.1f} s")
-    table = Table(title="|L1(n) - L2(n)| / L2(n) over the common points", title_justify="left")
-    for name in ("batch", "points", "median", "p90", "max", "steps run 1", "steps run 2"):
-        table.add_column(name, justify="right" if name not in ("steps run 1", "steps run 2") else "left")
-    steps = [find_steps(one, top=args.steps), find_steps(two, top=args.steps)]
-    for (batch_size,), part in both.sort("batch_size").group_by(["batch_size"], maintain_order=True):
-        rel = part["rel"]
-        listed = [
-            ", ".join(f"{r['from_tokens']}\u2192{r['to_tokens']} \u2212{r['drop_pct']:.0f}%"
-                      for r in s.filter(pl.col("batch_size") == batch_size).iter_rows(named=True)) or "none"
-            for s in steps
-        ]
-        table.add_row(str(batch_size), str(part.height), f"{100 * rel.median():.2f}%",
-                      f"{100 * rel.quantile(0.9):.2f}%", f"{100 * rel.max():.2f}%", *listed)
+    first = metas[0]
+    elapsed = ", ".join("?" if m.elapsed_s is None else f"{m.elapsed_s:.1f} s" for m in metas)
+    console.print(f"{first.model}, {first.device_name}, {first.dtype}, {first.timing_mode}; measuring {elapsed}",
+                  markup=False)
+    table = Table(title=f"|L_i(n) - L_1(n)| / L_1(n) over the common points, 1 = {names[0]}", title_justify="left")
+    for name in ("profile", "batch", "points", "median", "p90", "max"):
+        table.add_column(name, justify="left" if name == "profile" else "right", overflow="fold")
+    for name, frame in zip(names[1:], frames[1:]):
+        for row in agreement(frames[0], frame).iter_rows(named=True):
+            table.add_row(name, str(row["batch_size"]), str(row["points"]), f"{100 * row['median']:.2f}%",
+                          f"{100 * row['p90']:.2f}%", f"{100 * row['max']:.2f}%")
     console.print(table)
+    steps = [find_steps(frame, top=args.steps) for frame in frames]
+    batch_sizes = sorted({b for frame in frames for b in frame["batch_size"].unique().to_list()})
+    console.print("Largest steps (from\u2192to tokens, drop):")
+    for batch_size in batch_sizes:
+        for name, found in zip(names, steps):
+            listed = ", ".join(step_text(s) for s in found.filter(pl.col("batch_size") == batch_size).to_dicts())
+            console.print(f"  batch {batch_size}, {name}: {listed or 'none'}", markup=False, soft_wrap=True)
+    console.print("Steps found in one profile but not in another:")
+    for batch_size in batch_sizes:
+        console.print("  " + differences(steps, names, batch_size), markup=False, soft_wrap=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ from pomt_cli.accuracy.data import LabelledImages, evaluate
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import SCHEMA, MethodSetting
 from pomt_cli.formats.report import Choice
+from pomt_cli.pruning.geometry import TokenGeometry
 from pomt_cli.pruning import capped_from, geometry, none, remove, removed_per_block, token_counts
 from pomt_cli.measure.runtimes import Prepared, Runtime, RuntimeOptions, prepare, weights_digest
 from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
@@ -76,13 +77,20 @@ class BenchTiming(BaseModel):
 
 @dataclass(frozen=True)
 class BenchProgress:
-    """One method timed in one round (for progress bars)."""
+    """One setting timed in one round, or (``preparing``) made ready in a runtime (for progress bars)."""
 
     done: int
     total: int
     batch_size: int
     method: str
     round: int
+    runtime: str = Runtime.eager.value
+    preparing: bool = False
+
+
+def reference_runtime(runtimes: Sequence[Runtime]) -> Runtime:
+    """The runtime every row is compared with across runtimes: eager when benched, else the first."""
+    return Runtime.eager if Runtime.eager in runtimes else Runtime(runtimes[0])
 
 
 def fit_settings(model: nn.Module, settings: Sequence[MethodSetting]) -> list[MethodSetting]:
@@ -119,6 +127,22 @@ def _planned_out(model: nn.Module) -> int:
     return int(model.pomt_config["planned_tokens"][-1]) if hasattr(model, "pomt_config") else geometry(model).num_tokens
 
 
+def _random_inputs(g: TokenGeometry, batch_size: int, timing: BenchTiming, device: torch.device) -> torch.Tensor | None:
+    """The seeded random batch a bench times on, or None when it does not fit in memory."""
+    generator = torch.Generator().manual_seed(timing.seed)
+    try:
+        return torch.randn(batch_size, *g.input_size, generator=generator).to(device=device, dtype=timing.dtype)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        release_memory(device)
+        return None
+
+
+Timed = dict[tuple[str, int, str], tuple[Measurement, int]]
+"""``{(runtime, batch size, label): (measurement, tokens leaving the last block)}``."""
+
+
 def time_methods(
     model: nn.Module,
     plan: Mapping[int, Sequence[MethodSetting]],
@@ -127,57 +151,85 @@ def time_methods(
     device: torch.device,
     on_progress: Callable[[BenchProgress], None] | None = None,
 ) -> dict[tuple[int, str], tuple[Measurement, int]]:
-    """Latency of each batch size's settings (``plan``), in interleaved rounds.
-
-    The model must be on ``device`` in ``timing.dtype``; it is left unpatched. Each
-    setting runs in ``timing.runtime``: with compile or onnxruntime it is made ready once
-    per batch size (:func:`pomt_cli.measure.runtimes.prepare`) and kept across the rounds.
+    """Latency of each batch size's settings (``plan``) in ``timing.runtime``, in interleaved rounds.
 
     Returns:
         ``{(batch_size, label): (measurement, tokens leaving the last block)}``.
     """
+    timed = time_runtimes(model, plan, timing, [timing.runtime], device=device, on_progress=on_progress)
+    return {(b, label): value for (_, b, label), value in timed.items()}
+
+
+def time_runtimes(
+    model: nn.Module,
+    plan: Mapping[int, Sequence[MethodSetting]],
+    timing: BenchTiming,
+    runtimes: Sequence[Runtime],
+    *,
+    device: torch.device,
+    on_progress: Callable[[BenchProgress], None] | None = None,
+) -> Timed:
+    """Latency of each batch size's settings (``plan``) in each runtime, in the same interleaved rounds.
+
+    The model must be on ``device`` in ``timing.dtype``; it is left unpatched. First every
+    (runtime, setting) of every batch size that is not eager is made ready
+    (:func:`pomt_cli.measure.runtimes.prepare`: exported or compiled, untimed), so that a
+    workload a runtime refuses fails before anything is timed. Then, per batch size, each
+    round visits every (runtime, setting) in one seeded shuffled order, and each pair's
+    samples are pooled over the rounds: drift and background load fall on all runtimes
+    and settings alike.
+    """
+    runtimes = [Runtime(r) for r in runtimes]
     g = geometry(model)
     mode = "cuda_graph" if timing.cuda_graphs else "eager"
     dtype = str(timing.dtype).removeprefix("torch.")
     rng = random.Random(timing.seed)
-    total = sum(len(settings) for settings in plan.values()) * timing.rounds
-    done = 0
-    results: dict[tuple[int, str], tuple[Measurement, int]] = {}
-    eager = timing.runtime is Runtime.eager
-    digest = weights_digest(model) if timing.runtime is Runtime.onnxruntime else None
+    results: Timed = {}
+    digest = weights_digest(model) if Runtime.onnxruntime in runtimes else None
+    compiled = [r for r in runtimes if r is not Runtime.eager]
     try:
+        # The runtimes made ready beforehand need every batch size's inputs at once; eager
+        # alone holds one batch size's at a time.
+        inputs = {b: _random_inputs(g, b, timing, device) for b in plan} if compiled else {}
+        ready: dict[tuple[str, int, str], Prepared] = {}
+        to_prepare = [(r, b, s) for r in compiled for b, settings in plan.items() if inputs[b] is not None
+                      for s in settings]
+        for done, (runtime, b, s) in enumerate(to_prepare):
+            if on_progress is not None:  # before each: an export or a compilation may take long
+                on_progress(BenchProgress(done, len(to_prepare), b, s.label, 0, runtime.value, preparing=True))
+            s.apply_to(model)
+            ready[(runtime.value, b, s.label)] = prepare(model, inputs[b], runtime, label=s.label, weights=digest,
+                                                         options=timing.runtime_options)
+        if to_prepare and on_progress is not None:
+            runtime, b, s = to_prepare[-1]
+            on_progress(BenchProgress(len(to_prepare), len(to_prepare), b, s.label, 0, runtime.value,
+                                      preparing=True))
+        remove(model)
+        total = sum(len(settings) for settings in plan.values()) * len(runtimes) * timing.rounds
+        done = 0
         for batch_size, settings in plan.items():
-            generator = torch.Generator().manual_seed(timing.seed)
-            try:
-                images = torch.randn(batch_size, *g.input_size, generator=generator).to(device=device,
-                                                                                       dtype=timing.dtype)
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                images = None
+            images = inputs.pop(batch_size) if batch_size in inputs else _random_inputs(g, batch_size, timing, device)
             if images is None:  # the inputs alone do not fit: every method is out of memory
-                release_memory(device)
-                for s in settings:
-                    results[(batch_size, s.label)] = (
-                        Measurement.out_of_memory("inputs do not fit", mode=mode, rel_precision=timing.rel_precision,
-                                                  task=Task(s.label, g.name, batch_size, dtype=dtype)),
-                        _planned_out(s.apply_to(model)))
+                for runtime in runtimes:
+                    for s in settings:
+                        results[(runtime.value, batch_size, s.label)] = (
+                            Measurement.out_of_memory("inputs do not fit", mode=mode,
+                                                      rel_precision=timing.rel_precision,
+                                                      task=Task(s.label, g.name, batch_size, dtype=dtype)),
+                            _planned_out(s.apply_to(model)))
                 remove(model)
                 continue
-            parts: dict[str, list[Measurement]] = {s.label: [] for s in settings}
+            visits = [(r, s) for r in runtimes for s in settings]
+            parts: dict[tuple[str, str], list[Measurement]] = {(r.value, s.label): [] for r, s in visits}
             leaving: dict[str, int] = {}
-            ready: dict[str, Prepared] = {}
             for round_ in range(timing.rounds):
-                order = list(settings)
+                order = list(visits)
                 rng.shuffle(order)
-                for s in order:
-                    s.apply_to(model)
-                    prepared = ready.get(s.label)
+                for runtime, s in order:
+                    s.apply_to(model)  # eager calls the model as patched now; the others were made ready
+                    prepared = ready.get((runtime.value, batch_size, s.label))
                     if prepared is None:
-                        prepared = prepare(model, images, timing.runtime, label=s.label, weights=digest,
-                                           options=timing.runtime_options)
-                        if not eager:  # eager calls the model as patched now: made again each round
-                            ready[s.label] = prepared
+                        prepared = prepare(model, images, runtime, label=s.label, options=timing.runtime_options)
                     with torch.inference_mode():
                         m = measure(prepared.fn, device=device, rel_precision=timing.rel_precision,
                                     budget_s=timing.budget_s, min_samples=timing.min_samples, warmup=timing.warmup,
@@ -186,14 +238,17 @@ def time_methods(
                         with torch.inference_mode():
                             model(images[:1])
                         leaving[s.label] = token_counts(model)[-1]
-                    parts[s.label].append(m)
+                    parts[(runtime.value, s.label)].append(m)
                     done += 1
                     if on_progress is not None:
-                        on_progress(BenchProgress(done, total, batch_size, s.label, round_))
-            for s in settings:
-                merged = Measurement.pool(parts[s.label])
-                results[(batch_size, s.label)] = (merged, leaving.get(s.label, _planned_out(s.apply_to(model))))
+                        on_progress(BenchProgress(done, total, batch_size, s.label, round_, runtime.value))
+            for runtime, s in visits:
+                merged = Measurement.pool(parts[(runtime.value, s.label)])
+                results[(runtime.value, batch_size, s.label)] = (
+                    merged, leaving.get(s.label, _planned_out(s.apply_to(model))))
             remove(model)
+            for key in [k for k in ready if k[1] == batch_size]:
+                del ready[key]  # this batch size's graphs and sessions are done with
     finally:
         remove(model)
     return results
@@ -255,12 +310,17 @@ def bench_frame(
     timed: dict[tuple[int, str], tuple[Measurement, int]],
     accuracy: dict[str, tuple[float, float, int]] | None,
     predictions: Predictions | None = None,
+    *,
+    runtime: Runtime = Runtime.eager,
+    judged: bool = True,
 ) -> pl.DataFrame:
-    """The report: one row per (batch size, method), changes against ``none`` when it was run.
+    """The report of one runtime: one row per (batch size, method), changes against ``none`` when it was run.
 
     A row with a prediction (from a compute-r report) carries it (:func:`prediction_columns`),
     the workload that made it, and the prediction error ``measured / predicted - 1``. Each
-    row but ``none`` says whether it measured slower than ``none`` beyond both intervals.
+    row but ``none`` says whether it measured slower than ``none`` beyond both intervals
+    (unless ``judged`` is False). ``runtime_change_pct`` is ``latency_change_pct``: the
+    runtime is its own reference (:func:`runtimes_frame` compares runtimes).
     """
     predictions = predictions or {}
     rows = []
@@ -283,9 +343,44 @@ def bench_frame(
                 "accuracy_change": acc[0] - base_acc[0] if acc and base_acc else None,
                 "images": acc[2] if acc else None,
                 **prediction_columns(predictions.get((b, s.label)), m.median_ms, base_ms),
-                "slower_than_none": slower_than_none(m, base_m),
+                "slower_than_none": slower_than_none(m, base_m) if judged else None,
+                "runtime": Runtime(runtime).value, "runtime_change_pct": change,
             })
     return pl.DataFrame(rows, schema=SCHEMA, orient="row")
+
+
+def runtimes_frame(
+    plan: Mapping[int, Sequence[MethodSetting]],
+    timed: Timed,
+    runtimes: Sequence[Runtime],
+    accuracy: dict[str, tuple[float, float, int]] | None,
+    predictions: Predictions | None = None,
+    predicted_runtime: Runtime | None = None,
+) -> pl.DataFrame:
+    """The report of several runtimes: per batch size, each runtime's rows (:func:`bench_frame`) in turn.
+
+    ``latency_change_pct`` compares with the ``none`` of the same runtime and batch size,
+    ``runtime_change_pct`` with the ``none`` of :func:`reference_runtime` at the same batch
+    size. Predictions and ``slower_than_none`` belong to the rows of ``predicted_runtime``
+    (the compute-r report's runtime) when one is given, else ``slower_than_none`` to every row.
+    """
+    runtimes = [Runtime(r) for r in runtimes]
+    frames = []
+    for runtime in runtimes:
+        own = {(b, label): value for (r, b, label), value in timed.items() if r == runtime.value}
+        mine = predicted_runtime is None or runtime is Runtime(predicted_runtime)
+        frames.append(bench_frame(plan, own, accuracy, predictions if mine else None, runtime=runtime,
+                                  judged=mine))
+    order = {b: i for i, b in enumerate(plan)}
+    frame = pl.concat(frames).with_row_index("_row").sort(
+        pl.col("batch_size").replace_strict(order, return_dtype=pl.Int64), "_row").drop("_row")
+    reference = (frame.filter((pl.col("runtime") == reference_runtime(runtimes).value)
+                              & (pl.col("method") == BASELINE))
+                 .select("batch_size", pl.col("latency_ms").alias("_reference_ms")))
+    change = 100 * (pl.col("latency_ms") / pl.col("_reference_ms") - 1)
+    return (frame.join(reference, on="batch_size", how="left", maintain_order="left")
+            .with_columns(runtime_change_pct=pl.when(pl.col("_reference_ms") > 0).then(change))
+            .select(list(SCHEMA)))
 
 
 class ChoiceCheck(BaseModel):
@@ -311,8 +406,13 @@ class ChoiceCheck(BaseModel):
     slower: bool | None = Field(description="measured slower than none beyond both intervals (None: unknown)")
 
 
-def check_choices(frame: pl.DataFrame, choices: Iterable[Choice]) -> list[ChoiceCheck]:
-    """Each choice with its bench row: the chosen POMT setting, or ``none`` when R = 0."""
+def check_choices(frame: pl.DataFrame, choices: Iterable[Choice], runtime: str | None = None) -> list[ChoiceCheck]:
+    """Each choice with its bench row: the chosen POMT setting, or ``none`` when R = 0.
+
+    With ``runtime`` (the report's, in a bench of several runtimes) only that runtime's rows count.
+    """
+    if runtime is not None:
+        frame = frame.filter(pl.col("runtime") == runtime)
     checks = []
     for c in choices:
         rows = frame.filter((pl.col("batch_size") == c.batch_size)

@@ -28,9 +28,10 @@ from pomt_cli.bench import (
     BenchTiming,
     Prediction,
     accuracy_of_methods,
-    bench_frame,
     fit_settings,
-    time_methods,
+    reference_runtime,
+    runtimes_frame,
+    time_runtimes,
 )
 from pomt_cli.formats.bench import BenchMeta, MethodSetting, write_bench
 from pomt_cli.accuracy.data import load_labelled
@@ -139,20 +140,25 @@ class _RuntimeSettings(_Settings):
         providers = None if self.ort_providers is None else tuple(self.ort_providers)
         return RuntimeOptions(providers=providers, compile_backend=self.compile_backend, cuda_graphs=cuda_graphs)
 
-    def checked_runtime(self, device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> dict:
-        """The runtime's record for the metadata, once it is checked to run here as asked.
+    def checked_runtime(self, device: torch.device, dtype: torch.dtype, cuda_graphs: bool,
+                        runtime: Runtime | None = None) -> dict:
+        """The record of ``runtime`` (default: ``self.runtime``) for the metadata, once it is checked to run
+        here as asked.
 
         Raises:
             PomtError: CUDA graphs with compile or onnxruntime, a missing extra, a
                 provider not available here, a dtype the runtime cannot take.
         """
+        runtime = self.runtime if runtime is None else Runtime(runtime)
         options = self.runtime_options(cuda_graphs)
-        check_runtime(self.runtime, device=device, dtype=dtype, options=options)
-        return runtime_info(self.runtime, options, device=device)
+        check_runtime(runtime, device=device, dtype=dtype, options=options)
+        return runtime_info(runtime, options, device=device)
 
-    def runtime_slug(self) -> tuple[str, ...]:
-        """The runtime's part of a file name: none for eager (its names stay as they were)."""
-        return () if self.runtime is Runtime.eager else (self.runtime.value,)
+    def runtime_slug(self, runtimes: Sequence[Runtime] | None = None) -> tuple[str, ...]:
+        """The runtimes' part of a file name (default: ``self.runtime``): each but eager, in the order
+        given (eager's names stay as they were)."""
+        runtimes = [self.runtime] if runtimes is None else [Runtime(r) for r in runtimes]
+        return tuple(r.value for r in runtimes if r is not Runtime.eager)
 
 
 class ProfileSettings(_RuntimeSettings):
@@ -575,7 +581,13 @@ def refine(settings: RefineSettings, reporter: Reporter = _SILENT) -> RefineResu
 
 
 class BenchSettings(_RuntimeSettings):
-    """The settings of ``pomt bench``: the methods, their settings, the timing and the data."""
+    """The settings of ``pomt bench``: the methods, their settings, the timing and the data.
+
+    ``runtimes`` times several runtimes side by side in the same rounds; when empty,
+    ``runtime`` alone runs.
+    """
+
+    runtimes: list[Runtime] = Field(default_factory=list, description="runtimes side by side (empty: runtime)")
 
     model: str = DEFAULT_MODEL
     methods: list[str] = Field(default_factory=list, description="default: every method, POMT when r is given")
@@ -603,6 +615,18 @@ class BenchSettings(_RuntimeSettings):
     lock_clocks: bool = True
     output_dir: Path = Path("runs")
 
+    def benched_runtimes(self) -> list[Runtime]:
+        """The runtimes timed, in the order given.
+
+        Raises:
+            PomtError: a runtime named twice.
+        """
+        runtimes = list(self.runtimes) or [self.runtime]
+        twice = next((r for i, r in enumerate(runtimes) if r in runtimes[:i]), None)
+        if twice is not None:
+            raise PomtError(f"--runtime names {twice.value} twice: give each runtime once")
+        return runtimes
+
 
 @dataclass(frozen=True)
 class BenchResult:
@@ -616,6 +640,7 @@ class BenchResult:
     r_from: Path | None
     csv: Path
     parquet: Path
+    report_runtime: str | None = None
 
 
 def _from_report() -> list[str]:
@@ -624,23 +649,26 @@ def _from_report() -> list[str]:
 
 
 def _r_per_batch(r: int | None, r_from: Path | None, model: str, batch_sizes: list[int] | None,
-                 runtime: Runtime = Runtime.eager) -> tuple[dict[int, int] | None, list[int] | None, str | None]:
+                 runtimes: Sequence[Runtime] = (Runtime.eager,)
+                 ) -> tuple[dict[int, int] | None, list[int] | None, str | None]:
     """POMT's r for each batch size (from r or a compute-r report), and the batch sizes to run.
 
     Raises:
-        PomtError: both or a bad report; a report whose latency was measured on another
-            runtime than ``runtime`` (its steps belong to that runtime's kernels).
+        PomtError: both or a bad report; a report whose latency was measured on none of
+            ``runtimes`` (its steps belong to that runtime's kernels).
     """
     if r is not None and r_from is not None:
         raise PomtError("give either -r or --r-from, not both")
     if r_from is None:
         return (None if r is None else {b: r for b in batch_sizes or [1]}), batch_sizes, None
     report = read_report(r_from, model=model)
-    if report.runtime != runtime.value:
+    names = [Runtime(runtime).value for runtime in runtimes]
+    if report.runtime not in names:
+        given = ",".join(names)
+        add = f"bench with --runtime {report.runtime}" if len(names) == 1 else f"add {report.runtime} to --runtime"
         raise PomtError(
             f"--r-from {r_from} chose R from a latency profile measured on {report.runtime}, but this bench runs "
-            f"--runtime {runtime.value}: bench with --runtime {report.runtime}, or profile with --runtime "
-            f"{runtime.value} and run compute-r again")
+            f"--runtime {given}: {add}, or profile with --runtime {names[0]} and run compute-r again")
     chosen = {c.batch_size: c.R for c in report.choices}
     if batch_sizes is None:
         batch_sizes = sorted(chosen)
@@ -710,7 +738,8 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     unknown = [m for m in methods if m not in names]
     if unknown:
         raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(names)}")
-    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, s.model, s.batch_sizes, s.runtime)
+    runtimes = s.benched_runtimes()
+    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, s.model, s.batch_sizes, runtimes)
     sizes = sizes or [1]
     needing = [m for m in methods if m in from_report]
     if needing and r_by_batch is None:
@@ -718,7 +747,8 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     if r_by_batch is not None:
         methods += [m for m in from_report if m not in methods]
     preset, tdev = _preset_and_device(s.device, s.torch_device)
-    info = s.checked_runtime(tdev, s.dtype.torch, s.cuda_graphs)
+    infos = {r.value: s.checked_runtime(tdev, s.dtype.torch, s.cuda_graphs, r) for r in runtimes}
+    reference = reference_runtime(runtimes)
     if s.cuda_graphs and tdev.type != "cuda":
         raise PomtError(f"--cuda-graphs needs a CUDA device, but the torch device is {tdev}: leave it out")
     source = weights_source(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint)
@@ -731,6 +761,7 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     net = create_model(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint, img_size=s.img_size)
     g = vit_geometry(net)
     layers, choices = _layers_and_choices(s.r_from, s.layer, sizes, g.num_blocks, s.model)
+    report_runtime = read_report(s.r_from, model=s.model).runtime if s.r_from is not None else None
 
     # POMT's r may differ per batch size: one setting per distinct r.
     planned: dict[int, list[MethodSetting]] = {}
@@ -751,10 +782,10 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
 
     net = net.to(device=tdev, dtype=s.dtype.torch)
     timing = BenchTiming(dtype=s.dtype.torch, cuda_graphs=s.cuda_graphs, rel_precision=s.rel_precision,
-                         budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, runtime=s.runtime,
+                         budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, runtime=runtimes[0],
                          runtime_options=s.runtime_options(s.cuda_graphs))
     with locked_clocks(preset, torch_device=tdev, enabled=s.lock_clocks) as clocks:
-        timed = time_methods(net, plan.settings, timing, device=tdev, on_progress=reporter.timing)
+        timed = time_runtimes(net, plan.settings, timing, runtimes, device=tdev, on_progress=reporter.timing)
     accuracy = None
     if labelled is not None:
         distinct = plan.distinct()
@@ -763,7 +794,8 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
         accuracy = accuracy_of_methods(net, distinct, labelled, batch_size=s.eval_batch_size, device=tdev,
                                        dtype=s.dtype.torch,
                                        on_done=lambda _: reporter.scoring(next(done), len(distinct)))
-    frame = bench_frame(plan.settings, timed, accuracy, plan.predictions)
+    frame = runtimes_frame(plan.settings, timed, runtimes, accuracy, plan.predictions,
+                           predicted_runtime=Runtime(report_runtime) if report_runtime else None)
     meta = BenchMeta(
         model=s.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, img_size=list(g.input_size[1:]),
         img_size_option=s.img_size, num_blocks=g.num_blocks, dtype=s.dtype.value, batch_sizes=sizes, methods=methods,
@@ -773,14 +805,16 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
         device_display_name=preset.display_name, device_name=device_name(tdev), torch_device=str(tdev),
         clocks=clocks, timing_mode="cuda_graphs" if s.cuda_graphs else "eager", rel_precision=s.rel_precision,
         budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, num_threads=torch.get_num_threads(),
-        runtime=s.runtime.value, runtime_info=info, **_command(s.command),
+        runtime=reference.value, runtime_info=infos[reference.value], runtimes=[r.value for r in runtimes],
+        runtimes_info=infos, **_command(s.command),
     )
     stem = output_stem("bench", s.model, device=preset.name, batch_size=sizes, dtype=s.dtype.value,
                        img_size=s.img_size,
-                       extra=(*plan.slugs(), *s.runtime_slug(), *(["cudagraphs"] if s.cuda_graphs else [])))
+                       extra=(*plan.slugs(), *s.runtime_slug(runtimes), *(["cudagraphs"] if s.cuda_graphs else [])))
     csv, parquet = write_bench(frame, meta, s.output_dir, stem)
     return BenchResult(frame=frame, meta=meta, plan=plan, choices=choices,
-                       skipped=list(labelled.skipped) if labelled else [], r_from=s.r_from, csv=csv, parquet=parquet)
+                       skipped=list(labelled.skipped) if labelled else [], r_from=s.r_from, csv=csv, parquet=parquet,
+                       report_runtime=report_runtime)
 
 
 #: Batch sizes profiled and benched: one image, and a batch that fills a CPU's cores.

@@ -27,7 +27,7 @@ from pomt_cli.cli.options import (
     OrtProvidersOption,
     OutputDirOption,
     RelPrecisionOption,
-    RuntimeOption,
+    RuntimesOption,
     SeedOption,
     ThreadsOption,
     TorchDeviceOption,
@@ -36,7 +36,7 @@ from pomt_cli.cli.options import (
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
-from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
+from pomt_cli.measure.runtimes import PROVIDER_ALIASES
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
 from pomt_cli.pipelines import BUDGET_S, BenchResult, BenchSettings
@@ -50,13 +50,16 @@ def register(app: typer.Typer) -> None:
     app.command("bench", short_help="Time the baseline, POMT, ToMe and Top-K side by side.")(bench)
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+def _table(title: str, columns: list[str], rows: list[list[str]], compact: bool = False) -> Table:
     """A table whose numbers stay whole at 80 columns: number columns exactly as wide as their
-    widest cell or header, only the text columns fold."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    widest cell or header, only the text columns fold (``compact``: one space between columns)."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 0) if compact else (0, 1))
     for i, name in enumerate(columns):
         if name in ("method", "predicted by"):
             table.add_column(name, justify="left", overflow="fold")
+        elif name == "runtime":
+            table.add_column(name, justify="left", width=max(len(r[i]) for r in [columns, *rows]), no_wrap=True)
         else:
             width = max([len(r[i]) for r in rows] + [len(name)])
             table.add_column(name, justify="right", width=width, no_wrap=True)
@@ -65,28 +68,50 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     return table
 
 
-def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> list[Table]:
-    """The report: a table of latency (and accuracy), and one of predictions when the run has them."""
-    columns = ["batch", "method", "out", "ms", "p10-p90", "vs none"]
-    if with_accuracy:
+def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str | None = None) -> list[Table]:
+    """The report: a table of latency (and accuracy), and one of predictions when the run has them.
+
+    With several runtimes the latency table has a ``runtime`` column and a column against
+    ``reference``'s ``none`` at the same batch size (``vs eager``, else ``vs ref``); the
+    accuracy, which does not depend on the runtime, is a table of its own.
+    """
+    runtimes = frame["runtime"].drop_nulls().unique(maintain_order=True).to_list()
+    several = len(runtimes) > 1
+    reference = reference or (runtimes[0] if runtimes else None)
+    across = "vs eager" if reference == "eager" else "vs ref"
+    columns = ["batch", *(["runtime"] if several else []), "method", "out", "ms", "p10-p90", "vs none",
+               *([across] if several else [])]
+    accuracy_here = with_accuracy and not several
+    if accuracy_here:
         columns += ["top-1", "Δ pts"]
     rows = []
     for row in frame.iter_rows(named=True):
         if row["latency_ms"] is None:
-            latency, spread, change = "out of memory", "", ""
+            latency, spread, change, versus = "out of memory", "", "", ""
         else:
             latency, spread = f"{row['latency_ms']:.3f}", f"{row['p10_ms']:.3g}-{row['p90_ms']:.3g}"
             change = "" if row["method"] == BASELINE or row["latency_change_pct"] is None else (
                 f"{row['latency_change_pct']:+.1f}%")
-        cells = [str(row["batch_size"]), row["setting"], str(row["tokens_out"]), latency, spread, change]
-        if with_accuracy:
+            own = row["method"] == BASELINE and row["runtime"] == reference
+            versus = "" if own or row["runtime_change_pct"] is None else f"{row['runtime_change_pct']:+.1f}%"
+        cells = [str(row["batch_size"]), *([row["runtime"]] if several else []), row["setting"],
+                 str(row["tokens_out"]), latency, spread, change, *([versus] if several else [])]
+        if accuracy_here:
             acc_change = "" if row["method"] == BASELINE or row["accuracy_change"] is None else f"{row['accuracy_change']:+.2f}"
             cells += [f"{row['accuracy']:.2f}", acc_change]
         rows.append(cells)
     legend = "out: tokens leaving the last block; ms: median, p10-p90 its spread" + (
-        "; top-1 in %, Δ pts: its change against none" if with_accuracy else "")
-    tables = [_table(title, columns, rows)]
+        "; top-1 in %, Δ pts: its change against none" if accuracy_here else "")
+    if several:
+        legend += (f"; vs none: against none in the same runtime; {across}: against {reference}'s none at the "
+                   "same batch size")
+        if with_accuracy:
+            legend += ("; accuracy: evaluated once per method with eager PyTorch (every runtime runs the same "
+                       "weights; exported graphs were checked against PyTorch at export)")
+    tables = [_table(title, columns, rows, compact=several)]
     tables[0].caption, tables[0].caption_justify = legend, "left"
+    if with_accuracy and several:
+        tables.append(_accuracy_table(frame))
     predicted = frame.filter(pl.col("predicted_ms").is_not_null() | pl.col("profile_ms").is_not_null())
     if predicted.height:
         rows = []
@@ -94,12 +119,24 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool) -> list[Table]
             rows.append([str(row["batch_size"]), row["setting"], _ms(row["profile_ms"]), _ms(row["predicted_ms"]),
                          _ms(row["latency_ms"]),
                          "" if row["prediction_error"] is None else f"{row['prediction_error']:+.1%}"])
-        table = _table("Predicted against measured (ms)", ["batch", "method", "profile", "predicted", "measured",
-                                                           "error"], rows)
+        on = f" on {predicted['runtime'][0]}" if several else ""
+        table = _table(f"Predicted against measured (ms){on}", ["batch", "method", "profile", "predicted",
+                                                                "measured", "error"], rows)
         table.caption, table.caption_justify = (
             "predicted: none's measured ms x the profile's ratio; profile: the profile's own ms"), "left"
         tables.append(table)
     return tables
+
+
+def _accuracy_table(frame: pl.DataFrame) -> Table:
+    """Each method's accuracy once: it was evaluated with eager PyTorch, whatever the runtime."""
+    rows = []
+    for row in frame.unique("setting", keep="first", maintain_order=True).iter_rows(named=True):
+        change = "" if row["method"] == BASELINE or row["accuracy_change"] is None else f"{row['accuracy_change']:+.2f}"
+        rows.append([row["setting"], "" if row["accuracy"] is None else f"{row['accuracy']:.2f}", change])
+    table = _table("Accuracy", ["method", "top-1", "Δ pts"], rows)
+    table.caption, table.caption_justify = "top-1 in %, Δ pts: its change against none", "left"
+    return table
 
 
 def _ms(value: float | None) -> str:
@@ -120,12 +157,13 @@ def render(result: BenchResult) -> None:
     """The tables of latency (and accuracy) and of predictions, the clocks, then the files."""
     meta, frame = result.meta, result.frame
     images = meta.num_images
+    runtimes = ", ".join(_runtime_text(meta.runtimes_info.get(r)) for r in meta.runtimes)
     title = (f"{meta.model} on {meta.device_display_name} ({meta.device_name[:40]}), {meta.dtype}, "
-             f"{'CUDA graphs' if meta.timing_mode == 'cuda_graphs' else _runtime_text(meta.runtime_info)}"
+             f"{'CUDA graphs' if meta.timing_mode == 'cuda_graphs' else runtimes}"
              + (f", {images} images" if images else ""))
     if result.skipped:
         out.print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0][0]}")
-    for table in _render(frame, title, images is not None):
+    for table in _render(frame, title, images is not None, meta.runtime):
         out.print(table)
     if result.choices:
         workload = next(c.workload for c in result.choices.values())
@@ -135,7 +173,9 @@ def render(result: BenchResult) -> None:
                      "the real pruned model's latency profile" if workload == "pomt" else
                      "the all-blocks proxy (every block at n; the real saving is smaller)")
                   + "; error = measured / predicted - 1")
-        for check in check_choices(frame, result.choices.values()):
+        if len(meta.runtimes) > 1:
+            out.print(f"predicted and judged for the rows of {result.report_runtime}, the report's runtime")
+        for check in check_choices(frame, result.choices.values(), result.report_runtime):
             out.print(check_text(check))
     clocks = meta.clocks
     out.print(f"clocks: {clocks.mode} ({clocks.detail})" if clocks.detail else f"clocks: {clocks.mode}")
@@ -174,7 +214,7 @@ def bench(
     eval_batch_size: Annotated[int, typer.Option(
         "--eval-batch-size", min=1, help="Images per forward pass for accuracy.")] = 64,
     cuda_graphs: CudaGraphsOption = False,
-    runtime: RuntimeOption = Runtime.eager,
+    runtime: RuntimesOption = [],  # noqa: B006 (typer's way of a repeated option)
     ort_providers: OrtProvidersOption = None,
     compile_backend: CompileBackendOption = "inductor",
     rel_precision: RelPrecisionOption = 0.01,
@@ -194,7 +234,7 @@ def bench(
         batch_sizes=parse_int_list(batch_size, "--batch-size") if batch_size else None, device=device,
         torch_device=torch_device, dtype=dtype, pretrained=pretrained, checkpoint=checkpoint,
         allow_random_weights=allow_random_weights, img_size=img_size, data=data, limit=limit,
-        eval_batch_size=eval_batch_size, cuda_graphs=cuda_graphs, runtime=runtime,
+        eval_batch_size=eval_batch_size, cuda_graphs=cuda_graphs, runtimes=runtime,
         ort_providers=parse_providers(ort_providers), compile_backend=compile_backend, rel_precision=rel_precision, budget_s=budget,
         rounds=rounds, seed=seed, threads=threads, lock_clocks=lock_clocks, output_dir=output_dir, command=ctx.obj,
     )

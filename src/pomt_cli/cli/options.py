@@ -83,6 +83,24 @@ def parse_providers(text: str | None) -> list[str] | None:
     return names
 
 
+def parse_runtimes(values: list[str] | None) -> list[Runtime]:
+    """``--runtime eager,onnxruntime --runtime compile`` -> the runtimes in order, each once.
+
+    Raises:
+        typer.BadParameter: a name that is no runtime, or one named twice.
+    """
+    names = [part.strip() for value in values or [] for part in value.split(",")]
+    known = [r.value for r in Runtime]
+    runtimes: list[Runtime] = []
+    for name in names:
+        if name not in known:
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(known)}; give e.g. eager,onnxruntime")
+        if Runtime(name) in runtimes:
+            raise typer.BadParameter(f"{name} is named twice; give each runtime once")
+        runtimes.append(Runtime(name))
+    return runtimes
+
+
 def _positive(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter(f"{value:g} must be positive")
@@ -136,10 +154,15 @@ OutputDirOption = Annotated[Path, typer.Option("--output-dir", help="Folder for 
 RuntimeOption = Annotated[Runtime, typer.Option(
     "--runtime", help="What runs the timed forward passes: eager PyTorch, torch.compile (fullgraph, warmed up per "
     "shape) or ONNX Runtime (one exported graph per shape, cached; needs the onnx extra).")]
+RuntimesOption = Annotated[list[str], typer.Option(
+    "--runtime", metavar="R[,R...]", callback=parse_runtimes,
+    help="What runs the timed forward passes: eager PyTorch, compile (torch.compile, fullgraph, warmed up per "
+    "shape) or onnxruntime (one exported graph per shape, cached; needs the onnx extra). Several, comma-separated "
+    "or repeated, are timed side by side in the same rounds (default: eager).")]
 OrtProvidersOption = Annotated[str | None, typer.Option(
     "--ort-providers", metavar="P[,P...]",
-    help=f"With --runtime onnxruntime: execution providers in order ({', '.join(PROVIDER_ALIASES)} or full names; "
+    help=f"For --runtime onnxruntime: execution providers in order ({', '.join(PROVIDER_ALIASES)} or full names; "
     "default: those available for the device).")]
 CompileBackendOption = Annotated[str, typer.Option(
-    "--compile-backend", help="With --runtime compile: torch.compile's backend (inductor, or eager to check that "
+    "--compile-backend", help="For --runtime compile: torch.compile's backend (inductor, or eager to check that "
     "the model compiles as one graph without generating code).")]

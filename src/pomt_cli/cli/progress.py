@@ -43,7 +43,9 @@ class RichReporter(Reporter):
     def __enter__(self) -> RichReporter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self._progress is not None:
+            self._progress.live.transient = True  # an error is one line: no bar is left above it
         self.close()
 
     def note(self, text: str) -> None:
@@ -78,9 +80,16 @@ class RichReporter(Reporter):
         progress.update(task, completed=event.done, total=event.total, running=f"top-1 so far {running}")
 
     def timing(self, event: BenchProgress) -> None:
+        if event.preparing:
+            verb = "exporting" if event.runtime == "onnxruntime" else "compiling"
+            progress, task = self._task("preparing", "making ready")
+            progress.update(task, completed=event.done, total=event.total,
+                            description=f"{verb} batch {event.batch_size}, {event.method}")
+            return
         progress, task = self._task("timing", "timing")
+        where = "" if event.runtime == "eager" else f"{event.runtime}, "
         progress.update(task, completed=event.done, total=event.total,
-                        description=f"timing batch {event.batch_size}, {event.method}, round {event.round + 1}")
+                        description=f"timing batch {event.batch_size}, {where}{event.method}, round {event.round + 1}")
 
     def scoring(self, done: int, total: int) -> None:
         progress, task = self._task("scoring", "evaluating accuracy")

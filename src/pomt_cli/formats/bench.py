@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from pomt_cli import __version__
@@ -46,8 +46,10 @@ SCHEMA: dict[str, pl.DataType] = {
     "predicted_ratio_low": pl.Float64,
     "predicted_ratio_high": pl.Float64,
     "slower_than_none": pl.Boolean,
+    "runtime": pl.String,
+    "runtime_change_pct": pl.Float64,
 }
-"""Columns of a bench report, one row per (batch size, method)."""
+"""Columns of a bench report, one row per (batch size, runtime, method)."""
 
 
 #: Columns that earlier versions lacked, read as null: version 1 had no prediction;
@@ -57,12 +59,19 @@ PREDICTION_COLUMNS = ("predicted_ms", "prediction_error", "predicted_by", "profi
                       "predicted_ratio_low", "predicted_ratio_high", "slower_than_none")
 
 
+#: Columns that versions 1-3 lacked (one runtime per report): ``runtime`` is the file's
+#: runtime and ``runtime_change_pct`` its own ``latency_change_pct`` (the reference is itself).
+RUNTIME_COLUMNS = ("runtime", "runtime_change_pct")
+
+
 #: The Parquet metadata key of a bench report.
 BENCH_METADATA_KEY = "pomt"
-#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file). 3: the
-#: prediction is bench's unpruned ms times the profile's ratio (``predicted_ms``), beside
-#: the profile's absolute ms (``profile_ms``); version 2 compared with the absolute ms.
-BENCH_FORMAT_VERSION = 3
+#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file). 4: several
+#: runtimes per report (a ``runtime`` column, ``runtimes`` and ``runtimes_info`` in the
+#: metadata). 3: the prediction is bench's unpruned ms times the profile's ratio
+#: (``predicted_ms``), beside the profile's absolute ms (``profile_ms``); version 2 compared
+#: with the absolute ms.
+BENCH_FORMAT_VERSION = 4
 
 
 class MethodSetting(BaseModel):
@@ -127,9 +136,14 @@ class BenchMeta(BaseModel):
     torch_device: str
     clocks: ClockState
     timing_mode: Literal["eager", "cuda_graphs"]
-    runtime: RuntimeName = Field("eager", description="what ran the timed calls (reports without it: eager)")
+    runtime: RuntimeName = Field("eager", description="the reference runtime: the one benched, or of several eager "
+                                 "when among them, else the first (reports without it: eager)")
     runtime_info: dict[str, Any] | None = Field(
-        None, description="the runtime's providers and versions (pomt_cli.measure.runtimes.runtime_info)")
+        None, description="the reference runtime's providers and versions (pomt_cli.measure.runtimes.runtime_info)")
+    runtimes: list[RuntimeName] = Field(default_factory=list,
+                                        description="every runtime benched, in the order given (before 4: runtime)")
+    runtimes_info: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict, description="each runtime's providers and versions, by name (before 4: runtime_info)")
     rel_precision: float
     budget_s: float
     rounds: int
@@ -139,6 +153,15 @@ class BenchMeta(BaseModel):
     command: str = Field(default_factory=lambda: command_line())
     pomt_version: str = __version__
     torch_version: str = torch.__version__
+
+    @model_validator(mode="after")
+    def _one_runtime_before_4(self) -> BenchMeta:
+        """Reports before format 4 benched one runtime: ``runtime`` alone, with its ``runtime_info``."""
+        if not self.runtimes:
+            self.runtimes = [self.runtime]
+        if not self.runtimes_info:
+            self.runtimes_info = {self.runtime: self.runtime_info}
+        return self
 
 
 def write_bench(frame: pl.DataFrame, meta: BenchMeta, output_dir: str | Path, stem: str) -> tuple[Path, Path]:
@@ -178,6 +201,10 @@ def read_bench(path: str | Path) -> tuple[pl.DataFrame, BenchMeta]:
         frame = frame.with_columns(profile_ms=pl.col("predicted_ms"))
     frame = frame.with_columns(pl.lit(None, dtype=SCHEMA[c]).alias(c) for c in PREDICTION_COLUMNS
                                if c not in frame.columns)
+    if "runtime" not in frame.columns:
+        frame = frame.with_columns(pl.lit(meta.runtime, dtype=pl.String).alias("runtime"))
+    if "runtime_change_pct" not in frame.columns and "latency_change_pct" in frame.columns:
+        frame = frame.with_columns(runtime_change_pct=pl.col("latency_change_pct"))
     missing = [c for c in SCHEMA if c not in frame.columns]
     if missing:
         raise PomtError(f"{path} lacks the column(s) {', '.join(missing)}: {again}")
