@@ -10,7 +10,6 @@ import torch
 
 from conftest import image_folder, run_in_process, run_pomt, tiny_vit
 from pomt_cli.bench import (
-    SCHEMA,
     BenchTiming,
     MethodSetting,
     Prediction,

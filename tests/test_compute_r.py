@@ -19,7 +19,7 @@ from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import output_stem
 from pomt_cli.formats.common import ProfileMeta, write_profile
 from pomt_cli.formats.report import read_report, write_report
-from pomt_cli.selection import SelectionSettings, compute_r, rank, score, utility
+from pomt_cli.selection import compute_r, rank, score, utility
 
 def points(latency: dict[int, float]) -> pl.DataFrame:
     return pl.DataFrame({"tokens": list(latency), "latency_ms": list(latency.values()),

@@ -22,7 +22,7 @@ from pomt_cli.measure.runtimes import Runtime, RuntimeOptions
 DIGITS = ["--device", "cpu", "--model", "digits-vit", "--no-lock-clocks"]
 BENCH = ["bench", *DIGITS, "--batch-size", "1", "-r", "20", "--layer", "1", "--method", "pomt", "--budget", "0.02",
          "--rounds", "1"]
-STEM = "bench_digits-vit_cpu_bs1-2_float32_none_pomt-r20-l1_onnxruntime_compile"
+STEM = "bench_digits-vit_cpu_bs1-2_float32_none_pomt-r20-l1_eager_onnxruntime_compile"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_profiles.py"
 
 

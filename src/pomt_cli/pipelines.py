@@ -31,6 +31,7 @@ from pomt_cli.bench import (
     fit_settings,
     reference_runtime,
     runtimes_frame,
+    time_methods,
     time_runtimes,
 )
 from pomt_cli.formats.bench import BenchMeta, MethodSetting, write_bench
@@ -155,9 +156,14 @@ class _RuntimeSettings(_Settings):
         return runtime_info(runtime, options, device=device)
 
     def runtime_slug(self, runtimes: Sequence[Runtime] | None = None) -> tuple[str, ...]:
-        """The runtimes' part of a file name (default: ``self.runtime``): each but eager, in the order
-        given (eager's names stay as they were)."""
+        """The runtimes' part of a file name (default: ``self.runtime``), in the order given.
+
+        One runtime: its name, none for eager (eager's names stay as they were). Several:
+        every name, eager's too, so that ``eager,onnxruntime`` and ``onnxruntime`` differ.
+        """
         runtimes = [self.runtime] if runtimes is None else [Runtime(r) for r in runtimes]
+        if len(runtimes) > 1:
+            return tuple(r.value for r in runtimes)
         return tuple(r.value for r in runtimes if r is not Runtime.eager)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.accuracy import estimator_method
-from pomt_cli.options import token_grid
+from pomt_cli.options import TokenRange, token_grid
 from pomt_cli.pruning.geometry import TokenGeometry
 
 

@@ -13,7 +13,7 @@ from pomt_cli.devices.presets import preset_names
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.latency import WORKLOADS
 from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
-from pomt_cli.models import DEFAULT_MODEL, MODEL_HELP
+from pomt_cli.models import MODEL_HELP
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange
 from pomt_cli.pipelines import BUDGET_S
 from pomt_cli.pruning import method_names
