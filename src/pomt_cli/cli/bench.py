@@ -123,7 +123,7 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str
         table = _table(f"Predicted against measured (ms){on}", ["batch", "method", "profile", "predicted",
                                                                 "measured", "error"], rows)
         table.caption, table.caption_justify = (
-            "predicted: none's measured ms x the profile's ratio; profile: the profile's own ms"), "left"
+            "predicted: none's measured ms x the report's ratio; profile: the latency profile's own ms"), "left"
         tables.append(table)
     return tables
 

@@ -40,6 +40,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -318,6 +319,9 @@ def prepare(module: nn.Module, images: torch.Tensor, runtime: Runtime, *, label:
 
 def _prepare_compiled(module: nn.Module, images: torch.Tensor, label: str, options: RuntimeOptions) -> Prepared:
     """``torch.compile`` of a copy of ``module``, warmed up on ``images``."""
+    # Inductor's C++ path logs "No CUDA runtime is found" on every CPU-only machine: not
+    # news to a user who profiles the CPU, and it would land in the middle of a table.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(copy.deepcopy(module), fullgraph=True, dynamic=False, backend=options.compile_backend)
 
     def forward() -> torch.Tensor:
