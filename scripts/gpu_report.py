@@ -20,6 +20,10 @@ Sections:
   CUDA graphs.
 - accuracy: ``pomt estimate-accuracy`` on 2,000 generated JPEGs, batch 64, 20 grid points;
   decoding and evaluation apart.
+- runtimes: ``pomt bench --runtime eager,onnxruntime`` (issue 13) at batch 4 and 64,
+  float32, none and POMT r=56 at block 3 side by side: ONNX Runtime's CUDA provider and
+  its I/O binding on the GPU (where onnxruntime-gpu is installed; otherwise the one-line
+  refusal is recorded).
 - environment: GPU, driver, versions; clocks and temperature before and after.
 """
 
@@ -44,9 +48,9 @@ sys.path.insert(0, str(SCRIPTS))
 
 from pomt_cli.formats.outputs import atomic_write_text  # noqa: E402
 
-SECTIONS = ("core", "profile", "bench", "accuracy")
-LIMITS_S = {"core": 180, "profile": 210, "bench": 75, "accuracy": 90}
-SMOKE_LIMITS_S = {"core": 40, "profile": 40, "bench": 30, "accuracy": 40}
+SECTIONS = ("core", "profile", "bench", "accuracy", "runtimes")
+LIMITS_S = {"core": 180, "profile": 210, "bench": 75, "accuracy": 90, "runtimes": 60}
+SMOKE_LIMITS_S = {"core": 40, "profile": 40, "bench": 30, "accuracy": 40, "runtimes": 40}
 
 FULL = {
     "device": "cuda", "preset": "nvidia", "model": "deit_small_patch16_224", "model_kwargs": {},
@@ -64,6 +68,9 @@ FULL = {
                    "--tome-r", "8", "--topk-r", "8", "--budget", "0.5"],
     "accuracy_model": "deit_small_patch16_224", "accuracy_images": 2000, "accuracy_classes": 1000,
     "accuracy_tokens": "197:7:10", "accuracy_batch": 64, "accuracy_limit": None, "accuracy_size": (500, 375),
+    "runtimes_model": "deit_small_patch16_224",
+    "runtimes_args": ["--batch-size", "4,64", "--dtype", "float32", "-r", "56", "--layer", "3", "--method", "pomt",
+                      "--runtime", "eager,onnxruntime", "--budget", "0.5", "--rounds", "3"],
 }
 SMOKE = {
     **FULL,
@@ -82,6 +89,9 @@ SMOKE = {
                    "--topk-r", "2", "--budget", "0.1", "--rounds", "2"],
     "accuracy_model": "deit_tiny_patch16_224", "accuracy_images": 1000, "accuracy_classes": 1000,
     "accuracy_tokens": "197:17:90", "accuracy_batch": 8, "accuracy_limit": 24, "accuracy_size": (40, 30),
+    "runtimes_model": "digits-vit",
+    "runtimes_args": ["--batch-size", "1,4", "--dtype", "float32", "-r", "16", "--layer", "1", "--method", "pomt",
+                      "--runtime", "eager,onnxruntime", "--budget", "0.1", "--rounds", "2"],
 }
 
 
@@ -323,6 +333,39 @@ def section_bench(cfg: dict, out: SectionWriter, folder: Path) -> None:
         out.put("rows", frame.select(keep).to_dicts())
 
 
+def section_runtimes(cfg: dict, out: SectionWriter, folder: Path) -> None:
+    """Eager PyTorch and ONNX Runtime side by side in one bench run (the graphs exported in the run)."""
+    from pomt_cli.formats.bench import read_bench
+
+    target = folder / "runtimes"
+    args = ["bench", "--device", cfg["preset"], "--no-lock-clocks", "--model", cfg["runtimes_model"],
+            "--output-dir", str(target), *cfg["runtimes_args"]]
+    env = {"POMT_CACHE_DIR": str(folder / "cache")}
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        code, wall = run_cli(args, folder / "runtimes-command.log")
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    files = sorted(target.glob("bench_*.parquet"))
+    out.put("command", "pomt " + " ".join(args))
+    out.put("exit_code", code)
+    out.put("wall_s", round(wall, 1))
+    if code != 0:
+        log = (folder / "runtimes-command.log").read_text(errors="replace").strip().splitlines()
+        out.put("error", log[-1] if log else "")
+    if files:
+        frame, meta = read_bench(files[0])
+        out.put("providers", {r: (info or {}).get("providers") for r, info in meta.runtimes_info.items()})
+        keep = ["batch_size", "runtime", "setting", "latency_ms", "p10_ms", "p90_ms", "samples", "status",
+                "latency_change_pct", "runtime_change_pct"]
+        out.put("rows", frame.select(keep).to_dicts())
+
+
 def write_image_folder(root: Path, images: int, classes: int, width: int = 500, height: int = 375) -> float:
     """``scripts/make_image_folder.py``'s folder, written with threads; returns seconds."""
     from make_image_folder import write_image
@@ -361,7 +404,8 @@ def section_accuracy(cfg: dict, out: SectionWriter, folder: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-RUNNERS = {"core": section_core, "profile": section_profile, "bench": section_bench, "accuracy": section_accuracy}
+RUNNERS = {"core": section_core, "profile": section_profile, "bench": section_bench, "accuracy": section_accuracy,
+           "runtimes": section_runtimes}
 
 
 # --- the report --------------------------------------------------------------------------------------
@@ -446,6 +490,19 @@ def markdown(report: dict) -> str:
                   f"points: decoded in {r['decode_s']} s ({r['images_decoded_per_s']} images/s), evaluated in "
                   f"{r['evaluate_s']} s ({r['image_passes_per_s']} image passes/s); "
                   f"{r['end_to_end_image_passes_per_s']} image passes/s from JPEG to logits."]
+    runtimes = report.get("runtimes", {}).get("results", {})
+    if runtimes:
+        lines += ["", "## runtimes", "", f"`{runtimes.get('command', '')}` (exit code {runtimes.get('exit_code')}, "
+                  f"{runtimes.get('wall_s')} s)" + (f": {runtimes['error']}" if runtimes.get("error") else ""), ""]
+        if runtimes.get("providers"):
+            lines += [f"ONNX Runtime providers: {runtimes['providers'].get('onnxruntime')}", ""]
+        if runtimes.get("rows"):
+            lines += ["| batch | runtime | method | median ms | p10-p90 ms | vs none | vs eager |",
+                      "| ---: | --- | --- | ---: | --- | ---: | ---: |"]
+            for r in runtimes["rows"]:
+                lines.append(f"| {r['batch_size']} | {r['runtime']} | {r['setting']} | {fmt(r['latency_ms'])} | "
+                             f"{fmt(r['p10_ms'])}-{fmt(r['p90_ms'])} | {fmt(r['latency_change_pct'], '{:+.1f}%')} | "
+                             f"{fmt(r['runtime_change_pct'], '{:+.1f}%')} |")
     lines += ["", "## targets", ""]
     lines += [f"- {t}" for t in targets(report)]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["smoke"] is True
-    for name in ("core", "profile", "bench", "accuracy"):
+    for name in ("core", "profile", "bench", "accuracy", "runtimes"):
         assert report[name]["status"] == "complete", (name, report[name])
     core = report["core"]["results"]
     assert [t["batch"] for t in core["tables"]] == [4, 1]
@@ -38,8 +38,13 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
         (b, s) for b in (1, 4) for s in ("none", "pomt r=16 @1", "tome r=2", "topk r=2")}
     accuracy = report["accuracy"]["results"]["result"]
     assert accuracy["images"] == 24 and accuracy["grid_points"] == 3 and accuracy["image_passes_per_s"] > 0
+    runtimes = report["runtimes"]["results"]
+    assert runtimes["exit_code"] == 0 and runtimes["providers"]["onnxruntime"] == ["CPUExecutionProvider"]
+    assert {(r["batch_size"], r["runtime"], r["setting"]) for r in runtimes["rows"]} == {
+        (b, rt, s) for b in (1, 4) for rt in ("eager", "onnxruntime") for s in ("none", "pomt r=16 @1")}
+    assert all(r["latency_ms"] > 0 for r in runtimes["rows"])
     markdown = (tmp_path / "report" / "report.md").read_text()
-    for heading in ("## core", "## profile", "## bench", "## accuracy", "## targets"):
+    for heading in ("## core", "## profile", "## bench", "## accuracy", "## runtimes", "## targets"):
         assert heading in markdown
 
 
