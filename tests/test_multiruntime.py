@@ -294,3 +294,22 @@ def test_compare_profiles_of_three_runtimes_says_where_their_steps_differ(tmp_pa
     other = write_latency(tmp_path / "other.parquet", {1: {40: 9.0, 36: 8.6, 30: 8.0}}, dtype="float32")
     code, _, err = _compare([paths[0], other], capsys)
     assert code == 2 and "on another grid" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compute_r_names_the_report_after_a_runtime_other_than_eager(tmp_path, capsys):
+    """An onnxruntime profile's report does not overwrite the eager profile's of the same setup."""
+    info = {"runtime": "onnxruntime", "providers": ["CPUExecutionProvider"], "onnxruntime_version": "1.0"}
+    written = {}
+    for runtime in ("eager", "onnxruntime"):
+        folder = tmp_path / runtime
+        folder.mkdir()
+        lat = write_latency(folder / "lat.parquet", runtime=runtime,
+                            runtime_info=info if runtime == "onnxruntime" else None, dtype="float32")
+        acc = write_accuracy(folder / "acc.parquet")
+        code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
+                                       str(tmp_path / "o")], capsys)
+        assert code == 0, err
+        written[runtime] = sorted(p.name for p in (tmp_path / "o").glob("compute_r_*.json"))
+    assert len(written["eager"]) == 1 and not written["eager"][0].endswith("_onnxruntime.json")
+    assert len(written["onnxruntime"]) == 2
+    assert [n for n in written["onnxruntime"] if n not in written["eager"]][0].endswith("_onnxruntime.json")

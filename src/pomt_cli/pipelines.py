@@ -418,8 +418,10 @@ def compute_r(settings: ComputeRSettings, reporter: Reporter = _SILENT) -> Compu
     if s.command is not None:
         selection = replace(selection, report=selection.report.model_copy(update={"command": s.command}))
     report = selection.report
+    # A profile of another runtime than eager gets its own report, as the profile its own file.
     stem = output_stem("compute_r", report.model, device=report.latency.device_preset,
-                       batch_size=[c.batch_size for c in report.choices], dtype=report.latency.dtype)
+                       batch_size=[c.batch_size for c in report.choices], dtype=report.latency.dtype,
+                       extra=() if report.runtime == Runtime.eager.value else (report.runtime,))
     with OutputSet(s.output_dir, stem, ("json", "png")) as files:
         files.write("json", lambda tmp: write_report(report, tmp))
         files.write("png", lambda tmp: plot_selection(selection.curves, report, tmp, title=_plot_title(report)))
