@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
 
-from conftest import run_in_process
+from conftest import FakeTools, preset_file, run_in_process, sigint_default
 from test_compute_r import write_layered
 from pomt_cli.cli.compute_r import selection_settings
 from pomt_cli.formats.report import read_report, sha256_file, write_report
@@ -225,3 +229,27 @@ def test_bad_input_is_refused_in_one_line(tmp_path, digits_report, capsys):
     report.write_text(json.dumps(data))
     refused(["refine", str(report)], capsys, "is missing: run pomt compute-r again", report)
     assert moved.is_file()
+
+
+def test_ctrl_c_while_timing_restores_the_clocks_and_leaves_the_report_as_it_was(tmp_path, digits_report):
+    report = copy_report(digits_report, tmp_path / "copy")
+    before = {p.name: p.read_bytes() for p in report.parent.iterdir()}
+    tools = FakeTools(tmp_path)
+    preset = preset_file(tmp_path, "nvidia")
+    cmd = [sys.executable, "-m", "pomt_cli", "refine", str(report), "--device", str(preset), "--torch-device", "cpu",
+           "--budget", "2", "--rounds", "3", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=tools.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
+    deadline = time.monotonic() + 120
+    while not any("lock-gpu-clocks" in c for c in tools.calls()) and time.monotonic() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.5)  # well inside the timing: 4 settings x 3 rounds x 2 s
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "aborted", err
+    calls = tools.calls()
+    assert "nvidia-smi -i 0 --lock-gpu-clocks=1980,1980" in calls
+    assert calls[-2:] == ["nvidia-smi -i 0 --reset-gpu-clocks", "nvidia-smi -i 0 --reset-memory-clocks"]
+    assert {p.name: p.read_bytes() for p in report.parent.iterdir()} == before
