@@ -190,6 +190,26 @@ def test_compute_r_hints_at_refine_for_the_pomt_workload(tmp_path, digits_report
     assert "measure the choices again side by side on the device: pomt refine " in " ".join(out.split())
 
 
+def test_bench_hints_at_refine_only_while_the_report_is_unrefined(tmp_path, digits_report, capsys):
+    report = copy_report(digits_report, tmp_path / "r")
+    bench = ["bench", "--model", "digits-vit", "--device", "cpu", "--no-lock-clocks", "--method", "none",
+             "--method", "pomt", "--r-from", str(report), "--budget", "0.02", "--rounds", "1"]
+    hint = "the choices were not refined: measuring them side by side on the device first"
+    threads = torch.get_num_threads()
+    code, out, err = run_in_process([*bench, "--output-dir", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert hint in " ".join(out.split())
+    assert f"  pomt refine {report}\n" in out  # the command, path whole, on a line of its own
+    code, _, err = run_in_process(["refine", str(report), "--budget", "0.02", "--rounds", "1", "--no-lock-clocks"],
+                                  capsys)
+    assert code == 0, err
+    code, out, err = run_in_process([*bench, "--output-dir", str(tmp_path / "b")], capsys)
+    torch.set_num_threads(threads)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "not refined" not in text and "from the ratios pomt refine measured side by side" in text
+
+
 def refused(args: list[str], capsys, message: str, unchanged: Path | None = None) -> None:
     """Exit code 2, one line naming ``message``, and ``unchanged`` left as it was."""
     content = unchanged.read_bytes() if unchanged is not None else None

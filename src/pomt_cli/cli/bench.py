@@ -168,11 +168,16 @@ def render(result: BenchResult) -> None:
     if result.choices:
         workload = next(c.workload for c in result.choices.values())
         refined = any(c.refined for c in result.choices.values())
-        out.print(f"predicted: by {result.r_from} from "
+        out.print("predicted: from "
                   + ("the ratios pomt refine measured side by side" if refined else
                      "the real pruned model's latency profile" if workload == "pomt" else
                      "the all-blocks proxy (every block at n; the real saving is smaller)")
                   + "; error = measured / predicted - 1")
+        print_path(out, "choices:", result.r_from)
+        if workload == "pomt" and not refined:
+            out.print("the choices were not refined: measuring them side by side on the device first makes the "
+                      "prediction come true more closely:")
+            print_path(out, "  pomt refine", result.r_from)
         if len(meta.runtimes) > 1:
             out.print(f"predicted and judged for the rows of {result.report_runtime}, the report's runtime")
         for check in check_choices(frame, result.choices.values(), result.report_runtime):
