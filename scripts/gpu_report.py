@@ -254,7 +254,7 @@ def run_cli(args: list[str], log: Path) -> tuple[int, float]:
 
 
 def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
-    import polars as pl
+    from compare_profiles import agreement
 
     from pomt_cli.formats.latency import read_latency as read_latency_profile
     from pomt_cli.measure.steps import find_steps
@@ -288,15 +288,12 @@ def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
                 "watched": watched(frame, cfg["watch"]),
             })
         if len(runs) == 2:
-            key = ["batch_size", "tokens"]
-            both = (runs[0].select(*key, pl.col("latency_ms").alias("l1"))
-                    .join(runs[1].select(*key, pl.col("latency_ms").alias("l2")), on=key).drop_nulls()
-                    .with_columns(rel=(pl.col("l1") - pl.col("l2")).abs() / pl.col("l2")))
-            for (batch,), part in both.sort("batch_size").group_by(["batch_size"], maintain_order=True):
-                out.append("agreement", {"name": name, "batch_size": batch, "points": part.height,
-                                         "median_pct": round(100 * part["rel"].median(), 3),
-                                         "p90_pct": round(100 * part["rel"].quantile(0.9), 3),
-                                         "max_pct": round(100 * part["rel"].max(), 3)})
+            # |L1 - L2| / L2 per point, the measure: the second run is the reference.
+            for row in agreement(runs[1], runs[0]).iter_rows(named=True):
+                out.append("agreement", {"name": name, "batch_size": row["batch_size"], "points": row["points"],
+                                         "median_pct": round(100 * row["median"], 3),
+                                         "p90_pct": round(100 * row["p90"], 3),
+                                         "max_pct": round(100 * row["max"], 3)})
 
 
 def watched(frame, watch: dict) -> list[dict]:
@@ -340,17 +337,9 @@ def section_runtimes(cfg: dict, out: SectionWriter, folder: Path) -> None:
     target = folder / "runtimes"
     args = ["bench", "--device", cfg["preset"], "--no-lock-clocks", "--model", cfg["runtimes_model"],
             "--output-dir", str(target), *cfg["runtimes_args"]]
-    env = {"POMT_CACHE_DIR": str(folder / "cache")}
-    previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        code, wall = run_cli(args, folder / "runtimes-command.log")
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # Each section is a child process of its own: the exported graphs go to the report's folder.
+    os.environ["POMT_CACHE_DIR"] = str(folder / "cache")
+    code, wall = run_cli(args, folder / "runtimes-command.log")
     files = sorted(target.glob("bench_*.parquet"))
     out.put("command", "pomt " + " ".join(args))
     out.put("exit_code", code)

@@ -656,20 +656,17 @@ def _from_report() -> list[str]:
     return [m for m in method_names() if get_method(m).bench_r is None]
 
 
-def _r_per_batch(r: int | None, r_from: Path | None, model: str, batch_sizes: list[int] | None,
+def _r_per_batch(r: int | None, r_from: Path | None, report: Report | None, batch_sizes: list[int] | None,
                  runtimes: Sequence[Runtime] = (Runtime.eager,)
                  ) -> tuple[dict[int, int] | None, list[int] | None, str | None]:
-    """POMT's r for each batch size (from r or a compute-r report), and the batch sizes to run.
+    """POMT's r for each batch size (from r or ``report``, read from ``r_from``), and the batch sizes to run.
 
     Raises:
-        PomtError: both or a bad report; a report whose latency was measured on none of
-            ``runtimes`` (its steps belong to that runtime's kernels).
+        PomtError: a report whose latency was measured on none of ``runtimes`` (its steps
+            belong to that runtime's kernels), or that lacks a batch size asked for.
     """
-    if r is not None and r_from is not None:
-        raise PomtError("give either -r or --r-from, not both")
-    if r_from is None:
+    if report is None:
         return (None if r is None else {b: r for b in batch_sizes or [1]}), batch_sizes, None
-    report = read_report(r_from, model=model)
     names = [Runtime(runtime).value for runtime in runtimes]
     if report.runtime not in names:
         given = ",".join(names)
@@ -689,16 +686,15 @@ def _r_per_batch(r: int | None, r_from: Path | None, model: str, batch_sizes: li
     return chosen, batch_sizes, str(Path(r_from).resolve())
 
 
-def _layers_and_choices(r_from: Path | None, layer: int | None, sizes: list[int], num_blocks: int,
-                        model: str) -> tuple[dict[int, int], dict[int, Choice]]:
+def _layers_and_choices(r_from: Path | None, report: Report | None, layer: int | None, sizes: list[int],
+                        num_blocks: int, model: str) -> tuple[dict[int, int], dict[int, Choice]]:
     """POMT's layer per batch size (the report's choice, else ``layer``, else 3), and the report's choices.
 
     Raises:
         PomtError: ``layer`` contradicts the layers a report chose, or a layer the model lacks.
     """
     choices = {}
-    if r_from is not None:
-        report = read_report(r_from, model=model)
+    if report is not None:
         choices = {b: c for b in sizes if (c := report.choice_for(b)) is not None}
     layers = {}
     for b in sizes:
@@ -747,7 +743,10 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     if unknown:
         raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(names)}")
     runtimes = s.benched_runtimes()
-    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, s.model, s.batch_sizes, runtimes)
+    if s.r is not None and s.r_from is not None:
+        raise PomtError("give either -r or --r-from, not both")
+    report = read_report(s.r_from, model=s.model) if s.r_from is not None else None
+    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, report, s.batch_sizes, runtimes)
     sizes = sizes or [1]
     needing = [m for m in methods if m in from_report]
     if needing and r_by_batch is None:
@@ -768,8 +767,8 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
         torch.set_num_threads(s.threads)
     net = create_model(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint, img_size=s.img_size)
     g = vit_geometry(net)
-    layers, choices = _layers_and_choices(s.r_from, s.layer, sizes, g.num_blocks, s.model)
-    report_runtime = read_report(s.r_from, model=s.model).runtime if s.r_from is not None else None
+    layers, choices = _layers_and_choices(s.r_from, report, s.layer, sizes, g.num_blocks, s.model)
+    report_runtime = report.runtime if report is not None else None
 
     # POMT's r may differ per batch size: one setting per distinct r.
     planned: dict[int, list[MethodSetting]] = {}

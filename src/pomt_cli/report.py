@@ -34,16 +34,12 @@ def _cell(value: float | None, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def _setting(choice: Choice) -> str:
-    return f"R = {choice.R}" + (f" at layer {choice.layer}" if choice.R else "")
-
-
 def _refined_text(choice: Choice, report: Report, before: Choice | None) -> str:
     """Whether ``choice`` was refined; its profile and refined ratio; compute-r's choice before it."""
     if not choice.refined or report.refine is None:
-        return f"{_setting(choice)}, not refined (chosen from the profile alone)"
+        return f"{choice.setting_text}, not refined (chosen from the profile alone)"
     row = next((r for r in report.refine.settings if r.batch_size == choice.batch_size and r.chosen), None)
-    text = f"{_setting(choice)}, refined"
+    text = f"{choice.setting_text}, refined"
     if row is not None and choice.R:
         text += f": profile ratio {_cell(row.profile_ratio, '.3f') or '?'}, refined ratio {row.ratio:.3f}"
         if row.ratio_low is not None and row.ratio_high is not None:
@@ -51,8 +47,7 @@ def _refined_text(choice: Choice, report: Report, before: Choice | None) -> str:
     elif not choice.pays:
         text += ": no candidate measured faster than the unpruned model beyond its interval"
     if before is not None:
-        same = (before.R, before.R and before.layer) == (choice.R, choice.R and choice.layer)
-        text += f"; compute-r chose {_setting(before)} ({'unchanged' if same else 'changed'})"
+        text += f"; compute-r chose {before.setting_text} ({'unchanged' if choice.same_setting(before) else 'changed'})"
     return text
 
 

@@ -43,10 +43,6 @@ def settings_table(result: RefineResult, batch_size: int) -> Table:
     return table
 
 
-def _setting(choice: Choice) -> str:
-    return f"R = {choice.R}" + (f" at layer {choice.layer}" if choice.R else "")
-
-
 def choice_line(choice: Choice, before: Choice | None) -> str:
     """``batch 32: R = 28 at layer 0, 14.2% less (...); compute-r chose R = 32 at layer 1: changed``."""
     if choice.R == 0:
@@ -57,11 +53,11 @@ def choice_line(choice: Choice, before: Choice | None) -> str:
         if choice.latency_ratio_low is not None and choice.latency_ratio_high is not None:
             what += (f" ({100 * (1 - choice.latency_ratio_high):.1f}% to "
                      f"{100 * (1 - choice.latency_ratio_low):.1f}%)")
-    line = f"batch {choice.batch_size}: {_setting(choice)}, {what}"
+    line = f"batch {choice.batch_size}: {choice.setting_text}, {what}"
     if before is None:
         return line
-    same = (before.R, before.R and before.layer) == (choice.R, choice.R and choice.layer)
-    return f"{line}; compute-r chose {_setting(before)}: " + ("unchanged" if same else "changed")
+    return f"{line}; compute-r chose {before.setting_text}: " + ("unchanged" if choice.same_setting(before)
+                                                                   else "changed")
 
 
 def render(result: RefineResult) -> None:

@@ -60,6 +60,15 @@ class Choice(BaseModel):
     refined_unpruned_ms: float | None = Field(None, gt=0, description="refine: the unpruned model's measured median")
 
     @property
+    def setting_text(self) -> str:
+        """``R = 32 at layer 0``, or ``R = 0`` (the unpruned model has no layer)."""
+        return f"R = {self.R}" + (f" at layer {self.layer}" if self.R and self.layer is not None else "")
+
+    def same_setting(self, other: Choice) -> bool:
+        """Whether ``other`` chose the same R (and, when pruning, the same layer)."""
+        return (self.R, self.R and self.layer) == (other.R, other.R and other.layer)
+
+    @property
     def predicted_ms(self) -> float:
         """The latency the profile predicts for the chosen model (L(n*))."""
         return self.latency_ms
