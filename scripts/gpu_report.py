@@ -177,6 +177,8 @@ def section_core(cfg: dict, out: SectionWriter, folder: Path) -> None:
     import torch
     from bench_core import ratios, time_variants
 
+    from pomt_cli.pruning import pomt
+
     out.put("settings", {"model": cfg["model"], "settings": cfg["core_settings"], "rounds": cfg["core_rounds"],
                          "budget_s_per_variant_and_round": cfg["core_budget_s"]})
     for dtype_name in cfg["core_dtypes"]:
@@ -190,10 +192,13 @@ def section_core(cfg: dict, out: SectionWriter, folder: Path) -> None:
                                    settings=cfg["core_settings"], model_kwargs=cfg["model_kwargs"])
                 out.append("tables", {"batch": batch, "dtype": dtype_name, "mode": "cuda_graphs" if graphs else "eager",
                                       "seconds": round(time.perf_counter() - began, 1), "variants": ratios(ms)})
+                out.put("received_kernel", {f"{device} {str(dtype).removeprefix('torch.')}": state
+                                            for (device, dtype), state in pomt.RECEIVED_KERNEL.items()})
 
 
 def score_agreement(cfg: dict, dtype) -> dict:
-    """POMT's lean scores and the explicit block's, against exact scores of the same q, k, v."""
+    """POMT's scores by the default block, the chunked product and the explicit block, against exact
+    scores of the same q, k, v (float64), and which kernels the lean block used."""
     import timm
     import torch
 
@@ -216,9 +221,9 @@ def score_agreement(cfg: dict, dtype) -> dict:
         exact = pomt.importance(((q.double() * attn.scale) @ k.double().transpose(-2, -1)).softmax(-1), v.double(), p)
         o, lse = pomt.attention_lse(q, k, v, attn.scale)
         lean = pomt.importance_lean(q, k, v, lse, attn.scale, p).double()
+        product = pomt.importance_lean(q, k, v, lse, attn.scale, p, kernel=False).double()
         explicit = pomt.importance(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1), v, p).double()
-        chosen = pomt._LSE_KERNEL.get((q.device.type, q.dtype))
-        fused = "explicit" if chosen is None else ["cudnn", "flash", "efficient"][chosen] if q.is_cuda and q.dtype != torch.float32 else (["efficient"][chosen] if q.is_cuda else "flash (cpu)")
+    key = (q.device.type, q.dtype)
 
     def rel(a):
         return float(((a - exact).abs() / exact.abs()).max())
@@ -226,9 +231,26 @@ def score_agreement(cfg: dict, dtype) -> dict:
     def same_order(a):
         return bool(torch.equal(a.argsort(dim=-1, stable=True), exact.argsort(dim=-1, stable=True)))
 
-    return {"dtype": str(dtype).removeprefix("torch."), "fused_lse_kernel": fused,
-            "lean_max_rel_error": rel(lean), "explicit_max_rel_error": rel(explicit),
-            "lean_same_order": same_order(lean), "explicit_same_order": same_order(explicit)}
+    return {"dtype": str(dtype).removeprefix("torch."), "fused_lse_kernel": lse_kernel_name(q),
+            "received_kernel": pomt.RECEIVED_KERNEL.get(key, "not tried (float32, or not CUDA)"),
+            "lean_max_rel_error": rel(lean), "product_max_rel_error": rel(product),
+            "explicit_max_rel_error": rel(explicit), "lean_same_order": same_order(lean),
+            "product_same_order": same_order(product), "explicit_same_order": same_order(explicit)}
+
+
+def lse_kernel_name(q) -> str:
+    """Which fused attention kernel gave the lean block its log-sum-exp (pomt._lse_kernels' order)."""
+    import torch
+
+    from pomt_cli.pruning import pomt
+
+    chosen = pomt._LSE_KERNEL.get((q.device.type, q.dtype))
+    if chosen is None:
+        return "explicit"
+    if not q.is_cuda:
+        return "flash (cpu)"
+    names = ["cudnn", "flash", "efficient"] if q.dtype in (torch.float16, torch.bfloat16) else ["efficient"]
+    return names[chosen]
 
 
 @contextlib.contextmanager
@@ -424,11 +446,19 @@ def markdown(report: dict) -> str:
     core = report.get("core", {}).get("results", {})
     if core:
         lines += ["", "## core", "", "Each variant's median ms; in brackets the ratio to the unpatched model and to "
-                  "its ideal. `pomt` is the default block; `pomt(lean)` and `pomt(explicit)` force its two ways of scoring: log-probabilities from fused attention, or the full softmax matrix (the paper's way).", ""]
+                  "its ideal. `pomt` is the default block (in float16/bfloat16 on CUDA: fused attention and a Triton "
+                  "kernel for the attention received); `pomt(lean)` and `pomt(explicit)` force its other two ways of "
+                  "scoring: log-probabilities from fused attention by a chunked matrix product, or the full softmax "
+                  "matrix (the paper's way).", ""]
         for s in core.get("scores", []):
-            lines.append(f"- scores, {s['dtype']} (log-sum-exp from: {s['fused_lse_kernel']}): lean max rel. "
-                         f"error {s['lean_max_rel_error']:.2e} (same order: {s['lean_same_order']}), explicit "
+            product = (f"chunked product {s['product_max_rel_error']:.2e} (same order: {s['product_same_order']}), "
+                       if "product_max_rel_error" in s else "")
+            lines.append(f"- scores, {s['dtype']} (log-sum-exp from: {s['fused_lse_kernel']}; received attention by "
+                         f"Triton: {s.get('received_kernel', 'no such kernel')}): max rel. error of the lean block "
+                         f"{s['lean_max_rel_error']:.2e} (same order: {s['lean_same_order']}), {product}explicit "
                          f"{s['explicit_max_rel_error']:.2e} (same order: {s['explicit_same_order']})")
+        for where, state in core.get("received_kernel", {}).items():
+            lines.append(f"- the Triton kernel of received attention, {where}: {state}")
         tables = core.get("tables", [])
         names = list(tables[0]["variants"]) if tables else []
         lines += ["", "| batch, dtype, mode | " + " | ".join(names) + " |",

@@ -25,7 +25,10 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
         assert set(variants) == {"none", "pomt", "pomt(lean)", "pomt(explicit)", "ideal(pomt)", "tome", "ideal(tome)",
                                  "topk", "ideal(topk)"}
         assert variants["pomt"]["vs_ideal"] > 0 and variants["none"]["vs_none"] == 1.0
-    assert core["scores"][0]["lean_same_order"] and core["scores"][0]["lean_max_rel_error"] < 1e-5
+    scores = core["scores"][0]
+    assert scores["lean_same_order"] and scores["lean_max_rel_error"] < 1e-5
+    assert scores["product_same_order"] and scores["product_max_rel_error"] < 1e-5
+    assert scores["received_kernel"] == "not tried (float32, or not CUDA)" and core["received_kernel"] == {}
     profile = report["profile"]["results"]
     assert [(p["name"], p["run"], p["points"]) for p in profile["profiles"]] == [
         ("bs4_float32_eager", "a", 6), ("bs4_float32_eager", "b", 6),

@@ -6,6 +6,9 @@ tokens pruned once, in block ``layer``) and the reduction it inserts into that b
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +22,13 @@ CHUNK_ELEMENTS = 1 << 23
 #: For each (device type, dtype): the index into :func:`_lse_kernels` of the fused kernel
 #: that returned a correct log-sum-exp, or None when none did (the explicit fallback).
 _LSE_KERNEL: dict[tuple[str, torch.dtype], int | None] = {}
+
+#: For each (device type, dtype) where the Triton kernel of received attention was tried:
+#: "triton" when its first call agreed with an explicit computation, otherwise why it is
+#: not used (the chunked product of :func:`received_attention` is used instead).
+RECEIVED_KERNEL: dict[tuple[str, torch.dtype], str] = {}
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def importance(attn: torch.Tensor, v: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -119,28 +129,86 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return F.scaled_dot_product_attention(q, k, v, scale=scale), _explicit_lse(q, k, scale)
 
 
+def _kernel_runs_here(q: torch.Tensor) -> bool:
+    """Whether the Triton kernel may run on ``q``: float16/bfloat16 on CUDA (or on the host under
+    Triton's interpreter, ``TRITON_INTERPRET=1``), outside traced and compiled graphs."""
+    if q.dtype not in _HALF or tracing():
+        return False
+    if q.device.type == "cuda":
+        return True
+    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _received_by_kernel(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
+                        num_prefix: int) -> torch.Tensor | None:
+    """:func:`received_attention` by the Triton kernel, or None where it is missing or wrong.
+
+    The first call for a device and dtype checks the kernel against the explicit softmax
+    of one image in float64 (within 1e-3 relative) and records the outcome in
+    :data:`RECEIVED_KERNEL`; a missing Triton, a kernel that fails to compile or a wrong
+    result turns the kernel off for that device and dtype. During a CUDA-graph capture
+    an unchecked kernel is not tried (the check cannot run there).
+    """
+    key = (q.device.type, q.dtype)
+    state = RECEIVED_KERNEL.get(key)
+    if state is not None and state != "triton":
+        return None
+    if state is None and q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        kernel = importlib.import_module("pomt_cli.pruning.triton_received")  # imports Triton: only here
+        received = kernel.received_attention(q, k, lse, scale, num_prefix)
+    except Exception as exc:  # noqa: BLE001 - an optional accelerator: any failure means "use the product"
+        if state == "triton":
+            raise
+        message = str(exc).strip()
+        RECEIVED_KERNEL[key] = f"off: {type(exc).__name__}: {message.splitlines()[0][:160] if message else ''}"
+        return None
+    if state is None:
+        # In float64, so that a float32 product in TF32 (torch.set_float32_matmul_precision)
+        # cannot fail a correct kernel.
+        p = num_prefix
+        probabilities = ((q[:1].double() * scale) @ k[:1].double().transpose(-2, -1)).softmax(dim=-1)
+        expected = probabilities.amax(dim=1)[:, p:, p:].sum(dim=1)
+        error = float(((received[:1].double() - expected).abs() / expected.abs().clamp_min(1e-12)).max())
+        if not error <= 1e-3:
+            RECEIVED_KERNEL[key] = f"off: its first result was {error:.1e} away from the explicit softmax"
+            return None
+        RECEIVED_KERNEL[key] = "triton"
+    return received
+
+
 def received_attention(
-    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, num_prefix: int
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, num_prefix: int, *, kernel: bool = True
 ) -> torch.Tensor:
     """Attention received by each non-prefix token: max over heads, summed over non-prefix queries.
 
-    Equal to ``softmax(scale * q @ k^T).amax(dim=1)[:, p:, p:].sum(dim=1)``, computed without
-    the softmax: the maximum over heads of a probability is the exponential of the maximum
-    of its logarithm, ``scale * q_i . k_j - lse[h, i]``, which one matrix product gives
-    when ``-lse`` rides along as extra columns of the queries (split in a high and a low
-    part, so that it keeps float32 precision in float16). Only the non-prefix rows and
-    columns are computed (padded to a multiple of 8 for aligned tensor-core products), a
-    chunk of images at a time (at most :data:`CHUNK_ELEMENTS`).
+    In float16 and bfloat16 on CUDA, one Triton kernel computes it (:mod:`triton_received`)
+    where Triton is installed and the kernel passed its first-call check
+    (:func:`_received_by_kernel`); ``kernel=False`` forces the matrix product below.
+
+    Otherwise it is equal to ``softmax(scale * q @ k^T).amax(dim=1)[:, p:, p:].sum(dim=1)``,
+    computed without the softmax: the maximum over heads of a probability is the
+    exponential of the maximum of its logarithm, ``scale * q_i . k_j - lse[h, i]``, which
+    one matrix product gives when ``-lse`` rides along as extra columns of the queries
+    (split in a high and a low part, so that it keeps float32 precision in float16). Only
+    the non-prefix rows and columns are computed (padded to a multiple of 8 for aligned
+    tensor-core products), a chunk of images at a time (at most :data:`CHUNK_ELEMENTS`).
 
     Args:
         q, k: (B, H, N, D) queries and keys.
         lse: (B, H, N) float32 log-sum-exp of each query's logits (:func:`attention_lse`).
         scale: the logit scale.
         num_prefix: p.
+        kernel: whether the Triton kernel may be used.
 
     Returns:
         (B, N - p) float32.
     """
+    if kernel and _kernel_runs_here(q):
+        received = _received_by_kernel(q, k, lse, scale, num_prefix)
+        if received is not None:
+            return received
     B, H, N, D = q.shape
     p = num_prefix
     M = N - p
@@ -168,7 +236,8 @@ def received_attention(
 
 
 def importance_lean(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, scale: float, num_prefix: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor, scale: float, num_prefix: int,
+    *, kernel: bool = True
 ) -> torch.Tensor:
     """:func:`importance` from queries, keys and values, without the attention matrix.
 
@@ -177,11 +246,12 @@ def importance_lean(
         lse: (B, H, N) float32 log-sum-exp of each query's logits (:func:`attention_lse`).
         scale: the logit scale.
         num_prefix: p.
+        kernel: whether :func:`received_attention` may use the Triton kernel.
 
     Returns:
         (B, N - p) float32 scores, equal to ``importance(softmax(scale * q @ k^T), v, p)``.
     """
-    received = received_attention(q, k, lse, scale, num_prefix)
+    received = received_attention(q, k, lse, scale, num_prefix, kernel=kernel)
     received = received / received.amax(dim=-1, keepdim=True)
     magnitude = v.amax(dim=1).float().sum(dim=-1).softmax(dim=-1)[:, num_prefix:]
     return received + magnitude
@@ -214,9 +284,6 @@ def prune_keep_mean(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: i
     return torch.cat([kept, dropped], dim=1)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 @register
 class Pomt(Method):
     name = "pomt"
@@ -234,7 +301,7 @@ class Pomt(Method):
 
     def reduce(self, block, x, q, k, v, size, plan):
         attn, p = block.attn, plan.num_prefix
-        lean = plan.scoring == "lean" or (plan.scoring == "auto" and q.dtype in _HALF)
+        lean = plan.scoring in ("kernel", "lean") or (plan.scoring == "auto" and q.dtype in _HALF)
         if not lean or (attn.training and attn.attn_drop.p > 0) or tracing():
             a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = residual(block, x, attn.attn_drop(a) @ v)
@@ -242,7 +309,7 @@ class Pomt(Method):
         else:
             o, lse = attention_lse(q, k, v, attn.scale)
             x = residual(block, x, o)
-            scores = importance_lean(q, k, v, lse, attn.scale, p)
+            scores = importance_lean(q, k, v, lse, attn.scale, p, kernel=plan.scoring != "lean")
         return prune_keep_mean(x, scores, plan.r, p), size
 
     def estimator_setting(self, g, removed, layer):

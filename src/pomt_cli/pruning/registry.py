@@ -25,10 +25,13 @@ class BlockPlan:
     method: str
     r: int
     num_prefix: int
-    #: POMT's scoring: "lean" (fused attention, log-probabilities a chunk at a time),
-    #: "explicit" (the full softmax matrix, as the paper's code; what exported, traced and
-    #: compiled graphs get), or "auto": lean in float16/bfloat16, where it was measured
-    #: faster (H200 and CPU, docs/PERFORMANCE.md), explicit in float32, where it was not.
+    #: POMT's scoring: "kernel" (fused attention, and one Triton kernel for the attention
+    #: received, in float16/bfloat16 on CUDA; elsewhere, or where Triton is missing or its
+    #: first-call check fails, the same as "lean"), "lean" (fused attention,
+    #: log-probabilities a chunk at a time), "explicit" (the full softmax matrix, as the
+    #: paper's code; what exported, traced and compiled graphs get), or "auto": kernel in
+    #: float16/bfloat16, where lean was measured faster than explicit (H200 and CPU,
+    #: docs/PERFORMANCE.md), explicit in float32, where it was not.
     scoring: str = "auto"
     #: ToMe: whether the model has a class token (A's unmerged tokens then stay in position order).
     class_token: bool = True

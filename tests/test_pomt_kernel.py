@@ -1,0 +1,159 @@
+"""When POMT's block uses the Triton kernel of received attention, and when it falls back.
+
+The kernel's own arithmetic is checked by ``triton_interpreted_checks.py``, which the first
+test runs under Triton's interpreter in a child process. The others replace the kernel
+module with a stand-in, to check the dispatch: the first-call check, and the fallback to
+the chunked product where the kernel fails or is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from test_pomt_scores import block_qkv
+
+from pomt_cli.pruning import pomt
+
+TESTS = Path(__file__).parent
+
+
+def test_the_kernel_passes_its_checks_under_triton_s_interpreter():
+    pytest.importorskip("triton")  # a dependency of torch on Linux x86-64, so CI has it
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(TESTS / "triton_interpreted_checks.py")],
+                          cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "\n12 passed" in done.stdout, done.stdout[-2000:]
+
+
+@pytest.mark.parametrize("arch", [80, 87, 90])  # A100, Jetson AGX Orin, H100
+def test_the_kernel_compiles_to_gpu_code_without_a_gpu(arch, monkeypatch):
+    """Triton compiles ahead of time on any machine (its wheel brings ptxas): every dtype and
+    width the block can launch becomes a cubin, so no compiler error waits for the first GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delitem(sys.modules, "pomt_cli.pruning.triton_received", raising=False)
+    from pomt_cli.pruning import triton_received
+
+    kernel = triton_received._received_kernel
+    for dtype in ("fp16", "bf16"):
+        for width in triton_received.BLOCK_KEYS:
+            signature = dict.fromkeys(kernel.arg_names, "i32")
+            signature.update(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", lse_ptr="*fp32", out_ptr="*fp32", scale="fp32",
+                             BLOCK_I="constexpr", BLOCK_J="constexpr", BLOCK_D="constexpr")
+            source = ASTSource(fn=kernel, signature=signature,
+                               constexprs={"BLOCK_I": triton_received.BLOCK_QUERIES, "BLOCK_J": width, "BLOCK_D": 64})
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+            assert len(compiled.asm["cubin"]) > 1000, (dtype, width)
+            assert "mma" in compiled.asm["ptx"]  # the logits come from tensor cores
+
+
+def test_small_batches_get_narrower_blocks_of_keys_so_that_every_processor_works():
+    from pomt_cli.pruning.triton_received import block_keys
+
+    assert block_keys(256, 196, 132) == 64  # 1,024 programs
+    assert block_keys(64, 196, 132) == 64  # 256
+    assert block_keys(24, 196, 132) == 32  # 96 programs with 64 keys, 168 with 32
+    assert block_keys(16, 196, 132) == 16  # 64, 112, then 208
+    assert block_keys(4, 196, 132) == 16  # 52: none reaches 132, the narrowest
+    assert block_keys(1, 196, 1) == 64  # the interpreter
+
+
+def half_block():
+    q, k, v, scale, p = block_qkv("vit", img_size=64)
+    q, k, v = q.half(), k.half(), v.half()
+    _, lse = pomt.attention_lse(q, k, v, scale)
+    return q, k, lse, scale, p
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The kernel module replaced by a stand-in whose ``received_attention`` the test sets."""
+    module = types.ModuleType("pomt_cli.pruning.triton_received")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(pomt, "RECEIVED_KERNEL", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the kernel path run on CPU tensors
+    return module
+
+
+def by_product(q, k, lse, scale, p):
+    return pomt.received_attention(q, k, lse, scale, p, kernel=False)
+
+
+def test_a_kernel_that_agrees_is_checked_once_then_used(stand_in):
+    calls = []
+    stand_in.received_attention = lambda *args: calls.append(1) or by_product(*args) * (1 + 1e-4)
+    q, k, lse, scale, p = half_block()
+    first = pomt.received_attention(q, k, lse, scale, p)
+    assert pomt.RECEIVED_KERNEL == {("cpu", torch.float16): "triton"}
+    second = pomt.received_attention(q, k, lse, scale, p)
+    assert len(calls) == 2 and torch.equal(first, second)
+    assert torch.equal(first, by_product(q, k, lse, scale, p) * (1 + 1e-4))  # the kernel's result, not the product's
+
+
+def test_a_kernel_that_fails_is_turned_off_once_and_the_product_is_used(stand_in):
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("PTX assembler not found\nmore lines")
+
+    stand_in.received_attention = broken
+    q, k, lse, scale, p = half_block()
+    for _ in range(2):
+        got = pomt.received_attention(q, k, lse, scale, p)
+    assert len(calls) == 1
+    assert pomt.RECEIVED_KERNEL == {("cpu", torch.float16): "off: RuntimeError: PTX assembler not found"}
+    assert torch.equal(got, by_product(q, k, lse, scale, p))
+
+
+def test_a_kernel_with_a_wrong_result_is_turned_off(stand_in):
+    stand_in.received_attention = lambda *args: by_product(*args) * 1.01
+    q, k, lse, scale, p = half_block()
+    got = pomt.received_attention(q, k, lse, scale, p)
+    assert pomt.RECEIVED_KERNEL[("cpu", torch.float16)].startswith("off: its first result was 1.0e-02 away")
+    assert torch.equal(got, by_product(q, k, lse, scale, p))
+
+
+def test_a_missing_triton_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pomt_cli.pruning.triton_received", None)  # import fails
+    monkeypatch.setattr(pomt, "RECEIVED_KERNEL", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, lse, scale, p = half_block()
+    assert torch.equal(pomt.received_attention(q, k, lse, scale, p), by_product(q, k, lse, scale, p))
+    assert pomt.RECEIVED_KERNEL[("cpu", torch.float16)].startswith("off: ModuleNotFoundError")
+
+
+def test_without_a_gpu_or_the_interpreter_the_kernel_is_not_tried(stand_in, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    stand_in.received_attention = lambda *args: pytest.fail("the kernel ran on the CPU")
+    q, k, lse, scale, p = half_block()
+    pomt.received_attention(q, k, lse, scale, p)
+    pomt.received_attention(q.float(), k.float(), lse, scale, p)
+    assert pomt.RECEIVED_KERNEL == {}
+
+
+def test_the_lean_scoring_never_uses_the_kernel(stand_in):
+    import dataclasses
+
+    from conftest import tiny_vit
+
+    from pomt_cli.pruning import apply
+
+    stand_in.received_attention = lambda *args: pytest.fail("scoring='lean' ran the kernel")
+    model = apply(tiny_vit(img_size=64), "pomt", r=20, layer=1).half()
+    for blk in model.blocks:
+        blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring="lean")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64).half())
+    assert pomt.RECEIVED_KERNEL == {}
