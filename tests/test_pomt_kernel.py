@@ -33,10 +33,18 @@ def test_the_kernel_passes_its_checks_under_triton_s_interpreter():
     assert "\n12 passed" in done.stdout, done.stdout[-2000:]
 
 
+DIVISIBLE_BY_16 = ("q_ptr", "k_ptr", "lse_ptr", "out_ptr", "stride_qb", "stride_qh", "stride_qn", "stride_kb",
+                   "stride_kh", "stride_kn")
+
+
 @pytest.mark.parametrize("arch", [80, 87, 90])  # A100, Jetson AGX Orin, H100
-def test_the_kernel_compiles_to_gpu_code_without_a_gpu(arch, monkeypatch):
+def test_the_kernel_compiles_to_gpu_code_without_a_gpu_and_spills_no_registers(arch, monkeypatch, tmp_path):
     """Triton compiles ahead of time on any machine (its wheel brings ptxas): every dtype and
-    width the block can launch becomes a cubin, so no compiler error waits for the first GPU."""
+    width the block can launch becomes a cubin, so no compiler error waits for the first GPU.
+
+    The arguments are specialised as the JIT specialises deit_small's (pointers and q/k
+    strides divisible by 16, so that loads are vectorised); ptxas then reports no spills.
+    """
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,16 +54,25 @@ def test_the_kernel_compiles_to_gpu_code_without_a_gpu(arch, monkeypatch):
     from pomt_cli.pruning import triton_received
 
     kernel = triton_received._received_kernel
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     for dtype in ("fp16", "bf16"):
         for width in triton_received.BLOCK_KEYS:
             signature = dict.fromkeys(kernel.arg_names, "i32")
             signature.update(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", lse_ptr="*fp32", out_ptr="*fp32", scale="fp32",
-                             BLOCK_I="constexpr", BLOCK_J="constexpr", BLOCK_D="constexpr")
-            source = ASTSource(fn=kernel, signature=signature,
-                               constexprs={"BLOCK_I": triton_received.BLOCK_QUERIES, "BLOCK_J": width, "BLOCK_D": 64})
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+                             D="constexpr", BLOCK_I="constexpr", BLOCK_J="constexpr", BLOCK_D="constexpr")
+            source = ASTSource(fn=kernel, signature=signature, attrs=attrs, constexprs={
+                "D": 64, "BLOCK_I": triton_received.BLOCK_QUERIES, "BLOCK_J": width, "BLOCK_D": 64})
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": triton_received.NUM_WARPS})
             assert len(compiled.asm["cubin"]) > 1000, (dtype, width)
             assert "mma" in compiled.asm["ptx"]  # the logits come from tensor cores
+            (tmp_path / "k.ptx").write_text(compiled.asm["ptx"])
+            done = subprocess.run([str(ptxas), "-v", f"-arch=sm_{arch}{'a' if arch == 90 else ''}",
+                                   str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            assert "0 bytes spill stores, 0 bytes spill loads" in done.stdout + done.stderr, (dtype, width, done.stderr)
 
 
 def test_small_batches_get_narrower_blocks_of_keys_so_that_every_processor_works():
