@@ -208,9 +208,12 @@ def write_layered(folder: Path, layers_in_accuracy: bool = True,
     lat_meta = {**GEOMETRY, "dtype": "float32", "grid": [17, 13, 9], "batch_sizes": [4, 1], "device_preset": "cpu",
                 "torch_device": "cpu", "timing_mode": "eager", "host": "h", "workload": "pomt", "layers": [0, 2]}
     lat = write_profile(folder / "lat.parquet", pl.DataFrame(rows), ProfileMeta(kind="latency", **lat_meta))
-    acc_frame = pl.DataFrame({"tokens": [n for _, n in LAYERED_ACC], "accuracy": list(LAYERED_ACC.values()),
-                              "top5": [100.0] * 6, "images": [100] * 6,
-                              "layer": [layer if layers_in_accuracy else None for layer, _ in LAYERED_ACC]},
+    # Without layers: one row per n (layer 0's accuracy), as estimate-accuracy writes it.
+    points = LAYERED_ACC if layers_in_accuracy else {(None, n): a for (layer, n), a in LAYERED_ACC.items()
+                                                     if layer == 0}
+    acc_frame = pl.DataFrame({"tokens": [n for _, n in points], "accuracy": list(points.values()),
+                              "top5": [100.0] * len(points), "images": [100] * len(points),
+                              "layer": [layer for layer, _ in points]},
                              schema_overrides={"layer": pl.Int64})
     acc_meta = {**GEOMETRY, "dtype": "float32", "grid": [17, 13, 9], "estimator": "pomt", "weights": "random",
                 "weights_sha256": "0" * 64, "data": "d", "num_images": 100, "num_classes": 10, "device_type": "cpu",

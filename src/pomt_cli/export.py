@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import OutputSet
+from pomt_cli.measure.timing import is_out_of_memory
 from pomt_cli.pruning import apply, geometry, planned_token_counts, remove
 from pomt_cli.pruning.registry import get as get_method
 
@@ -56,8 +58,10 @@ def export_graph(model: nn.Module, images: torch.Tensor, path: str | Path, *, op
         PomtError: the graph does not export; ``what`` names the model and method.
     """
     try:
-        # The exporter prints its progress and warns about its internals: keep both quiet.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # The exporter prints its progress, warns about its internals and logs the tracebacks of
+        # the opset conversions it tries (to stderr): keep all of it quiet.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             kwargs = {"external_data": False} if dynamo else {}
             torch.onnx.export(model, (images,), str(path), dynamo=dynamo, opset_version=opset, verbose=False,
@@ -127,24 +131,34 @@ def export_onnx(
     PyTorch's; otherwise nothing is left behind. ``model`` is left unpatched, on the CPU.
 
     Raises:
-        PomtError: a missing extra, a setting the model cannot take, a graph that does
-            not export, or outputs that differ by more than ``tolerance``.
+        PomtError: a missing extra, an opset that onnx or ONNX Runtime does not know, a
+            setting the model cannot take, a batch too large for memory, a graph that
+            does not export, or outputs that differ by more than ``tolerance``.
     """
     require_onnx()
     import onnx
     import onnxruntime as ort
 
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise PomtError(f"opset {opset} is newer than onnx {onnx.__version__} knows: give at most {newest}")
     path = check_output_file(output)
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     g = geometry(model)
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        images = torch.randn(batch_size, *g.input_size, generator=generator).to(dtype)
+    except (TypeError, RuntimeError, MemoryError) as exc:  # too large for int64: TypeError
+        if not (is_out_of_memory(exc) or "Overflow" in str(exc)):
+            raise
+        raise PomtError(f"a batch of {batch_size} images of {g.name} does not fit in memory: "
+                        "give a smaller batch size") from None
     try:
         apply(model, method, r=r, layer=layer)
     except ValueError as exc:
         raise PomtError(f"{method}: {exc}") from None
     counts = planned_token_counts(model)
     model = model.eval().to(device="cpu", dtype=dtype)
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, *g.input_size, generator=generator).to(dtype)
     measured: dict = {}
 
     def produce(tmp: Path) -> None:
@@ -155,7 +169,13 @@ def export_onnx(
         export_graph(model, images, tmp, opset=opset, what=f"{g.name} with {method}")
         measured["export_s"] = time.perf_counter() - began
         began = time.perf_counter()
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own types (InvalidGraph, NotImplemented, Fail)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = re.sub(r"Load model from \S+ failed:", "", first)  # the temporary file's name
+            raise PomtError(f"ONNX Runtime {ort.__version__} cannot load the graph of opset {opset} "
+                            f"({first[:200]}): give a lower opset; the file was not kept") from None
         feed = {session.get_inputs()[0].name: images.float().numpy() if dtype == torch.bfloat16 else images.numpy()}
         actual = torch.from_numpy(session.run(None, feed)[0]).float()
         measured["check_s"] = time.perf_counter() - began

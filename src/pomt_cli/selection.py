@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import GEOMETRY_FIELDS
@@ -65,10 +65,12 @@ class SelectionSettings(BaseModel):
     chooses n only when ``criterion`` is ``"utility"``.
     """
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     criterion: Criterion = "utility"
     alpha: float = Field(DEFAULT_ALPHA, ge=0.0, le=1.0)
     latency_budget_ms: float | None = Field(None, gt=0.0)
-    max_accuracy_drop: float | None = Field(None, ge=0.0)
+    max_accuracy_drop: float | None = Field(None, ge=0.0, le=100.0)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -39,8 +40,8 @@ def selection_settings(
     """The criterion of the options ``--alpha``, ``--latency-budget`` and ``--max-accuracy-drop`` (one at most).
 
     Raises:
-        PomtError: several criteria, alpha outside [0, 1], a negative accuracy drop,
-            or a non-positive latency budget.
+        PomtError: several criteria, alpha outside [0, 1], an accuracy drop outside
+            [0, 100], or a latency budget that is not a positive finite number.
     """
     given = [name for name, value in (("--alpha", alpha), ("--latency-budget", latency_budget_ms),
                                       ("--max-accuracy-drop", max_accuracy_drop)) if value is not None]
@@ -49,6 +50,8 @@ def selection_settings(
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise PomtError(f"--alpha {alpha} must lie between 0 and 1 (1 weighs only latency, 0 only accuracy)")
     if latency_budget_ms is not None:
+        if latency_budget_ms > 0 and not math.isfinite(latency_budget_ms):
+            raise PomtError(f"--latency-budget {latency_budget_ms} is not a finite number: give milliseconds, e.g. 20")
         if not latency_budget_ms > 0:
             raise PomtError(f"--latency-budget {latency_budget_ms} must be a positive number of milliseconds")
         return SelectionSettings(criterion="latency_budget", latency_budget_ms=latency_budget_ms)
@@ -56,6 +59,9 @@ def selection_settings(
         if not max_accuracy_drop >= 0:
             raise PomtError(f"--max-accuracy-drop {max_accuracy_drop} must be at least 0 (percentage points "
                             "of top-1 accuracy; 0 allows no loss)")
+        if max_accuracy_drop > 100:
+            raise PomtError(f"--max-accuracy-drop {max_accuracy_drop} is more than the 100 points top-1 accuracy "
+                            "spans: give at most 100")
         return SelectionSettings(criterion="max_accuracy_drop", max_accuracy_drop=max_accuracy_drop)
     return SelectionSettings(alpha=DEFAULT_ALPHA if alpha is None else alpha)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -31,11 +32,17 @@ def presets_text() -> str:
     return ", ".join(preset_names())
 
 
+#: The largest value a list option takes: torch sizes and indices are 64-bit, and no batch
+#: or block comes near 2**31.
+INT_LIST_MAX = 2**31 - 1
+
+
 def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
-    """``"1,4,16"`` -> ``[1, 4, 16]``; every value at least ``minimum``, none repeated.
+    """``"1,4,16"`` -> ``[1, 4, 16]``; every value at least ``minimum`` and at most
+    :data:`INT_LIST_MAX`, none repeated.
 
     Raises:
-        PomtError: a value that is no integer, below ``minimum``, or repeated.
+        PomtError: a value that is no integer, out of range, or repeated.
     """
     values: list[int] = []
     for part in text.split(","):
@@ -46,6 +53,8 @@ def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
             raise PomtError(f"{option} {text!r}: {part!r} is not an integer; give e.g. 1,4,16") from None
         if value < minimum:
             raise PomtError(f"{option} {text!r}: {value} is below {minimum}; give values >= {minimum}")
+        if value > INT_LIST_MAX:
+            raise PomtError(f"{option} {text!r}: {value} is above {INT_LIST_MAX}; give smaller values")
         values.append(value)
     if len(set(values)) != len(values):
         raise PomtError(f"{option} {text!r} repeats a value; give each value once")
@@ -101,9 +110,12 @@ def parse_runtimes(values: list[str] | None) -> list[Runtime]:
     return runtimes
 
 
-def _positive(value: float) -> float:
+def seconds(value: float) -> float:
+    """The callback of a ``--budget`` in seconds: positive and finite."""
     if not value > 0:
         raise typer.BadParameter(f"{value:g} must be positive")
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value:g} is not a finite number of seconds; give e.g. 1")
     return value
 
 
@@ -138,11 +150,11 @@ RelPrecisionOption = Annotated[float, typer.Option(
     "--rel-precision", callback=_fraction,
     help="Stop timing once the 95% CI of the median is within this fraction.")]
 ProfileBudgetOption = Annotated[float, typer.Option(
-    "--budget", callback=_positive,
+    "--budget", callback=seconds,
     help=f"Seconds of timing per grid point at most, warm-up included (default {BUDGET_S:g}, as in bench, where "
     "it is per method and round).")]
 BenchBudgetOption = Annotated[float, typer.Option(
-    "--budget", callback=_positive,
+    "--budget", callback=seconds,
     help=f"Seconds of timing per method and round at most (default {BUDGET_S:g}, as in profile, where it is per "
     "grid point).")]
 SeedOption = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seeds the inputs and every random order.")]

@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from pomt_cli.cli.options import LockClocksOption, SeedOption, presets_text
+from pomt_cli.cli.options import LockClocksOption, SeedOption, presets_text, seconds
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.formats.report import Choice
@@ -79,7 +79,7 @@ def refine(
         "--candidates", min=1, help="Pruned candidates per batch size, the best by the report's criterion.")
     ] = REFINE_CANDIDATES,
     budget: Annotated[float, typer.Option(
-        "--budget", min=0.001, help="Seconds of timing per setting and round at most.")] = BUDGET_S,
+        "--budget", min=0.001, callback=seconds, help="Seconds of timing per setting and round at most.")] = BUDGET_S,
     rounds: Annotated[int, typer.Option(
         "--rounds", min=1, help="Interleaved rounds; samples are pooled over them.")] = 3,
     device: Annotated[str | None, typer.Option(

@@ -155,6 +155,19 @@ def check_columns(path: Path, frame: pl.DataFrame) -> None:
                                 "write it again with pomt")
 
 
+def check_points_once(path: Path, frame: pl.DataFrame, key: tuple[str, ...]) -> None:
+    """Check that no point (the columns ``key``) has two rows.
+
+    Raises:
+        PomtError: one line naming the file and the first repeated point.
+    """
+    repeated = frame.filter(frame.select(key).is_duplicated())
+    if repeated.height:
+        row = repeated.row(0, named=True)
+        point = ", ".join(f"{name} {row[name]}" for name in key if row[name] is not None)
+        raise PomtError(f"{path} holds the point {point} twice: is it damaged? write it again with pomt")
+
+
 M = TypeVar("M", bound="ProfileMeta")
 
 
@@ -190,7 +203,8 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
 
     Raises:
         PomtError: the file is missing, not a Parquet file, not a pomt profile, of the
-            other kind, or damaged (the message names the field).
+            other kind, of a newer format, or damaged (the message names the field, or
+            the point that has two rows).
     """
     kind = meta_model.model_fields["kind"].default
     path = Path(path)
@@ -203,11 +217,15 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
         raise PomtError(f"{path} has damaged pomt metadata (not JSON): write it again with pomt") from None
     if not isinstance(data, dict) or data.get("kind") not in ("latency", "accuracy"):
         raise PomtError(f"{path} has damaged pomt metadata (kind is not latency or accuracy): write it again with pomt")
+    article = {"latency": "a", "accuracy": "an"}
     if data["kind"] != kind:
         hint = "pomt profile" if kind == "latency" else "pomt estimate-accuracy"
-        article = {"latency": "a", "accuracy": "an"}
         raise PomtError(f"{path} is {article[data['kind']]} {data['kind']} profile, but {article[kind]} {kind} "
                         f"profile is needed here (from `{hint}`)")
+    version = data.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise PomtError(f"{path} is {article[kind]} {kind} profile of format {version}, newer than this pomt reads "
+                        f"({FORMAT_VERSION}): upgrade pomt")
     try:
         meta = meta_model.model_validate(data)
     except ValidationError as exc:
@@ -220,4 +238,5 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
     if "layer" not in frame.columns:  # format version 1
         frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
     check_columns(path, frame)
+    check_points_once(path, frame, ("batch_size", "layer", "tokens") if kind == "latency" else ("layer", "tokens"))
     return frame, meta

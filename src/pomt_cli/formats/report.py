@@ -210,8 +210,8 @@ def read_report(path: str | Path, model: str | None = None) -> Report:
     """The report in ``path``, checked to be for ``model`` when given.
 
     Raises:
-        PomtError: the file is missing, not JSON, not a compute-r report, or computed for
-            another model.
+        PomtError: the file is missing, not JSON, not a compute-r report, of a newer
+            format, or computed for another model.
     """
     path = Path(path)
     if not path.is_file():
@@ -224,6 +224,10 @@ def read_report(path: str | Path, model: str | None = None) -> Report:
         ) from None
     if not isinstance(data, dict) or data.get("kind") != "compute_r":
         raise PomtError(f"{path} is not a pomt compute-r report: give the .json file written by pomt compute-r")
+    version = data.get("format_version")
+    if isinstance(version, int) and version > REPORT_FORMAT_VERSION:
+        raise PomtError(f"{path} is a compute-r report of format {version}, newer than this pomt reads "
+                        f"({REPORT_FORMAT_VERSION}): upgrade pomt")
     try:
         report = Report.model_validate(data)
     except ValidationError as exc:
