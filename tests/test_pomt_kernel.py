@@ -174,3 +174,59 @@ def test_the_lean_scoring_never_uses_the_kernel(stand_in):
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64).half())
     assert pomt.RECEIVED_KERNEL == {}
+
+
+BENCH = ["bench", "--model", "digits-vit", "--device", "cpu", "--no-lock-clocks", "--dtype", "float16",
+         "--batch-size", "2", "-r", "8", "--layer", "1", "--method", "pomt", "--budget", "0.05", "--rounds", "1"]
+
+
+def test_bench_records_and_prints_that_the_kernel_ran(tmp_path):
+    """The real kernel, under Triton's interpreter in a child process, as it would run on a GPU."""
+    pytest.importorskip("triton")
+    from pomt_cli.formats.bench import read_bench
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "pomt_cli", *BENCH, "--output-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "POMT's attention received: triton kernel" in done.stdout
+    _, meta = read_bench(next(tmp_path.glob("*.parquet")))
+    assert meta.pomt_received == "triton kernel"
+
+
+def test_bench_records_why_the_kernel_was_off_and_nothing_where_it_was_not_tried(stand_in, tmp_path, capsys):
+    from conftest import run_in_process
+
+    from pomt_cli.formats.bench import read_bench
+
+    def broken(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    stand_in.received_attention = broken
+    code, out, err = run_in_process([*BENCH, "--output-dir", str(tmp_path / "off")], capsys)
+    assert code == 0, err
+    why = "chunked product (Triton kernel off: RuntimeError: no kernel image is available for execution on the device)"
+    assert f"POMT's attention received: {why}" in " ".join(out.split())
+    assert read_bench(next((tmp_path / "off").glob("*.parquet")))[1].pomt_received == why
+    code, out, err = run_in_process([*BENCH[:7], "float32", *BENCH[8:], "--output-dir", str(tmp_path / "f32")],
+                                    capsys)
+    assert code == 0, err
+    assert "attention received" not in out
+    assert read_bench(next((tmp_path / "f32").glob("*.parquet")))[1].pomt_received is None
+
+
+def test_a_profile_of_the_pomt_workload_records_the_path_and_one_of_the_proxy_does_not(stand_in, tmp_path, capsys):
+    from conftest import run_in_process
+
+    from pomt_cli.formats.latency import read_latency
+
+    stand_in.received_attention = by_product  # agrees with the check: taken as the kernel
+    common = ["profile", "--model", "digits-vit", "--device", "cpu", "--no-lock-clocks", "--dtype", "float16",
+              "--batch-size", "1", "--tokens", "65:33:2", "--budget", "0.02"]
+    code, _, err = run_in_process([*common, "--method", "pomt", "--layer", "1", "--output-dir", str(tmp_path / "p")],
+                                  capsys)
+    assert code == 0, err
+    assert read_latency(next((tmp_path / "p").glob("*.parquet")))[1].pomt_received == "triton kernel"
+    code, _, err = run_in_process([*common, "--output-dir", str(tmp_path / "x")], capsys)
+    assert code == 0, err
+    assert read_latency(next((tmp_path / "x").glob("*.parquet")))[1].pomt_received is None

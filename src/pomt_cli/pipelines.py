@@ -47,7 +47,7 @@ from pomt_cli.formats.latency import LatencyMeta, Workload, resume_rows
 from pomt_cli.measure.steps import find_curve_steps
 from pomt_cli.measure.workload import check_workload, profile_latency
 from pomt_cli.models import DEFAULT_MODEL, create_model, vit_geometry, weights_source
-from pomt_cli.options import SEED_MAX, Dtype, TokenRange, check_layers, token_grid
+from pomt_cli.options import DTYPES, SEED_MAX, Dtype, TokenRange, check_layers, token_grid
 from pomt_cli.formats.outputs import OutputSet, atomic_write_text, check_output_dir, output_stem, write_error
 from pomt_cli.plots import plot_latency, plot_selection
 from pomt_cli.formats.lookup import find_profile_pair
@@ -333,7 +333,9 @@ def _measure(net: torch.nn.Module, settings: LatencySettings, tdev: torch.device
         if saved.frame is not None:
             reporter.interrupted(saved.frame.height, parquet)
         raise
-    return frame, saved.meta.model_copy(update={"complete": True, "elapsed_s": saved.elapsed_s()})
+    received = pomt.received_path(tdev, DTYPES[settings.dtype]) if settings.workload == "pomt" else None
+    return frame, saved.meta.model_copy(update={"complete": True, "elapsed_s": saved.elapsed_s(),
+                                                "pomt_received": received})
 
 
 class AccuracySettings(_Settings):
@@ -813,7 +815,8 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
         clocks=clocks, timing_mode="cuda_graphs" if s.cuda_graphs else "eager", rel_precision=s.rel_precision,
         budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, num_threads=torch.get_num_threads(),
         runtime=reference.value, runtime_info=infos[reference.value], runtimes=[r.value for r in runtimes],
-        runtimes_info=infos, **_command(s.command),
+        runtimes_info=infos, pomt_received=pomt.received_path(tdev, s.dtype.torch) if "pomt" in methods else None,
+        **_command(s.command),
     )
     stem = output_stem("bench", s.model, device=preset.name, batch_size=sizes, dtype=s.dtype.value,
                        img_size=s.img_size,

@@ -182,6 +182,8 @@ def render(result: BenchResult) -> None:
             out.print(f"predicted and judged for the rows of {result.report_runtime}, the report's runtime")
         for check in check_choices(frame, result.choices.values(), result.report_runtime):
             out.print(check_text(check))
+    if meta.pomt_received is not None:
+        out.print(f"POMT's attention received: {meta.pomt_received}")
     clocks = meta.clocks
     out.print(f"clocks: {clocks.mode} ({clocks.detail})" if clocks.detail else f"clocks: {clocks.mode}")
     print_path(out, "report:", result.csv)

@@ -144,6 +144,9 @@ class BenchMeta(BaseModel):
                                         description="every runtime benched, in the order given (before 4: runtime)")
     runtimes_info: dict[str, dict[str, Any] | None] = Field(
         default_factory=dict, description="each runtime's providers and versions, by name (before 4: runtime_info)")
+    pomt_received: str | None = Field(
+        None, description="how POMT's block computed the attention received (float16/bfloat16 on CUDA): "
+        "'triton kernel' or 'chunked product (Triton kernel off: why)'; None where the kernel was not tried")
     rel_precision: float
     budget_s: float
     rounds: int

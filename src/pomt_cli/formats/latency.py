@@ -103,6 +103,9 @@ class LatencyMeta(ProfileMeta):
     runtime: RuntimeName = Field("eager", description="what ran the timed calls (files without it: eager)")
     runtime_info: dict[str, Any] | None = Field(
         None, description="the runtime's providers and versions (pomt_cli.measure.runtimes.runtime_info)")
+    pomt_received: str | None = Field(
+        None, description="how the pomt workload's block computed the attention received (float16/bfloat16 on "
+        "CUDA): 'triton kernel' or 'chunked product (Triton kernel off: why)'; None where the kernel was not tried")
 
 
 _RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "img_size", "dtype", "batch_sizes", "grid", "timing_mode",

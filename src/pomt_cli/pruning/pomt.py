@@ -178,6 +178,19 @@ def _received_by_kernel(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sca
     return received
 
 
+def received_path(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """How POMT's lean block computed the attention received on ``device`` in ``dtype``, in this process.
+
+    Returns:
+        ``"triton kernel"``, ``"chunked product (Triton kernel off: WHY)"``, or None where
+        the kernel was not tried (float32, a device without it, or no lean block ran).
+    """
+    state = RECEIVED_KERNEL.get((torch.device(device).type, dtype))
+    if state is None:
+        return None
+    return "triton kernel" if state == "triton" else f"chunked product (Triton kernel {state})"
+
+
 def received_attention(
     q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, num_prefix: int, *, kernel: bool = True
 ) -> torch.Tensor:
