@@ -97,6 +97,7 @@ def test_the_default_block_in_float16_uses_the_kernel_and_matches_the_other_two(
     with torch.no_grad():
         by_kernel = pomt_model(name, "auto")(x)
         assert pomt.RECEIVED_KERNEL == {("cpu", torch.float16): "triton"}
+        assert torch.equal(pomt_model(name, "kernel")(x), by_kernel)  # what auto takes in float16
         by_product = pomt_model(name, "lean")(x)
         explicit = pomt_model(name, "explicit")(x)
     torch.testing.assert_close(by_kernel, by_product, rtol=1e-2, atol=1e-2)
