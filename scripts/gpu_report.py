@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -162,12 +163,11 @@ def environment() -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     sm_count=props.multi_processor_count)
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    for name in ("onnxruntime", "triton"):  # ONNX Runtime's section; POMT's float16 kernel
+        try:
+            info[name] = importlib.import_module(name).__version__
+        except ImportError:
+            info[name] = None
     return info
 
 
@@ -431,7 +431,8 @@ def markdown(report: dict) -> str:
     lines = [f"# pomt GPU report ({info.get('date', '')[:10]})", "",
              f"`{report['command']}`", "",
              f"{info.get('gpu', 'no GPU')}; torch {info.get('torch')}, CUDA {info.get('cuda')}, timm "
-             f"{info.get('timm')}, pomt {info.get('pomt')}, Python {info.get('python')}. Clocks were not "
+             f"{info.get('timm')}, Triton {info.get('triton')}, pomt {info.get('pomt')}, Python "
+             f"{info.get('python')}. Clocks were not "
              "changed; as read before and after:", ""]
     for when in ("before", "after"):
         if when in env:

@@ -16,6 +16,13 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["smoke"] is True
+    try:
+        import triton  # a dependency of torch on Linux x86-64
+
+        expected = triton.__version__
+    except ImportError:
+        expected = None
+    assert report["environment"]["info"]["triton"] == expected
     for name in ("core", "profile", "bench", "accuracy", "runtimes"):
         assert report[name]["status"] == "complete", (name, report[name])
     core = report["core"]["results"]
