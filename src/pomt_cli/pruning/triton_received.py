@@ -55,15 +55,15 @@ def processors(device: torch.device) -> int:
 
 # Arguments that change with the token count are not specialised, so that a profile
 # sweeping n compiles the kernel once per model, not once per divisibility pattern. The
-# strides of q and k are (3 H D for timm's fused projection, times N for an image's):
-# their divisibility by 16 lets Triton vectorise the loads.
+# strides of q and k are (3 H D between tokens of timm's fused projection, N times that
+# between images): their divisibility by 16 lets Triton vectorise the loads.
 @triton.jit(do_not_specialize=["N", "stride_lb", "stride_lh", "stride_ob"])
 def _received_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_lb, stride_lh, stride_ob,
                      H, N, P, scale,
                      D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # an image's offset can pass 2**31 elements in a large batch
     keys = P + tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < N
