@@ -177,7 +177,8 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
     assert len(bench) == 1
     # The CSV read with the parquet's types: where every choice is R = 0 (refine on a busy
     # machine), the prediction columns are all empty and would otherwise read as text.
-    frame = pl.read_csv(out / bench[0], schema_overrides=pl.read_parquet_schema(out / bench[0].replace(".csv", ".parquet")))
+    types = pl.read_parquet_schema(out / bench[0].replace(".csv", ".parquet"))
+    frame = pl.read_csv(out / bench[0], schema_overrides=types)
     pomt_rows = frame.filter(pl.col("method") == "pomt")
     pruned = [c for c in report["choices"] if c["R"] > 0]  # R = 0 is the unpruned model, benched as none
     assert pomt_rows["tokens_out"].to_list() == [65 - c["R"] for c in pruned]
