@@ -80,7 +80,8 @@ def _received_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
                         mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
             lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + queries, mask=query_ok, other=0.0)
             best = tl.maximum(best, tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale - lse[:, None])
-        probability = tl.where(query_ok[:, None] & key_ok[None, :], tl.exp(best), 0.0)
+        # Queries past N are masked here; keys past N only fill columns that are not stored.
+        probability = tl.where(query_ok[:, None], tl.exp(best), 0.0)
         total += tl.sum(probability, axis=0)
     tl.store(out_ptr + b * stride_ob + (keys - P), total, mask=key_ok)
 
