@@ -204,14 +204,6 @@ def test_bad_runtimes_are_refused_in_one_line_before_anything_is_written(tmp_pat
     assert not (tmp_path / "runs").exists() and not cache.exists()
 
 
-def test_without_the_onnx_extra_a_list_with_onnxruntime_is_refused_naming_it(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    code, _, err = run_in_process([*BENCH, "--runtime", "eager,onnxruntime", "--output-dir", str(tmp_path / "runs")],
-                                  capsys)
-    assert code == 2 and 'pip install -e ".[onnx]"' in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "runs").exists()
-
-
 def test_r_from_predicts_for_the_rows_of_the_reports_runtime_among_several(tmp_path, capsys):
     info = {"runtime": "onnxruntime", "providers": ["CPUExecutionProvider"], "onnxruntime_version": "1.0"}
     lat = write_latency(tmp_path / "lat.parquet", runtime="onnxruntime", runtime_info=info, dtype="float32")

@@ -121,12 +121,12 @@ def test_unsupported_runtimes_are_refused_in_one_line_before_anything_is_written
     assert not (tmp_path / "runs").exists() and not cache.exists()
 
 
-@pytest.mark.parametrize("command", ["profile", "bench"])
-def test_without_the_onnx_extra_the_runtime_is_refused_naming_it(tmp_path, capsys, monkeypatch, command):
+@pytest.mark.parametrize("command, runtime", [("profile", "onnxruntime"), ("bench", "onnxruntime"),
+                                              ("bench", "eager,onnxruntime")])
+def test_without_the_onnx_extra_the_runtime_is_refused_naming_it(tmp_path, capsys, monkeypatch, command, runtime):
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
     base = ["profile", *DIGITS, *FAST] if command == "profile" else BENCH
-    code, _, err = run_in_process([*base, "--runtime", "onnxruntime", "--output-dir", str(tmp_path / "runs")],
-                                  capsys)
+    code, _, err = run_in_process([*base, "--runtime", runtime, "--output-dir", str(tmp_path / "runs")], capsys)
     assert code == 2 and 'pip install -e ".[onnx]"' in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
 
