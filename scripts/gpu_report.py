@@ -16,6 +16,10 @@ Sections:
   graphs; and the lean POMT scores against exact ones on the device.
 - profile: two consecutive full profiles at batch 64 float32 eager, two at batch 1 and 4
   float16 with CUDA graphs; wall time, agreement per point, steps.
+- engine: where a profile's time goes. Every visit of a 25-point grid (n = 197, 189, ...,
+  5) at batch 64 float32 eager and at batch 4 float16 with CUDA graphs, with the
+  profile's default settings, through the library's ``profile_latency``: each visit's
+  samples in order, its warm-up (and capture) time and the host's time around it.
 - bench: ``pomt bench`` with none, POMT, ToMe and Top-K at batch 4, 64, 256, float16,
   CUDA graphs.
 - accuracy: ``pomt estimate-accuracy`` on 2,000 generated JPEGs, batch 64, 20 grid points;
@@ -49,9 +53,9 @@ sys.path.insert(0, str(SCRIPTS))
 
 from pomt_cli.formats.outputs import atomic_write_text  # noqa: E402
 
-SECTIONS = ("core", "profile", "bench", "accuracy", "runtimes")
-LIMITS_S = {"core": 180, "profile": 210, "bench": 75, "accuracy": 90, "runtimes": 60}
-SMOKE_LIMITS_S = {"core": 40, "profile": 40, "bench": 30, "accuracy": 40, "runtimes": 40}
+SECTIONS = ("core", "profile", "engine", "bench", "accuracy", "runtimes")
+LIMITS_S = {"core": 150, "profile": 240, "engine": 45, "bench": 60, "accuracy": 60, "runtimes": 60}
+SMOKE_LIMITS_S = {"core": 40, "profile": 40, "engine": 30, "bench": 30, "accuracy": 40, "runtimes": 40}
 
 FULL = {
     "device": "cuda", "preset": "nvidia", "model": "deit_small_patch16_224", "model_kwargs": {},
@@ -64,6 +68,8 @@ FULL = {
                  ("bs4_float16_cudagraphs", ["--batch-size", "4", "--dtype", "float16", "--cuda-graphs"])],
     "profile_names": ["bs64_float32_eager", "bs1-4_float16_cudagraphs"],
     "watch": {64: [(177, 176), (89, 88)]},
+    "engine_model": "deit_small_patch16_224", "engine_tokens": (197, 1, -8),
+    "engine_runs": [("bs64_float32_eager", 64, "float32", False), ("bs4_float16_cudagraphs", 4, "float16", True)],
     "bench_model": "deit_small_patch16_224",
     "bench_args": ["--batch-size", "4,64,256", "--dtype", "float16", "--cuda-graphs", "-r", "56", "--layer", "3",
                    "--tome-r", "8", "--topk-r", "8", "--budget", "0.5"],
@@ -85,6 +91,8 @@ SMOKE = {
                  ("bs1-4_float32_eager", ["--batch-size", "1,4", "--dtype", "float32", "--budget", "0.1"])],
     "profile_names": ["bs4_float32_eager", "bs1-4_float32_eager"],
     "watch": {4: [(41, 40)]},
+    "engine_model": "vit_tiny_patch16_224", "engine_tokens": (17, 1, -3),
+    "engine_runs": [("bs4_float32_eager", 4, "float32", False)], "engine_budget_s": 0.1,
     "bench_model": "digits-vit",
     "bench_args": ["--batch-size", "1,4", "--dtype", "float32", "-r", "16", "--layer", "1", "--tome-r", "2",
                    "--topk-r", "2", "--budget", "0.1", "--rounds", "2"],
@@ -298,6 +306,11 @@ def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
                 out.append("profiles", {"name": name, "run": run, "exit_code": code, "wall_s": round(wall, 1)})
                 break
             frame, meta = read_latency_profile(files[0])
+            kept = out.path.parent.parent / files[0].relative_to(folder)
+            if kept != files[0]:
+                # With --work-dir elsewhere, the profile itself still comes back with the report.
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(files[0], kept)
             steps = find_steps(frame, top=8)
             runs.append(frame)
             counts = dict(frame.group_by("status").len().iter_rows())
@@ -316,6 +329,93 @@ def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
                                          "median_pct": round(100 * row["median"], 3),
                                          "p90_pct": round(100 * row["p90"], 3),
                                          "max_pct": round(100 * row["max"], 3)})
+
+
+def section_engine(cfg: dict, out: SectionWriter, folder: Path) -> None:
+    """Every visit of a short profile, as the engine made it: where a profile's wall time goes."""
+    import timm
+    import torch
+
+    from pomt_cli.measure.grid import LatencySettings
+    from pomt_cli.measure.workload import profile_latency
+    from pomt_cli.pipelines import ProfileSettings
+
+    defaults = {name: ProfileSettings.model_fields[name].default
+                for name in ("rel_precision", "budget_s", "min_samples", "warmup", "passes", "seed")}
+    if cfg.get("engine_budget_s"):
+        defaults["budget_s"] = cfg["engine_budget_s"]
+    grid = list(range(*cfg["engine_tokens"]))
+    out.put("settings", {"model": cfg["engine_model"], "grid": grid, **defaults})
+    for name, batch, dtype, graphs in cfg["engine_runs"]:
+        settings = LatencySettings(batch_sizes=[batch], grid=grid, dtype=dtype, cuda_graphs=graphs,
+                                   remeasure_rounds=ProfileSettings.model_fields["remeasure"].default, **defaults)
+        torch.manual_seed(0)
+        model = timm.create_model(cfg["engine_model"], pretrained=False, **cfg["model_kwargs"])
+        visits: list[dict] = []
+        pooled: dict = {}
+        started = {"at": 0.0}
+
+        def progress(event, visits=visits, pooled=pooled, started=started) -> None:
+            now = time.perf_counter()
+            if event.measurement is None:
+                started["at"] = now
+                return
+            m = event.measurement
+            before = pooled.get(event.tokens)
+            pooled[event.tokens] = m
+            if m.status == "oom":
+                visits.append({"n": event.tokens, "phase": event.phase, "status": "oom"})
+                return
+            new = m.raw_ms[len(before.raw_ms):] if before else m.raw_ms
+            measure_s = m.elapsed_s - (before.elapsed_s if before else 0.0)
+            visits.append({
+                "n": event.tokens, "phase": event.phase, "status": m.status,
+                "warmup_calls": m.warmup_calls - (before.warmup_calls if before else 0),
+                "wall_s": round(now - started["at"], 5), "measure_s": round(measure_s, 5),
+                "samples_ms": [round(v, 5) for v in new],
+            })
+
+        began = time.perf_counter()
+        frame = profile_latency(model, settings, device=torch.device(cfg["device"]), progress=progress)
+        wall = time.perf_counter() - began
+        out.append("runs", {"name": name, "batch_size": batch, "dtype": dtype, "cuda_graphs": graphs,
+                            "wall_s": round(wall, 2), "points": frame.height,
+                            "status_counts": dict(frame.group_by("status").len().iter_rows()),
+                            "samples_per_point": dict(zip(map(str, frame["tokens"]), frame["samples"])),
+                            "summary": engine_summary(visits, wall), "visits": visits})
+        del model
+        if cfg["device"] == "cuda":
+            torch.cuda.empty_cache()
+
+
+def engine_summary(visits: list[dict], wall_s: float) -> dict:
+    """Where the time of one traced profile went, and how noisy its samples were."""
+    import numpy as np
+
+    timed = [v for v in visits if v.get("samples_ms")]
+    timed_s = sum(sum(v["samples_ms"]) for v in timed) / 1e3
+    measure_s = sum(v["measure_s"] for v in timed)
+    visit_s = sum(v["wall_s"] for v in timed)
+    calls: dict[int, int] = {}
+    by_point: dict[int, list[float]] = {}
+    first_vs_rest = []
+    for v in timed:
+        calls[v["n"]] = calls.get(v["n"], 0) + len(v["samples_ms"]) + v["warmup_calls"]
+        by_point.setdefault(v["n"], []).extend(v["samples_ms"])
+        if len(v["samples_ms"]) >= 3:
+            first_vs_rest.append(v["samples_ms"][0] / float(np.median(v["samples_ms"][1:])) - 1)
+    spread = [float(np.percentile(s, 90) / np.percentile(s, 10)) for s in by_point.values() if len(s) >= 5]
+    cv = [float(np.std(s) / np.mean(s)) for s in by_point.values() if len(s) >= 5]
+    return {
+        "visits": len(timed), "wall_s": round(wall_s, 2), "timed_s": round(timed_s, 2),
+        "warmup_s": round(measure_s - timed_s, 2), "host_in_visits_s": round(visit_s - measure_s, 2),
+        "outside_visits_s": round(wall_s - visit_s, 2),
+        "calls_per_point_median": float(np.median(list(calls.values()))) if calls else None,
+        "calls_per_point_max": max(calls.values(), default=None),
+        "spread_p90_p10_median": round(float(np.median(spread)), 4) if spread else None,
+        "cv_median": round(float(np.median(cv)), 4) if cv else None,
+        "first_call_vs_rest_median": round(float(np.median(first_vs_rest)), 4) if first_vs_rest else None,
+    }
 
 
 def watched(frame, watch: dict) -> list[dict]:
@@ -415,8 +515,8 @@ def section_accuracy(cfg: dict, out: SectionWriter, folder: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-RUNNERS = {"core": section_core, "profile": section_profile, "bench": section_bench, "accuracy": section_accuracy,
-           "runtimes": section_runtimes}
+RUNNERS = {"core": section_core, "profile": section_profile, "engine": section_engine, "bench": section_bench,
+           "accuracy": section_accuracy, "runtimes": section_runtimes}
 
 
 # --- the report --------------------------------------------------------------------------------------
@@ -491,6 +591,25 @@ def markdown(report: dict) -> str:
             for w in p.get("watched", []):
                 lines.append(f"- {p['name']} run {p['run']}, batch {w['batch_size']}: n {w['from']}\u2192{w['to']}: "
                              f"{w['from_ms']} \u2192 {w['to_ms']} ms ({w['change_pct']:+.2f}%)")
+
+    engine = report.get("engine", {}).get("results", {})
+    if engine.get("runs"):
+        lines += ["", "## engine", "", "Where the time of a profile goes, on a grid of "
+                  f"{len(engine['settings']['grid'])} points with the default settings: the timed calls, the "
+                  "warm-up calls (and CUDA-graph captures), the host's work inside a visit (patching, the "
+                  "pooled statistics) and between visits; calls per point, warm-up included; the spread of a "
+                  "point's samples (p90/p10, coefficient of variation); how much slower a visit's first timed "
+                  "call is than its others.", "",
+                  "| run | points | visits | wall s | timed | warm-up | host in | between | calls/point | "
+                  "p90/p10 | CV | first call |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for r in engine["runs"]:
+            m = r["summary"]
+            lines.append(f"| {r['name']} | {r['points']} | {m['visits']} | {m['wall_s']} | {m['timed_s']} | "
+                         f"{m['warmup_s']} | {m['host_in_visits_s']} | {m['outside_visits_s']} | "
+                         f"{fmt(m['calls_per_point_median'], '{:.0f}')} (max {m['calls_per_point_max']}) | "
+                         f"{fmt(m['spread_p90_p10_median'], '{:.3f}')} | {fmt(m['cv_median'], '{:.2%}')} | "
+                         f"{fmt(m['first_call_vs_rest_median'], '{:+.1%}')} |")
 
     bench = report.get("bench", {}).get("results", {})
     if bench:

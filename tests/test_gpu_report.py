@@ -11,8 +11,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_report.py"
 
 
 def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(tmp_path / "report"), "--smoke"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(tmp_path / "report"), "--smoke",
+                           "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["smoke"] is True
@@ -23,7 +23,7 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     except ImportError:
         expected = None
     assert report["environment"]["info"]["triton"] == expected
-    for name in ("core", "profile", "bench", "accuracy", "runtimes"):
+    for name in ("core", "profile", "engine", "bench", "accuracy", "runtimes"):
         assert report[name]["status"] == "complete", (name, report[name])
     core = report["core"]["results"]
     assert [t["batch"] for t in core["tables"]] == [4, 1]
@@ -40,8 +40,26 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     assert [(p["name"], p["run"], p["points"]) for p in profile["profiles"]] == [
         ("bs4_float32_eager", "a", 6), ("bs4_float32_eager", "b", 6),
         ("bs1-4_float32_eager", "a", 12), ("bs1-4_float32_eager", "b", 12)]
+    # The profiles themselves come back with the report, though the commands wrote them elsewhere.
+    for p in profile["profiles"]:
+        assert (tmp_path / "work" / p["file"]).is_file() and (tmp_path / "report" / p["file"]).is_file()
     assert {(a["name"], a["batch_size"]) for a in profile["agreement"]} == {
         ("bs4_float32_eager", 4), ("bs1-4_float32_eager", 1), ("bs1-4_float32_eager", 4)}
+    engine = report["engine"]["results"]
+    assert engine["settings"]["grid"] == [17, 14, 11, 8, 5, 2] and engine["settings"]["passes"] == 2
+    (run,) = engine["runs"]
+    assert run["name"] == "bs4_float32_eager" and run["points"] == 6
+    # Every point is visited once per pass at least; the samples of its visits, traced from the
+    # progress events, are exactly those the profile pooled for it.
+    visits_of = {n: [v for v in run["visits"] if v["n"] == n] for n in engine["settings"]["grid"]}
+    assert all(len(v) >= 2 for v in visits_of.values())
+    assert {str(n): sum(len(v["samples_ms"]) for v in vs) for n, vs in visits_of.items()} == run["samples_per_point"]
+    assert all(v["warmup_calls"] >= 1 and v["wall_s"] >= v["measure_s"] > 0 for v in run["visits"])
+    summary = run["summary"]
+    assert summary["visits"] == len(run["visits"]) and summary["timed_s"] > 0
+    assert summary["calls_per_point_median"] >= engine["settings"]["min_samples"]
+    assert abs(summary["timed_s"] + summary["warmup_s"] + summary["host_in_visits_s"] + summary["outside_visits_s"]
+               - summary["wall_s"]) < 0.05
     rows = report["bench"]["results"]["rows"]
     assert report["bench"]["results"]["exit_code"] == 0
     assert {(r["batch_size"], r["setting"]) for r in rows} == {
@@ -54,7 +72,7 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
         (b, rt, s) for b in (1, 4) for rt in ("eager", "onnxruntime") for s in ("none", "pomt r=16 @1")}
     assert all(r["latency_ms"] > 0 for r in runtimes["rows"])
     markdown = (tmp_path / "report" / "report.md").read_text()
-    for heading in ("## core", "## profile", "## bench", "## accuracy", "## runtimes", "## targets"):
+    for heading in ("## core", "## profile", "## engine", "## bench", "## accuracy", "## runtimes", "## targets"):
         assert heading in markdown
 
 
