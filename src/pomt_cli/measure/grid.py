@@ -269,7 +269,7 @@ def run_grid(
         # neighbours visited close together looks like a step until then.
         unvisited = [
             (int(step["batch_size"]), int(n))
-            for step in find_steps(current, top=STEP_CHECKS).iter_rows(named=True)
+            for step in find_steps(current, top=STEP_CHECKS, excursions=True).iter_rows(named=True)
             for n in (step["from_tokens"], step["to_tokens"])
             if (rows[(int(step["batch_size"]), int(n))]["attempts"] or 1) <= passes
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 
@@ -14,7 +15,31 @@ MAX_STEP_WIDTH = 4
 TREND_WINDOW = 15
 
 
-def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> pl.DataFrame:
+#: Grid points either side of a drop whose median tells a step from an excursion.
+LEVEL_WINDOW = 6
+
+
+def _excursions(ms: np.ndarray, margin: float) -> np.ndarray:
+    """For each adjacent pair of a curve (descending n), whether its drop is an excursion.
+
+    It is when the curve rises back on either side: the pair's upper point lies clearly
+    (``margin``, relative) above its upper neighbour or above the median of the
+    :data:`LEVEL_WINDOW` points above it (it sits above its own level), or the lower
+    point lies clearly below its lower neighbour or below the median of the points below
+    it (a dip). A step leaves the curve at the higher level above it and at the lower
+    level below it.
+    """
+    out = np.zeros(max(len(ms) - 1, 0), dtype=bool)
+    for i in range(len(out)):
+        above, below = ms[max(0, i - LEVEL_WINDOW):i], ms[i + 2:i + 2 + LEVEL_WINDOW]
+        high = above.size > 0 and ms[i] > min(above[-1], np.median(above)) * (1 + margin)
+        low = below.size > 0 and ms[i + 1] < max(below[0], np.median(below)) * (1 - margin)
+        out[i] = high or low
+    return out
+
+
+def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
+               excursions: bool = False) -> pl.DataFrame:
     """The largest latency steps: drops between adjacent grid points well beyond the curve's trend.
 
     For adjacent measured points n > n - k of one batch size the relative drop is
@@ -25,6 +50,10 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
     ``d - s k / L(n)`` of a step is above ``min_drop`` and above the excesses' own spread
     (3 x their scaled median absolute deviation), the two points' confidence intervals
     of the median do not overlap, and they are at most :data:`MAX_STEP_WIDTH` tokens apart.
+    A drop where the curve rises back on either side (a point above the level of the
+    points above it, or below the level of those below it: see :func:`_excursions`) is
+    noise, such as single slow calls where eager timing is bound by the host, not a step;
+    ``excursions=True`` keeps such drops too (the grid visits the ends of both kinds again).
 
     Returns:
         One row per step, at most ``top`` per batch size, largest excess first:
@@ -47,6 +76,7 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
             "to_ms": curve["latency_ms"][1:],
             # A step is significant when the intervals of the median do not overlap.
             "separated": (low[:-1].fill_null(curve["latency_ms"][:-1]) > high[1:].fill_null(curve["latency_ms"][1:])),
+            "excursion": _excursions(curve["latency_ms"].to_numpy(), min_drop),
         }).with_columns(
             k=pl.col("from_tokens") - pl.col("to_tokens"),
             drop=(pl.col("from_ms") - pl.col("to_ms")) / pl.col("from_ms"),
@@ -56,7 +86,7 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02) -> 
         pairs = pairs.with_columns(excess=pl.col("drop") - slope * pl.col("k") / pl.col("from_ms"))
         spread = pairs.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
         steps = (
-            pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (pl.col("k") <= MAX_STEP_WIDTH)
+            pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (excursions | ~pl.col("excursion")) & (pl.col("k") <= MAX_STEP_WIDTH)
                          & (pl.col("excess") > max(min_drop, 3 * spread)))
             .sort("excess", descending=True)
             .head(top)
