@@ -61,6 +61,16 @@ def test_utility_ties_go_to_the_larger_n():
     assert rank(score(frame, N, 0.5), settings, 1)["tokens"].to_list() == [17, 5, 9]
 
 
+def test_utilities_one_rounding_apart_tie_and_the_larger_n_wins():
+    # Both utilities are 0.5 exactly; in floating point U(5) comes out 1.1e-16 above U(17).
+    frame = pl.DataFrame({"tokens": [17, 5, 9], "latency_ms": [7.3, 3.0, 6.0],
+                          "accuracy": [79.1, 32.5068493150685, 40.0]})
+    scored = score(frame, N, 0.5)
+    u17, u5 = (scored.filter(pl.col("tokens") == n)["utility"].item() for n in (17, 5))
+    assert u5 != u17 and abs(u5 - u17) < 1e-12
+    assert rank(scored, selection_settings(alpha=0.5), 1)["tokens"].to_list() == [17, 5, 9]
+
+
 @pytest.mark.parametrize("budget, expected", [(6.0, 13), (9.9, 15), (10.0, 15), (4.5, 5), (4.213, 3)])
 def test_latency_budget_picks_the_most_accurate_feasible_n(budget, expected):
     settings = selection_settings(latency_budget_ms=budget)

@@ -174,10 +174,11 @@ def rank(scored: pl.DataFrame, settings: SelectionSettings, batch_size: int) -> 
     """
     if settings.criterion == "utility":
         best = scored["utility"].max()
-        tie = (pl.col("utility") >= best - UTILITY_TIE).cast(pl.Int8)
-        return (scored.with_columns(_tie=tie)
-                .sort(["_tie", "utility", "tokens"], descending=[True, True, True])
-                .drop("_tie"))
+        tied = pl.col("utility") >= best - UTILITY_TIE
+        # Within the tie, n decides before the utility (the two differ by rounding only).
+        return (scored.with_columns(_tie=tied.cast(pl.Int8), _n=pl.when(tied).then(pl.col("tokens")).otherwise(0))
+                .sort(["_tie", "_n", "utility", "tokens"], descending=[True, True, True, True], maintain_order=True)
+                .drop("_tie", "_n"))
     if settings.criterion == "latency_budget":
         budget = settings.latency_budget_ms
         feasible = scored.filter(pl.col("latency_ms") <= budget)
