@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,6 +84,33 @@ def test_missing_and_empty_folders(tmp_path):
     (tmp_path / "hollow" / "a").mkdir(parents=True)
     with pytest.raises(PomtError, match="holds no images"):
         list_images(tmp_path / "hollow")
+
+
+def test_class_folders_that_sort_differently_by_name_and_naturally_need_an_order(tmp_path):
+    root = image_folder(tmp_path / "val", {"c1": 1, "c2": 2, "c10": 3}, size=(8, 8))
+    with pytest.raises(PomtError, match="c10 is class 1.*c2 is class 1.*--class-order name or natural"):
+        list_images(root)
+    by_name = list_images(root, class_order="name")
+    assert by_name.classes == ["c1", "c10", "c2"]
+    assert [(r.name.split("/")[0], r.label) for r in by_name.records] == [
+        ("c1", 0), ("c10", 1), ("c10", 1), ("c10", 1), ("c2", 2), ("c2", 2)]
+    natural = list_images(root, class_order="natural")
+    assert natural.classes == ["c1", "c2", "c10"]
+    assert [(r.name.split("/")[0], r.label) for r in natural.records] == [
+        ("c1", 0), ("c2", 1), ("c2", 1), ("c10", 2), ("c10", 2), ("c10", 2)]
+    # Where both orders agree (ImageNet's synsets, names of one width) no order is needed.
+    synsets = image_folder(tmp_path / "synsets", {"n01440764": 1, "n01443537": 1, "n15075141": 1}, size=(8, 8))
+    assert list_images(synsets).classes == ["n01440764", "n01443537", "n15075141"]
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    root = image_folder(tmp_path / "val", {"a": 2, "b": 1, ".ipynb_checkpoints": 1}, size=(8, 8))
+    (root / "a" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(root / "a" / "img_000.jpg", root / "a" / ".ipynb_checkpoints" / "img_000.jpg")
+    shutil.copy(root / "a" / "img_000.jpg", root / "a" / "._img_000.jpg")  # macOS's metadata twin
+    listing = list_images(root)
+    assert listing.classes == ["a", "b"]
+    assert [r.name for r in listing.records] == ["a/img_000.jpg", "a/img_001.jpg", "b/img_000.jpg"]
 
 
 def test_preprocess_equals_timms_own_eval_transform(tmp_path):
@@ -238,6 +266,30 @@ def test_estimate_accuracy_command(tmp_path, pomt):
     assert meta.limit == 200 and len(meta.images) == 200 and meta.estimator == "random"
     assert meta.command.startswith("pomt estimate-accuracy --model digits-vit")
     assert "200 images of 10 classes" in done.stdout
+
+
+def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, pomt):
+    # The held-out digits as PNG files, digit d in folder c{d+2}: numbered naturally (c2 .. c11)
+    # the folders are the digits in order; sorted by name (c10, c11, c2, ...) every label is off.
+    split = digits.digits_split("test")
+    root = tmp_path / "digits"
+    for i, (pixels, label) in enumerate(zip(split.pixels[:120], split.labels[:120])):
+        folder = root / f"c{int(label) + 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    base = ["estimate-accuracy", "--model", "digits-vit", "--data", str(root), "--tokens", "65:65:1"]
+    refused = pomt(*base, "--output-dir", str(tmp_path / "none"), cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--class-order name or natural" in refused.stderr and not (tmp_path / "none").exists()
+    accuracy = {}
+    for order in ("natural", "name"):
+        done = pomt(*base, "--class-order", order, "--output-dir", str(tmp_path / order), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        (parquet,) = (tmp_path / order).glob("accuracy_*.parquet")
+        frame, meta = read_accuracy(parquet)
+        assert f"--class-order {order}" in meta.command
+        accuracy[order] = frame["accuracy"].item()
+    assert accuracy["natural"] >= 90.0 and accuracy["name"] <= 20.0
 
 
 @pytest.mark.parametrize(

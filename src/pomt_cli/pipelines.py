@@ -35,7 +35,7 @@ from pomt_cli.bench import (
     time_runtimes,
 )
 from pomt_cli.formats.bench import BenchMeta, MethodSetting, write_bench
-from pomt_cli.accuracy.data import load_labelled
+from pomt_cli.accuracy.data import ClassOrder, load_labelled
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.devices.presets import DevicePreset, default_preset_name, load_preset
 from pomt_cli.devices.torch_device import device_name, resolve_torch_device
@@ -615,6 +615,7 @@ class BenchSettings(_RuntimeSettings):
     img_size: int | None = None
     data: str | None = None
     limit: int | None = None
+    class_order: ClassOrder | None = None
     eval_batch_size: int = Field(64, ge=1)
     cuda_graphs: bool = False
     rel_precision: float = Field(0.01, gt=0, lt=1)
@@ -787,7 +788,7 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     plan = BenchPlan(settings=planned, predictions=_predictions(planned, choices, g.num_tokens))
     listing = labelled = None
     if s.data is not None:
-        listing, labelled = load_labelled(s.data, net, limit=s.limit)
+        listing, labelled = load_labelled(s.data, net, limit=s.limit, class_order=s.class_order)
 
     net = net.to(device=tdev, dtype=s.dtype.torch)
     timing = BenchTiming(dtype=s.dtype.torch, cuda_graphs=s.cuda_graphs, rel_precision=s.rel_precision,

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,7 +71,7 @@ class Listing:
 
     Attributes:
         source: the data folder (absolute) or ``digits``.
-        classes: class names; the class index is the position (folders sorted by name).
+        classes: class names; the class index is the position (see :func:`class_folders`).
         records: the images used (all of them, or a ``limit`` subset).
         available: images in the data set before ``limit``.
         limit: the subset size asked for, if any.
@@ -128,23 +130,53 @@ def balanced_subset(records: Sequence[ImageRecord], num_classes: int, limit: int
     return sorted(subset, key=lambda r: (r.label, r.name))
 
 
-def _list_folder(root: Path) -> tuple[list[str], list[ImageRecord]]:
-    from torchvision.datasets.folder import find_classes, make_dataset
+ClassOrder = Literal["name", "natural"]
+"""How class folders are numbered: ``name`` sorts their names as strings (torchvision's
+ImageFolder), ``natural`` compares the digits in them as numbers and ignores case (timm's
+folder reader, so ``c2`` comes before ``c10``)."""
+
+
+def _natural_key(name: str) -> list[str | int]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def class_folders(root: Path, order: ClassOrder | None = None) -> list[str]:
+    """The class folders of ``root`` (hidden ones left out) in class-index order.
+
+    Raises:
+        PomtError: ``order`` is None and the two orders number the folders differently
+            (the model's training decided, and only the user knows which it was).
+    """
+    names = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    by_name, natural = sorted(names), sorted(names, key=_natural_key)
+    if order is None and by_name != natural:
+        first = next(i for i, (a, b) in enumerate(zip(by_name, natural)) if a != b)
+        raise PomtError(
+            f"--data {root}: its class folders number differently sorted by name ({by_name[first]} is class "
+            f"{first}, as torchvision's ImageFolder counts) and naturally ({natural[first]} is class {first}, "
+            "as timm's train.py counts): give --class-order name or natural, as the model was trained")
+    return natural if order == "natural" else by_name
+
+
+def _list_folder(root: Path, order: ClassOrder | None = None) -> tuple[list[str], list[ImageRecord]]:
+    from torchvision.datasets.folder import make_dataset
 
     if not root.exists():
         raise PomtError(f"--data {root} does not exist: give an image folder (one subfolder per class) or 'digits'")
     if not root.is_dir():
         raise PomtError(f"--data {root} is a file: give a folder with one subfolder per class")
-    try:
-        classes, class_to_idx = find_classes(root)
-    except FileNotFoundError:
-        raise PomtError(f"--data {root} has no class folders: put each class's images in a subfolder") from None
-    samples = make_dataset(root, class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
-    records = [
-        ImageRecord(name=Path(path).relative_to(root).as_posix(), label=label, path=Path(path))
-        for path, label in samples
-    ]
-    return classes, records
+    classes = class_folders(root, order)
+    if not classes:
+        raise PomtError(f"--data {root} has no class folders: put each class's images in a subfolder")
+    samples = make_dataset(root, {c: i for i, c in enumerate(classes)}, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    records = []
+    for path, label in samples:
+        name = Path(path).relative_to(root).as_posix()
+        # Hidden files and folders inside a class (.ipynb_checkpoints, macOS's ._ files) are not images of the set.
+        if not any(part.startswith(".") for part in name.split("/")[1:]):
+            records.append(ImageRecord(name=name, label=label, path=Path(path)))
+    # make_dataset lists the folders by name; a stable sort puts them in class order.
+    return classes, sorted(records, key=lambda r: r.label)
 
 
 def _list_digits() -> tuple[list[str], list[ImageRecord]]:
@@ -156,23 +188,27 @@ def _list_digits() -> tuple[list[str], list[ImageRecord]]:
     return list(digits.CLASSES), sorted(records, key=lambda r: (r.label, r.name))
 
 
-def list_images(spec: str | Path, limit: int | None = None) -> Listing:
+def list_images(spec: str | Path, limit: int | None = None, class_order: ClassOrder | None = None) -> Listing:
     """The labelled images of ``spec``: an ImageFolder tree, or ``digits`` (the held-out digits).
 
     Args:
-        spec: a folder with one subfolder per class (sorted names give the class indices;
-            files are found recursively, by extension), or ``"digits"``.
+        spec: a folder with one subfolder per class (:func:`class_folders` gives the class
+            indices; files are found recursively, by extension; hidden folders are left
+            out), or ``"digits"``.
         limit: take a deterministic, class-balanced subset of this many images.
+        class_order: how the class folders are numbered (:data:`ClassOrder`); None where
+            both orders agree, as they do for ImageNet's synset folders.
 
     Raises:
-        PomtError: missing or empty folder, no class folders, limit below 1 or above the
+        PomtError: missing or empty folder, no class folders, class folders that the two
+            orders number differently without ``class_order``, limit below 1 or above the
             number of images.
     """
     if str(spec) == DIGITS:
         source, (classes, records) = DIGITS, _list_digits()
     else:
         root = Path(spec).expanduser().resolve()
-        source, (classes, records) = str(root), _list_folder(root)
+        source, (classes, records) = str(root), _list_folder(root, class_order)
     if not records:
         raise PomtError(
             f"--data {spec} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders)"
@@ -433,6 +469,7 @@ def load_labelled(
     model: nn.Module,
     *,
     limit: int | None = None,
+    class_order: ClassOrder | None = None,
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Listing, LabelledImages]:
@@ -441,7 +478,7 @@ def load_labelled(
     Raises:
         PomtError: bad data set, or the model's head does not match its classes.
     """
-    listing = list_images(spec, limit=limit)
+    listing = list_images(spec, limit=limit, class_order=class_order)
     check_num_classes(model, listing.num_classes, f"--data {spec}")
     data = load_images(listing, Preprocess.from_model(model), workers=workers, on_progress=on_progress)
     if not len(data):

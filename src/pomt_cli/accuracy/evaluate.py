@@ -14,7 +14,8 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pomt_cli.accuracy.data import LabelledImages, Listing, Preprocess, count_correct, list_images, load_images
+from pomt_cli.accuracy.data import (ClassOrder, LabelledImages, Listing, Preprocess, count_correct, list_images,
+                                    load_images)
 from pomt_cli.accuracy.distributed import Processes, gather
 from pomt_cli.accuracy.estimators import accuracy_grid, random_patch_order, reduction
 from pomt_cli.errors import PomtError
@@ -108,6 +109,7 @@ class EstimateConfig(BaseModel):
     allow_random_weights: bool = False
     img_size: int | None = None
     limit: int | None = None
+    class_order: ClassOrder | None = Field(None, description="how class folders are numbered (None: both orders agree)")
     tokens: TokenRange | None = Field(None, description="the kept-token grid (default: every n the estimator reaches)")
     estimator: Estimator = "random"
     layer: int = 3
@@ -190,7 +192,7 @@ def run_estimate(
         PomtError: bad options, data or weights.
     """
     dtype_name, dtype = config.dtype.value, config.dtype.torch
-    listing: Listing = list_images(config.data, limit=config.limit)
+    listing: Listing = list_images(config.data, limit=config.limit, class_order=config.class_order)
     model, source = _model_for(config)
     check_num_classes(model, listing.num_classes, f"--data {config.data}")
     g = vit_geometry(model)

@@ -15,6 +15,7 @@ from pomt_cli.cli.options import (
     AllowRandomOption,
     BenchBudgetOption,
     CheckpointOption,
+    ClassOrderOption,
     CompileBackendOption,
     CudaGraphsOption,
     DeviceOption,
@@ -218,6 +219,7 @@ def bench(
     data: Annotated[str | None, typer.Option(
         "--data", help="Labelled images for accuracy: an image folder or 'digits'.")] = None,
     limit: LimitOption = None,
+    class_order: ClassOrderOption = None,
     eval_batch_size: Annotated[int, typer.Option(
         "--eval-batch-size", min=1, help="Images per forward pass for accuracy.")] = 64,
     cuda_graphs: CudaGraphsOption = False,
@@ -241,6 +243,7 @@ def bench(
         batch_sizes=parse_int_list(batch_size, "--batch-size") if batch_size else None, device=device,
         torch_device=torch_device, dtype=dtype, pretrained=pretrained, checkpoint=checkpoint,
         allow_random_weights=allow_random_weights, img_size=img_size, data=data, limit=limit,
+        class_order=class_order and class_order.value,
         eval_batch_size=eval_batch_size, cuda_graphs=cuda_graphs, runtimes=runtime,
         ort_providers=parse_providers(ort_providers), compile_backend=compile_backend, rel_precision=rel_precision, budget_s=budget,
         rounds=rounds, seed=seed, threads=threads, lock_clocks=lock_clocks, output_dir=output_dir, command=ctx.obj,

@@ -15,6 +15,7 @@ from pomt_cli.formats.accuracy import takes_layer
 from pomt_cli.cli.options import (
     AllowRandomOption,
     CheckpointOption,
+    ClassOrderOption,
     DtypeOption,
     Estimator,
     ImgSizeOption,
@@ -115,6 +116,7 @@ def estimate_accuracy(
     allow_random_weights: AllowRandomOption = False,
     img_size: ImgSizeOption = None,
     limit: LimitOption = None,
+    class_order: ClassOrderOption = None,
     tokens: TokensOption = None,
     estimator: Annotated[Estimator, typer.Option(
         "--estimator", help="random (the paper's estimate), or the real method.")] = Estimator.random,
@@ -142,7 +144,8 @@ def estimate_accuracy(
     layers = layers or [3]
     config = EstimateConfig(
         model=model, data=data, pretrained=pretrained, checkpoint=checkpoint, allow_random_weights=allow_random_weights,
-        img_size=img_size, limit=limit, tokens=tokens, estimator=estimator.value, layer=layers[0], layers=layers,
+        img_size=img_size, limit=limit, class_order=class_order and class_order.value, tokens=tokens,
+        estimator=estimator.value, layer=layers[0], layers=layers,
         seed=seed, batch_size=batch_size, dtype=dtype, workers=workers,
     )
     settings = AccuracySettings(estimate=config, torch_device=torch_device, output_dir=output_dir, command=ctx.obj)

@@ -144,6 +144,16 @@ ImgSizeOption = Annotated[int | None, typer.Option(
     "DINOv2, whose timm default is 518).")]
 LimitOption = Annotated[int | None, typer.Option(
     "--limit", help="A deterministic class-balanced subset of this many images.")]
+
+
+class ClassOrderChoice(str, Enum):
+    name = "name"
+    natural = "natural"
+
+
+ClassOrderOption = Annotated[ClassOrderChoice | None, typer.Option(
+    "--class-order", help="How class folders are numbered: name (sorted as strings, torchvision's ImageFolder) or "
+    "natural (c2 before c10, timm's train.py). Needed only where the two differ.")]
 CudaGraphsOption = Annotated[bool, typer.Option(
     "--cuda-graphs", help="Capture the forward pass in a CUDA graph and time replays (no launch overhead).")]
 RelPrecisionOption = Annotated[float, typer.Option(
