@@ -290,6 +290,16 @@ def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, pomt
         assert f"--class-order {order}" in meta.command
         accuracy[order] = frame["accuracy"].item()
     assert accuracy["natural"] >= 90.0 and accuracy["name"] <= 20.0
+    # bench's accuracy reads the folder the same way.
+    bench = ["bench", "--model", "digits-vit", "--device", "cpu", "--method", "none", "--data", str(root),
+             "--budget", "0.05", "--rounds", "1", "--no-lock-clocks"]
+    refused = pomt(*bench, "--output-dir", str(tmp_path / "bench-none"), cwd=tmp_path)
+    assert refused.returncode == 2 and "--class-order name or natural" in refused.stderr
+    assert not (tmp_path / "bench-none").exists()
+    done = pomt(*bench, "--class-order", "natural", "--output-dir", str(tmp_path / "bench"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (parquet,) = (tmp_path / "bench").glob("bench_*.parquet")
+    assert pl.read_parquet(parquet)["accuracy"].item() >= 90.0
 
 
 @pytest.mark.parametrize(
