@@ -68,7 +68,8 @@ def _table(title: str, columns: list[str], rows: list[list[str]], compact: bool 
     return table
 
 
-def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str | None = None) -> list[Table]:
+def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str | None = None,
+            refined: bool = False) -> list[Table]:
     """The report: a table of latency (and accuracy), and one of predictions when the run has them.
 
     With several runtimes the latency table has a ``runtime`` column and a column against
@@ -122,8 +123,11 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str
         on = f" on {predicted['runtime'][0]}" if several else ""
         table = _table(f"Predicted against measured (ms){on}", ["batch", "method", "profile", "predicted",
                                                                 "measured", "error"], rows)
+        # After refine, a choice's ms in the report is its refined ratio on the profile's scale.
+        profile = ("the report's ms on the latency profile's scale (a refined choice: the ratio refine measured x "
+                   "the profile's unpruned ms)" if refined else "the latency profile's own ms")
         table.caption, table.caption_justify = (
-            "predicted: none's measured ms x the report's ratio; profile: the latency profile's own ms"), "left"
+            f"predicted: none's measured ms x the report's ratio; profile: {profile}"), "left"
         tables.append(table)
     return tables
 
@@ -163,7 +167,8 @@ def render(result: BenchResult) -> None:
              + (f", {images} images" if images else ""))
     if result.skipped:
         out.print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0][0]}")
-    for table in _render(frame, title, images is not None, meta.runtime):
+    refined = any(c.refined for c in result.choices.values())
+    for table in _render(frame, title, images is not None, meta.runtime, refined):
         out.print(table)
     if result.choices:
         workload = next(c.workload for c in result.choices.values())
