@@ -238,6 +238,8 @@ def test_estimate_accuracy_command(tmp_path, pomt):
     assert meta.limit == 200 and len(meta.images) == 200 and meta.estimator == "random"
     assert meta.command.startswith("pomt estimate-accuracy --model digits-vit")
     assert "200 images of 10 classes" in done.stdout
+    # digits-vit has 4 blocks: 65 entering each and leaving the last is 65 five times.
+    assert "65\u00d75" in done.stdout and "entering each block, then leaving the last" in " ".join(done.stdout.split())
 
 
 @pytest.mark.parametrize(

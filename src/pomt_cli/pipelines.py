@@ -38,7 +38,7 @@ from pomt_cli.formats.bench import BenchMeta, MethodSetting, write_bench
 from pomt_cli.accuracy.data import load_labelled
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.devices.presets import DevicePreset, default_preset_name, load_preset
-from pomt_cli.devices.torch_device import device_name, resolve_torch_device
+from pomt_cli.devices.torch_device import device_name, resolve_torch_device, short_device_name
 from pomt_cli.devices.clocks import locked_clocks
 from pomt_cli.errors import PomtError
 from pomt_cli.measure.grid import GridProgress, LatencySettings
@@ -303,7 +303,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
             frame, meta = _measure(net, latency, tdev, preset, s.lock_clocks, meta, previous, previous_meta, parquet,
                                    reporter)
         steps = find_curve_steps(frame, top=s.top_steps)
-        title = (f"{s.model}, {meta.device_display_name} ({meta.device_name[:40]}), {dtype}, "
+        title = (f"{s.model}, {meta.device_display_name} ({short_device_name(meta.device_name)}), {dtype}, "
                  f"{'CUDA graphs' if s.cuda_graphs else s.runtime.value}, "
                  + ("every block at n (proxy)" if layers is None else "POMT-patched model"))
         files.write("parquet", lambda tmp: write_profile(tmp, frame, meta))

@@ -36,6 +36,7 @@ from pomt_cli.cli.options import (
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
+from pomt_cli.devices.torch_device import short_device_name
 from pomt_cli.measure.runtimes import PROVIDER_ALIASES
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
@@ -162,7 +163,7 @@ def render(result: BenchResult) -> None:
     meta, frame = result.meta, result.frame
     images = meta.num_images
     runtimes = ", ".join(_runtime_text(meta.runtimes_info.get(r)) for r in meta.runtimes)
-    title = (f"{meta.model} on {meta.device_display_name} ({meta.device_name[:40]}), {meta.dtype}, "
+    title = (f"{meta.model} on {meta.device_display_name} ({short_device_name(meta.device_name)}), {meta.dtype}, "
              f"{'CUDA graphs' if meta.timing_mode == 'cuda_graphs' else runtimes}"
              + (f", {images} images" if images else ""))
     if result.skipped:
