@@ -274,6 +274,20 @@ def test_class_count_mismatch(tmp_path, pomt):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_data_folder_one_level_too_high_gets_a_hint(tmp_path, capsys):
+    """ImageNet's root given for its val folder: the "classes" train and val hold the class folders."""
+    for split in ("train", "val"):
+        image_folder(tmp_path / "imagenet" / split, {"n01": 1, "n02": 1}, size=(8, 8))
+    for command in (["estimate-accuracy"], ["bench", "--budget", "0.01", "--rounds", "1", "--no-lock-clocks"]):
+        code, _, err = run_in_process([*command, "--model", "digits-vit", "--data", str(tmp_path / "imagenet"),
+                                       "--output-dir", str(tmp_path / "o")], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert (f"has 2: give a checkpoint trained on these classes, or a data set with one folder per model class "
+                f"(its folders train, val hold folders of images: did you mean --data {tmp_path}/imagenet/train?)"
+                ) in err
+    assert not (tmp_path / "o").exists()
+
+
 def free_port() -> int:
     """A TCP port that no process listens on now (the system picks it for a socket bound to port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
