@@ -266,6 +266,8 @@ def test_estimate_accuracy_command(tmp_path, pomt):
     assert meta.limit == 200 and len(meta.images) == 200 and meta.estimator == "random"
     assert meta.command.startswith("pomt estimate-accuracy --model digits-vit")
     assert "200 images of 10 classes" in done.stdout
+    # digits-vit has 4 blocks: 65 entering each and leaving the last is 65 five times.
+    assert "65\u00d75" in done.stdout and "entering each block, then leaving the last" in " ".join(done.stdout.split())
 
 
 def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, pomt):
@@ -331,6 +333,20 @@ def test_class_count_mismatch(tmp_path, pomt):
     assert done.returncode == 2, done.stderr
     assert done.stderr == (f"error: the model's head has 10 classes but --data {root} has 2: give a checkpoint "
                            "trained on these classes, or a data set with one folder per model class\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_data_folder_one_level_too_high_gets_a_hint(tmp_path, capsys):
+    """ImageNet's root given for its val folder: the "classes" train and val hold the class folders."""
+    for split in ("train", "val"):
+        image_folder(tmp_path / "imagenet" / split, {"n01": 1, "n02": 1}, size=(8, 8))
+    for command in (["estimate-accuracy"], ["bench", "--budget", "0.01", "--rounds", "1", "--no-lock-clocks"]):
+        code, _, err = run_in_process([*command, "--model", "digits-vit", "--data", str(tmp_path / "imagenet"),
+                                       "--output-dir", str(tmp_path / "o")], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert (f"has 2: give a checkpoint trained on these classes, or a data set with one folder per model class "
+                f"(its folders train, val hold folders of images: did you mean --data {tmp_path}/imagenet/train?)"
+                ) in err
     assert not (tmp_path / "o").exists()
 
 

@@ -299,6 +299,28 @@ def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pom
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("num_tokens", 257, "chose R for digits-vit with 257 tokens (1 prefix), but the model benched here has 65 "
+                        "(1 prefix): give the --img-size its profiles were measured at"),
+    ("dtype", "float16", "chose R from a latency profile in float16, but this bench runs --dtype float32: bench "
+                         "with --dtype float16"),
+])
+def test_r_from_a_report_of_another_geometry_or_dtype_is_refused(tmp_path, capsys, demo_dir, field, value, message):
+    """R counts the profiled model's tokens, and its predicted ratio belongs to the profile's dtype:
+    a report of another input size (another N) or dtype would bench and predict the wrong setting."""
+    data = json.loads((demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32.json").read_text())
+    if field == "dtype":
+        data["latency"]["dtype"] = value
+    else:
+        data[field] = value
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(data))
+    code, _, err = run_in_process(["bench", "--model", "digits-vit", "--r-from", str(path), "--output-dir",
+                                   str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_default_methods_are_those_with_a_setting(tmp_path, capsys):
     out = tmp_path / "runs"
     args = ["bench", "--model", "digits-vit", "--budget", "0.02", "--rounds", "1", "--no-lock-clocks",

@@ -268,6 +268,22 @@ def test_the_choice_carries_its_saving_as_a_ratio_to_the_same_curve(tmp_path):
     assert b4.ratio == 0.6
 
 
+def test_the_table_names_the_unpruned_latency_its_saving_is_against(tmp_path, capsys):
+    """With layers, the table's saving is against the median of the layers' n = N points and the
+    R line's against the chosen layer's own: both are named, and R = 0 has no layer."""
+    lat, acc = write_layered(tmp_path)
+    code, out, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
+                                     str(tmp_path / "r"), "--batch-size", "4"], capsys)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "R = 4 at layer 0 (n* = 13 of 17 tokens kept) at batch 4: predicted 6.000 ms, 40.0% less than the " \
+           "unpruned model (10.000 ms)" in text
+    assert ("saved vs unpruned: against 10.100 ms, the median of every layer's n = 17 point; the R line above: "
+            "against layer 0's own, 10.000 ms") in text
+    assert "│ 0 │ 13 │ 4 │ 6.000 │ 40.6% │" in text
+    assert "│ - │ 17 │ 0 │ 10.100 │ 0.0% │" in text
+
+
 def test_one_profile_with_layers_and_one_without_is_refused(tmp_path):
     lat, acc = write_layered(tmp_path, layers_in_accuracy=False)
     with pytest.raises(PomtError, match="estimate accuracy with --estimator pomt --layer 0,2 so that both"):

@@ -20,7 +20,7 @@ import torch
 from conftest import FAKE_TOOL, FakeTools, jetson_preset, preset_file, run_in_process, sigint_default
 from pomt_cli.devices.clocks import ClockController, locked_clocks
 from pomt_cli.devices.presets import load_preset, preset_names
-from pomt_cli.devices.torch_device import resolve_torch_device
+from pomt_cli.devices.torch_device import resolve_torch_device, short_device_name
 from pomt_cli.errors import PomtError
 
 PRESETS = {"a100", "cpu", "h100", "nvidia", "orin", "tx2", "xavier"}
@@ -281,3 +281,14 @@ def test_state_root_is_shared_between_processes(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(preset), action], env=tools.env(), check=True, timeout=60)
     assert tools.calls()[-2:] == ["nvidia-smi -i 0 --reset-gpu-clocks", "nvidia-smi -i 0 --reset-memory-clocks"]
     assert not (tools.state / "clocks" / "fake-nvidia-0" / "state.json").exists()
+
+
+def test_a_long_device_name_is_shortened_where_a_reader_sees_it():
+    """Titles once cut the name at 40 characters, mid-word: "Processor (2 logical co"."""
+    cpu = "Intel(R) Xeon(R) Processor (2 logical cores, torch using 1 threads)"
+    assert short_device_name(cpu) == "Intel(R) Xeon(R) Processor"
+    assert short_device_name("NVIDIA H100 80GB HBM3") == "NVIDIA H100 80GB HBM3"
+    long = "AMD EPYC 7B13 64-Core Processor with a very long marketing name (8 logical cores)"
+    assert short_device_name(long) == "AMD EPYC 7B13 64-Core Processor with a\u2026"
+    assert all(len(short_device_name(n)) <= 40 for n in (cpu, long, "x" * 60))
+

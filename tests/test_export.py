@@ -67,6 +67,8 @@ def test_the_command_writes_the_file_and_prints_the_difference(tmp_path, capsys)
     (["--output", "{tmp}/d.onnx", "--method", "topk", "-r", "2", "--layer", "1"], "topk has no layer"),
     (["--output", "{tmp}/d.onnx", "--method", "pomt", "-r", "90", "--layer", "1"], "r=90 is too large"),
     (["--output", "{tmp}/d.onnx", "--method", "merge"], "Invalid value for '--method'"),
+    (["--output", "{tmp}/d.onnx", "--method", "pomt"], "--method pomt needs -r R, the tokens it removes"),
+    (["--output", "{tmp}/d.onnx", "--method", "topk"], "--method topk needs -r R"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2_and_nothing_written(tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path) for a in args]

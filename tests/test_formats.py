@@ -7,13 +7,16 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import ACC, GEOMETRY, LAT_B1, LAT_B4, latency_frame, run_pomt, write_accuracy, write_latency
+from conftest import (ACC, GEOMETRY, LAT_B1, LAT_B4, latency_frame, run_in_process, run_pomt, write_accuracy,
+                      write_latency)
 
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.accuracy import read_accuracy
 from pomt_cli.formats.bench import PREDICTION_COLUMNS, SCHEMA, read_bench
 from pomt_cli.formats.common import ProfileMeta, write_profile
 from pomt_cli.formats.latency import read_latency
+from pomt_cli.formats.report import read_report
+from pomt_cli.models import load_state_dict
 from pomt_cli.selection import SelectionSettings, compute_r
 
 
@@ -77,6 +80,33 @@ def test_a_bench_report_of_version_1_reads_with_null_predictions(bench_file, tmp
     assert meta.format_version == 1 and frame.columns == list(SCHEMA)
     assert frame.select(PREDICTION_COLUMNS).null_count().row(0) == (2,) * len(PREDICTION_COLUMNS)
     assert frame.drop(PREDICTION_COLUMNS).equals(stored.drop(PREDICTION_COLUMNS))
+
+
+def test_a_pomt_file_given_where_another_kind_is_needed_is_named(bench_file, tmp_path, capsys):
+    """The realistic mix-ups (a profile for the report, the report for a profile, a bench report
+    for a profile, any of them for the weights) name what the file is, not "corrupt"."""
+    lat, acc = write_latency(tmp_path / "lat.parquet"), write_accuracy(tmp_path / "acc.parquet")
+    code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
+                                   str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    report = next((tmp_path / "r").glob("*.json"))
+    needs_report = "not a compute-r report: give the .json file written by pomt compute-r"
+    with pytest.raises(PomtError, match=f"is a latency profile \\(from `pomt profile`\\), {needs_report}"):
+        read_report(lat)
+    with pytest.raises(PomtError, match=f"is a bench report \\(from `pomt bench`\\), {needs_report}"):
+        read_report(bench_file)
+    with pytest.raises(PomtError, match="is a compute-r report \\(from `pomt compute-r`\\), not a profile"):
+        read_latency(report)
+    with pytest.raises(PomtError, match="is a bench report \\(from `pomt bench`\\), but an accuracy profile"):
+        read_accuracy(bench_file)
+    with pytest.raises(PomtError, match="checkpoint .* is an accuracy profile .*, not weights: give a .safetensors"):
+        load_state_dict(acc)
+    for args in (["refine", str(acc)], ["bench", "--model", "digits-vit", "--r-from", str(lat)],
+                 ["compute-r", "--latency", str(report), "--accuracy", str(acc)]):
+        args = [*args, "--output-dir", str(tmp_path / "o")] if args[0] != "refine" else args
+        code, _, err = run_in_process(args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "corrupt" not in err and " is a" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_bench_files_are_one_line_errors(bench_file, tmp_path):

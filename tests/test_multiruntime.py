@@ -212,7 +212,9 @@ def test_r_from_predicts_for_the_rows_of_the_reports_runtime_among_several(tmp_p
                                    str(tmp_path / "r")], capsys)
     assert code == 0, err
     report = next((tmp_path / "r").glob("*.json"))
-    base = ["bench", "--model", MODEL, "--device", "cpu", "--no-lock-clocks", "--r-from", str(report),
+    # --img-size 64: the profiles' geometry (16 patches and a class token).
+    base = ["bench", "--model", MODEL, "--img-size", "64", "--device", "cpu", "--no-lock-clocks",
+            "--r-from", str(report),
             "--batch-size", "1", "--method", "pomt", "--budget", "0.4", "--rounds", "1"]
     code, _, err = run_in_process([*base, "--runtime", "eager,compile", "--output-dir", str(tmp_path / "no")],
                                   capsys)

@@ -423,7 +423,8 @@ def test_profile_of_the_pomt_model_writes_one_curve_per_layer(tmp_path, capsys):
     frame, meta = read_latency_profile(parquet)
     assert frame.select("layer", "tokens").rows() == [(0, 65), (0, 45), (0, 25), (3, 65), (3, 45), (3, 25)]
     assert meta.workload == "pomt" and meta.layers == [0, 3] and meta.complete
-    assert "POMT at layer 3, batch 2:" in out and "the POMT-patched model" in out
+    assert "POMT at layer 3, batch 2:" in out and "R = 65 - n pruned in blocks 0, 3 (one curve per layer)" in " ".join(
+        out.split())
     code, _, err = run_in_process([*args[:-8], "--layer", "1", "--output-dir", str(tmp_path / "o"), *FAST,
                                    "--resume", str(parquet)], capsys)
     assert code == 2 and "measured with layers [0, 3], but this run has [1]" in err

@@ -199,6 +199,7 @@ def test_bench_hints_at_refine_only_while_the_report_is_unrefined(tmp_path, digi
     code, out, err = run_in_process([*bench, "--output-dir", str(tmp_path / "a")], capsys)
     assert code == 0, err
     assert hint in " ".join(out.split())
+    assert "profile: the latency profile's own ms" in " ".join(out.split())
     assert f"  pomt refine {report}\n" in out  # the command, path whole, on a line of its own
     code, _, err = run_in_process(["refine", str(report), "--budget", "0.02", "--rounds", "1", "--no-lock-clocks"],
                                   capsys)
@@ -208,6 +209,10 @@ def test_bench_hints_at_refine_only_while_the_report_is_unrefined(tmp_path, digi
     assert code == 0, err
     text = " ".join(out.split())
     assert "not refined" not in text and "from the ratios pomt refine measured side by side" in text
+    # A refined choice's profile ms is its refined ratio on the profile's scale, not a point of the profile.
+    assert "profile: the latency profile's own ms" not in text
+    assert ("profile: the report's ms on the latency profile's scale (a refined choice: the ratio refine measured "
+            "x the profile's unpruned ms)") in text
 
 
 def refused(args: list[str], capsys, message: str, unchanged: Path | None = None) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from pomt_cli import digits
 from pomt_cli.errors import PomtError
+from pomt_cli.formats.common import pomt_file_kind
 from pomt_cli.pruning.geometry import TokenGeometry, geometry
 
 WeightsSource = Literal["pretrained", "checkpoint", "bundled", "random"]
@@ -48,6 +49,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign files raise many different types
+        if (kind := pomt_file_kind(path)) is not None:
+            raise PomtError(f"checkpoint {path} is {kind}, not weights: give a .safetensors or .pth file") from None
         raise PomtError(f"checkpoint {path} cannot be read ({type(exc).__name__}): is it a weights file?") from None
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

@@ -38,7 +38,7 @@ from pomt_cli.formats.bench import BenchMeta, MethodSetting, write_bench
 from pomt_cli.accuracy.data import ClassOrder, load_labelled
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.devices.presets import DevicePreset, default_preset_name, load_preset
-from pomt_cli.devices.torch_device import device_name, resolve_torch_device
+from pomt_cli.devices.torch_device import device_name, resolve_torch_device, short_device_name
 from pomt_cli.devices.clocks import locked_clocks
 from pomt_cli.errors import PomtError
 from pomt_cli.measure.grid import GridProgress, LatencySettings
@@ -53,6 +53,7 @@ from pomt_cli.plots import plot_latency, plot_selection
 from pomt_cli.formats.lookup import find_profile_pair
 from pomt_cli.formats.common import write_profile
 from pomt_cli.pruning import method_names, pomt
+from pomt_cli.pruning.geometry import TokenGeometry
 from pomt_cli.pruning.registry import get as get_method
 from pomt_cli.report import summary_page
 from pomt_cli.formats.report import (
@@ -302,7 +303,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
             frame, meta = _measure(net, latency, tdev, preset, s.lock_clocks, meta, previous, previous_meta, parquet,
                                    reporter)
         steps = find_curve_steps(frame, top=s.top_steps)
-        title = (f"{s.model}, {meta.device_display_name} ({meta.device_name[:40]}), {dtype}, "
+        title = (f"{s.model}, {meta.device_display_name} ({short_device_name(meta.device_name)}), {dtype}, "
                  f"{'CUDA graphs' if s.cuda_graphs else s.runtime.value}, "
                  + ("every block at n (proxy)" if layers is None else "POMT-patched model"))
         files.write("parquet", lambda tmp: write_profile(tmp, frame, meta))
@@ -689,6 +690,28 @@ def _r_per_batch(r: int | None, r_from: Path | None, report: Report | None, batc
     return chosen, batch_sizes, str(Path(r_from).resolve())
 
 
+def _check_report_fits(r_from: Path, report: Report, geometry: TokenGeometry, dtype: str) -> None:
+    """Refuse a report whose R cannot mean the same here: another token geometry or dtype.
+
+    R counts tokens of the profiled model (N = ``report.num_tokens``): on a model built for
+    another input size it keeps another n. The predicted ratio belongs to the latency
+    profile's dtype, whose kernels differ from another dtype's.
+
+    Raises:
+        PomtError: the report's N or p differs from the model's, or its latency dtype from ``dtype``.
+    """
+    if (report.num_tokens, report.num_prefix) != (geometry.num_tokens, geometry.num_prefix):
+        raise PomtError(
+            f"--r-from {r_from} chose R for {report.model} with {report.num_tokens} tokens ({report.num_prefix} "
+            f"prefix), but the model benched here has {geometry.num_tokens} ({geometry.num_prefix} prefix): give "
+            "the --img-size its profiles were measured at, or profile this size and run compute-r again")
+    if report.latency.dtype != dtype:
+        raise PomtError(
+            f"--r-from {r_from} chose R from a latency profile in {report.latency.dtype}, but this bench runs "
+            f"--dtype {dtype}: bench with --dtype {report.latency.dtype}, or profile in {dtype} and run compute-r "
+            "again (-r R --layer L benches a setting without predictions)")
+
+
 def _layers_and_choices(r_from: Path | None, report: Report | None, layer: int | None, sizes: list[int],
                         num_blocks: int, model: str) -> tuple[dict[int, int], dict[int, Choice]]:
     """POMT's layer per batch size (the report's choice, else ``layer``, else 3), and the report's choices.
@@ -770,6 +793,8 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
         torch.set_num_threads(s.threads)
     net = create_model(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint, img_size=s.img_size)
     g = vit_geometry(net)
+    if report is not None:
+        _check_report_fits(s.r_from, report, g, s.dtype.value)
     layers, choices = _layers_and_choices(s.r_from, report, s.layer, sizes, g.num_blocks, s.model)
     report_runtime = report.runtime if report is not None else None
 

@@ -188,6 +188,24 @@ def _list_digits() -> tuple[list[str], list[ImageRecord]]:
     return list(digits.CLASSES), sorted(records, key=lambda r: (r.label, r.name))
 
 
+def check_classes(model, listing: Listing, spec: str | Path) -> None:
+    """:func:`~pomt_cli.models.check_num_classes` for ``listing``, with a hint when ``spec`` is
+    one folder too high (ImageNet's root, say, whose ``train`` and ``val`` hold the class folders).
+
+    Raises:
+        PomtError: the model's head does not have one output per class folder.
+    """
+    try:
+        check_num_classes(model, listing.num_classes, f"--data {spec}")
+    except PomtError as exc:
+        # Every image two folders deep or more: the "classes" are folders of class folders.
+        if not listing.records or any(r.name.count("/") < 2 for r in listing.records):
+            raise
+        shown = ", ".join(listing.classes[:3]) + (", ..." if listing.num_classes > 3 else "")
+        raise PomtError(f"{exc} (its folders {shown} hold folders of images: did you mean --data "
+                        f"{Path(spec) / listing.classes[0]}?)") from None
+
+
 def list_images(spec: str | Path, limit: int | None = None, class_order: ClassOrder | None = None) -> Listing:
     """The labelled images of ``spec``: an ImageFolder tree, or ``digits`` (the held-out digits).
 
@@ -479,7 +497,7 @@ def load_labelled(
         PomtError: bad data set, or the model's head does not match its classes.
     """
     listing = list_images(spec, limit=limit, class_order=class_order)
-    check_num_classes(model, listing.num_classes, f"--data {spec}")
+    check_classes(model, listing, spec)
     data = load_images(listing, Preprocess.from_model(model), workers=workers, on_progress=on_progress)
     if not len(data):
         raise PomtError(f"none of the {len(listing.records)} images in --data {spec} could be read")

@@ -14,15 +14,15 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pomt_cli.accuracy.data import (ClassOrder, LabelledImages, Listing, Preprocess, count_correct, list_images,
-                                    load_images)
+from pomt_cli.accuracy.data import (ClassOrder, LabelledImages, Listing, Preprocess, check_classes, count_correct,
+                                    list_images, load_images)
 from pomt_cli.accuracy.distributed import Processes, gather
 from pomt_cli.accuracy.estimators import accuracy_grid, random_patch_order, reduction
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.accuracy import AccuracyMeta, Estimator, FRAME_SCHEMA, RANDOM, SkippedImage, accuracy_stem, estimator_method, takes_layer
 from pomt_cli.formats.common import write_profile
 from pomt_cli.formats.outputs import write_set
-from pomt_cli.models import check_num_classes, create_model, state_dict_sha256, vit_geometry, weights_source
+from pomt_cli.models import create_model, state_dict_sha256, vit_geometry, weights_source
 from pomt_cli.options import Dtype, TokenRange, check_layers
 from pomt_cli.plots import plot_accuracy
 from pomt_cli.pruning import apply, forward_kept, geometry, planned_token_counts, remove
@@ -194,7 +194,7 @@ def run_estimate(
     dtype_name, dtype = config.dtype.value, config.dtype.torch
     listing: Listing = list_images(config.data, limit=config.limit, class_order=config.class_order)
     model, source = _model_for(config)
-    check_num_classes(model, listing.num_classes, f"--data {config.data}")
+    check_classes(model, listing, config.data)
     g = vit_geometry(model)
     grid = accuracy_grid(config.tokens, g, config.estimator)
     _check_estimator(model, g, config, grid)

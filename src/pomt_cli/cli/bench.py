@@ -37,6 +37,7 @@ from pomt_cli.cli.options import (
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
+from pomt_cli.devices.torch_device import short_device_name
 from pomt_cli.measure.runtimes import PROVIDER_ALIASES
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
@@ -69,7 +70,8 @@ def _table(title: str, columns: list[str], rows: list[list[str]], compact: bool 
     return table
 
 
-def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str | None = None) -> list[Table]:
+def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str | None = None,
+            refined: bool = False) -> list[Table]:
     """The report: a table of latency (and accuracy), and one of predictions when the run has them.
 
     With several runtimes the latency table has a ``runtime`` column and a column against
@@ -123,8 +125,11 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str
         on = f" on {predicted['runtime'][0]}" if several else ""
         table = _table(f"Predicted against measured (ms){on}", ["batch", "method", "profile", "predicted",
                                                                 "measured", "error"], rows)
+        # After refine, a choice's ms in the report is its refined ratio on the profile's scale.
+        profile = ("the report's ms on the latency profile's scale (a refined choice: the ratio refine measured x "
+                   "the profile's unpruned ms)" if refined else "the latency profile's own ms")
         table.caption, table.caption_justify = (
-            "predicted: none's measured ms x the report's ratio; profile: the latency profile's own ms"), "left"
+            f"predicted: none's measured ms x the report's ratio; profile: {profile}"), "left"
         tables.append(table)
     return tables
 
@@ -159,12 +164,13 @@ def render(result: BenchResult) -> None:
     meta, frame = result.meta, result.frame
     images = meta.num_images
     runtimes = ", ".join(_runtime_text(meta.runtimes_info.get(r)) for r in meta.runtimes)
-    title = (f"{meta.model} on {meta.device_display_name} ({meta.device_name[:40]}), {meta.dtype}, "
+    title = (f"{meta.model} on {meta.device_display_name} ({short_device_name(meta.device_name)}), {meta.dtype}, "
              f"{'CUDA graphs' if meta.timing_mode == 'cuda_graphs' else runtimes}"
              + (f", {images} images" if images else ""))
     if result.skipped:
         out.print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0][0]}")
-    for table in _render(frame, title, images is not None, meta.runtime):
+    refined = any(c.refined for c in result.choices.values())
+    for table in _render(frame, title, images is not None, meta.runtime, refined):
         out.print(table)
     if result.choices:
         workload = next(c.workload for c in result.choices.values())

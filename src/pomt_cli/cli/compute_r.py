@@ -108,9 +108,18 @@ def candidates_table(candidates: pl.DataFrame, report: Report, batch_size: int) 
     for name in (*(("layer",) if layered else ()), "n", "R", "predicted latency (ms)", saved_header,
                  "accuracy (%)", "accuracy lost (pts)", f"utility (\u03b1={report.alpha:g})"):
         table.add_column(name, justify="right")
+    if layered and choice is not None and choice.reference_ms is not None:
+        # Two unpruned latencies are in play: the median of the layers' n = N points (this
+        # column) and the chosen layer's own (the R line's saving, the ratio bench checks).
+        caption = (f"{saved_header}: against {choice.reference_ms:.3f} ms, the median of every layer's "
+                   f"n = {choice.reference_tokens} point")
+        if choice.pays and choice.unpruned_ms is not None and choice.unpruned_ms != choice.reference_ms:
+            caption += f"; the R line above: against layer {choice.layer}'s own, {choice.unpruned_ms:.3f} ms"
+        table.caption, table.caption_justify = caption, "left"
     for row in candidates.iter_rows(named=True):
         table.add_row(
-            *((str(row["layer"]),) if layered else ()),
+            # R = 0 is the unpruned model, whatever the layer: its latency is the median above.
+            *(("-" if row["R"] == 0 else str(row["layer"]),) if layered else ()),
             str(row["tokens"]), str(row["R"]), f"{row['latency_ms']:.3f}", f"{row['latency_saved_pct']:.1f}%",
             f"{row['accuracy']:.2f}", f"{row['accuracy_lost']:.2f}", f"{row['utility']:.4f}",
         )

@@ -76,8 +76,8 @@ def summary_table(run: AccuracyRun, rows: int = TABLE_ROWS) -> Table:
             ])
     headers = [*(("layer",) if layered else ()), "kept n", "top-1 %", "change", "top-5 %", "tokens per block"]
     table = Table(title=describe(run.meta), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="change: top-1 against the largest n, in points; tokens per block: entering each block "
-                          "(197\u00d74: 197 in four blocks)", caption_justify="left")
+                  caption="change: top-1 against the largest n, in points; tokens per block: entering each block, "
+                          "then leaving the last (197\u00d74: 197 four times)", caption_justify="left")
     for i, name in enumerate(headers):
         if name == "tokens per block":
             table.add_column(name, justify="left", overflow="fold", min_width=7)

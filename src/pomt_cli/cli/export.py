@@ -27,8 +27,8 @@ def export(
     output: Annotated[Path, typer.Option("--output", help="The .onnx file to write (its folder must exist).")],
     model: ModelOption = DEFAULT_MODEL,
     method: Annotated[Method, typer.Option("--method", help="The token reduction built into the graph.")] = Method.none,
-    r: Annotated[int, typer.Option("-r", "--r", min=0, help="POMT: tokens pruned in block --layer; ToMe: merged "
-                                   "per block; Top-K: pruned per block.")] = 0,
+    r: Annotated[int | None, typer.Option("-r", "--r", min=0, help="POMT: tokens pruned in block --layer; ToMe: "
+                                          "merged per block; Top-K: pruned per block.")] = None,
     layer: Annotated[int, typer.Option("--layer", min=0, help="POMT's pruning block.")] = 3,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="The graph's static batch size.")] = 1,
     dtype: DtypeOption = Dtype.float32,
@@ -50,6 +50,11 @@ def export(
     if not get_method(method.value).reduces and r:
         reducing = [m for m in method_names() if get_method(m).reduces]
         raise PomtError(f"-r needs a method: add --method {', '.join(reducing[:-1])} or {reducing[-1]}")
+    if get_method(method.value).reduces and r is None:
+        # Without -r the graph would be the unpruned model, labelled with the method.
+        raise PomtError(f"--method {method.value} needs -r R, the tokens it removes (-r 0 exports the unpruned "
+                        "model; so does --method none)")
+    r = r or 0
     net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
     result = export_onnx(net, output, method=method.value, r=r, layer=layer, batch_size=batch_size,
                          dtype=torch_dtype, opset=opset, tolerance=tolerance, seed=seed, model_name=model)

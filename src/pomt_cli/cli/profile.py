@@ -88,7 +88,7 @@ def workload_line(layers: list[int] | None, num_tokens: int) -> str:
     if layers is None:
         return ("workload: the all-blocks proxy (every block at n tokens), the paper's; a POMT model prunes in one "
                 "block and pays for scoring, so its real saving is smaller: --method pomt --layer L measures it")
-    return (f"workload: the POMT-patched model, R = {num_tokens} - n pruned in block "
+    return (f"workload: the POMT-patched model, R = {num_tokens} - n pruned in block{'s' if len(layers) > 1 else ''} "
             f"{', '.join(map(str, layers))} (one curve per layer)")
 
 

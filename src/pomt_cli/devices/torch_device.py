@@ -73,3 +73,18 @@ def gpu_selector(device: torch.device | str | None) -> str:
         except (AttributeError, RuntimeError):
             pass
     return str(index)
+
+
+def short_device_name(name: str, width: int = 40) -> str:
+    """``name`` for a title at most ``width`` characters wide, cut where a reader sees it was cut.
+
+    A CPU's name loses its parenthesis of cores and threads first (the files keep the
+    whole name); what is still too long is cut at a word and ends with an ellipsis.
+    """
+    if len(name) <= width:
+        return name
+    name = name.split(" (", 1)[0]
+    if len(name) <= width:
+        return name
+    cut = name[:width - 1].rsplit(" ", 1)[0] if " " in name[:width - 1] else name[:width - 1]
+    return cut.rstrip(" ,") + "\u2026"

@@ -177,6 +177,33 @@ def first_error(exc: ValidationError, whole: str) -> tuple[str, str]:
     return ".".join(str(part) for part in first["loc"]) or whole, first["msg"]
 
 
+_KINDS = {
+    "latency": "a latency profile (from `pomt profile`)",
+    "accuracy": "an accuracy profile (from `pomt estimate-accuracy`)",
+    "bench": "a bench report (from `pomt bench`)",
+    "compute_r": "a compute-r report (from `pomt compute-r`)",
+}
+
+
+def pomt_file_kind(path: Path) -> str | None:
+    """What pomt file ``path`` is, in words (``a latency profile (from `pomt profile`)``), or None.
+
+    For the message when a file of one kind is given where another is needed: it reads
+    the ``kind`` of a Parquet file's pomt metadata or of a JSON report, and never raises.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PAR1":
+            kind = json.loads(pl.read_parquet_metadata(path)[METADATA_KEY]).get("kind")
+            kinds = ("latency", "accuracy", "bench")
+        else:
+            kind, kinds = json.loads(Path(path).read_text(encoding="utf-8")).get("kind"), ("compute_r",)
+    except Exception:  # any unreadable or foreign file: nothing to say about it
+        return None
+    return _KINDS[kind] if kind in kinds else None
+
+
 def open_parquet(path: Path, what: str, give: str) -> tuple[dict[str, str], pl.DataFrame]:
     """The key-value metadata and the frame of the Parquet file ``path``.
 
@@ -191,7 +218,10 @@ def open_parquet(path: Path, what: str, give: str) -> tuple[dict[str, str], pl.D
     try:
         return pl.read_parquet_metadata(path), pl.read_parquet(path)
     except Exception as exc:  # polars raises several types for corrupt files
-        raise PomtError(f"{what} {path} is not a readable Parquet file ({type(exc).__name__}): is it corrupt?") from None
+        if (kind := pomt_file_kind(path)) is not None:
+            raise PomtError(f"{path} is {kind}, not a {what}: {give}") from None
+        raise PomtError(
+            f"{what} {path} is not a readable Parquet file ({type(exc).__name__}): is it corrupt?") from None
 
 
 def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M]:
@@ -215,6 +245,8 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
         data = json.loads(raw[METADATA_KEY])
     except json.JSONDecodeError:
         raise PomtError(f"{path} has damaged pomt metadata (not JSON): write it again with pomt") from None
+    if isinstance(data, dict) and data.get("kind") == "bench":
+        raise PomtError(f"{path} is {_KINDS['bench']}, but {_KINDS[kind]} is needed here")
     if not isinstance(data, dict) or data.get("kind") not in ("latency", "accuracy"):
         raise PomtError(f"{path} has damaged pomt metadata (kind is not latency or accuracy): write it again with pomt")
     article = {"latency": "a", "accuracy": "an"}

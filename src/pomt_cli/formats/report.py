@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.common import command_line, first_error
+from pomt_cli.formats.common import command_line, first_error, pomt_file_kind
 from pomt_cli.formats.outputs import atomic_write_text
 
 
@@ -219,6 +219,9 @@ def read_report(path: str | Path, model: str | None = None) -> Report:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        if (kind := pomt_file_kind(path)) is not None:
+            raise PomtError(f"{path} is {kind}, not a compute-r report: give the .json file written by pomt "
+                            "compute-r") from None
         raise PomtError(
             f"report {path} is not readable JSON: is it corrupt? write it again with pomt compute-r"
         ) from None
