@@ -83,6 +83,17 @@ def test_r_is_0_when_no_candidate_is_faster_beyond_the_interval(tmp_path):
     assert again.table["chosen"].to_list() == [True, False, False]
 
 
+def test_a_candidate_measured_too_briefly_for_an_interval_does_not_count(tmp_path):
+    lat, acc = write_layered(tmp_path)
+    selection = compute_r(lat, acc, selection_settings())
+    # Layer 2 at n = 9 reads 20% faster by its median, but its few samples gave no interval.
+    again = rechoose(selection.curves[1], selection.points[1],
+                     measured([(None, 17, 1.25, 1.24, 1.26), (2, 9, 1.0, None, None), (2, 13, 1.3, 1.2, 1.4)]),
+                     selection_settings(), 1, 17)
+    assert (again.choice.R, again.choice.pays) == (0, False)
+    assert again.table.filter(pl.col("R") == 8)["ratio_high"].item() is None
+
+
 def test_the_accuracy_drop_criterion_chooses_among_the_refined_points(tmp_path):
     lat, acc = write_layered(tmp_path)
     selection = compute_r(lat, acc, selection_settings(max_accuracy_drop=2.0))

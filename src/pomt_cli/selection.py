@@ -573,7 +573,8 @@ def rechoose(curve: pl.DataFrame, points: pl.DataFrame, measured: pl.DataFrame, 
     maxima = (curve["latency_ms"].max(), curve["accuracy"].max())
     scored = score(frame, num_tokens, settings.alpha, maxima,
                    carry=("ms", "samples", "profile_ratio", "ratio", "ratio_low", "ratio_high"))
-    paying = scored.filter((pl.col("R") == 0) | (pl.col("ratio_high").fill_null(pl.col("ratio")) < 1.0))
+    # Side by side, a candidate pays only when its interval says so: one without (too few samples) is unproven.
+    paying = scored.filter((pl.col("R") == 0) | (pl.col("ratio_high").is_not_null() & (pl.col("ratio_high") < 1.0)))
     try:
         best = rank(paying, settings, batch_size).row(0, named=True)
     except PomtError:
