@@ -417,3 +417,24 @@ def test_a_headless_model_with_data_is_a_one_line_error(tmp_path, capsys):
              "--allow-random-weights", "--output-dir", str(out)], capsys)
         assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
         assert "no classifier head" in err and "--checkpoint" in err and not out.exists()
+
+
+def test_pretrained_weights_that_cannot_be_loaded_are_one_line_cut_at_a_word(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+                      "them in the cached files. Check your internet connection or see how to run the library "
+                      "in offline mode at 'https://huggingface.co/docs/transformers/installation#offline-mode'.\n"
+                      "a second line")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(PomtError) as caught:
+        create_model("deit_tiny_patch16_224", pretrained=True)
+    message = str(caught.value)
+    assert message.startswith("cannot load pretrained weights for deit_tiny_patch16_224 (OSError: We couldn't")
+    assert " ...); put them in the Hugging Face cache or use --checkpoint PATH" in message
+    assert "\n" not in message and "second line" not in message
+    # The cut falls between words: what precedes the ellipsis is a whole word of the original.
+    kept = message.split("(OSError: ", 1)[1].split(" ...)", 1)[0]
+    assert len(kept) <= 160 and ("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't "
+                                 "find them in the cached files. Check your internet connection or see how to run "
+                                 "the library").startswith(kept)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import textwrap
 from pathlib import Path
 from typing import Literal
 
@@ -124,8 +125,10 @@ def create_model(
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # hub and cache failures come in many types
         if pretrained:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise PomtError(
-                f"cannot load pretrained weights for {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                f"cannot load pretrained weights for {name} ({type(exc).__name__}: "
+                f"{textwrap.shorten(first, 160, placeholder=' ...')}); "
                 "put them in the Hugging Face cache or use --checkpoint PATH"
             ) from None
         raise
