@@ -7,6 +7,7 @@ import json
 import polars as pl
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import image_folder, run_in_process, run_pomt, tiny_vit
 from pomt_cli.bench import (
@@ -26,6 +27,7 @@ from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import read_bench
 from pomt_cli.formats.report import Choice
 from pomt_cli.measure.timing import Measurement
+from pomt_cli.models import create_model, state_dict_sha256
 from pomt_cli.pruning import apply, geometry, remove
 
 FAST = BenchTiming(budget_s=0.05, min_samples=3, warmup=1, rounds=2)
@@ -102,6 +104,29 @@ def test_accuracy_of_methods_equals_evaluating_each_patched_model(tmp_path):
         counts = evaluate(apply(model, s.method, r=s.r, layer=s.layer), data, batch_size=10)
         remove(model)
         assert got[s.label] == (counts.top1_percent, counts.top5_percent, 10)
+
+
+def test_the_report_names_the_checkpoint_and_the_weights_hash(tmp_path, capsys):
+    model = create_model("digits-vit")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.bias"] = state["head.bias"] + 1.0
+    save_file(state, str(tmp_path / "tuned.safetensors"))
+    hashes = {}
+    for name, extra in (("bundled", []), ("tuned", ["--checkpoint", str(tmp_path / "tuned.safetensors")])):
+        out = tmp_path / name
+        code, _, err = run_in_process(["bench", "--model", "digits-vit", "--budget", "0.02", "--rounds", "1",
+                                       "--no-lock-clocks", "--output-dir", str(out), *extra], capsys)
+        assert code == 0, err
+        (parquet,) = out.glob("bench_*.parquet")
+        _, meta = read_bench(parquet)
+        hashes[name] = meta.weights_sha256
+        if name == "tuned":
+            assert meta.weights == "checkpoint" and meta.weights_file == str((tmp_path / "tuned.safetensors").resolve())
+        else:
+            assert meta.weights == "bundled" and meta.weights_file is None
+    assert hashes["bundled"] == state_dict_sha256(model)
+    assert hashes["tuned"] == state_dict_sha256(create_model("digits-vit", checkpoint=tmp_path / "tuned.safetensors"))
+    assert hashes["tuned"] != hashes["bundled"]
 
 
 def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):

@@ -12,8 +12,11 @@ import pytest
 import torch
 from conftest import run_in_process, tiny_vit
 
+from safetensors.torch import save_file
+
 from pomt_cli.errors import PomtError
 from pomt_cli.export import export_onnx
+from pomt_cli.models import create_model, state_dict_sha256
 
 SETTINGS = {"none": {}, "pomt": {"r": 9, "layer": 1}, "tome": {"r": 3}, "topk": {"r": 2}}
 
@@ -56,7 +59,23 @@ def test_the_command_writes_the_file_and_prints_the_difference(tmp_path, capsys)
     assert code == 0, stderr
     assert "tokens entering each block, then leaving the last: [65, 65, 49, 49, 49]" in stdout
     assert "ONNX Runtime against PyTorch" in stdout
-    assert props(tmp_path / "d.onnx")["model"] == "digits-vit"
+    meta = props(tmp_path / "d.onnx")
+    assert meta["model"] == "digits-vit" and meta["weights"] == "bundled"
+    assert meta["weights_sha256"] == state_dict_sha256(create_model("digits-vit"))
+
+
+def test_the_file_names_its_checkpoint_and_the_weights_hash(tmp_path, capsys):
+    model = create_model("digits-vit")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.bias"] = state["head.bias"] + 1.0
+    save_file(state, str(tmp_path / "tuned.safetensors"))
+    code, _, stderr = run_in_process(["export", "--model", "digits-vit", "--checkpoint", str(tmp_path / "tuned.safetensors"),
+                                      "--output", str(tmp_path / "d.onnx")], capsys)
+    assert code == 0, stderr
+    meta = props(tmp_path / "d.onnx")
+    assert meta["weights"] == str((tmp_path / "tuned.safetensors").resolve())
+    tuned = create_model("digits-vit", checkpoint=tmp_path / "tuned.safetensors")
+    assert meta["weights_sha256"] == state_dict_sha256(tuned) != state_dict_sha256(model)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,6 +25,7 @@ from pomt_cli import __version__
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import OutputSet
 from pomt_cli.measure.timing import is_out_of_memory
+from pomt_cli.models import state_dict_sha256
 from pomt_cli.pruning import apply, geometry, planned_token_counts, remove
 from pomt_cli.pruning.registry import get as get_method
 
@@ -123,12 +124,16 @@ def export_onnx(
     tolerance: float | None = None,
     seed: int = 0,
     model_name: str | None = None,
+    weights: str | None = None,
 ) -> ExportResult:
     """Export ``model`` patched with ``method`` to ONNX at ``output`` after checking it with ONNX Runtime.
 
     The file is written under a temporary name in ``output``'s folder and renamed into
     place only when ONNX Runtime's logits on a random batch lie within ``tolerance`` of
     PyTorch's; otherwise nothing is left behind. ``model`` is left unpatched, on the CPU.
+    The file's metadata name the weights: ``weights`` (where they came from: ``pretrained``,
+    ``bundled``, ``random`` or the checkpoint's path) and ``weights_sha256``, the SHA-256 of
+    the unpatched model's state dict (:func:`pomt_cli.models.state_dict_sha256`).
 
     Raises:
         PomtError: a missing extra, an opset that onnx or ONNX Runtime does not know, a
@@ -153,6 +158,7 @@ def export_onnx(
             raise
         raise PomtError(f"a batch of {batch_size} images of {g.name} does not fit in memory: "
                         "give a smaller batch size") from None
+    weights_sha = state_dict_sha256(model)
     try:
         apply(model, method, r=r, layer=layer)
     except ValueError as exc:
@@ -189,7 +195,7 @@ def export_onnx(
             "tokens_per_block": json.dumps(counts), "batch_size": str(batch_size),
             "dtype": str(dtype).removeprefix("torch."), "input_size": json.dumps(list(g.input_size)),
             "opset": str(opset), "max_abs_diff": f"{max_abs:.3e}", "max_rel_diff": f"{max_rel:.3e}",
-            "onnxruntime_version": ort.__version__,
+            "onnxruntime_version": ort.__version__, "weights": weights or "", "weights_sha256": weights_sha,
         }
         proto = onnx.load(str(tmp))
         onnx.helper.set_model_props(proto, metadata)

@@ -46,7 +46,7 @@ from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, check_runtime, ru
 from pomt_cli.formats.latency import LatencyMeta, Workload, resume_rows
 from pomt_cli.measure.steps import find_curve_steps
 from pomt_cli.measure.workload import check_workload, profile_latency
-from pomt_cli.models import DEFAULT_MODEL, create_model, vit_geometry, weights_source
+from pomt_cli.models import DEFAULT_MODEL, create_model, state_dict_sha256, vit_geometry, weights_source
 from pomt_cli.options import DTYPES, SEED_MAX, Dtype, TokenRange, check_layers, token_grid
 from pomt_cli.formats.outputs import OutputSet, atomic_write_text, check_output_dir, output_stem, write_error
 from pomt_cli.plots import plot_latency, plot_selection
@@ -792,6 +792,7 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     net = create_model(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint, img_size=s.img_size)
+    weights_sha = state_dict_sha256(net)
     g = vit_geometry(net)
     if report is not None:
         _check_report_fits(s.r_from, report, g, s.dtype.value)
@@ -835,6 +836,7 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
         model=s.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, img_size=list(g.input_size[1:]),
         img_size_option=s.img_size, num_blocks=g.num_blocks, dtype=s.dtype.value, batch_sizes=sizes, methods=methods,
         settings={str(b): group for b, group in plan.settings.items()}, r_from=report_path, weights=source,
+        weights_file=str(Path(s.checkpoint).resolve()) if s.checkpoint else None, weights_sha256=weights_sha,
         data=listing.source if listing else None, num_images=len(labelled) if labelled else None, limit=s.limit,
         skipped_images=len(labelled.skipped) if labelled else None, device_preset=preset.name,
         device_display_name=preset.display_name, device_name=device_name(tdev), torch_device=str(tdev),

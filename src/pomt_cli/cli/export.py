@@ -11,7 +11,7 @@ from pomt_cli.cli.options import CheckpointOption, DtypeOption, Method, ModelOpt
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.errors import PomtError
 from pomt_cli.export import check_output_file, export_onnx, require_onnx
-from pomt_cli.models import DEFAULT_MODEL, create_model, model_line
+from pomt_cli.models import DEFAULT_MODEL, create_model, model_line, weights_source
 from pomt_cli.options import Dtype
 from pomt_cli.pruning import method_names
 from pomt_cli.pruning.registry import get as get_method
@@ -57,7 +57,9 @@ def export(
     r = r or 0
     net = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
     result = export_onnx(net, output, method=method.value, r=r, layer=layer, batch_size=batch_size,
-                         dtype=torch_dtype, opset=opset, tolerance=tolerance, seed=seed, model_name=model)
+                         dtype=torch_dtype, opset=opset, tolerance=tolerance, seed=seed, model_name=model,
+                         weights=str(checkpoint.resolve()) if checkpoint else weights_source(
+                             model, pretrained=pretrained, checkpoint=None))
     meta = result.metadata
     out.print(f"exported {model} with {method.value}"
               + (f" r={r}" + (f" at block {layer}" if method is Method.pomt else "") if method is not Method.none else "")

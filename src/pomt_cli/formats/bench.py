@@ -126,6 +126,9 @@ class BenchMeta(BaseModel):
     settings: dict[str, list[MethodSetting]]
     r_from: str | None
     weights: str
+    weights_file: str | None = Field(None, description="the checkpoint, resolved (reports before 0.1.1: absent)")
+    weights_sha256: str | None = Field(None, description="models.state_dict_sha256 of the unpatched model, as "
+                                       "loaded (reports before 0.1.1: absent)")
     data: str | None
     num_images: int | None
     limit: int | None
