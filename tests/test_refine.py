@@ -212,6 +212,7 @@ def test_bench_hints_at_refine_only_while_the_report_is_unrefined(tmp_path, digi
     assert hint in " ".join(out.split())
     assert "profile: the latency profile's own ms" in " ".join(out.split())
     assert f"  pomt refine {report}\n" in out  # the command, path whole, on a line of its own
+    assert "the report's latency was profiled on" not in out  # the same device
     code, _, err = run_in_process(["refine", str(report), "--budget", "0.02", "--rounds", "1", "--no-lock-clocks"],
                                   capsys)
     assert code == 0, err
@@ -224,6 +225,22 @@ def test_bench_hints_at_refine_only_while_the_report_is_unrefined(tmp_path, digi
     assert "profile: the latency profile's own ms" not in text
     assert ("profile: the report's ms on the latency profile's scale (a refined choice: the ratio refine measured "
             "x the profile's unpruned ms)") in text
+
+
+def test_bench_says_when_the_report_was_profiled_on_another_device(tmp_path, digits_report, capsys):
+    report = copy_report(digits_report, tmp_path / "r")
+    data = json.loads(report.read_text())
+    data["latency"]["device_name"] = "NVIDIA Jetson AGX Orin"
+    report.write_text(json.dumps(data))
+    threads = torch.get_num_threads()
+    code, out, err = run_in_process(["bench", "--model", "digits-vit", "--device", "cpu", "--no-lock-clocks",
+                                     "--method", "pomt", "--r-from", str(report), "--budget", "0.02", "--rounds", "1",
+                                     "--output-dir", str(tmp_path / "a")], capsys)
+    torch.set_num_threads(threads)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "the report's latency was profiled on NVIDIA Jetson AGX Orin, not on " in text
+    assert "its R and predictions are that device's; profile here and run compute-r again" in text
 
 
 def refused(args: list[str], capsys, message: str, unchanged: Path | None = None) -> None:

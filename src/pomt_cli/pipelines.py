@@ -653,6 +653,9 @@ class BenchResult:
     csv: Path
     parquet: Path
     report_runtime: str | None = None
+    #: The device the report's latency profile was measured on (its ``device_name``), where
+    #: it is not this bench's: the predictions are that device's.
+    report_device: str | None = None
 
 
 def _from_report() -> list[str]:
@@ -850,9 +853,12 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
                        img_size=s.img_size,
                        extra=(*plan.slugs(), *s.runtime_slug(runtimes), *(["cudagraphs"] if s.cuda_graphs else [])))
     csv, parquet = write_bench(frame, meta, s.output_dir, stem)
+    elsewhere = None
+    if report is not None and report.latency.device_name and report.latency.device_name != meta.device_name:
+        elsewhere = report.latency.device_name
     return BenchResult(frame=frame, meta=meta, plan=plan, choices=choices,
                        skipped=list(labelled.skipped) if labelled else [], r_from=s.r_from, csv=csv, parquet=parquet,
-                       report_runtime=report_runtime)
+                       report_runtime=report_runtime, report_device=elsewhere)
 
 
 #: Batch sizes profiled and benched: one image, and a batch that fills a CPU's cores.

@@ -181,6 +181,10 @@ def render(result: BenchResult) -> None:
                      "the all-blocks proxy (every block at n; the real saving is smaller)")
                   + "; error = measured / predicted - 1")
         print_path(out, "choices:", result.r_from)
+        if result.report_device:
+            out.print(f"the report's latency was profiled on {short_device_name(result.report_device)}, not on "
+                      f"{short_device_name(meta.device_name)}: its R and predictions are that device's; profile "
+                      "here and run compute-r again to choose for this one")
         if workload == "pomt" and not refined:
             out.print("the choices were not refined: measuring them side by side on the device first makes the "
                       "prediction come true more closely:")
