@@ -282,6 +282,10 @@ def test_the_table_names_the_unpruned_latency_its_saving_is_against(tmp_path, ca
             "against layer 0's own, 10.000 ms") in text
     assert "│ 0 │ 13 │ 4 │ 6.000 │ 40.6% │" in text
     assert "│ - │ 17 │ 0 │ 10.100 │ 0.0% │" in text
+    code, out, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
+                                     str(tmp_path / "r1"), "--batch-size", "1"], capsys)
+    assert code == 0, err
+    assert "R = 0 (n* = 17 of 17 tokens kept) at batch 1: pruning does not pay here" in " ".join(out.split())
 
 
 def test_one_profile_with_layers_and_one_without_is_refused(tmp_path):

@@ -93,7 +93,7 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
     checks = check_choices(bench, report.choices)
     for check in checks:
         c = choices[check.batch_size]
-        choice = f"**R = {c.R} at layer {c.layer}**" if c.layer is not None else f"**R = {c.R}**"
+        choice = f"**{c.setting_text}**"
         if not c.pays:
             choice += " (pruning does not pay here)"
         predicted = _cell(check.predicted_saving_pct, ".1f") + ("%" if check.predicted_saving_pct is not None else "")

@@ -68,8 +68,7 @@ def selection_settings(
 
 def r_line(choice: Choice, num_tokens: int) -> str:
     """``R = 56 at layer 3 (n* = 141 of 197 tokens kept) at batch 4: predicted ...``."""
-    where = "" if choice.layer is None else f" at layer {choice.layer}"
-    line = f"R = {choice.R}{where} (n* = {choice.tokens} of {num_tokens} tokens kept) at batch {choice.batch_size}"
+    line = f"{choice.setting_text} (n* = {choice.tokens} of {num_tokens} tokens kept) at batch {choice.batch_size}"
     return f"{line}: {prediction_text(choice)}"
 
 
