@@ -431,7 +431,8 @@ def test_pretrained_weights_that_cannot_be_loaded_are_one_line_cut_at_a_word(mon
         create_model("deit_tiny_patch16_224", pretrained=True)
     message = str(caught.value)
     assert message.startswith("cannot load pretrained weights for deit_tiny_patch16_224 (OSError: We couldn't")
-    assert " ...); put them in the Hugging Face cache or use --checkpoint PATH" in message
+    assert (" ...); put them in the Hugging Face cache (offline, HF_HUB_OFFLINE=1 reads only the cache, without "
+            "waiting for the network) or use --checkpoint PATH") in message
     assert "\n" not in message and "second line" not in message
     # The cut falls between words: what precedes the ellipsis is a whole word of the original.
     kept = message.split("(OSError: ", 1)[1].split(" ...)", 1)[0]

@@ -129,7 +129,8 @@ def create_model(
             raise PomtError(
                 f"cannot load pretrained weights for {name} ({type(exc).__name__}: "
                 f"{textwrap.shorten(first, 160, placeholder=' ...')}); "
-                "put them in the Hugging Face cache or use --checkpoint PATH"
+                "put them in the Hugging Face cache (offline, HF_HUB_OFFLINE=1 reads only the cache, without "
+                "waiting for the network) or use --checkpoint PATH"
             ) from None
         raise
     _check_patch_multiple(model, img_size)
