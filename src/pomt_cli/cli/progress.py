@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 from pomt_cli.accuracy.evaluate import EvalProgress
 from pomt_cli.bench import BenchProgress
@@ -13,6 +14,9 @@ from pomt_cli.measure.grid import GridProgress
 from pomt_cli.pipelines import Reporter
 
 err = plain_console(stderr=True, soft_wrap=True)
+
+#: Characters of the progress bar itself.
+BAR_WIDTH = 10
 
 
 class RichReporter(Reporter):
@@ -25,13 +29,16 @@ class RichReporter(Reporter):
 
     def _task(self, name: str, description: str) -> tuple[Progress, TaskID]:
         if self._progress is None:
+            # The bar, the counts and the times keep their width; the description takes what is
+            # left of the line and is cut with an ellipsis, so that 80 columns show everything.
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[running]}"), console=err,
+                TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                BarColumn(bar_width=BAR_WIDTH), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
+                TimeRemainingColumn(), console=err, expand=True,
             )
             self._progress.start()
         if name not in self._tasks:
-            self._tasks[name] = self._progress.add_task(description, total=None, running="")
+            self._tasks[name] = self._progress.add_task(description, total=None)
         return self._progress, self._tasks[name]
 
     def close(self) -> None:
@@ -74,10 +81,10 @@ class RichReporter(Reporter):
     def evaluating(self, event: EvalProgress) -> None:
         progress, task = self._task("evaluate", "evaluating")
         first, last = event.running[0], event.running[-1]
-        running = f"n={first[0]}: {first[1]:.1f}%"
+        running = f"n={first[0]} {first[1]:.1f}%"
         if len(event.running) > 1:
-            running += f", n={last[0]}: {last[1]:.1f}%"
-        progress.update(task, completed=event.done, total=event.total, running=f"top-1 so far {running}")
+            running += f", n={last[0]} {last[1]:.1f}%"
+        progress.update(task, completed=event.done, total=event.total, description=f"evaluating: {running}")
 
     def timing(self, event: BenchProgress) -> None:
         if event.preparing:
