@@ -345,7 +345,7 @@ def test_a_data_folder_one_level_too_high_gets_a_hint(tmp_path, capsys):
                                        "--output-dir", str(tmp_path / "o")], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert (f"has 2: give a checkpoint trained on these classes, or a data set with one folder per model class "
-                f"(its folders train, val hold folders of images: did you mean --data {tmp_path}/imagenet/train?)"
+                f"(its folders train, val hold folders of images: did you mean --data {tmp_path}/imagenet/val?)"
                 ) in err
     assert not (tmp_path / "o").exists()
 

@@ -202,8 +202,10 @@ def check_classes(model, listing: Listing, spec: str | Path) -> None:
         if not listing.records or any(r.name.count("/") < 2 for r in listing.records):
             raise
         shown = ", ".join(listing.classes[:3]) + (", ..." if listing.num_classes > 3 else "")
+        # Accuracy is estimated on held-out images: a validation split is the likelier meaning.
+        meant = next((c for c in listing.classes if c.lower() in ("val", "validation")), listing.classes[0])
         raise PomtError(f"{exc} (its folders {shown} hold folders of images: did you mean --data "
-                        f"{Path(spec) / listing.classes[0]}?)") from None
+                        f"{Path(spec) / meant}?)") from None
 
 
 def list_images(spec: str | Path, limit: int | None = None, class_order: ClassOrder | None = None) -> Listing:
