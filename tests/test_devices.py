@@ -329,3 +329,17 @@ def test_after_an_exception_a_failing_restore_is_a_plain_error(fake_tools, monke
         with locked_clocks(load_preset("h100"), torch_device="cpu"):
             raise RuntimeError("measurement failed")
     assert type(caught.value) is PomtError
+
+
+def test_no_lock_clocks_under_a_lock_of_pomt_clocks_lock_records_that_lock(fake_tools):
+    preset = load_preset("h100")
+    ClockController(preset, "cpu").lock()
+    with locked_clocks(preset, torch_device="cpu", enabled=False) as state:
+        pass
+    assert state.mode == "unlocked" and state.detail.startswith("--no-lock-clocks: not locked by this run, but "
+                                                                "locked by pomt at ")
+    assert state.values == {"max_graphics": "1980"}
+    assert not any("reset" in c for c in fake_tools.calls())
+    ClockController(preset, "cpu").restore()
+    with locked_clocks(preset, torch_device="cpu", enabled=False) as state:
+        assert state.detail == "--no-lock-clocks: measured without locking"

@@ -382,7 +382,15 @@ def locked_clocks(
     """
     ctl = ClockController(preset, torch_device, state_dir)
     if not enabled:
-        yield ClockState(preset=preset.name, mode="unlocked", detail="--no-lock-clocks: measured without locking",
+        detail = "--no-lock-clocks: measured without locking"
+        try:
+            saved = ctl.saved_state()
+        except PomtError:
+            saved = None
+        if saved is not None:
+            detail = (f"--no-lock-clocks: not locked by this run, but locked by pomt at {saved.locked_at} "
+                      f"(state in {ctl.state_file}) and left as they were")
+        yield ClockState(preset=preset.name, mode="unlocked", detail=detail, values=saved.values if saved else {},
                          status=ctl.status_text())
         return
     unavailable = ctl.available()
