@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
@@ -292,3 +293,53 @@ def test_a_long_device_name_is_shortened_where_a_reader_sees_it():
     assert short_device_name(long) == "AMD EPYC 7B13 64-Core Processor with a\u2026"
     assert all(len(short_device_name(n)) <= 40 for n in (cpu, long, "x" * 60))
 
+
+
+def test_a_restore_that_fails_after_the_measurement_keeps_what_was_measured(tmp_path, fake_tools, monkeypatch, capsys):
+    """A broken restore command in a user's preset: the finished profile and bench report are written whole
+    (recording that the restore failed), then the error names the command, the saved state and the file."""
+    preset = str(preset_file(tmp_path, "nvidia"))
+    monkeypatch.setenv("FAKE_FAIL", "--reset-memory-clocks")
+    common = ["--model", "digits-vit", "--device", preset, "--torch-device", "cpu", "--budget", "0.05"]
+    runs = {
+        "profile": (["profile", *common, "--tokens", "65:45:10", "--min-samples", "3", "--warmup", "1"], "parquet",
+                    "the profile is complete"),
+        "bench": (["bench", *common, "--method", "none", "--rounds", "1"], "parquet", "the bench report is written"),
+    }
+    for name, (args, suffix, what) in runs.items():
+        out = tmp_path / name
+        code, _, err = run_in_process([*args, "--output-dir", str(out)], capsys)
+        written = sorted(out.glob(f"*.{suffix}"))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "--reset-memory-clocks` failed (exit 3: fake failure: insufficient permissions); run it by hand" in err
+        assert f"({what}: {written[0]})" in err and len(written) == 1
+        meta = json.loads(pl.read_parquet_metadata(written[0])["pomt"])
+        assert meta["clocks"]["mode"] == "locked" and "restoring them after failed" in meta["clocks"]["detail"]
+        assert meta.get("complete", True) is True
+        state = tmp_path / "state" / "clocks" / "fake-nvidia-0" / "state.json"
+        assert state.exists()  # kept for `pomt clocks restore`
+        state.unlink()
+    calls = fake_tools.calls()
+    assert calls.count("nvidia-smi -i 0 --reset-gpu-clocks") == 2  # every restore command ran, twice
+
+
+def test_after_an_exception_a_failing_restore_is_a_plain_error(fake_tools, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "--reset-gpu-clocks")
+    with pytest.raises(PomtError, match="--reset-gpu-clocks` failed") as caught:
+        with locked_clocks(load_preset("h100"), torch_device="cpu"):
+            raise RuntimeError("measurement failed")
+    assert type(caught.value) is PomtError
+
+
+def test_no_lock_clocks_under_a_lock_of_pomt_clocks_lock_records_that_lock(fake_tools):
+    preset = load_preset("h100")
+    ClockController(preset, "cpu").lock()
+    with locked_clocks(preset, torch_device="cpu", enabled=False) as state:
+        pass
+    assert state.mode == "unlocked" and state.detail.startswith("--no-lock-clocks: not locked by this run, but "
+                                                                "locked by pomt at ")
+    assert state.values == {"max_graphics": "1980"}
+    assert not any("reset" in c for c in fake_tools.calls())
+    ClockController(preset, "cpu").restore()
+    with locked_clocks(preset, torch_device="cpu", enabled=False) as state:
+        assert state.detail == "--no-lock-clocks: measured without locking"

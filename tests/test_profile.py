@@ -532,6 +532,36 @@ def test_resume_from_another_model_or_grid_is_refused(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "x.parquet"} == before
 
 
+def test_resume_with_other_threads_timing_or_versions_is_refused(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    args = ["profile", *TINY, "--tokens", "197:97:50", "--threads", "1", "--output-dir", str(tmp_path), *FAST]
+    try:
+        assert run_in_process(args, capsys)[0] == 0
+        parquet = tmp_path / f"{STEM}.parquet"
+        frame, meta = read_latency_profile(parquet)
+        info = {**meta.runtime_info, "torch_version": "2.0.0"}
+        upgraded = tmp_path / "upgraded.parquet"
+        write_profile(upgraded, frame.head(1), meta.model_copy(update={"complete": False, "runtime_info": info}))
+        write_profile(parquet, frame.head(1), meta.model_copy(update={"complete": False}))
+        other = tmp_path / "other"
+        for resume, changed, message in (
+            (parquet, ["--threads", "2"], "measured with num_threads 1, but this run has 2: resume with the same "
+                                          "options (--threads)"),
+            (parquet, ["--budget", "0.2"], "measured with budget_s 0.1, but this run has 0.2"),
+            (parquet, ["--seed", "1"], "measured with seed 0"),
+            (upgraded, [], "measured with runtime_info.torch_version 2.0.0, but this run has"),
+        ):
+            run = [*args[:-6], "--output-dir", str(other), *FAST, *changed, "--resume", str(resume)]
+            code, _, err = run_in_process(run, capsys)
+            assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not other.exists()
+        code, _, err = run_in_process([*args, "--resume", str(parquet)], capsys)
+        assert code == 0, err
+        assert read_latency_profile(parquet)[1].complete
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_ctrl_c_restores_the_clocks_and_keeps_progress_for_resume(tmp_path):
     tools = FakeTools(tmp_path)
     preset = preset_file(tmp_path, "nvidia")

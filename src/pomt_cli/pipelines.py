@@ -39,7 +39,7 @@ from pomt_cli.accuracy.data import ClassOrder, load_labelled
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.devices.presets import DevicePreset, default_preset_name, load_preset
 from pomt_cli.devices.torch_device import device_name, resolve_torch_device, short_device_name
-from pomt_cli.devices.clocks import locked_clocks
+from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
 from pomt_cli.errors import PomtError
 from pomt_cli.measure.grid import GridProgress, LatencySettings
 from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, check_runtime, runtime_info
@@ -297,11 +297,11 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
     with OutputSet(s.output_dir, stem, ("parquet", "png")) as files:
         parquet, png = files.path("parquet"), files.path("png")
         if complete:
-            frame, meta = previous, previous_meta
+            frame, meta, unrestored = previous, previous_meta, None
             reporter.note(f"{s.resume} is complete: nothing to measure")
         else:
-            frame, meta = _measure(net, latency, tdev, preset, s.lock_clocks, meta, previous, previous_meta, parquet,
-                                   reporter)
+            frame, meta, unrestored = _measure(net, latency, tdev, preset, s.lock_clocks, meta, previous,
+                                               previous_meta, parquet, reporter)
         steps = find_curve_steps(frame, top=s.top_steps)
         title = (f"{s.model}, {meta.device_display_name} ({short_device_name(meta.device_name)}), {dtype}, "
                  f"{'CUDA graphs' if s.cuda_graphs else s.runtime.value}, "
@@ -309,13 +309,24 @@ def profile(settings: ProfileSettings, reporter: Reporter = _SILENT) -> ProfileR
         files.write("parquet", lambda tmp: write_profile(tmp, frame, meta))
         files.write("png", lambda tmp: plot_latency(frame, tmp, title=title, steps=steps))
         files.commit()
+    _raise_unrestored(unrestored, "the profile is complete", parquet)
     return ProfileResult(frame=frame, meta=meta, steps=steps, profile=parquet, plot=png, resumed_complete=complete)
+
+
+def _unrestored_state(clocks: ClockState) -> ClockState:
+    return clocks.model_copy(update={"detail": "locked for the measurement; restoring them after failed"})
+
+
+def _raise_unrestored(error: ClockRestoreError | None, what: str, path: Path) -> None:
+    """Raise a clock restore that failed after the measurement, once its files are written."""
+    if error is not None:
+        raise ClockRestoreError(f"{error} ({what}: {path})") from None
 
 
 def _measure(net: torch.nn.Module, settings: LatencySettings, tdev: torch.device, preset: DevicePreset,
              lock_clocks: bool, meta: LatencyMeta, previous: pl.DataFrame | None, previous_meta: LatencyMeta | None,
-             parquet: Path, reporter: Reporter) -> tuple[pl.DataFrame, LatencyMeta]:
-    """Run the grid with clocks locked and checkpoints; the frame and the final metadata."""
+             parquet: Path, reporter: Reporter) -> tuple[pl.DataFrame, LatencyMeta, ClockRestoreError | None]:
+    """Run the grid with clocks locked and checkpoints; the frame, the final metadata and a failed restore."""
     saved = _Checkpoints(parquet, meta, previous_meta.elapsed_s if previous_meta else 0.0)
     resumed = previous.height if previous is not None else 0
 
@@ -324,11 +335,16 @@ def _measure(net: torch.nn.Module, settings: LatencySettings, tdev: torch.device
         if event.frame is not None:
             saved.update(event.frame)
 
+    unrestored = None
     try:
-        with locked_clocks(preset, torch_device=tdev, enabled=lock_clocks) as clocks:
-            saved.meta = meta.model_copy(update={"clocks": clocks, "clocks_locked": clocks.locked,
-                                                 "resumed_rows": resumed})
-            frame = profile_latency(net, settings, device=tdev, previous=previous, progress=on_progress)
+        try:
+            with locked_clocks(preset, torch_device=tdev, enabled=lock_clocks) as clocks:
+                saved.meta = meta.model_copy(update={"clocks": clocks, "clocks_locked": clocks.locked,
+                                                     "resumed_rows": resumed})
+                frame = profile_latency(net, settings, device=tdev, previous=previous, progress=on_progress)
+        except ClockRestoreError as exc:  # every point was measured: the profile is written, then this raised
+            unrestored = exc
+            saved.meta = saved.meta.model_copy(update={"clocks": _unrestored_state(saved.meta.clocks)})
     except BaseException:
         saved.flush()
         if saved.frame is not None:
@@ -336,7 +352,7 @@ def _measure(net: torch.nn.Module, settings: LatencySettings, tdev: torch.device
         raise
     received = pomt.received_path(tdev, DTYPES[settings.dtype]) if settings.workload == "pomt" else None
     return frame, saved.meta.model_copy(update={"complete": True, "elapsed_s": saved.elapsed_s(),
-                                                "pomt_received": received})
+                                                "pomt_received": received}), unrestored
 
 
 class AccuracySettings(_Settings):
@@ -532,8 +548,12 @@ def refine(settings: RefineSettings, reporter: Reporter = _SILENT) -> RefineResu
                          budget_s=s.budget_s, min_samples=meta.min_samples or 10, warmup=meta.warmup or 3,
                          rounds=s.rounds, seed=s.seed, runtime=runtime.runtime,
                          runtime_options=runtime.runtime_options(cuda_graphs))
-    with locked_clocks(preset, torch_device=tdev, enabled=s.lock_clocks) as clocks:
-        timed = time_methods(net, planned, timing, device=tdev, on_progress=reporter.timing)
+    unrestored = None
+    try:
+        with locked_clocks(preset, torch_device=tdev, enabled=s.lock_clocks) as clocks:
+            timed = time_methods(net, planned, timing, device=tdev, on_progress=reporter.timing)
+    except ClockRestoreError as exc:  # the timing finished: the report is rewritten, then this raised
+        unrestored = exc
 
     rechoices: dict[int, Rechoice] = {}
     table: list[RefinedSetting] = []
@@ -588,6 +608,7 @@ def refine(settings: RefineSettings, reporter: Reporter = _SILENT) -> RefineResu
             write_report(refined, path)
         except OSError as exc:
             raise write_error(path, exc) from None
+    _raise_unrestored(unrestored, "the refined report is written", path)
     return RefineResult(report=refined, before=before, rechoices=rechoices, path=path, plot=plot)
 
 
@@ -823,8 +844,12 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     timing = BenchTiming(dtype=s.dtype.torch, cuda_graphs=s.cuda_graphs, rel_precision=s.rel_precision,
                          budget_s=s.budget_s, rounds=s.rounds, seed=s.seed, runtime=runtimes[0],
                          runtime_options=s.runtime_options(s.cuda_graphs))
-    with locked_clocks(preset, torch_device=tdev, enabled=s.lock_clocks) as clocks:
-        timed = time_runtimes(net, plan.settings, timing, runtimes, device=tdev, on_progress=reporter.timing)
+    unrestored = None
+    try:
+        with locked_clocks(preset, torch_device=tdev, enabled=s.lock_clocks) as clocks:
+            timed = time_runtimes(net, plan.settings, timing, runtimes, device=tdev, on_progress=reporter.timing)
+    except ClockRestoreError as exc:  # the timing finished: the report is written, then this raised
+        unrestored, clocks = exc, _unrestored_state(clocks)
     accuracy = None
     if labelled is not None:
         distinct = plan.distinct()
@@ -853,6 +878,7 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
                        img_size=s.img_size,
                        extra=(*plan.slugs(), *s.runtime_slug(runtimes), *(["cudagraphs"] if s.cuda_graphs else [])))
     csv, parquet = write_bench(frame, meta, s.output_dir, stem)
+    _raise_unrestored(unrestored, "the bench report is written", parquet)
     elsewhere = None
     if report is not None and report.latency.device_name and report.latency.device_name != meta.device_name:
         elsewhere = report.latency.device_name

@@ -58,6 +58,12 @@ def _first_line(text: str) -> str:
     return lines[0][:200] if lines else ""
 
 
+def _exit_text(result: CommandResult) -> str:
+    """``exit N: the first line of its output``, or ``exit N`` where it printed nothing."""
+    line = _first_line(result.output)
+    return f"exit {result.returncode}: {line}" if line else f"exit {result.returncode}"
+
+
 class CommandResult(BaseModel):
     """One clock command as run."""
 
@@ -194,7 +200,7 @@ class ClockController:
             result = self._run(_substitute(read.argv, self.builtins))
             if result.returncode != 0:
                 raise PomtError(
-                    f"`{result.shell}` failed (exit {result.returncode}: {_first_line(result.output)}); "
+                    f"`{result.shell}` failed ({_exit_text(result)}); "
                     "run it by hand to see why, or pass --no-lock-clocks"
                 )
             match = re.search(read.pattern, result.output)
@@ -249,7 +255,7 @@ class ClockController:
             self.state_file.unlink(missing_ok=True)
             hint = "with sudo" if self.preset.clocks.needs_root else "by hand"
             raise PomtError(
-                f"`{failed.shell}` failed (exit {failed.returncode}: {_first_line(failed.output)}); the clocks were "
+                f"`{failed.shell}` failed ({_exit_text(failed)}); the clocks were "
                 f"put back; run it {hint} to see why, or pass --no-lock-clocks"
             )
         return values
@@ -282,8 +288,8 @@ class ClockController:
         if failures:
             first = failures[0]
             raise PomtError(
-                f"restoring the clocks of {self.preset.name}: `{first.shell}` failed (exit {first.returncode}: "
-                f"{_first_line(first.output)}); run it by hand; the saved state stays in {self.state_file}"
+                f"restoring the clocks of {self.preset.name}: `{first.shell}` failed ({_exit_text(first)}); run it "
+                f"by hand; the saved state stays in {self.state_file}"
             )
         self.state_file.unlink(missing_ok=True)
 
@@ -297,6 +303,10 @@ class ClockController:
         for result in self.status():
             parts.append(f"$ {result.shell}\n{result.output}" + (f"\n(exit {result.returncode})" if result.returncode else ""))
         return "\n".join(parts)[:limit]
+
+
+class ClockRestoreError(PomtError):
+    """Restoring the clocks failed after a measurement that finished: its results are sound."""
 
 
 def _make_state_dir(path: Path) -> None:
@@ -352,7 +362,10 @@ def locked_clocks(
     """Lock the clocks of ``preset`` for the duration of the block, and restore them after.
 
     Restores on normal exit, on exceptions, on Ctrl-C and on SIGTERM (which inside the
-    block raises ``SystemExit(143)``). Yields the :class:`ClockState` to record.
+    block raises ``SystemExit(143)``). Yields the :class:`ClockState` to record. A restore
+    that fails after the block finished raises :class:`ClockRestoreError`, so that the
+    caller can keep what it measured; after an exception, a failed restore raises
+    :class:`PomtError` in its place.
 
     - ``enabled=False``: nothing is run but the status commands; mode ``unlocked``.
     - The preset's ``requires_path`` is missing (no cpufreq, not a Jetson): mode ``unavailable``;
@@ -369,7 +382,15 @@ def locked_clocks(
     """
     ctl = ClockController(preset, torch_device, state_dir)
     if not enabled:
-        yield ClockState(preset=preset.name, mode="unlocked", detail="--no-lock-clocks: measured without locking",
+        detail = "--no-lock-clocks: measured without locking"
+        try:
+            saved = ctl.saved_state()
+        except PomtError:
+            saved = None
+        if saved is not None:
+            detail = (f"--no-lock-clocks: not locked by this run, but locked by pomt at {saved.locked_at} "
+                      f"(state in {ctl.state_file}) and left as they were")
+        yield ClockState(preset=preset.name, mode="unlocked", detail=detail, values=saved.values if saved else {},
                          status=ctl.status_text())
         return
     unavailable = ctl.available()
@@ -395,6 +416,12 @@ def locked_clocks(
                 yield ClockState(preset=preset.name, mode="locked",
                                  detail="locked for the measurement and restored after",
                                  values=values, status=ctl.status_text())
-            finally:
+            except BaseException:
                 with signals_ignored():
                     ctl.restore()
+                raise
+            with signals_ignored():
+                try:
+                    ctl.restore()
+                except PomtError as exc:
+                    raise ClockRestoreError(str(exc)) from None

@@ -109,7 +109,15 @@ class LatencyMeta(ProfileMeta):
 
 
 _RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "img_size", "dtype", "batch_sizes", "grid", "timing_mode",
-                  "device_preset", "torch_device", "workload", "layers", "runtime")
+                  "device_preset", "torch_device", "workload", "layers", "runtime", "runtime_info", "num_threads",
+                  "float32_matmul_precision", "rel_precision", "budget_s", "min_samples", "warmup", "seed",
+                  "remeasure_rounds", "passes")
+
+#: The option that sets a resume field, where its name is not the option's.
+_RESUME_OPTIONS = {"num_threads": "--threads", "budget_s": "--budget", "remeasure_rounds": "--remeasure",
+                   "batch_sizes": "--batch-size", "grid": "--tokens", "layers": "--layer", "img_size": "--img-size",
+                   "runtime_info": "--ort-providers, --compile-backend or the installed versions",
+                   "float32_matmul_precision": "torch.set_float32_matmul_precision"}
 
 
 def _show(value: object) -> str:
@@ -137,10 +145,14 @@ def resume_rows(path: str | Path, expected: LatencyMeta) -> tuple[pl.DataFrame, 
     frame, meta = read_latency(path)
     for name in _RESUME_FIELDS:
         old, new = getattr(meta, name), getattr(expected, name)
-        if old != new:
+        if name == "runtime_info" and old is not None and new is not None:
+            name, old, new = next((f"{name}.{k}", old.get(k), new.get(k)) for k in sorted({*old, *new})
+                                  if old.get(k) != new.get(k)) if old != new else (name, old, new)
+        if old is not None and old != new:  # None: a file from before the field was recorded
+            option = _RESUME_OPTIONS.get(name.split(".")[0], "--" + name.replace("_", "-"))
             raise PomtError(
                 f"--resume {path} was measured with {name} {_show(old)}, but this run has {_show(new)}: "
-                "resume with the same options, or leave out --resume to start afresh"
+                f"resume with the same options ({option}), or leave out --resume to start afresh"
             )
     layers = expected.layers if expected.workload == "pomt" else [None]
     wanted = {(layer, b, n) for layer in layers for b in expected.batch_sizes for n in expected.grid}
