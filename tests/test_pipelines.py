@@ -9,6 +9,7 @@ import pytest
 from conftest import write_accuracy, write_latency
 from pomt_cli import digits, pipelines
 from pomt_cli.accuracy.evaluate import EstimateConfig
+from pomt_cli.errors import PomtError
 from pomt_cli.options import TokenRange
 from pomt_cli.pipelines import (
     AccuracySettings,
@@ -57,9 +58,9 @@ def test_profile_returns_the_files_it_wrote_and_resumes_a_complete_one(tmp_path)
 
 
 def test_profile_refuses_bad_settings_before_writing(tmp_path):
-    with pytest.raises(pipelines.PomtError, match="--layer applies to --method pomt only"):
+    with pytest.raises(PomtError, match="--layer applies to --method pomt only"):
         pipelines.profile(ProfileSettings(model=digits.NAME, device="cpu", layers=[1], output_dir=tmp_path / "o"))
-    with pytest.raises(pipelines.PomtError, match="STOP 1 must exceed"):
+    with pytest.raises(PomtError, match="STOP 1 must exceed"):
         pipelines.profile(ProfileSettings(model=digits.NAME, device="cpu", tokens=TokenRange(start=65, stop=1, stride=1),
                                           output_dir=tmp_path / "o"))
     assert not (tmp_path / "o").exists()
@@ -90,3 +91,30 @@ def test_estimate_accuracy_on_the_digits_model(tmp_path):
     assert frame["tokens"].to_list() == [65, 33] and frame["images"].to_list() == [40, 40]
     assert meta.command == "pomt estimate-accuracy" and result.plot.is_file()
     assert frame.select("accuracy").equals(result.run.frame.select("accuracy"))
+
+
+@pytest.mark.parametrize("device, torch_device, expected", [
+    ("cpu", None, "cpu"),  # the preset's torch device
+    ("orin", "cpu", "cpu"),  # --torch-device overrides it, for accuracy as for latency
+    ("nvidia", None, "cuda"),
+])
+def test_demo_estimates_accuracy_where_it_measures_latency(tmp_path, monkeypatch, device, torch_device, expected):
+    seen = {}
+
+    class Steps(Reporter):
+        def step(self, title, args) -> None:
+            seen.setdefault("steps", []).append(list(args))
+
+    def accuracy_step(settings, reporter):
+        seen["settings"] = settings
+        raise PomtError("stop after the accuracy step's settings")
+
+    monkeypatch.setattr(pipelines, "profile", lambda settings, reporter: seen.setdefault("profile", settings))
+    monkeypatch.setattr(pipelines, "estimate_accuracy", accuracy_step)
+    with pytest.raises(PomtError, match="stop after"):
+        pipelines.demo(pipelines.DemoSettings(output_dir=tmp_path / "demo", device=device, torch_device=torch_device),
+                       Steps())
+    assert seen["settings"].torch_device == expected
+    printed = seen["steps"][1]
+    assert printed[0] == "estimate-accuracy" and printed[printed.index("--torch-device") + 1] == expected
+    assert seen["profile"].torch_device == torch_device and seen["profile"].device == device

@@ -942,7 +942,9 @@ def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
     """
     s = settings
     device = s.device or default_preset_name()
-    load_preset(device)  # an unknown preset fails before anything runs
+    preset = load_preset(device)  # an unknown preset fails before anything runs
+    # Accuracy runs where latency does: the preset's torch device, or the one --torch-device names.
+    accuracy_device = s.torch_device or preset.torch_device
     folder = check_output_dir(s.output_dir)  # each step creates it when it writes its files
     began = time.perf_counter()
     common = ["--device", device, *(["--torch-device", s.torch_device] if s.torch_device else []),
@@ -962,11 +964,11 @@ def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
     reporter.step("POMT's accuracy against kept tokens, at every layer", [
         "estimate-accuracy", "--model", digits.NAME, "--data", "digits", "--estimator", "pomt",
         "--layer", _layers_text(DEMO_LAYERS), "--tokens", str(DEMO_TOKENS), "--batch-size", "150",
-        "--output-dir", str(folder)])
+        "--torch-device", accuracy_device, "--output-dir", str(folder)])
     accuracy = estimate_accuracy(AccuracySettings(
         estimate=EstimateConfig(model=digits.NAME, data="digits", estimator="pomt", layer=DEMO_LAYERS[0],
                                 layers=DEMO_LAYERS, tokens=DEMO_TOKENS, batch_size=150),
-        output_dir=folder, command=s.command), reporter)
+        torch_device=accuracy_device, output_dir=folder, command=s.command), reporter)
     if accuracy is None:
         raise PomtError("pomt demo runs in one process: start it without torchrun")
     reporter.finished(accuracy)
