@@ -171,3 +171,31 @@ def test_a_workload_that_does_not_compile_is_refused_before_anything_is_written(
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "digits-vit proxy n=25 does not compile as one graph" in err and "use --runtime eager" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["profile", "bench"])
+def test_an_unknown_compile_backend_is_one_line_before_anything_is_written(tmp_path, capsys, command):
+    base = ["profile", *DIGITS, *FAST] if command == "profile" else BENCH
+    code, _, err = run_in_process([*base, "--runtime", "compile", "--compile-backend", "nonsense", "--output-dir",
+                                   str(tmp_path / "runs")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--compile-backend 'nonsense' is not a torch.compile backend here: use inductor or eager" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bench_refuses_a_report_compiled_by_another_backend(tmp_path, capsys):
+    info = {"runtime": "compile", "compile_backend": "eager"}
+    lat = write_latency(tmp_path / "lat.parquet", runtime="compile", runtime_info=info)
+    acc = write_accuracy(tmp_path / "acc.parquet")
+    code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
+                                   str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    path = next((tmp_path / "r").glob("*.json"))
+    assert read_report(path).latency.runtime_info["compile_backend"] == "eager"
+    code, _, err = run_in_process(["bench", "--model", MODEL, "--device", "cpu", "--r-from", str(path), "--runtime",
+                                   "compile", "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert (f"--r-from {path} chose R from a latency profile compiled with backend eager, but this bench compiles "
+            "with inductor: add --compile-backend eager, or profile with --compile-backend inductor and run "
+            "compute-r again") in err
+    assert not (tmp_path / "o").exists()

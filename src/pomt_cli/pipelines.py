@@ -685,13 +685,14 @@ def _from_report() -> list[str]:
 
 
 def _r_per_batch(r: int | None, r_from: Path | None, report: Report | None, batch_sizes: list[int] | None,
-                 runtimes: Sequence[Runtime] = (Runtime.eager,)
+                 runtimes: Sequence[Runtime] = (Runtime.eager,), compile_backend: str = "inductor"
                  ) -> tuple[dict[int, int] | None, list[int] | None, str | None]:
     """POMT's r for each batch size (from r or ``report``, read from ``r_from``), and the batch sizes to run.
 
     Raises:
         PomtError: a report whose latency was measured on none of ``runtimes`` (its steps
-            belong to that runtime's kernels), or that lacks a batch size asked for.
+            belong to that runtime's kernels), or compiled by another backend than
+            ``compile_backend``; a report that lacks a batch size asked for.
     """
     if report is None:
         return (None if r is None else {b: r for b in batch_sizes or [1]}), batch_sizes, None
@@ -702,6 +703,12 @@ def _r_per_batch(r: int | None, r_from: Path | None, report: Report | None, batc
         raise PomtError(
             f"--r-from {r_from} chose R from a latency profile measured on {report.runtime}, but this bench runs "
             f"--runtime {given}: {add}, or profile with --runtime {names[0]} and run compute-r again")
+    profiled = (report.latency.runtime_info or {}).get("compile_backend")
+    if report.runtime == Runtime.compile.value and profiled and profiled != compile_backend:
+        raise PomtError(
+            f"--r-from {r_from} chose R from a latency profile compiled with backend {profiled}, but this bench "
+            f"compiles with {compile_backend}: add --compile-backend {profiled}, or profile with --compile-backend "
+            f"{compile_backend} and run compute-r again")
     chosen = {c.batch_size: c.R for c in report.choices}
     if batch_sizes is None:
         batch_sizes = sorted(chosen)
@@ -796,7 +803,8 @@ def bench(settings: BenchSettings, reporter: Reporter = _SILENT) -> BenchResult:
     if s.r is not None and s.r_from is not None:
         raise PomtError("give either -r or --r-from, not both")
     report = read_report(s.r_from, model=s.model) if s.r_from is not None else None
-    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, report, s.batch_sizes, runtimes)
+    r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, report, s.batch_sizes, runtimes,
+                                                  s.compile_backend)
     sizes = sizes or [1]
     needing = [m for m in methods if m in from_report]
     if needing and r_by_batch is None:

@@ -226,13 +226,19 @@ def check_runtime(runtime: Runtime, *, device: torch.device | str, dtype: torch.
     """Refuse at once, with one line, a runtime that cannot run here as asked.
 
     Raises:
-        PomtError: CUDA graphs with compile or onnxruntime; onnxruntime without the
-            extra, with an unavailable provider, or in a dtype its providers lack.
+        PomtError: CUDA graphs with compile or onnxruntime; compile with a backend
+            torch does not have; onnxruntime without the extra, with an unavailable
+            provider, or in a dtype its providers lack.
     """
     runtime = Runtime(runtime)
     device = torch.device(device)
     if options.cuda_graphs and runtime is not Runtime.eager:
         raise PomtError(f"--cuda-graphs times eager PyTorch only: leave it out with --runtime {runtime.value}")
+    if runtime is Runtime.compile:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if options.compile_backend not in backends:
+            raise PomtError(f"--compile-backend {options.compile_backend!r} is not a torch.compile backend here: use "
+                            "inductor or eager (torch._dynamo.list_backends() lists the others)")
     if runtime is Runtime.onnxruntime:
         resolve_providers(options.providers, device)
         if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type != "cuda"):
