@@ -6,7 +6,8 @@ render its result; the library computes. Every user error reaches :func:`main` a
 :class:`~pomt_cli.errors.PomtError`, a click usage error or an ``OSError`` (a name too
 long, a full disk, a folder without permission) and is printed as one line on standard
 error, as written (no markup), with exit code 2. SIGTERM ends a command like Ctrl-C
-does, through its ``finally`` blocks (a profile saves its points), with exit code 143.
+does, through its ``finally`` blocks (a profile saves its points), with one line,
+``terminated``, and exit code 143 (Ctrl-C: ``aborted``, 130).
 Warnings of the libraries are printed after a command that succeeds, one line each.
 """
 
@@ -22,7 +23,7 @@ from rich.text import Text
 from pomt_cli import __version__
 from pomt_cli.cli import bench, clocks, compute_r, demo, estimate_accuracy, export, profile, refine
 from pomt_cli.console import plain_console
-from pomt_cli.devices.signals import sigterm_raises
+from pomt_cli.devices.signals import Terminated, sigterm_raises
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import describe_os_error
 from pomt_cli.formats.common import command_line
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
+    except Terminated as exc:
+        err_console.print("terminated")
+        sys.exit(exc.code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     for line in _warning_lines(caught):

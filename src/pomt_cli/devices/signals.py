@@ -8,19 +8,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-class _Terminated(SystemExit):
+class Terminated(SystemExit):
     """SIGTERM, raised so that ``finally`` blocks run; exits with 128 + 15."""
 
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`SystemExit` (143) instead of killing outright."""
+    """Within the block, SIGTERM raises :class:`Terminated`, a :class:`SystemExit` (143), instead of killing outright."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise _Terminated(128 + signal.SIGTERM)
+        raise Terminated(128 + signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
