@@ -55,7 +55,7 @@ from pomt_cli.formats.common import write_profile
 from pomt_cli.pruning import method_names, pomt
 from pomt_cli.pruning.geometry import TokenGeometry
 from pomt_cli.pruning.registry import get as get_method
-from pomt_cli.report import summary_page
+from pomt_cli.report import SUMMARY_TITLE, summary_page
 from pomt_cli.formats.report import (
     REPORT_FORMAT_VERSION,
     Choice,
@@ -942,11 +942,35 @@ def _layers_text(layers: Sequence[int]) -> str:
     return ",".join(map(str, layers))
 
 
+def _clear_demo_summary(folder: Path) -> Path:
+    """The summary's path in ``folder``, with an earlier demo's summary removed.
+
+    The steps replace the files that page describes, so a demo stopped halfway must not
+    leave it behind; a ``summary.md`` that no demo wrote is the user's and is kept.
+
+    Raises:
+        PomtError: ``folder`` holds a summary.md (or a folder of that name) that no demo wrote.
+    """
+    path = folder / "summary.md"
+    if not path.exists():
+        return path
+    try:
+        ours = path.is_file() and path.read_text(errors="replace").startswith(SUMMARY_TITLE)
+    except OSError:
+        ours = False
+    if not ours:
+        raise PomtError(f"--output-dir {folder} holds a {path.name} that pomt demo did not write: give an empty or "
+                        "new folder, or move that file")
+    path.unlink()
+    return path
+
+
 def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
     """Profile, estimate accuracy, choose R, refine it and bench on the bundled digits model; write a summary.
 
     Raises:
-        PomtError: an unknown preset, an unwritable folder, or any step's error.
+        PomtError: an unknown preset, an unwritable folder, a summary.md there that no
+            demo wrote, or any step's error.
     """
     s = settings
     device = s.device or default_preset_name()
@@ -954,6 +978,7 @@ def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
     # Accuracy runs where latency does: the preset's torch device, or the one --torch-device names.
     accuracy_device = s.torch_device or preset.torch_device
     folder = check_output_dir(s.output_dir)  # each step creates it when it writes its files
+    summary_path = _clear_demo_summary(folder)
     began = time.perf_counter()
     common = ["--device", device, *(["--torch-device", s.torch_device] if s.torch_device else []),
               "--lock-clocks" if s.lock_clocks else "--no-lock-clocks"]
@@ -1013,8 +1038,7 @@ def demo(settings: DemoSettings, reporter: Reporter = _SILENT) -> DemoResult:
     files = {"latency": latency.profile, "latency_plot": latency.plot, "accuracy": accuracy.profile,
              "accuracy_plot": accuracy.plot, "report": chosen.report, "report_plot": chosen.plot,
              "bench": benched.parquet}
-    summary = atomic_write_text(folder / "summary.md",
-                                summary_page(files, folder, device, time.perf_counter() - began))
+    summary = atomic_write_text(summary_path, summary_page(files, folder, device, time.perf_counter() - began))
     return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, refined=refined, benched=benched,
                       summary=summary,
                       elapsed_s=time.perf_counter() - began)

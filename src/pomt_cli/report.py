@@ -51,6 +51,10 @@ def _refined_text(choice: Choice, report: Report, before: Choice | None) -> str:
     return text
 
 
+#: The summary's first line starts so: how a demo knows its own page from a user's file.
+SUMMARY_TITLE = "# pomt demo:"
+
+
 def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: float) -> str:
     """The demo's Markdown summary: what ran, R, the steps, the comparison, with the plots.
 
@@ -66,7 +70,7 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
     rel = {name: p.relative_to(folder).as_posix() for name, p in paths.items()}
     full = accuracy.row(0, named=True)
     lines = [
-        "# pomt demo: digits-vit",
+        f"{SUMMARY_TITLE} digits-vit",
         "",
         f"Run on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC with pomt {__version__}, device preset "
         f"`{device}` ({latency_meta.device_name}), {elapsed_s:.0f} s in all. The model is the bundled "

@@ -11,7 +11,7 @@ from rich.rule import Rule
 
 from pomt_cli.cli import bench, compute_r, estimate_accuracy, profile, refine
 from pomt_cli.cli.options import DeviceOption, TorchDeviceOption, seconds
-from pomt_cli.cli.progress import RichReporter
+from pomt_cli.cli.progress import RichReporter, err
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.pipelines import (
     DEMO_BUDGET_S,
@@ -43,6 +43,12 @@ class DemoReporter(RichReporter):
     def finished(self, result: object) -> None:
         self.close()
         _RENDER[type(result)](result)
+
+    def interrupted(self, saved: int, path: Path) -> None:
+        # demo has no --resume: a rerun starts over, the profile step's command resumes alone.
+        self.close()
+        err.print(f"interrupted: {saved} points saved in {path}; pomt demo starts over when run again (or add "
+                  f"--resume {path} to the pomt profile command above to continue that profile alone)")
 
 
 def register(app: typer.Typer) -> None:
