@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -131,14 +132,19 @@ def test_without_the_onnx_extra_the_runtime_is_refused_naming_it(tmp_path, capsy
     assert not (tmp_path / "runs").exists()
 
 
-def test_compute_r_records_the_runtime_and_bench_refuses_another(tmp_path, capsys):
-    info = {"runtime": "onnxruntime", "providers": ["CPUExecutionProvider"], "onnxruntime_version": "1.0"}
-    lat = write_latency(tmp_path / "lat.parquet", runtime="onnxruntime", runtime_info=info)
+def report_of_runtime(tmp_path, capsys, runtime: str, info: dict) -> Path:
+    """compute-r's report from a latency profile of ``runtime`` (its ``runtime_info`` ``info``)."""
+    lat = write_latency(tmp_path / "lat.parquet", runtime=runtime, runtime_info=info)
     acc = write_accuracy(tmp_path / "acc.parquet")
     code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
                                    str(tmp_path / "r")], capsys)
     assert code == 0, err
-    path = next((tmp_path / "r").glob("*.json"))
+    return next((tmp_path / "r").glob("*.json"))
+
+
+def test_compute_r_records_the_runtime_and_bench_refuses_another(tmp_path, capsys):
+    info = {"runtime": "onnxruntime", "providers": ["CPUExecutionProvider"], "onnxruntime_version": "1.0"}
+    path = report_of_runtime(tmp_path, capsys, "onnxruntime", info)
     report = read_report(path)
     assert report.runtime == "onnxruntime" and report.latency.runtime_info["providers"] == ["CPUExecutionProvider"]
     base = ["bench", "--model", MODEL, "--device", "cpu", "--r-from", str(path), "--output-dir", str(tmp_path / "o")]
@@ -184,13 +190,7 @@ def test_an_unknown_compile_backend_is_one_line_before_anything_is_written(tmp_p
 
 
 def test_bench_refuses_a_report_compiled_by_another_backend(tmp_path, capsys):
-    info = {"runtime": "compile", "compile_backend": "eager"}
-    lat = write_latency(tmp_path / "lat.parquet", runtime="compile", runtime_info=info)
-    acc = write_accuracy(tmp_path / "acc.parquet")
-    code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
-                                   str(tmp_path / "r")], capsys)
-    assert code == 0, err
-    path = next((tmp_path / "r").glob("*.json"))
+    path = report_of_runtime(tmp_path, capsys, "compile", {"runtime": "compile", "compile_backend": "eager"})
     assert read_report(path).latency.runtime_info["compile_backend"] == "eager"
     code, _, err = run_in_process(["bench", "--model", MODEL, "--device", "cpu", "--r-from", str(path), "--runtime",
                                    "compile", "--output-dir", str(tmp_path / "o")], capsys)
