@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel
 from timm.data import create_transform, resolve_data_config
+from timm.utils.misc import natural_key
 from torch import nn
 
 from pomt_cli import digits
@@ -132,12 +132,8 @@ def balanced_subset(records: Sequence[ImageRecord], num_classes: int, limit: int
 
 ClassOrder = Literal["name", "natural"]
 """How class folders are numbered: ``name`` sorts their names as strings (torchvision's
-ImageFolder), ``natural`` compares the digits in them as numbers and ignores case (timm's
-folder reader, so ``c2`` comes before ``c10``)."""
-
-
-def _natural_key(name: str) -> list[str | int]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+ImageFolder), ``natural`` by timm's own ``natural_key`` (digits as numbers, case ignored: the
+order of timm's folder reader, so ``c2`` comes before ``c10``)."""
 
 
 def class_folders(root: Path, order: ClassOrder | None = None) -> list[str]:
@@ -148,7 +144,7 @@ def class_folders(root: Path, order: ClassOrder | None = None) -> list[str]:
             (the model's training decided, and only the user knows which it was).
     """
     names = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
-    by_name, natural = sorted(names), sorted(names, key=_natural_key)
+    by_name, natural = sorted(names), sorted(names, key=natural_key)
     if order is None and by_name != natural:
         first = next(i for i, (a, b) in enumerate(zip(by_name, natural)) if a != b)
         raise PomtError(
