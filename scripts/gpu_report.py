@@ -200,8 +200,8 @@ def section_core(cfg: dict, out: SectionWriter, folder: Path) -> None:
                                    settings=cfg["core_settings"], model_kwargs=cfg["model_kwargs"])
                 out.append("tables", {"batch": batch, "dtype": dtype_name, "mode": "cuda_graphs" if graphs else "eager",
                                       "seconds": round(time.perf_counter() - began, 1), "variants": ratios(ms)})
-                out.put("received_kernel", {f"{device} {str(dtype).removeprefix('torch.')}": state
-                                            for (device, dtype), state in pomt.RECEIVED_KERNEL.items()})
+                out.put("received_kernel", {f"{device} {str(dtype).removeprefix('torch.')}":
+                                            pomt.received_path(device, dtype) for device, dtype in pomt.RECEIVED_KERNEL})
 
 
 def score_agreement(cfg: dict, dtype) -> dict:
@@ -231,7 +231,6 @@ def score_agreement(cfg: dict, dtype) -> dict:
         lean = pomt.importance_lean(q, k, v, lse, attn.scale, p).double()
         product = pomt.importance_lean(q, k, v, lse, attn.scale, p, kernel=False).double()
         explicit = pomt.importance(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1), v, p).double()
-    key = (q.device.type, q.dtype)
 
     def rel(a):
         return float(((a - exact).abs() / exact.abs()).max())
@@ -240,7 +239,7 @@ def score_agreement(cfg: dict, dtype) -> dict:
         return bool(torch.equal(a.argsort(dim=-1, stable=True), exact.argsort(dim=-1, stable=True)))
 
     return {"dtype": str(dtype).removeprefix("torch."), "fused_lse_kernel": lse_kernel_name(q),
-            "received_kernel": pomt.RECEIVED_KERNEL.get(key, "not tried (float32, or not CUDA)"),
+            "received_kernel": pomt.received_path(q.device, q.dtype) or "not tried (float32, or not CUDA)",
             "lean_max_rel_error": rel(lean), "product_max_rel_error": rel(product),
             "explicit_max_rel_error": rel(explicit), "lean_same_order": same_order(lean),
             "product_same_order": same_order(product), "explicit_same_order": same_order(explicit)}
@@ -554,12 +553,12 @@ def markdown(report: dict) -> str:
         for s in core.get("scores", []):
             product = (f"chunked product {s['product_max_rel_error']:.2e} (same order: {s['product_same_order']}), "
                        if "product_max_rel_error" in s else "")
-            lines.append(f"- scores, {s['dtype']} (log-sum-exp from: {s['fused_lse_kernel']}; received attention by "
-                         f"Triton: {s.get('received_kernel', 'no such kernel')}): max rel. error of the lean block "
+            lines.append(f"- scores, {s['dtype']} (log-sum-exp from: {s['fused_lse_kernel']}; received attention "
+                         f"by: {s.get('received_kernel', 'no such kernel')}): max rel. error of the lean block "
                          f"{s['lean_max_rel_error']:.2e} (same order: {s['lean_same_order']}), {product}explicit "
                          f"{s['explicit_max_rel_error']:.2e} (same order: {s['explicit_same_order']})")
         for where, state in core.get("received_kernel", {}).items():
-            lines.append(f"- the Triton kernel of received attention, {where}: {state}")
+            lines.append(f"- the attention received, {where}, by the default block: {state}")
         tables = core.get("tables", [])
         names = list(tables[0]["variants"]) if tables else []
         lines += ["", "| batch, dtype, mode | " + " | ".join(names) + " |",
