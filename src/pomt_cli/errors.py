@@ -9,3 +9,10 @@ class PomtError(Exception):
     a user (not a programmer) can cause: a missing file, an infeasible budget, a grid that
     does not fit the model.
     """
+
+
+class PruningError(PomtError, ValueError):
+    """A model or setting that :func:`pomt_cli.pruning.apply` refuses, before it changes the model.
+
+    Also a ``ValueError``, as these errors were before this class existed.
+    """

@@ -63,9 +63,13 @@ def apply(model: nn.Module, method: str, r: R = 0, layer: int = 3) -> nn.Module:
             Top-K) or layer out of range.
     """
     g = geometry(model)
+    m = registry.get(method)
+    r = registry.as_r(r)
+    if m.takes_layer:
+        layer = registry.as_int(layer, "layer")
     plans, counts, capped_from = plan_blocks(g, method, r, layer)
     detach(model)
-    if registry.get(method).reduces:
+    if m.reduces:
         attach(model, plans)
         model.pomt_config = {
             "method": method, "r": r, "layer": layer, "planned_tokens": counts,

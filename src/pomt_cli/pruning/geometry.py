@@ -12,6 +12,8 @@ import torch
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
+from pomt_cli.errors import PruningError
+
 
 @dataclass(frozen=True)
 class TokenGeometry:
@@ -52,26 +54,28 @@ def geometry(model: nn.Module) -> TokenGeometry:
     """The token geometry of a supported model.
 
     Raises:
-        ValueError: the model is not a timm VisionTransformer with standard blocks and
+        PruningError: the model is not a timm VisionTransformer with standard blocks and
             attention, or uses a dynamic image size.
     """
     name = model_name(model)
     if not isinstance(model, VisionTransformer):
-        raise ValueError(
+        raise PruningError(
             f"{name} ({type(model).__name__}) is not supported: pomt patches timm VisionTransformer "
             "models (vit_*, deit_*, *_dinov2)"
         )
     for i, blk in enumerate(model.blocks):
         block_cls = getattr(type(blk), "_pomt_base", type(blk))
-        if block_cls is not Block or type(blk.attn) is not Attention:
-            raise ValueError(
-                f"{name} is not supported: block {i} is {block_cls.__name__} with "
-                f"{type(blk.attn).__name__}; pomt needs timm's Block with its standard Attention"
+        attn = getattr(blk, "attn", None)  # ParallelScalingBlock and others have none
+        if block_cls is not Block or type(attn) is not Attention:
+            with_attn = "" if attn is None else f" with {type(attn).__name__}"
+            raise PruningError(
+                f"{name} is not supported: block {i} is {block_cls.__name__}{with_attn}; "
+                "pomt needs timm's Block with its standard Attention"
             )
         if getattr(blk.attn, "gate", None) is not None:
-            raise ValueError(f"{name} is not supported: block {i} uses gated attention")
+            raise PruningError(f"{name} is not supported: block {i} uses gated attention")
     if getattr(model, "dynamic_img_size", False):
-        raise ValueError(f"{name} is not supported: it uses a dynamic image size; create it with a fixed img_size")
+        raise PruningError(f"{name} is not supported: it uses a dynamic image size; create it with a fixed img_size")
     num_prefix = int(model.num_prefix_tokens)
     grid = model.patch_embed.grid_size
     num_tokens = num_prefix + int(grid[0]) * int(grid[1])

@@ -15,6 +15,7 @@ import functools
 import torch
 from torch import nn
 
+from pomt_cli.errors import PruningError
 from pomt_cli.pruning import registry
 from pomt_cli.pruning.attention import qkv as _qkv
 from pomt_cli.pruning.geometry import TokenGeometry
@@ -31,7 +32,7 @@ class PrunedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("pruned blocks take no attention mask")
+            raise PruningError("pruned blocks take no attention mask")
         return self.forward_tokens(x, None)[0]
 
     def forward_tokens(
@@ -59,7 +60,7 @@ class PrunedVisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("pruned models take no attention mask")
+            raise PruningError("pruned models take no attention mask")
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -116,15 +117,18 @@ def plan_blocks(
         whose r the cap lowered (None if none was).
 
     Raises:
-        ValueError: unknown method, bad r or layer; the message names the limit.
+        PruningError: unknown method, bad r or layer; the message names the limit.
     """
     g = geometry
     p = g.num_prefix
     m = registry.get(method)
+    r = registry.as_r(r)
+    if m.takes_layer:
+        layer = registry.as_int(layer, "layer")
     per_block = m.schedule(g, r, layer)
     for i, ri in enumerate(per_block):
         if ri < 0:
-            raise ValueError(f"r={ri} at block {i} is negative: give r >= 0")
+            raise PruningError(f"r={ri} at block {i} is negative: give r >= 0")
     requested, per_block = per_block, m.cap(per_block, g)
     capped_from = next((i for i, (a, b) in enumerate(zip(requested, per_block)) if a != b), None)
     counts = [g.num_tokens]
@@ -133,7 +137,7 @@ def plan_blocks(
         limit = n - p - 1
         if ri > limit:
             where = "" if n == g.num_tokens else f" left at block {i}"
-            raise ValueError(
+            raise PruningError(
                 f"r={ri} is too large: {g.name} has {n} tokens ({p} prefix){where}, "
                 f"at most {limit} can be pruned at block {i}"
             )

@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from pomt_cli.errors import PruningError
 from pomt_cli.pruning.attention import residual, tracing
 from pomt_cli.pruning.registry import Method, register
 
@@ -306,10 +307,10 @@ class Pomt(Method):
 
     def schedule(self, g, r, layer):
         if not isinstance(r, int):
-            raise ValueError(f"POMT prunes once: r must be an int, got {r!r}")
+            raise PruningError(f"POMT prunes once: r must be an int, got {r!r}")
         depth = g.num_blocks
         if not 0 <= layer < depth:
-            raise ValueError(f"layer={layer} is out of range: {g.name} has {depth} blocks (layer 0..{depth - 1})")
+            raise PruningError(f"layer={layer} is out of range: {g.name} has {depth} blocks (layer 0..{depth - 1})")
         return [r if i == layer else 0 for i in range(depth)]
 
     def reduce(self, block, x, q, k, v, size, plan):

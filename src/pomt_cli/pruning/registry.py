@@ -8,6 +8,7 @@ and the CLI choices all look methods up here. The built-in ones, in this order: 
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -15,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from pomt_cli.errors import PruningError
 from pomt_cli.pruning.geometry import TokenGeometry
 
 
@@ -62,7 +64,7 @@ class Method(ABC):
         """Tokens requested to be removed in each block, from the setting.
 
         Raises:
-            ValueError: a setting the method does not take; the message says what it takes.
+            PruningError: a setting the method does not take; the message says what it takes.
         """
 
     def cap(self, requested: list[int], g: TokenGeometry) -> list[int]:
@@ -138,12 +140,49 @@ def get(name: str) -> Method:
     """The method called ``name``.
 
     Raises:
-        ValueError: no such method; the message lists the known ones.
+        PruningError: no such method; the message lists the known ones.
     """
     try:
         return _METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}: use one of {', '.join(_METHODS)}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable name
+        raise PruningError(f"unknown method {name!r}: use one of {', '.join(_METHODS)}") from None
+
+
+def as_int(value, what: str) -> int:
+    """``value`` as a Python int: an int or an integer scalar (NumPy, a 0-d integer tensor).
+
+    Raises:
+        PruningError: a bool, a float (even 3.0), a string or anything else.
+    """
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise PruningError(f"{what} must be an int, got {value!r}")
+
+
+def as_r(r):
+    """A method's ``r`` in plain Python: an int, a list of ints (from any sequence or array of
+    integers), or a tuple as given (ToMe's ``(r, inflection)``; the method checks it).
+
+    Raises:
+        PruningError: r is none of these (a bool, a float, a string, None, a list of floats).
+    """
+    if isinstance(r, tuple):
+        return r
+    if not isinstance(r, (bool, str, bytes)) and r is not None:
+        try:
+            return operator.index(r)
+        except TypeError:
+            pass
+        try:
+            values = list(r)
+        except TypeError:
+            values = None
+        if values is not None:
+            return [as_int(v, f"r[{i}]") for i, v in enumerate(values)]
+    raise PruningError(f"r must be an int or a list of ints (one per block), got {r!r}")
 
 
 def spread(total: int, num_patches: int, num_blocks: int, *, halving: bool) -> list[int]:
@@ -161,13 +200,13 @@ def spread(total: int, num_patches: int, num_blocks: int, *, halving: bool) -> l
         halving: cap each block at half of its non-prefix tokens.
 
     Raises:
-        ValueError: the target cannot be reached.
+        PruningError: the target cannot be reached.
     """
     final = num_patches - total
     if total < 0 or final < 1:
-        raise ValueError(f"cannot remove {total} of {num_patches} patch tokens and keep at least one")
+        raise PruningError(f"cannot remove {total} of {num_patches} patch tokens and keep at least one")
     if halving and num_patches > final * 2**num_blocks:
-        raise ValueError(f"halving {num_blocks} times cannot bring {num_patches} patch tokens down to {final}")
+        raise PruningError(f"halving {num_blocks} times cannot bring {num_patches} patch tokens down to {final}")
     per_block: list[int] = []
     tokens = num_patches
     for i in range(num_blocks):

@@ -25,12 +25,15 @@ order when the model has a class token (the original's sort), and in the matchin
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
+from pomt_cli.errors import PruningError
 from pomt_cli.pruning.attention import fused, residual
-from pomt_cli.pruning.registry import Method, register, spread
+from pomt_cli.pruning.registry import Method, as_int, as_r, register, spread
 
 
 def schedule(r: int | Sequence[int] | tuple[int, float], num_blocks: int) -> list[int]:
@@ -46,19 +49,23 @@ def schedule(r: int | Sequence[int] | tuple[int, float], num_blocks: int) -> lis
     """
     if isinstance(r, tuple):
         if len(r) != 2:
-            raise ValueError(f"ToMe r as a tuple must be (r, inflection), got {r!r}")
-        mean, inflection = int(r[0]), float(r[1])
+            raise PruningError(f"ToMe r as a tuple must be (r, inflection), got {r!r}")
+        mean, inflection = as_int(r[0], "ToMe's r in (r, inflection)"), r[1]
+        if isinstance(inflection, bool) or not isinstance(inflection, numbers.Real) or not math.isfinite(inflection):
+            raise PruningError(f"ToMe's inflection in (r, inflection) must be a finite number, got {inflection!r}")
+        inflection = float(inflection)
         if num_blocks == 1:
             return [mean]
         first = int(mean * (1.0 - inflection))
         last = 2 * mean - first
         step = (last - first) / (num_blocks - 1)
         return [int(first + step * i) for i in range(num_blocks)]
+    r = as_r(r)
     if isinstance(r, int):
         return [r] * num_blocks
-    values = [int(v) for v in r]
+    values = list(r)
     if len(values) != num_blocks:
-        raise ValueError(f"r has {len(values)} entries but the model has {num_blocks} blocks: give one per block")
+        raise PruningError(f"r has {len(values)} entries but the model has {num_blocks} blocks: give one per block")
     return values
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from pomt_cli.errors import PruningError
 from pomt_cli.pruning import tome
 from pomt_cli.pruning.attention import fused, residual
 from pomt_cli.pruning.registry import Method, register
@@ -57,10 +58,10 @@ class Topk(Method):
 
     def schedule(self, g, r, layer):
         if isinstance(r, tuple):
-            raise ValueError(f"Top-K r must be an int or a list with one entry per block, got {r!r}")
+            raise PruningError(f"Top-K r must be an int or a list with one entry per block, got {r!r}")
         per_block = [r] * g.num_blocks if isinstance(r, int) else tome.schedule(list(r), g.num_blocks)
         if any(per_block) and not g.has_class_token:
-            raise ValueError(f"Top-K scores tokens by the class token's attention, and {g.name} has no class token")
+            raise PruningError(f"Top-K scores tokens by the class token's attention, and {g.name} has no class token")
         return per_block
 
     def reduce(self, block, x, q, k, v, size, plan):
