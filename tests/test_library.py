@@ -94,3 +94,48 @@ def test_integer_scalars_and_arrays_act_as_python_ints(method, setting, plain):
         actual = model(x)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     assert type(model.pomt_config["r"]) is type(plain["r"])  # stored as plain Python values
+
+
+SETTINGS = {"pomt": dict(r=5, layer=1), "tome": dict(r=3), "topk": dict(r=2)}
+
+
+@pytest.mark.parametrize("method", ["pomt", "tome", "topk"])
+def test_forward_intermediates_runs_the_patched_blocks(method):
+    model = tiny_vit("deit_tiny_distilled_patch16_224")
+    x = images()
+    with torch.no_grad():
+        timm_first = model.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)[0]
+        apply(model, method, **SETTINGS[method])
+        final, inter = model.forward_intermediates(x, output_fmt="NLC", norm=True)
+        expected = model.forward_features(x)
+    # ToMe's sizes reach every block: the final features are those of forward.
+    torch.testing.assert_close(final, expected, rtol=0, atol=0)
+    torch.testing.assert_close(inter[-1], expected[:, 2:], rtol=0, atol=0)  # prefix tokens split off
+    assert [t.shape[1] + 2 for t in inter] == token_counts(model)[1:]
+    if method == "pomt":  # block 0 runs before the pruning: timm's own intermediate, on the grid too
+        with torch.no_grad():
+            first = model.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)[0]
+            grid = model.forward_intermediates(x, indices=[0], intermediates_only=True)[0]
+        torch.testing.assert_close(first, timm_first, rtol=0, atol=1e-6)
+        assert grid.shape == (2, 48, 4, 4)
+
+
+def test_intermediates_of_pruned_blocks_have_no_grid():
+    model = apply(tiny_vit(), "pomt", r=5, layer=1)
+    with pytest.raises(PruningError, match="block 1 leaves 12 of 17 tokens.*output_fmt='NLC'"):
+        model.forward_intermediates(images())
+
+
+def test_gradient_checkpointing_is_kept_by_the_patched_model():
+    x = images()
+    grads = []
+    for checkpointing in (False, True):
+        model = apply(tiny_vit(), "tome", r=3).train()
+        model.set_grad_checkpointing(checkpointing)
+        calls = []
+        mlp_forward = model.blocks[1].mlp.forward
+        model.blocks[1].mlp.forward = lambda t: calls.append(1) or mlp_forward(t)
+        model(x).square().sum().backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+        grads.append(model.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

@@ -1,7 +1,8 @@
 """Attaching the methods to a timm VisionTransformer: class swaps, undone by :func:`remove`.
 
-The model's class is swapped for a subclass whose ``forward_features`` passes ToMe's
-token sizes from block to block (a local variable, no per-forward state on the model),
+The model's class is swapped for a subclass whose ``forward_features`` and
+``forward_intermediates`` pass ToMe's token sizes from block to block (a local variable, no
+per-forward state on the model; timm's gradient checkpointing is kept),
 and each block's class for a subclass whose ``forward_tokens`` is timm's
 ``Block.forward`` with the method's reduction (:meth:`Method.reduce
 <pomt_cli.pruning.registry.Method.reduce>`) between the attention and MLP sub-layers.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import functools
 
 import torch
+from timm.models import checkpoint
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from pomt_cli.errors import PruningError
@@ -68,9 +71,85 @@ class PrunedVisionTransformer(nn.Module):
         # --- modified from timm: blocks run one by one and pass ToMe's token sizes along.
         size = None
         for blk in self.blocks:
-            x, size = blk.forward_tokens(x, size)
+            x, size = self._run_block(blk, x, size)
         # --- end of modification
         return self.norm(x)
+
+    def _run_block(
+        self, blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block's ``forward_tokens``, checkpointed as timm's where gradient checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(blk.forward_tokens, x, size)
+        return blk.forward_tokens(x, size)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask=None,
+        is_causal: bool = False,
+    ):
+        """timm's ``forward_intermediates`` on the patched blocks (ToMe's sizes passed along).
+
+        A block's output after tokens were removed has no image grid: ``output_fmt="NCHW"``
+        (timm's default) is refused for such a block, ``"NLC"`` gives (B, n, C) with the
+        block's n tokens (prefix tokens split off as in timm).
+
+        Raises:
+            PruningError: an attention mask, an unknown ``output_fmt``, or ``"NCHW"`` for a
+                block whose output has fewer tokens than the grid.
+        """
+        if attn_mask is not None or is_causal:
+            raise PruningError("pruned models take no attention mask")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise PruningError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        reshape = output_fmt == "NCHW"
+        counts = self.pomt_config["planned_tokens"]
+        reduced = [i for i in take_indices if counts[i + 1] < counts[0]]
+        if reshape and reduced:
+            raise PruningError(
+                f"block {reduced[0]} leaves {counts[reduced[0] + 1]} of {counts[0]} tokens, which have "
+                "no image grid: pass output_fmt='NLC' for the intermediates of a pruned model"
+            )
+        B, _, height, width = x.shape
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        # --- modified from timm: blocks pass ToMe's token sizes along.
+        intermediates = []
+        size = None
+        for i, blk in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
+            x, size = self._run_block(blk, x, size)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        # --- end of modification
+        p = self.num_prefix_tokens
+        prefix_tokens = [y[:, :p] for y in intermediates] if p else None
+        intermediates = [y[:, p:] for y in intermediates]
+        if reshape:
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
 
 @functools.cache
