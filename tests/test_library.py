@@ -139,3 +139,37 @@ def test_gradient_checkpointing_is_kept_by_the_patched_model():
         assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
         grads.append(model.blocks[0].attn.qkv.weight.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["pomt", "tome"])
+def test_a_patched_model_pickles_and_loads_in_a_new_process(tmp_path, method):
+    import copy
+    import pickle
+    import subprocess
+    import sys
+
+    model = apply(tiny_vit("deit_tiny_distilled_patch16_224"), method, **SETTINGS[method])
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        for twin in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            torch.testing.assert_close(twin(x), expected, rtol=0, atol=1e-6)
+            assert twin.pomt_config == model.pomt_config and twin.blocks[1] is not model.blocks[1]
+    torch.save({"model": model, "x": x}, tmp_path / "model.pt")
+    script = (
+        "import sys, torch; from pomt_cli.pruning import remove, token_counts\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"
+        "with torch.no_grad():\n"
+        "    pruned = saved['model'](saved['x']); counts = token_counts(saved['model'])\n"
+        "    full = remove(saved['model'])(saved['x'])\n"
+        "torch.save({'pruned': pruned, 'counts': counts, 'full': full,"
+        " 'type': type(saved['model']).__name__}, sys.argv[2])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(out["pruned"], expected, rtol=0, atol=1e-6)
+    assert out["counts"] == token_counts(model) and out["type"] == "VisionTransformerDistilled"
+    with torch.no_grad():
+        torch.testing.assert_close(out["full"], remove(model)(x), rtol=0, atol=1e-6)

@@ -27,7 +27,21 @@ from pomt_cli.pruning.registry import BlockPlan
 __all__ = ["BlockPlan", "PrunedBlock", "PrunedVisionTransformer", "attach", "detach", "plan_blocks"]
 
 
-class PrunedBlock(nn.Module):
+def _new_patched(mixin: type, base: type) -> nn.Module:
+    """An empty instance of ``mixin`` on ``base``, for unpickling (the class is made at run time)."""
+    cls = patched_class(mixin, base)
+    return cls.__new__(cls)
+
+
+class _Patched(nn.Module):
+    """Pickles a patched module by its mixin and timm base class, which pickle can find by name."""
+
+    def __reduce_ex__(self, protocol):
+        cls = type(self)
+        return _new_patched, (cls._pomt_mixin, cls._pomt_base), self.__dict__
+
+
+class PrunedBlock(_Patched):
     """Mixin for timm's ``Block``: the reduction sits after attention + residual, before the MLP."""
 
     pomt_plan: BlockPlan
@@ -58,7 +72,7 @@ class PrunedBlock(nn.Module):
         return x, size
 
 
-class PrunedVisionTransformer(nn.Module):
+class PrunedVisionTransformer(_Patched):
     """Mixin for timm's ``VisionTransformer``: blocks hand token sizes on to the next."""
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -155,7 +169,7 @@ class PrunedVisionTransformer(nn.Module):
 @functools.cache
 def patched_class(mixin: type, base: type) -> type:
     """``mixin`` on top of ``base``, created once per pair and remembering ``base``."""
-    return type(f"Pomt{base.__name__}", (mixin, base), {"_pomt_base": base})
+    return type(f"Pomt{base.__name__}", (mixin, base), {"_pomt_base": base, "_pomt_mixin": mixin})
 
 
 def original_class(module: nn.Module) -> type:
