@@ -173,3 +173,18 @@ def test_a_patched_model_pickles_and_loads_in_a_new_process(tmp_path, method):
     assert out["counts"] == token_counts(model) and out["type"] == "VisionTransformerDistilled"
     with torch.no_grad():
         torch.testing.assert_close(out["full"], remove(model)(x), rtol=0, atol=1e-6)
+
+
+def test_remove_leaves_any_unpatched_module_as_it_is():
+    linear = torch.nn.Linear(2, 2)
+    assert remove(linear) is linear and type(linear) is torch.nn.Linear
+    model = tiny_vit()
+    assert remove(remove(model)) is model and type(model).__name__ == "VisionTransformer"
+
+
+def test_patch_dropout_that_drops_tokens_is_refused():
+    model = apply(tiny_vit(patch_drop_rate=0.5), "topk", r=[5, 5, 5])
+    with torch.no_grad():
+        assert model(images()).shape == (2, 10)  # in eval, patch dropout is off
+    with pytest.raises(PruningError, match="patch dropout"):
+        model.train()(images())

@@ -51,16 +51,23 @@ def apply(model: nn.Module, method: str, r: R = 0, layer: int = 3) -> nn.Module:
             patch), ``"pomt"``, ``"tome"`` or ``"topk"``.
         r: POMT: tokens pruned once, in block ``layer``. ToMe: tokens merged per block, an
             int, a list with one entry per block, or ``(r, inflection)``. Top-K: tokens
-            pruned per block, an int or a list with one entry per block.
-        layer: the block where POMT prunes.
+            pruned per block, an int or a list with one entry per block. Integer scalars
+            and arrays (NumPy, 0-d tensors) count as ints; bools and floats are refused.
+        layer: the block where POMT prunes (0-based; ignored by the other methods).
+
+    Applying again replaces the earlier patch. The patched model keeps its state_dict,
+    trains (gradients reach every weight), pickles, copies, traces and exports;
+    ``forward_intermediates`` gives the intermediates of pruned blocks with
+    ``output_fmt="NLC"`` only.
 
     ToMe's r is capped in every block at half of the block's non-prefix tokens, as the
     original caps it; :func:`planned_token_counts` and :func:`removed_per_block` report
     the capped schedule and :func:`capped_from` the first block the cap lowered.
 
     Raises:
-        ValueError: unsupported model, unknown method, negative r, r too large (POMT,
-            Top-K) or layer out of range.
+        PruningError: (a ``PomtError`` and a ``ValueError``) an unsupported model, an
+            unknown method, r or layer not an int, a negative r, r too large (POMT, Top-K)
+            or a layer out of range. The model is then left as it was.
     """
     g = geometry(model)
     m = registry.get(method)
@@ -84,7 +91,10 @@ def method_names() -> tuple[str, ...]:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply`: the model behaves as before; returns it."""
+    """Undo :func:`apply`: the model behaves as before; returns it.
+
+    A model that is not patched (any module) is returned as it is.
+    """
     detach(model)
     return model
 

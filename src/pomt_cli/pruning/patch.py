@@ -80,7 +80,7 @@ class PrunedVisionTransformer(_Patched):
             raise PruningError("pruned models take no attention mask")
         x = self.patch_embed(x)
         x = self._pos_embed(x)
-        x = self.patch_drop(x)
+        x = self._patch_drop(x)
         x = self.norm_pre(x)
         # --- modified from timm: blocks run one by one and pass ToMe's token sizes along.
         size = None
@@ -88,6 +88,17 @@ class PrunedVisionTransformer(_Patched):
             x, size = self._run_block(blk, x, size)
         # --- end of modification
         return self.norm(x)
+
+    def _patch_drop(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's patch dropout, refused where it drops tokens (the plan counts every token)."""
+        n = x.shape[1]
+        x = self.patch_drop(x)
+        if x.shape[1] != n:
+            raise PruningError(
+                "patch dropout (patch_drop_rate) removed tokens, and pruned models plan for all "
+                "of them: train without it, or call model.eval()"
+            )
+        return x
 
     def _run_block(
         self, blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None
@@ -136,7 +147,7 @@ class PrunedVisionTransformer(_Patched):
         B, _, height, width = x.shape
         x = self.patch_embed(x)
         x = self._pos_embed(x)
-        x = self.patch_drop(x)
+        x = self._patch_drop(x)
         x = self.norm_pre(x)
         # --- modified from timm: blocks pass ToMe's token sizes along.
         intermediates = []
@@ -188,7 +199,7 @@ def attach(model: nn.Module, plans: list[BlockPlan]) -> None:
 def detach(model: nn.Module) -> None:
     """Undo :func:`attach`; a model that is not patched is left as it is."""
     model.__class__ = original_class(model)
-    for blk in model.blocks:
+    for blk in getattr(model, "blocks", ()):
         blk.__class__ = original_class(blk)
         for name in ("pomt_plan", "pomt_tokens"):
             blk.__dict__.pop(name, None)
