@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pomt_cli.errors import PruningError
 from pomt_cli.pruning import registry
@@ -105,7 +105,7 @@ class PrunedVisionTransformer(_Patched):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One block's ``forward_tokens``, checkpointed as timm's where gradient checkpointing is on."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk.forward_tokens, x, size)
+            return checkpoint(blk.forward_tokens, x, size, use_reentrant=False)
         return blk.forward_tokens(x, size)
 
     def forward_intermediates(
