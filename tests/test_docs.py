@@ -185,3 +185,53 @@ def test_an_option_left_out_of_its_section_is_found():
     assert "pomt refine --rounds" in missing
     assert "pomt profile --no-lock-clocks" in missing
     assert "pomt bench --rounds" not in missing
+
+
+#: (command, option, the code's default, how README states it). A default changed in the code
+#: fails here until README says the new one.
+README_DEFAULTS = [
+    ("profile", "--rel-precision", 0.01, "`--rel-precision` (1%)"),
+    ("profile", "--budget", 1.0, "its `--budget` (1 s)"),
+    ("profile", "--passes", 2, "`--passes` times (2)"),
+    ("profile", "--warmup", 3, "`--warmup` (3)"),
+    ("profile", "--min-samples", 10, "`--min-samples` (10)"),
+    ("profile", "--top-steps", 8, "`--top-steps` (8)"),
+    ("profile", "--runtime", "eager", "(default `eager`, PyTorch as it is)"),
+    ("profile", "--compile-backend", "inductor", "(`--compile-backend`, default `inductor`"),
+    ("profile", "--output-dir", "runs", "takes `--output-dir` (default `runs/`)"),
+    ("profile", "--model", "deit_small_patch16_224", "`--model` defaults to the paper's model, `deit_small_patch16_224`"),
+    ("estimate-accuracy", "--batch-size", 64, "`--batch-size` (64) images per forward pass"),
+    ("estimate-accuracy", "--torch-device", "auto", "`--torch-device` (`auto`: CUDA where available"),
+    ("estimate-accuracy", "--seed", 0, "`--seed` (0) for the random orders"),
+    ("refine", "--candidates", 3, "(`--candidates`, 3)"),
+    ("refine", "--rounds", 3, "(`--rounds` 3, `--budget` 1 s per setting and round)"),
+    ("refine", "--budget", 1.0, "(`--rounds` 3, `--budget` 1 s per setting and round)"),
+    ("bench", "--budget", 1.0, "`--budget` (1 s, the same default as `profile`'s)"),
+    ("bench", "--rel-precision", 0.01, "`--rel-precision` (1%)"),
+    ("bench", "--eval-batch-size", 64, "(`--eval-batch-size`, 64 images per forward pass"),
+    ("demo", "--output-dir", "runs/demo", "[--output-dir runs/demo]"),
+    ("demo", "--budget", 0.25, "`--budget` (0.25 s)"),
+    ("export", "--opset", 18, "`--opset`, default 18"),
+    ("export", "--seed", 0, "(seeded by `--seed`, 0)"),
+]
+
+
+def option_default(command_name: str, option: str):
+    command = typer.main.get_command(app).commands[command_name]
+    param = next(p for p in command.params if option in p.opts)
+    default = param.default
+    default = getattr(default, "value", default)  # an Enum choice
+    return str(default) if isinstance(default, Path) else default
+
+
+@pytest.mark.parametrize(("command", "option", "default", "stated"), README_DEFAULTS)
+def test_the_defaults_readme_states_are_the_codes(command, option, default, stated):
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert option_default(command, option) == default, f"pomt {command} {option}: update README ({stated!r})"
+    assert stated in readme, f"README no longer says {stated!r}"
+
+
+def test_the_alpha_readme_states_is_the_codes():
+    from pomt_cli.selection import DEFAULT_ALPHA
+
+    assert f"`--alpha A` (default {DEFAULT_ALPHA:g})" in (ROOT / "README.md").read_text(encoding="utf-8")
