@@ -177,6 +177,13 @@ def test_every_option_of_every_command_is_documented_in_its_readme_section():
     assert not missing, "options --help lists that README does not document:\n" + "\n".join(missing)
 
 
+def test_every_option_of_pomt_itself_is_in_readme():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    options = [o for p in typer.main.get_command(app).params for o in p.opts if o != "--help"]
+    assert "--version" in options
+    assert [o for o in options if o not in readme] == []
+
+
 def test_an_option_left_out_of_its_section_is_found():
     sections = readme_sections()
     sections["refine"] = sections["refine"].replace("--rounds", "--round-count")
