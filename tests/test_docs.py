@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from pomt_cli.cli.app import app
+from pomt_cli.cli.app import _click_errors, app
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The documents checked; docs/gpu/ holds dated reports of runs, kept as they were written.
@@ -72,6 +72,13 @@ def parse(args: list[str]) -> None:
         click's UsageError (or BadParameter): an unknown option, a bad value, a missing one.
     """
     command = typer.main.get_command(app)
+    # pomt's own options act while parsing (--install-completion writes to the home
+    # folder): they are only looked up.
+    own = {o for p in command.params for o in p.opts}
+    if args and args[0] in own:
+        return
+    if args and args[0].startswith("-"):
+        raise _click_errors.NoSuchOption(args[0])
     context = command.make_context("pomt", list(args), resilient_parsing=False)
     while hasattr(command, "resolve_command"):
         # Typer's group keeps the subcommand's name apart from its arguments, as click does.
@@ -242,3 +249,38 @@ def test_the_alpha_readme_states_is_the_codes():
     from pomt_cli.selection import DEFAULT_ALPHA
 
     assert f"`--alpha A` (default {DEFAULT_ALPHA:g})" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def inline_spans(text: str) -> list[list[str]]:
+    """The words of every inline ``pomt ...`` code span outside the fenced blocks (most name a
+    command and some of its options, not a whole command line)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return [shlex.split(" ".join(m.group(1).split()).replace("...", " "))
+            for m in re.finditer(r"`pomt ([^`]+)`", text)]
+
+
+def unknown_inline_options(words: list[str]) -> list[str]:
+    """The ``--options`` of an inline span that its command does not have; [] where the words
+    name no command (``pomt r=56 @3`` is a setting, ``lock|restore`` two commands)."""
+    command = typer.main.get_command(app)
+    for i, word in enumerate(words):
+        if word.startswith("-"):
+            break
+        commands = getattr(command, "commands", None)
+        if commands is None:
+            break
+        if word not in commands:
+            return []
+        command = commands[word]
+    known = {o for p in command.params for o in [*p.opts, *p.secondary_opts]} | {"--help"}
+    return [w.split("=")[0] for w in words if w.startswith("--") and w.split("=")[0] not in known]
+
+
+def test_every_option_in_an_inline_pomt_span_exists():
+    unknown = [f"{doc}: pomt {shlex.join(words)}: {bad}" for doc in DOCS
+               for words in inline_spans((ROOT / doc).read_text(encoding="utf-8"))
+               if (bad := unknown_inline_options(words))]
+    assert not unknown, "\n".join(unknown)
+    assert unknown_inline_options(["refine", "--candidate", "3"]) == ["--candidate"]
+    assert unknown_inline_options(["profile", "--method", "pomt"]) == []
+    assert unknown_inline_options(["r=56", "@3"]) == []
