@@ -284,3 +284,14 @@ def test_every_option_in_an_inline_pomt_span_exists():
     assert unknown_inline_options(["refine", "--candidate", "3"]) == ["--candidate"]
     assert unknown_inline_options(["profile", "--method", "pomt"]) == []
     assert unknown_inline_options(["r=56", "@3"]) == []
+
+
+def test_the_presets_readme_points_to_are_the_bundled_ones():
+    """README sends a user to configs/devices/ for a TOML of their own: that copy must be
+    the presets pomt loads (src/pomt_cli/configs/devices/), file for file."""
+    shown = ROOT / "configs" / "devices"
+    bundled = ROOT / "src" / "pomt_cli" / "configs" / "devices"
+    assert "(`configs/devices/`" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert sorted(p.name for p in shown.glob("*.toml")) == sorted(p.name for p in bundled.glob("*.toml"))
+    for path in bundled.glob("*.toml"):
+        assert (shown / path.name).read_bytes() == path.read_bytes(), f"configs/devices/{path.name} differs"
