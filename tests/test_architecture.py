@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -94,10 +95,44 @@ def layer_of(module: str) -> int:
     best, rank = -1, None
     for index, (_, owners) in enumerate(LAYERS):
         for owner in owners:
-            if (module == owner or module.startswith(owner + ".")) and len(owner) > best:
+            # The package itself owns only its __init__: a new top-level module needs a layer.
+            owns_below = owner != "pomt_cli"
+            if (module == owner or owns_below and module.startswith(owner + ".")) and len(owner) > best:
                 best, rank = len(owner), index
     assert rank is not None, f"{module} belongs to no layer: add it to LAYERS in {__file__}"
     return rank
+
+
+def test_a_module_outside_every_layer_has_none():
+    assert LAYERS[layer_of("pomt_cli")][0] == "core"
+    assert LAYERS[layer_of("pomt_cli.pruning.tome")][0] == "core"
+    with pytest.raises(AssertionError, match="belongs to no layer"):
+        layer_of("pomt_cli.newmodule")
+
+
+def documented_layers(text: str) -> list[tuple[str, set[str]]]:
+    """The layers of docs/ARCHITECTURE.md's table, top first: (name, its modules), each
+    module named at the top level of its cell (``cli/`` -> ``pomt_cli.cli``, ``errors.py`` ->
+    ``pomt_cli.errors``; the files in parentheses are parts of the module before them)."""
+    layers = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) != 3 or cells[0] in ("layer", "---"):
+            continue
+        cell = cells[1]
+        while "(" in cell:
+            cell = re.sub(r"\([^()]*\)", "", cell)
+        names = {"pomt_cli." + n.rstrip("/").removesuffix(".py") for n in re.findall(r"`([^`]+)`", cell)}
+        layers.append((cells[0].removesuffix(" (top)"), names))
+    return layers
+
+
+def test_the_layers_of_architecture_md_are_the_layers_checked_here():
+    text = (PACKAGE.parents[1] / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    expected = [(name, set(owners) - {"pomt_cli"}) for name, owners in reversed(LAYERS)]
+    assert documented_layers(text) == expected
+    broken = text.replace("| `models.py`, `digits.py`, `options.py` |", "| `models.py`, `digits.py` |")
+    assert documented_layers(broken) != expected
 
 
 def test_the_cycle_finder_finds_a_cycle_and_only_a_cycle():

@@ -524,3 +524,23 @@ def test_compute_r_without_paths_uses_the_found_pair(tmp_path, capsys):
     assert any(line.startswith("R = 4 (n* = 13 of 17 tokens kept) at batch 4") for line in lines)
     report = read_report(next(tmp_path.glob("compute_r_*.json")))
     assert Path(report.latency.path) == (tmp_path / "lat.parquet").resolve()
+
+
+def test_a_choice_slower_than_its_own_layers_unpruned_point_says_more_not_a_negative_less():
+    """With layers, a choice pays against the median of every layer's n = N point; on a noisy
+    profile it can be slower than its own layer's. The R line then says how much more (it
+    printed '-7.4% less than the unpruned model')."""
+    from pomt_cli.cli.compute_r import r_line
+    from pomt_cli.formats.report import Choice
+
+    def choice(ratio: float, low: float | None = None, high: float | None = None) -> Choice:
+        return Choice(batch_size=32, R=20, tokens=45, layer=0, workload="pomt", reference_tokens=65,
+                      reference_ms=56.137, latency_ms=34.712, latency_saved_pct=38.2, accuracy=97.8,
+                      accuracy_lost=0.66, utility=0.84, latency_ratio=ratio, latency_ratio_low=low,
+                      latency_ratio_high=high, unpruned_ms=32.325)
+
+    assert r_line(choice(1.074, 0.9, 1.3), 65) == (
+        "R = 20 at layer 0 (n* = 45 of 65 tokens kept) at batch 32: predicted 34.712 ms, 7.4% more than the "
+        "unpruned model (32.325 ms) (interval -10.0% to 30.0%), measured on the real pruned model")
+    assert "predicted 34.712 ms, 20.0% less than the unpruned model (32.325 ms) (interval 10.0% to 30.0%)" in (
+        r_line(choice(0.8, 0.7, 0.9), 65))

@@ -72,23 +72,33 @@ def r_line(choice: Choice, num_tokens: int) -> str:
     return f"{line}: {prediction_text(choice)}"
 
 
+def _percent_change(ratio: float) -> str:
+    """``0.8`` -> ``20.0% less than``; ``1.074`` -> ``7.4% more than``."""
+    if ratio > 1:
+        return f"{100 * (ratio - 1):.1f}% more than"
+    return f"{100 * (1 - ratio):.1f}% less than"
+
+
 def prediction_text(choice: Choice) -> str:
     """The predicted latency and saving of a choice, and which workload predicts them."""
     if not choice.pays:
         return (f"pruning does not pay here: no pruned point is faster than the unpruned model "
                 f"({choice.latency_ms:.3f} ms predicted)")
     if choice.latency_ratio is not None and choice.unpruned_ms is not None:
-        # The saving bench checks: against the unpruned point of the chosen curve.
-        text = (f"predicted {choice.latency_ms:.3f} ms, {100 * (1 - choice.latency_ratio):.1f}% less than the "
+        # The saving bench checks: against the unpruned point of the chosen curve. A choice that
+        # pays against the median of every layer's unpruned point may be slower than its own.
+        slower = choice.latency_ratio > 1
+        text = (f"predicted {choice.latency_ms:.3f} ms, {_percent_change(choice.latency_ratio)} the "
                 f"unpruned model ({choice.unpruned_ms:.3f} ms)")
         if choice.latency_ratio_low is not None and choice.latency_ratio_high is not None:
-            text += (f" (interval {100 * (1 - choice.latency_ratio_high):.1f}% to "
-                     f"{100 * (1 - choice.latency_ratio_low):.1f}%)")
+            ends = (choice.latency_ratio_low - 1, choice.latency_ratio_high - 1) if slower else (
+                1 - choice.latency_ratio_high, 1 - choice.latency_ratio_low)
+            text += f" (interval {100 * ends[0]:.1f}% to {100 * ends[1]:.1f}%)"
     else:
         against = "the unpruned model" if choice.reference_tokens == choice.R + choice.tokens else (
             f"n = {choice.reference_tokens}")
-        text = (f"predicted {choice.latency_ms:.3f} ms, {choice.latency_saved_pct:.1f}% less than {against}"
-                + (f" ({choice.reference_ms:.3f} ms)" if choice.reference_ms is not None else ""))
+        text = (f"predicted {choice.latency_ms:.3f} ms, {_percent_change(1 - choice.latency_saved_pct / 100)} "
+                f"{against}" + (f" ({choice.reference_ms:.3f} ms)" if choice.reference_ms is not None else ""))
     if choice.workload == "pomt":
         return f"{text}, measured on the real pruned model"
     return f"{text}, by the all-blocks proxy: the real saving will be smaller"
