@@ -389,6 +389,30 @@ def test_cli_budget_modes_and_batch_filter(tmp_path, profiles, capsys):
     assert out.splitlines()[0].startswith("R = 0 (n* = 17 of 17 tokens kept) at batch 4: ")  # accuracy only; tie 17/15
 
 
+def test_reports_of_profiles_at_another_input_size_or_of_graph_replays_keep_their_own_names(tmp_path, capsys):
+    # Three profiles of one model, device, batch size and dtype: the default input size in
+    # eager mode, --img-size 256, and CUDA graph replays. Each report gets its own file, so
+    # that the second and third do not overwrite the first.
+    acc = write_accuracy(tmp_path / "acc.parquet")
+    profiles = {
+        "eager": write_latency(tmp_path / "eager.parquet"),
+        "img": write_latency(tmp_path / "img.parquet", img_size_option=256),
+        "graphs": write_latency(tmp_path / "graphs.parquet", timing_mode="cuda_graphs"),
+    }
+    out_dir = tmp_path / "runs"
+    for lat in profiles.values():
+        code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc),
+                                       "--output-dir", str(out_dir)], capsys)
+        assert code == 0, err
+    base = output_stem("compute_r", MODEL, device="orin", batch_size=[1, 4], dtype="float16")
+    assert base == f"compute_r_{MODEL.replace('_', '-')}_orin_bs1-4_float16"
+    names = {"eager": base, "img": f"{base}_img256", "graphs": f"{base}_cudagraphs"}
+    assert sorted(p.name for p in out_dir.glob("*.json")) == sorted(f"{n}.json" for n in names.values())
+    for kind, stem in names.items():
+        latency = json.loads((out_dir / f"{stem}.json").read_text())["latency"]
+        assert latency["path"] == str(profiles[kind].resolve())
+
+
 def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments after compute-r, a part of the expected message); profiles written."""
     folder = tmp_path / "inputs"

@@ -437,10 +437,14 @@ def compute_r(settings: ComputeRSettings, reporter: Reporter = _SILENT) -> Compu
     if s.command is not None:
         selection = replace(selection, report=selection.report.model_copy(update={"command": s.command}))
     report = selection.report
-    # A profile of another runtime than eager gets its own report, as the profile its own file.
-    stem = output_stem("compute_r", report.model, device=report.latency.device_preset,
-                       batch_size=[c.batch_size for c in report.choices], dtype=report.latency.dtype,
-                       extra=() if report.runtime == Runtime.eager.value else (report.runtime,))
+    # A profile at another input size, of another runtime than eager or of CUDA graph replays
+    # gets its own report, as the profile its own file.
+    source = report.latency
+    stem = output_stem("compute_r", report.model, device=source.device_preset,
+                       batch_size=[c.batch_size for c in report.choices], dtype=source.dtype,
+                       img_size=source.img_size_option,
+                       extra=(*(() if report.runtime == Runtime.eager.value else (report.runtime,)),
+                              *(("cudagraphs",) if source.timing_mode == "cuda_graphs" else ())))
     with OutputSet(s.output_dir, stem, ("json", "png")) as files:
         files.write("json", lambda tmp: write_report(report, tmp))
         files.write("png", lambda tmp: plot_selection(selection.curves, report, tmp, title=_plot_title(report)))

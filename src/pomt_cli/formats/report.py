@@ -105,6 +105,7 @@ class ProfileInput(BaseModel):
     device_display_name: str | None = None
     device_name: str | None = None
     timing_mode: str | None = None
+    img_size_option: int | None = Field(None, description="latency: --img-size as given (None: the model's default)")
     estimator: str | None = None
     device_type: str | None = None
     num_images: int | None = None
