@@ -166,3 +166,32 @@ def test_the_accuracy_table_reads_whole_at_80_columns():
     assert block_tokens_text([65, 59, 53]) == "65 59 53"
     assert "197\u00d74 1\u00d78" in text and "197\u00d712" in text
     assert sum(1 for line in text.splitlines() if line.strip()[:2] in ("3 ", "11")) == 24
+
+
+# What timm 1.0.3 and 1.0.9 do when they are imported (timm/models/hrnet.py).
+OLD_TIMM_IMPORT = """
+import sys, torch
+if sys.argv[1] == "cli":
+    import pomt_cli.cli
+@torch.jit.interface
+class ModuleInterface(torch.nn.Module):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        pass
+"""
+
+
+def test_the_command_line_hides_the_warning_that_older_timm_causes_at_import(tmp_path):
+    # With an older timm, torch's FutureWarning about torch.jit.interface came before every
+    # command's output, and an error was no longer one line on standard error.
+    script = tmp_path / "old_timm_import.py"  # torch.jit reads the class's source from a file
+    script.write_text(OLD_TIMM_IMPORT)
+
+    def stderr(mode: str) -> str:
+        done = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    if "torch.jit.interface" not in stderr("plain"):
+        pytest.skip("this torch does not deprecate torch.jit.interface")
+    assert stderr("cli") == ""
