@@ -10,13 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pomt_cli
 from pomt_cli.console import ERRORS, encodable, plain_console
+
+#: This copy of the package, for subprocesses that run in another folder.
+SOURCE = str(Path(pomt_cli.__file__).resolve().parents[1])
 
 
 def run_env(*args: str, cwd: Path | None = None, stdout=subprocess.PIPE, **env: str) -> subprocess.CompletedProcess:
     """``python -m pomt_cli ARGS`` with ``env`` added to this environment (text mode, no exception)."""
     return subprocess.run([sys.executable, "-m", "pomt_cli", *args], cwd=cwd, stdout=stdout, stderr=subprocess.PIPE,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SOURCE, **env}, timeout=600,
                           encoding="utf-8", errors="strict")
 
 
@@ -74,3 +78,25 @@ def test_a_reader_that_closes_early_gets_no_traceback():
             assert done.returncode == 1 and done.stderr == "", (args, done.stderr)
     finally:
         os.close(write)
+
+
+def test_a_quoted_tilde_is_the_home_folder_not_a_folder_named_tilde(profiles, tmp_path):
+    lat, acc = profiles
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (home / "in").mkdir(parents=True)
+    cwd.mkdir()
+    lat.rename(home / "in" / lat.name)
+    done = run_env("compute-r", "--latency", f"~/in/{lat.name}", "--accuracy", str(acc), "--output-dir", "~/runs",
+                   cwd=cwd, HOME=str(home))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.suffix for p in (home / "runs").iterdir()) == [".json", ".png"]
+    assert list(cwd.iterdir()) == []
+    assert f"report: {home / 'runs'}" in done.stdout
+
+
+def test_a_preset_path_with_a_tilde_is_found(monkeypatch, tmp_path):
+    from pomt_cli.cli.options import preset_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert preset_path("~/board.toml") == str(tmp_path / "board.toml")
+    assert preset_path("orin") == "orin" and preset_path(None) is None
