@@ -100,3 +100,24 @@ def test_a_preset_path_with_a_tilde_is_found(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert preset_path("~/board.toml") == str(tmp_path / "board.toml")
     assert preset_path("orin") == "orin" and preset_path(None) is None
+
+
+def test_cuda_hidden_by_an_empty_cuda_visible_devices_is_said():
+    done = run_env("profile", "--device", "nvidia", "--model", "digits-vit", "--batch-size", "1", "--tokens", "65:5:30",
+                   "--budget", "0.01", "--passes", "1", CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 2
+    assert "CUDA is not available here" in done.stderr
+    assert "CUDA_VISIBLE_DEVICES='' hides every GPU: unset it to use them" in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_a_resume_under_another_omp_num_threads_is_refused(tmp_path):
+    args = ("profile", "--device", "cpu", "--model", "digits-vit", "--batch-size", "1", "--tokens", "65:5:30",
+            "--budget", "0.01", "--passes", "1", "--no-lock-clocks", "--output-dir", str(tmp_path))
+    first = run_env(*args, OMP_NUM_THREADS="2")
+    assert first.returncode == 0, first.stderr
+    (profile,) = tmp_path.glob("*.parquet")
+    again = run_env(*args, "--resume", str(profile), OMP_NUM_THREADS="1")
+    assert again.returncode == 2
+    assert "num_threads 2, but this run has 1" in again.stderr and "OMP_NUM_THREADS" in again.stderr
+    assert len(again.stderr.splitlines()) == 1
