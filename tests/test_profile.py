@@ -546,7 +546,7 @@ def test_resume_with_other_threads_timing_or_versions_is_refused(tmp_path, capsy
         other = tmp_path / "other"
         for resume, changed, message in (
             (parquet, ["--threads", "2"], "measured with num_threads 1, but this run has 2: resume with the same "
-                                          "options (--threads)"),
+                                          "options (--threads; without it, OMP_NUM_THREADS or the cores)"),
             (parquet, ["--budget", "0.2"], "measured with budget_s 0.1, but this run has 0.2"),
             (parquet, ["--seed", "1"], "measured with seed 0"),
             (upgraded, [], "measured with runtime_info.torch_version 2.0.0, but this run has"),

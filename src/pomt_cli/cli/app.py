@@ -9,10 +9,12 @@ error, as written (no markup), with exit code 2. SIGTERM ends a command like Ctr
 does, through its ``finally`` blocks (a profile saves its points), with one line,
 ``terminated``, and exit code 143 (Ctrl-C: ``aborted``, 130).
 Warnings of the libraries are printed after a command that succeeds, one line each.
+A terminal that cannot print a character gets a readable substitute (``+/-`` for ``±``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Annotated
@@ -22,7 +24,7 @@ from rich.text import Text
 
 from pomt_cli import __version__
 from pomt_cli.cli import bench, clocks, compute_r, demo, estimate_accuracy, export, profile, refine
-from pomt_cli.console import plain_console
+from pomt_cli.console import plain_console, substitute_unencodable
 from pomt_cli.devices.signals import Terminated, sigterm_raises
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import describe_os_error
@@ -87,7 +89,25 @@ def _warning_lines(caught: list[warnings.WarningMessage]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pomt`` console script."""
+    substitute_unencodable()
     args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _run(args)
+    except BrokenPipeError:
+        _reader_gone()
+
+
+def _reader_gone() -> None:
+    """Exit with code 1 and no traceback: the reader of the output (``| head``) has closed it.
+
+    Rich's consoles do the same for what they print. Standard output is pointed at the null
+    device first, so that flushing it at exit cannot fail again.
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
+
+
+def _run(args: list[str]) -> None:
     try:
         # Outside standalone mode Typer returns the exit code of typer.Exit (and 130 for
         # Ctrl-C) instead of exiting; commands return None.
@@ -96,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
             code = app(args=args, standalone_mode=False, prog_name="pomt", obj=command_line(args))
     except PomtError as exc:
         fail(str(exc))
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         fail(describe_os_error(exc))
     except _NoArgsIsHelp as exc:

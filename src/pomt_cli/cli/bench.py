@@ -34,6 +34,7 @@ from pomt_cli.cli.options import (
     TorchDeviceOption,
     parse_int_list,
     parse_providers,
+    user_path,
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
@@ -209,7 +210,7 @@ def bench(
         "always included.")] = [],  # noqa: B006 (typer's way of a repeated option)
     r: Annotated[int | None, typer.Option("-r", "--r", help="POMT: tokens pruned in block --layer.")] = None,
     r_from: Annotated[Path | None, typer.Option(
-        "--r-from", help="POMT's R per batch size from a compute-r report (.json).")] = None,
+        "--r-from", callback=user_path, help="POMT's R per batch size from a compute-r report (.json).")] = None,
     layer: Annotated[int | None, typer.Option(
         "--layer", help="POMT's pruning block (default: the report's choice with --r-from, else 3).")] = None,
     tome_r: Annotated[int, typer.Option(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from pomt_cli.cli.options import presets_text
+from pomt_cli.cli.options import preset_path, presets_text
 from pomt_cli.console import plain_console
 from pomt_cli.devices.clocks import ClockController, clock_lock
 from pomt_cli.devices.presets import DevicePreset, load_preset
@@ -22,7 +22,7 @@ clocks_app = typer.Typer(
     no_args_is_help=True,
 )
 
-PresetOption = Annotated[str, typer.Option("--device", help=f"Device preset ({presets_text()}) or a preset .toml file.")]
+PresetOption = Annotated[str, typer.Option("--device", callback=preset_path, help=f"Device preset ({presets_text()}) or a preset .toml file.")]
 GpuOption = Annotated[str | None, typer.Option(
     "--torch-device", help="The torch device whose GPU is meant (cuda:1 -> that GPU for nvidia-smi) (default: the "
     "preset's).")]

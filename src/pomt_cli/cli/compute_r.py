@@ -10,7 +10,7 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from pomt_cli.cli.options import parse_int_list
+from pomt_cli.cli.options import parse_int_list, user_path
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.errors import PomtError
@@ -153,10 +153,10 @@ def render(result: ComputeRResult) -> None:
 def compute_r(
     ctx: typer.Context,
     latency: Annotated[Path | None, typer.Option(
-        "--latency", help="Latency profile (.parquet from pomt profile; default: the newest in --output-dir "
+        "--latency", callback=user_path, help="Latency profile (.parquet from pomt profile; default: the newest in --output-dir "
         "that matches the accuracy profile).")] = None,
     accuracy: Annotated[Path | None, typer.Option(
-        "--accuracy", help="Accuracy profile (.parquet from pomt estimate-accuracy; default: the newest in "
+        "--accuracy", callback=user_path, help="Accuracy profile (.parquet from pomt estimate-accuracy; default: the newest in "
         "--output-dir that matches the latency profile).")] = None,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help=f"Utility weight of latency in [0, 1] (default {DEFAULT_ALPHA:g}); n* maximises the "
@@ -169,7 +169,7 @@ def compute_r(
     batch_size: Annotated[str | None, typer.Option(
         "--batch-size", help="Only these batch sizes of the latency profile, comma-separated (default: all).")] = None,
     output_dir: Annotated[Path, typer.Option(
-        "--output-dir", help="Folder for the report and its plot, and where profiles not given are found.")
+        "--output-dir", callback=user_path, help="Folder for the report and its plot, and where profiles not given are found.")
     ] = Path("runs"),
 ) -> None:
     """Choose R, the tokens to prune: where the latency saved pays for the accuracy lost."""

@@ -119,6 +119,25 @@ def seconds(value: float) -> float:
     return value
 
 
+def user_path(value: Path | None) -> Path | None:
+    """The callback of a path option: a leading ``~`` the shell left alone (the path was quoted,
+    or came from a variable or a script) is the home folder, as the shell would have made it,
+    never a folder named ``~``.
+    """
+    if value is None or not str(value).startswith("~"):
+        return value
+    try:
+        return value.expanduser()
+    except RuntimeError:
+        raise typer.BadParameter(f"{value}: the home folder is unknown ($HOME is not set); give the full path") from None
+
+
+def preset_path(value: str | None) -> str | None:
+    """The callback of ``--device``: a preset's name as given, a path with its ``~`` expanded."""
+    path = user_path(None if value is None else Path(value))
+    return None if path is None else str(path)
+
+
 def _fraction(value: float) -> float:
     if not 0 < value < 1:
         raise typer.BadParameter(f"{value:g} must lie between 0 and 1, e.g. 0.01 for 1%")
@@ -127,7 +146,7 @@ def _fraction(value: float) -> float:
 
 ModelOption = Annotated[str, typer.Option("--model", show_default=False, help=MODEL_HELP)]
 DeviceOption = Annotated[str | None, typer.Option(
-    "--device", help=f"Device preset ({presets_text()}) or a preset .toml file (default: nvidia with CUDA, else cpu).")]
+    "--device", callback=preset_path, help=f"Device preset ({presets_text()}) or a preset .toml file (default: nvidia with CUDA, else cpu).")]
 TorchDeviceOption = Annotated[str | None, typer.Option(
     "--torch-device", help="Override the preset's torch device (cpu, cuda, cuda:1, mps).")]
 DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="The dtype the model runs in.")]
@@ -136,7 +155,7 @@ TokensOption = Annotated[TokenRange | None, typer.Option(
     "--tokens", parser=parse_tokens, metavar="START:STOP:STRIDE",
     help="Grid of kept tokens n, both ends inclusive (default: every n the model and method reach).")]
 PretrainedOption = Annotated[bool, typer.Option("--pretrained", help="Load timm's pretrained weights.")]
-CheckpointOption = Annotated[Path | None, typer.Option("--checkpoint", help="Weights from a .safetensors or .pth file.")]
+CheckpointOption = Annotated[Path | None, typer.Option("--checkpoint", callback=user_path, help="Weights from a .safetensors or .pth file.")]
 AllowRandomOption = Annotated[bool, typer.Option(
     "--allow-random-weights", help="Measure accuracy with random weights anyway (it means nothing).")]
 ImgSizeOption = Annotated[int | None, typer.Option(
@@ -172,7 +191,7 @@ ThreadsOption = Annotated[int | None, typer.Option(
     "--threads", min=1, help="CPU threads for torch (default: torch's choice).")]
 LockClocksOption = Annotated[bool, typer.Option(
     "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (restored after).")]
-OutputDirOption = Annotated[Path, typer.Option("--output-dir", help="Folder for the files written.")]
+OutputDirOption = Annotated[Path, typer.Option("--output-dir", callback=user_path, help="Folder for the files written.")]
 RuntimeOption = Annotated[Runtime, typer.Option(
     "--runtime", help="What runs the timed forward passes: eager PyTorch, torch.compile (fullgraph, warmed up per "
     "shape) or ONNX Runtime (one exported graph per shape, cached; needs the onnx extra).")]

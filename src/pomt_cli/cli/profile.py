@@ -28,6 +28,7 @@ from pomt_cli.cli.options import (
     SeedOption,
     ThreadsOption,
     TokensOption,
+    user_path,
     TorchDeviceOption,
     Workload,
     parse_int_list,
@@ -166,7 +167,7 @@ def profile(
     lock_clocks: LockClocksOption = True,
     output_dir: OutputDirOption = Path("runs"),
     resume: Annotated[Path | None, typer.Option(
-        "--resume", help="Continue this interrupted profile; finished points are kept.")] = None,
+        "--resume", callback=user_path, help="Continue this interrupted profile; finished points are kept.")] = None,
     top_steps: Annotated[int, typer.Option("--top-steps", min=1, help="Steps listed per batch size.")] = 8,
 ) -> None:
     """Measure latency against kept tokens n: the device's latency-workload curve, its largest steps and a plot."""

@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from pomt_cli.cli.options import LockClocksOption, SeedOption, presets_text, seconds
+from pomt_cli.cli.options import LockClocksOption, SeedOption, preset_path, presets_text, seconds, user_path
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.formats.report import Choice
@@ -74,7 +74,7 @@ def render(result: RefineResult) -> None:
 
 def refine(
     ctx: typer.Context,
-    report: Annotated[Path, typer.Argument(help="The compute-r report (.json); rewritten in place.")],
+    report: Annotated[Path, typer.Argument(callback=user_path, help="The compute-r report (.json); rewritten in place.")],
     candidates: Annotated[int, typer.Option(
         "--candidates", min=1, help="Pruned candidates per batch size, the best by the report's criterion.")
     ] = REFINE_CANDIDATES,
@@ -83,7 +83,7 @@ def refine(
     rounds: Annotated[int, typer.Option(
         "--rounds", min=1, help="Interleaved rounds; samples are pooled over them.")] = 3,
     device: Annotated[str | None, typer.Option(
-        "--device", help=f"Device preset ({presets_text()}) or a preset .toml file (default: the latency "
+        "--device", callback=preset_path, help=f"Device preset ({presets_text()}) or a preset .toml file (default: the latency "
         "profile's).")] = None,
     torch_device: Annotated[str | None, typer.Option(
         "--torch-device", help="Torch device (cpu, cuda, cuda:1, mps; default: the latency profile's).")] = None,

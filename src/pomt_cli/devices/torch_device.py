@@ -11,6 +11,16 @@ import torch
 from pomt_cli.errors import PomtError
 
 
+def _visible_devices() -> str:
+    """Why torch may see fewer GPUs than the machine has (``; CUDA_VISIBLE_DEVICES=...``), or ``""``."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return ""
+    if not value.strip() or value.strip().startswith("-"):
+        return f"; CUDA_VISIBLE_DEVICES={value!r} hides every GPU: unset it to use them"
+    return f"; CUDA_VISIBLE_DEVICES={value!r} shows torch only those GPUs, numbered from 0"
+
+
 def resolve_torch_device(spec: str) -> torch.device:
     """The torch device for ``spec`` (``cuda``, ``cuda:1``, ``cpu``, ``mps``), checked to exist here.
 
@@ -26,12 +36,13 @@ def resolve_torch_device(spec: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise PomtError(
-                f"torch device {spec!r} asked for, but CUDA is not available here (torch {torch.__version__}): "
-                "use --torch-device cpu or a CPU preset such as --device cpu"
+                f"torch device {spec!r} asked for, but CUDA is not available here (torch {torch.__version__}"
+                f"{_visible_devices()}): use --torch-device cpu or a CPU preset such as --device cpu"
             )
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise PomtError(f"torch device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise PomtError(f"torch device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                            f"{_visible_devices()}")
         return torch.device("cuda", index)
     if device.type == "mps":
         if not torch.backends.mps.is_available():

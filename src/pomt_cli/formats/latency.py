@@ -114,8 +114,9 @@ _RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "img_size", "dtype", "bat
                   "remeasure_rounds", "passes")
 
 #: The option that sets a resume field, where its name is not the option's.
-_RESUME_OPTIONS = {"num_threads": "--threads", "budget_s": "--budget", "remeasure_rounds": "--remeasure",
-                   "batch_sizes": "--batch-size", "grid": "--tokens", "layers": "--layer", "img_size": "--img-size",
+_RESUME_OPTIONS = {"num_threads": "--threads; without it, OMP_NUM_THREADS or the cores", "budget_s": "--budget",
+                   "remeasure_rounds": "--remeasure", "batch_sizes": "--batch-size", "grid": "--tokens",
+                   "layers": "--layer", "img_size": "--img-size",
                    "runtime_info": "--ort-providers, --compile-backend or the installed versions",
                    "float32_matmul_precision": "torch.set_float32_matmul_precision"}
 
