@@ -177,6 +177,30 @@ def test_missing_root_changes_nothing(fake_tools, monkeypatch):
     assert fake_tools.calls() == []
 
 
+def test_pomt_clocks_lock_does_not_offer_an_option_it_lacks(fake_tools, tmp_path, capsys, monkeypatch):
+    # --no-lock-clocks belongs to the measuring commands; `pomt clocks lock` told its users to
+    # pass it when it lacked root, a tool or a state folder. A measurement still offers it.
+    nvidia = str(preset_file(tmp_path, "nvidia"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("POMT_STATE_DIR", str(blocker / "state"))
+    code, _, err = run_in_process(["clocks", "lock", "--device", nvidia], capsys)
+    assert code == 2 and "cannot create the clock state folder" in err and "POMT_STATE_DIR" in err
+    assert "--no-lock-clocks" not in err
+    code, _, err = run_in_process(["profile", "--model", "digits-vit", "--device", nvidia, "--torch-device", "cpu",
+                                   "--tokens", "65:60:5", "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "cannot create the clock state folder" in err and "--no-lock-clocks" in err
+    monkeypatch.setenv("POMT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    code, _, err = run_in_process(["clocks", "lock", "--device", "a100"], capsys)
+    assert code == 2 and "needs root: run `sudo pomt clocks lock --device a100`" in err
+    assert "--no-lock-clocks" not in err and "first" not in err
+    fake_tools.remove("nvidia-smi")
+    code, _, err = run_in_process(["clocks", "lock", "--device", "a100"], capsys)
+    assert code == 2 and "nvidia-smi, not found on PATH" in err and "--no-lock-clocks" not in err
+    assert fake_tools.calls() == []
+
+
 def test_a_failing_lock_command_is_undone(orin, fake_tools, monkeypatch):
     monkeypatch.setenv("FAKE_FAIL", "nvpmodel -m 0")
     ctl = ClockController(orin, "cpu")

@@ -39,7 +39,8 @@ def _heading(preset: DevicePreset) -> Text:
 
 def _controller(device: str, torch_device: str | None) -> tuple[DevicePreset, ClockController]:
     preset = load_preset(device)
-    return preset, ClockController(preset, torch_device or preset.torch_device)
+    # These commands measure nothing: their errors do not offer --no-lock-clocks.
+    return preset, ClockController(preset, torch_device or preset.torch_device, measuring=False)
 
 
 @clocks_app.command("status", short_help="Show the clocks as they are now (read-only).")

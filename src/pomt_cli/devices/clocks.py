@@ -83,11 +83,15 @@ class ClockController:
         preset: the device preset.
         torch_device: the device measured (gives ``{gpu}``).
         state_dir: where to keep the saved state; default ``state_root()/clocks/<preset>[-<gpu>]``.
+        measuring: the lock is for a measurement (profile, refine, bench), which can go on
+            without it: errors end with ``--no-lock-clocks``. False for ``pomt clocks lock``,
+            which has no such option.
     """
 
     def __init__(self, preset: DevicePreset, torch_device: torch.device | str | None = None,
-                 state_dir: str | Path | None = None) -> None:
+                 state_dir: str | Path | None = None, measuring: bool = True) -> None:
         self.preset = preset
+        self.measuring = measuring
         self.gpu = gpu_selector(torch_device if torch_device is not None else preset.torch_device)
         if state_dir is None:
             leaf = preset.name + (f"-{re.sub(r'[^A-Za-z0-9.-]+', '-', self.gpu)}" if preset.clocks.uses("gpu") else "")
@@ -121,7 +125,7 @@ class ClockController:
         """
         try:
             text = self.state_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no folder, or a file where a folder would be
             return None
         except (OSError, UnicodeDecodeError) as exc:
             cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -170,21 +174,28 @@ class ClockController:
             return CommandResult(argv=argv, returncode=126, output=str(exc))
         return CommandResult(argv=argv, returncode=done.returncode, output=(done.stdout + done.stderr).strip())
 
+    def _or_unlocked(self, joint: str = ", or pass") -> str:
+        """The way on without locking, for a measurement; nothing for ``pomt clocks lock``."""
+        return f"{joint} --no-lock-clocks" if self.measuring else ""
+
     def _check_can_lock(self) -> None:
         name = self.preset.name
         why = self.available()
         if why:
-            raise PomtError(f"cannot lock the clocks of {name}: {why}; measure with --no-lock-clocks")
+            raise PomtError(f"cannot lock the clocks of {name}: {why}" + self._or_unlocked("; measure with"))
         missing = self.missing_tools()
         if missing:
             raise PomtError(
                 f"locking the clocks of {name} needs {', '.join(missing)}, not found on PATH: install it, or lock them "
-                f"by hand ({self._hand_lines()}) and pass --no-lock-clocks"
+                f"by hand ({self._hand_lines()})" + self._or_unlocked(" and pass")
             )
         if self.preset.clocks.needs_root and os.geteuid() != 0:
+            device = self.preset.device_arg
+            if not self.measuring:
+                raise PomtError(f"locking the clocks of {name} needs root: run `sudo pomt clocks lock --device {device}`")
             raise PomtError(
-                f"locking the clocks of {name} needs root: run `sudo pomt clocks lock --device {self.preset.device_arg}` "
-                f"first (and `sudo pomt clocks restore --device {self.preset.device_arg}` after), or by hand "
+                f"locking the clocks of {name} needs root: run `sudo pomt clocks lock --device {device}` "
+                f"first (and `sudo pomt clocks restore --device {device}` after), or by hand "
                 f"{self._hand_lines()}, "
                 "and pass --no-lock-clocks"
             )
@@ -201,7 +212,7 @@ class ClockController:
             if result.returncode != 0:
                 raise PomtError(
                     f"`{result.shell}` failed ({_exit_text(result)}); "
-                    "run it by hand to see why, or pass --no-lock-clocks"
+                    "run it by hand to see why" + self._or_unlocked()
                 )
             match = re.search(read.pattern, result.output)
             if match is None:
@@ -228,7 +239,7 @@ class ClockController:
                 f"restore them with `pomt clocks restore --device {self.preset.device_arg}` first"
             )
         values = self.read_values()
-        _make_state_dir(self.state_dir)
+        _make_state_dir(self.state_dir, self._or_unlocked())
         record = {
             "preset": self.preset.name,
             "locked_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -256,7 +267,7 @@ class ClockController:
             hint = "with sudo" if self.preset.clocks.needs_root else "by hand"
             raise PomtError(
                 f"`{failed.shell}` failed ({_exit_text(failed)}); the clocks were "
-                f"put back; run it {hint} to see why, or pass --no-lock-clocks"
+                f"put back; run it {hint} to see why" + self._or_unlocked()
             )
         return values
 
@@ -309,13 +320,13 @@ class ClockRestoreError(PomtError):
     """Restoring the clocks failed after a measurement that finished: its results are sound."""
 
 
-def _make_state_dir(path: Path) -> None:
+def _make_state_dir(path: Path, or_unlocked: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PomtError(
             f"cannot create the clock state folder {path} ({exc.strerror or exc}): set POMT_STATE_DIR to a writable "
-            "folder, or pass --no-lock-clocks"
+            f"folder{or_unlocked}"
         ) from None
 
 
@@ -331,7 +342,7 @@ def clock_lock(ctl: ClockController) -> Iterator[None]:
     Raises:
         PomtError: another process holds it, or the folder cannot be created or opened.
     """
-    _make_state_dir(ctl.state_dir)
+    _make_state_dir(ctl.state_dir, ctl._or_unlocked())
     try:
         fd = os.open(ctl.state_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as exc:
