@@ -175,3 +175,6 @@ def test_the_cli_is_the_top_layer_and_the_demo_calls_pipelines():
     assert cli >= {"pomt_cli.cli", "pomt_cli.cli.app", "pomt_cli.cli.demo"}
     assert "pomt_cli.pipelines" in graph["pomt_cli.cli.demo"]
     assert not {t for t in graph["pomt_cli.pipelines"] if t.startswith("pomt_cli.cli")}
+    # The demo pipeline calls the others: only the package, which re-exports it, imports it.
+    demo_importers = {s for s, targets in graph.items() if "pomt_cli.pipelines.demonstration" in targets}
+    assert demo_importers == {"pomt_cli.pipelines"}, sorted(demo_importers)

@@ -140,7 +140,7 @@ def test_a_full_disk_leaves_no_file_and_the_earlier_ones_as_they_were(tmp_path, 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("pomt_cli.pipelines.plot_selection", full)  # the second file of the set
+    monkeypatch.setattr("pomt_cli.pipelines.choice.plot_selection", full)  # the second file of the set
     code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--alpha", "0.9",
                                    "--output-dir", str(out)], capsys)
     one_line_error(code, err, "No space left on device", str(out))
@@ -410,7 +410,7 @@ def test_the_root_hint_of_a_preset_file_names_its_path(tmp_path, monkeypatch):
 
 
 def test_warnings_stay_out_of_the_error_line_and_are_one_line_after_success(tmp_path, profiles, capsys, monkeypatch):
-    from pomt_cli import pipelines as compute_r
+    from pomt_cli.pipelines import choice as compute_r
 
     lat, acc = profiles
     real = compute_r.select_r

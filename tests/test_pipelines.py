@@ -11,6 +11,7 @@ from pomt_cli import digits, pipelines
 from pomt_cli.accuracy.evaluate import EstimateConfig
 from pomt_cli.errors import PomtError
 from pomt_cli.options import TokenRange
+from pomt_cli.pipelines import demonstration
 from pomt_cli.pipelines import (
     AccuracySettings,
     ComputeRSettings,
@@ -109,8 +110,9 @@ def test_demo_estimates_accuracy_where_it_measures_latency(tmp_path, monkeypatch
         seen["settings"] = settings
         raise PomtError("stop after the accuracy step's settings")
 
-    monkeypatch.setattr(pipelines, "profile", lambda settings, reporter: seen.setdefault("profile", settings))
-    monkeypatch.setattr(pipelines, "estimate_accuracy", accuracy_step)
+    # the demo calls the pipelines it imported into its own module
+    monkeypatch.setattr(demonstration, "profile", lambda settings, reporter: seen.setdefault("profile", settings))
+    monkeypatch.setattr(demonstration, "estimate_accuracy", accuracy_step)
     with pytest.raises(PomtError, match="stop after"):
         pipelines.demo(pipelines.DemoSettings(output_dir=tmp_path / "demo", device=device, torch_device=torch_device),
                        Steps())
