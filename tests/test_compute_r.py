@@ -19,7 +19,7 @@ from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import output_stem
 from pomt_cli.formats.common import ProfileMeta, write_profile
 from pomt_cli.formats.report import read_report, write_report
-from pomt_cli.selection import compute_r, rank, score, utility
+from pomt_cli.selection import compute_r, merge_unpruned, rank, score, utility
 
 def points(latency: dict[int, float]) -> pl.DataFrame:
     return pl.DataFrame({"tokens": list(latency), "latency_ms": list(latency.values()),
@@ -92,6 +92,32 @@ def test_infeasible_latency_budget_names_the_nearest_feasible_value():
 def test_max_accuracy_drop_picks_the_fastest_n_within_the_drop(drop, expected):
     settings = selection_settings(max_accuracy_drop=drop)
     assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == expected
+
+
+def test_max_accuracy_drop_breaks_a_latency_tie_by_the_higher_accuracy():
+    frame = pl.DataFrame({"tokens": [17, 13, 11], "latency_ms": [10.0, 6.0, 6.0], "accuracy": [80.0, 75.0, 78.0]})
+    # n = 13 and n = 11 are equally fast; n = 11 keeps more accuracy (78 > 75), so it comes first.
+    ranked = rank(score(frame, N, 0.5), selection_settings(max_accuracy_drop=10.0), 1)
+    assert ranked["tokens"].to_list() == [11, 13, 17]
+
+
+def test_max_accuracy_drop_given_to_the_displayed_precision_is_met_despite_rounding():
+    frame = pl.DataFrame({"tokens": [17, 13], "latency_ms": [10.0, 6.0], "accuracy": [70.2, 70.1]})
+    # 70.2 - 0.1 is 70.10000000000001 in floating point: n = 13 (70.1) loses exactly 0.1 and qualifies.
+    assert 70.2 - 0.1 > 70.1
+    ranked = rank(score(frame, N, 0.5), selection_settings(max_accuracy_drop=0.1), 1)
+    assert ranked["tokens"][0] == 13
+
+
+def test_the_unpruned_point_of_several_layers_is_their_median_not_their_mean():
+    frame = pl.DataFrame({"tokens": [17, 17, 17, 13], "latency_ms": [10.0, 11.0, 15.0, 6.0],
+                          "accuracy": [80.0, 80.0, 80.0, 70.0], "layer": [2, 0, 1, 0],
+                          "ci_low_ms": [9.0, 10.5, 14.0, 5.0], "ci_high_ms": [10.2, 11.1, 18.0, 6.5]})
+    merged = merge_unpruned(frame, N, 1, Path("lat.parquet"))
+    # Medians of (10, 11, 15), (9, 10.5, 14) and (10.2, 11.1, 18); the means would be 12, 11.17, 13.1.
+    # The merged row keeps the first layer (0); the pruned point follows unchanged.
+    assert merged.select("tokens", "layer", "latency_ms", "ci_low_ms", "ci_high_ms").rows() == [
+        (17, 0, 11.0, 10.5, 11.1), (13, 0, 6.0, 5.0, 6.5)]
 
 
 @pytest.mark.parametrize("kwargs, message", [
