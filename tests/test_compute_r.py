@@ -277,6 +277,21 @@ def test_layer_and_r_are_chosen_together_and_r0_when_nothing_pays(tmp_path):
     assert (drop.layer, drop.R) == (2, 8)
 
 
+def test_a_point_whose_interval_reaches_the_unpruned_latency_does_not_pay(tmp_path):
+    # n = 13's interval ends at 10.0 ms, the unpruned latency itself: it is not faster beyond its
+    # interval, so only n = 9 (interval up to 9.1 ms) may compete with R = 0.
+    curve = {17: (10.0, 9.9, 10.1), 13: (8.0, 7.5, 10.0), 9: (9.0, 8.9, 9.1)}
+    rows = [{"batch_size": 1, "tokens": n, "latency_ms": ms, "p10_ms": ms, "p90_ms": ms, "samples": 20,
+             "status": "ok", "ci_low_ms": low, "ci_high_ms": high} for n, (ms, low, high) in curve.items()]
+    meta = {**GEOMETRY, "dtype": "float32", "grid": [17, 13, 9], "batch_sizes": [1], "device_preset": "cpu",
+            "torch_device": "cpu", "timing_mode": "eager", "host": "h"}
+    lat = write_profile(tmp_path / "lat.parquet", pl.DataFrame(rows), ProfileMeta(kind="latency", **meta))
+    acc = write_accuracy(tmp_path / "acc.parquet", {17: 80.0, 13: 79.0, 9: 70.0}, host="h")
+    choice = compute_r(lat, acc, selection_settings()).report.choices[0]
+    # U(17) = 0.5; U(9) = 0.5 * 0.1 + 0.5 * 70 / 80 = 0.4875; n = 13's 0.59375 would win were it a candidate.
+    assert (choice.R, choice.tokens, choice.pays) == (0, 17, True)
+
+
 def test_the_choice_carries_its_saving_as_a_ratio_to_the_same_curve(tmp_path):
     lat, acc = write_layered(tmp_path)
     b4, b1 = compute_r(lat, acc, selection_settings()).report.choices
