@@ -88,6 +88,12 @@ def test_infeasible_latency_budget_names_the_nearest_feasible_value():
     assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == 3
 
 
+def test_an_infeasible_budget_suggests_the_fastest_latency_itself_when_it_shows_exactly():
+    frame = pl.DataFrame({"tokens": [17, 13], "latency_ms": [10.0, 4.22], "accuracy": [80.0, 78.0]})
+    with pytest.raises(PomtError, match=r"the fastest point is n=13 at 4\.22 ms; give at least 4\.22$"):
+        rank(score(frame, N, 0.5), selection_settings(latency_budget_ms=1.0), 1)
+
+
 @pytest.mark.parametrize("drop, expected", [(0.0, 15), (2.0, 13), (10.0, 11), (100.0, 3)])
 def test_max_accuracy_drop_picks_the_fastest_n_within_the_drop(drop, expected):
     settings = selection_settings(max_accuracy_drop=drop)
