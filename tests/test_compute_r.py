@@ -19,7 +19,7 @@ from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import output_stem
 from pomt_cli.formats.common import ProfileMeta, write_profile
 from pomt_cli.formats.report import read_report, write_report
-from pomt_cli.selection import compute_r, merge_unpruned, rank, score, utility
+from pomt_cli.selection import common_points, compute_r, merge_unpruned, rank, score, utility
 
 def points(latency: dict[int, float]) -> pl.DataFrame:
     return pl.DataFrame({"tokens": list(latency), "latency_ms": list(latency.values()),
@@ -113,6 +113,16 @@ def test_max_accuracy_drop_given_to_the_displayed_precision_is_met_despite_round
     assert 70.2 - 0.1 > 70.1
     ranked = rank(score(frame, N, 0.5), selection_settings(max_accuracy_drop=0.1), 1)
     assert ranked["tokens"][0] == 13
+
+
+def test_a_point_measured_twice_counts_with_its_last_row():
+    latency = pl.DataFrame({"batch_size": [1, 1, 1, 1], "tokens": [17, 13, 9, 13], "status": ["ok"] * 4,
+                            "latency_ms": [10.0, 8.0, 5.0, 6.0]})
+    accuracy = pl.DataFrame({"tokens": [17, 13, 9, 13], "accuracy": [80.0, 70.0, 60.0, 75.0]})
+    common = common_points(latency, accuracy, 1, Path("lat.parquet"), Path("acc.parquet"))
+    # n = 13 appears twice in both profiles: the later row (6.0 ms, 75%) replaces the earlier one.
+    assert common.select("tokens", "latency_ms", "accuracy").rows() == [(17, 10.0, 80.0), (13, 6.0, 75.0),
+                                                                         (9, 5.0, 60.0)]
 
 
 def test_the_unpruned_point_of_several_layers_is_their_median_not_their_mean():
