@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import polars as pl
 import pytest
@@ -94,6 +95,20 @@ def test_time_methods_pools_rounds_and_reports_tokens_per_batch_size():
     assert pomt["latency_change_pct"].item() == pytest.approx(expected)
     assert none["latency_change_pct"].to_list() == [0.0, 0.0] and frame["accuracy"].null_count() == 6
     assert not hasattr(model, "pomt_config")
+
+
+def test_each_round_visits_the_settings_in_a_fresh_seeded_order():
+    timing = BenchTiming(budget_s=0.01, min_samples=1, warmup=1, rounds=3, seed=7)
+    seen = []
+    time_methods(tiny_vit(), {1: SETTINGS}, timing, device=torch.device("cpu"), on_progress=seen.append)
+    # A written-out reference: round k visits the settings in the k-th shuffle of one Random(seed).
+    rng, expected = random.Random(7), []
+    for _ in range(3):
+        order = [s.label for s in SETTINGS]
+        rng.shuffle(order)
+        expected.append(order)
+    assert [[e.method for e in seen if e.round == k] for k in range(3)] == expected
+    assert len({tuple(order) for order in expected}) > 1  # the rounds do not all repeat one order
 
 
 def test_accuracy_of_methods_equals_evaluating_each_patched_model(tmp_path):
