@@ -67,6 +67,12 @@ def test_median_ci_ranks_normal_approximation_matches_exact_beyond_1000():
     assert abs(lo - exact) <= 1
 
 
+def test_median_ci_ranks_accept_a_coverage_exactly_at_the_confidence():
+    # 3 samples: [x_0, x_2] covers the median unless all 3 fall on one side, 1 - 2 / 8 = 0.75 exactly.
+    assert median_ci_ranks(3, 0.75) == (0, 2)
+    assert median_ci_ranks(3, 0.76) is None
+
+
 def test_an_interval_exactly_at_the_precision_is_precise_enough():
     # 20 samples: the interval of the median is [x_5, x_14] = [99, 101] around the median 100, so its
     # half-width is 1 ms, exactly 1% of the median: "within 1%" includes the limit.
