@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import polars as pl
 import pytest
@@ -20,6 +21,7 @@ from pomt_cli.bench import (
     check_settings,
     check_text,
     fit_settings,
+    slower_than_none,
     time_methods,
 )
 from pomt_cli.accuracy.data import Preprocess, evaluate, list_images, load_images
@@ -93,6 +95,20 @@ def test_time_methods_pools_rounds_and_reports_tokens_per_batch_size():
     assert pomt["latency_change_pct"].item() == pytest.approx(expected)
     assert none["latency_change_pct"].to_list() == [0.0, 0.0] and frame["accuracy"].null_count() == 6
     assert not hasattr(model, "pomt_config")
+
+
+def test_each_round_visits_the_settings_in_a_fresh_seeded_order():
+    timing = BenchTiming(budget_s=0.01, min_samples=1, warmup=1, rounds=3, seed=7)
+    seen = []
+    time_methods(tiny_vit(), {1: SETTINGS}, timing, device=torch.device("cpu"), on_progress=seen.append)
+    # A written-out reference: round k visits the settings in the k-th shuffle of one Random(seed).
+    rng, expected = random.Random(7), []
+    for _ in range(3):
+        order = [s.label for s in SETTINGS]
+        rng.shuffle(order)
+        expected.append(order)
+    assert [[e.method for e in seen if e.round == k] for k in range(3)] == expected
+    assert len({tuple(order) for order in expected}) > 1  # the rounds do not all repeat one order
 
 
 def test_accuracy_of_methods_equals_evaluating_each_patched_model(tmp_path):
@@ -302,6 +318,20 @@ def test_a_setting_slower_beyond_both_intervals_is_said_and_r0_predicts_nothing(
     assert (check.predicted_ms, check.prediction_error, check.profile_ms, check.slower) == (None, None, 12.8, False)
     assert check_text(check) == ("batch 32: R = 0, nothing is predicted beyond the unpruned model "
                                  "(never slower: it is the unpruned model)")
+
+
+def test_slower_than_none_needs_the_intervals_apart_not_only_the_medians():
+    def samples(first: float) -> Measurement:
+        return Measurement(status="ok", mode="eager", raw_ms=[first + i for i in range(20)], rel_precision=0.01)
+
+    # 20 samples: the 95% interval of the median is the 6th to the 15th smallest (0-based ranks 5 and 14).
+    none, overlapping, apart = samples(9.0), samples(10.0), samples(30.0)
+    assert (none.median_ms, none.ci_low_ms, none.ci_high_ms) == (18.5, 14.0, 23.0)
+    assert (overlapping.median_ms, overlapping.ci_low_ms) == (19.5, 15.0)
+    # A median 1 ms above none's, but 15 ms is inside none's interval: not slower beyond both intervals.
+    assert slower_than_none(overlapping, none) is False
+    assert slower_than_none(apart, none) is True  # 35 ms > 23 ms
+    assert slower_than_none(none, none) is None
 
 
 def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pomt, demo_dir):

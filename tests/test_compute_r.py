@@ -19,7 +19,7 @@ from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import output_stem
 from pomt_cli.formats.common import ProfileMeta, write_profile
 from pomt_cli.formats.report import read_report, write_report
-from pomt_cli.selection import compute_r, rank, score, utility
+from pomt_cli.selection import common_points, compute_r, merge_unpruned, rank, score, utility
 
 def points(latency: dict[int, float]) -> pl.DataFrame:
     return pl.DataFrame({"tokens": list(latency), "latency_ms": list(latency.values()),
@@ -88,10 +88,52 @@ def test_infeasible_latency_budget_names_the_nearest_feasible_value():
     assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == 3
 
 
+def test_an_infeasible_budget_suggests_the_fastest_latency_itself_when_it_shows_exactly():
+    frame = pl.DataFrame({"tokens": [17, 13], "latency_ms": [10.0, 4.22], "accuracy": [80.0, 78.0]})
+    with pytest.raises(PomtError, match=r"the fastest point is n=13 at 4\.22 ms; give at least 4\.22$"):
+        rank(score(frame, N, 0.5), selection_settings(latency_budget_ms=1.0), 1)
+
+
 @pytest.mark.parametrize("drop, expected", [(0.0, 15), (2.0, 13), (10.0, 11), (100.0, 3)])
 def test_max_accuracy_drop_picks_the_fastest_n_within_the_drop(drop, expected):
     settings = selection_settings(max_accuracy_drop=drop)
     assert rank(score(points(LAT_B4), N, settings.alpha), settings, 4)["tokens"][0] == expected
+
+
+def test_max_accuracy_drop_breaks_a_latency_tie_by_the_higher_accuracy():
+    frame = pl.DataFrame({"tokens": [17, 13, 11], "latency_ms": [10.0, 6.0, 6.0], "accuracy": [80.0, 75.0, 78.0]})
+    # n = 13 and n = 11 are equally fast; n = 11 keeps more accuracy (78 > 75), so it comes first.
+    ranked = rank(score(frame, N, 0.5), selection_settings(max_accuracy_drop=10.0), 1)
+    assert ranked["tokens"].to_list() == [11, 13, 17]
+
+
+def test_max_accuracy_drop_given_to_the_displayed_precision_is_met_despite_rounding():
+    frame = pl.DataFrame({"tokens": [17, 13], "latency_ms": [10.0, 6.0], "accuracy": [70.2, 70.1]})
+    # 70.2 - 0.1 is 70.10000000000001 in floating point: n = 13 (70.1) loses exactly 0.1 and qualifies.
+    assert 70.2 - 0.1 > 70.1
+    ranked = rank(score(frame, N, 0.5), selection_settings(max_accuracy_drop=0.1), 1)
+    assert ranked["tokens"][0] == 13
+
+
+def test_a_point_measured_twice_counts_with_its_last_row():
+    latency = pl.DataFrame({"batch_size": [1, 1, 1, 1], "tokens": [17, 13, 9, 13], "status": ["ok"] * 4,
+                            "latency_ms": [10.0, 8.0, 5.0, 6.0]})
+    accuracy = pl.DataFrame({"tokens": [17, 13, 9, 13], "accuracy": [80.0, 70.0, 60.0, 75.0]})
+    common = common_points(latency, accuracy, 1, Path("lat.parquet"), Path("acc.parquet"))
+    # n = 13 appears twice in both profiles: the later row (6.0 ms, 75%) replaces the earlier one.
+    assert common.select("tokens", "latency_ms", "accuracy").rows() == [(17, 10.0, 80.0), (13, 6.0, 75.0),
+                                                                         (9, 5.0, 60.0)]
+
+
+def test_the_unpruned_point_of_several_layers_is_their_median_not_their_mean():
+    frame = pl.DataFrame({"tokens": [17, 17, 17, 13], "latency_ms": [10.0, 11.0, 15.0, 6.0],
+                          "accuracy": [80.0, 80.0, 80.0, 70.0], "layer": [2, 0, 1, 0],
+                          "ci_low_ms": [9.0, 10.5, 14.0, 5.0], "ci_high_ms": [10.2, 11.1, 18.0, 6.5]})
+    merged = merge_unpruned(frame, N, 1, Path("lat.parquet"))
+    # Medians of (10, 11, 15), (9, 10.5, 14) and (10.2, 11.1, 18); the means would be 12, 11.17, 13.1.
+    # The merged row keeps the first layer (0); the pruned point follows unchanged.
+    assert merged.select("tokens", "layer", "latency_ms", "ci_low_ms", "ci_high_ms").rows() == [
+        (17, 0, 11.0, 10.5, 11.1), (13, 0, 6.0, 5.0, 6.5)]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -249,6 +291,21 @@ def test_layer_and_r_are_chosen_together_and_r0_when_nothing_pays(tmp_path):
     # The fastest pruned point within 2 points of accuracy: layer 2 keeps 9 of 17 tokens.
     drop = compute_r(lat, acc, selection_settings(max_accuracy_drop=2.0)).report.choices[0]
     assert (drop.layer, drop.R) == (2, 8)
+
+
+def test_a_point_whose_interval_reaches_the_unpruned_latency_does_not_pay(tmp_path):
+    # n = 13's interval ends at 10.0 ms, the unpruned latency itself: it is not faster beyond its
+    # interval, so only n = 9 (interval up to 9.1 ms) may compete with R = 0.
+    curve = {17: (10.0, 9.9, 10.1), 13: (8.0, 7.5, 10.0), 9: (9.0, 8.9, 9.1)}
+    rows = [{"batch_size": 1, "tokens": n, "latency_ms": ms, "p10_ms": ms, "p90_ms": ms, "samples": 20,
+             "status": "ok", "ci_low_ms": low, "ci_high_ms": high} for n, (ms, low, high) in curve.items()]
+    meta = {**GEOMETRY, "dtype": "float32", "grid": [17, 13, 9], "batch_sizes": [1], "device_preset": "cpu",
+            "torch_device": "cpu", "timing_mode": "eager", "host": "h"}
+    lat = write_profile(tmp_path / "lat.parquet", pl.DataFrame(rows), ProfileMeta(kind="latency", **meta))
+    acc = write_accuracy(tmp_path / "acc.parquet", {17: 80.0, 13: 79.0, 9: 70.0}, host="h")
+    choice = compute_r(lat, acc, selection_settings()).report.choices[0]
+    # U(17) = 0.5; U(9) = 0.5 * 0.1 + 0.5 * 70 / 80 = 0.4875; n = 13's 0.59375 would win were it a candidate.
+    assert (choice.R, choice.tokens, choice.pays) == (0, 17, True)
 
 
 def test_the_choice_carries_its_saving_as_a_ratio_to_the_same_curve(tmp_path):

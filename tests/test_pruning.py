@@ -19,6 +19,8 @@ from pomt_cli.pruning import (
     token_counts,
 )
 from pomt_cli.pruning import tome
+from pomt_cli.pruning.pomt import prune_keep_mean
+from pomt_cli.pruning.topk import class_attention
 from pomt_cli.pruning.patch import original_class
 
 # (timm family, overrides) -> prefix tokens p: class; class + distillation; class + 4 registers.
@@ -396,3 +398,20 @@ def test_tome_schedule_is_the_originals_parse_r():
         for inflection in [-1.0, -0.7, -0.5, -0.3, 0.0, 0.25, 0.5, 1.0]:
             for depth in [2, 4, 12, 24]:
                 assert tome.schedule((r, inflection), depth) == _parse_r((r, inflection), depth)
+
+
+def test_pomt_keeps_the_prefix_then_the_best_tokens_in_their_order_then_the_mean_of_the_rest():
+    x = torch.tensor([[[0.0], [10.0], [20.0], [30.0], [40.0], [50.0]]])  # token i holds 10 i; token 0 is the prefix
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.8, 0.2]])  # tokens 1..5: the best three are 2, 4, 3
+    out = prune_keep_mean(x, scores, r=1, num_prefix=1)
+    # N - r - p - 1 = 3 kept in position order (20, 30, 40), then the mean of tokens 5 and 1: (50 + 10) / 2.
+    assert out[0, :, 0].tolist() == [0.0, 20.0, 30.0, 40.0, 30.0]
+
+
+def test_topk_scores_are_the_class_tokens_attention_probabilities_averaged_over_heads():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    # Written out: the softmax of the class token's logits in each head, then the mean over heads.
+    probabilities = ((q * 0.5) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]  # (B, H, N)
+    expected = probabilities.mean(dim=1)[:, 2:]
+    assert torch.allclose(class_attention(q, k, 0.5, num_prefix=2), expected, atol=1e-6)

@@ -67,6 +67,21 @@ def test_median_ci_ranks_normal_approximation_matches_exact_beyond_1000():
     assert abs(lo - exact) <= 1
 
 
+def test_median_ci_ranks_accept_a_coverage_exactly_at_the_confidence():
+    # 3 samples: [x_0, x_2] covers the median unless all 3 fall on one side, 1 - 2 / 8 = 0.75 exactly.
+    assert median_ci_ranks(3, 0.75) == (0, 2)
+    assert median_ci_ranks(3, 0.76) is None
+
+
+def test_an_interval_exactly_at_the_precision_is_precise_enough():
+    # 20 samples: the interval of the median is [x_5, x_14] = [99, 101] around the median 100, so its
+    # half-width is 1 ms, exactly 1% of the median: "within 1%" includes the limit.
+    ordered = np.array([90.0, 91.0, 92.0, 93.0, 94.0, 99.0] + [100.0] * 8 + [101.0, 110.0, 111.0, 112.0, 113.0, 114.0])
+    assert median_ci_ranks(20) == (5, 14) and 0.01 * 100.0 == 1.0
+    assert precise_enough(ordered, 0.01)
+    assert not precise_enough(ordered, 0.0099)
+
+
 def test_statistics_come_from_the_samples():
     raw = [float(x) for x in [5, 1, 4, 2, 3, 9, 7, 8, 6, 10]]
     m = Measurement("ok", "eager", raw, rel_precision=0.01)
@@ -235,6 +250,15 @@ def test_slow_call_shortens_warmup_and_still_gives_a_sample():
     assert m.status == "budget"
     assert m.samples >= 1
     assert m.median_ms == pytest.approx(400.0)
+
+
+def test_a_warmup_call_longer_than_the_budget_still_leaves_one_timed_sample():
+    clock = FakeClock()
+    fn = workload(clock, constant(2.5))
+    m = measure(fn, device="cpu", clock=clock, budget_s=1.0, warmup=3, min_samples=10)
+    # The one warm-up call (2.5 s) spent the whole 1 s budget; one call is timed all the same.
+    assert (m.warmup_calls, m.samples, fn.calls, m.status) == (1, 1, 2, "budget")
+    assert m.median_ms == pytest.approx(2500.0)
 
 
 def test_max_samples_caps_the_run():
