@@ -235,6 +235,23 @@ def test_find_steps_ignores_drops_within_the_noise():
     assert find_steps(curve(lat, halfwidth=0.15)).is_empty()  # the intervals overlap: not significant
 
 
+def test_find_steps_takes_touching_intervals_for_overlapping_ones():
+    # The drop at 121 -> 120 is found while its intervals are apart; when the interval of 121
+    # begins exactly where that of 120 ends, they share a value: not significant, no step.
+    lat = linear(range(197, 1, -1))
+    lat.update({n: v * 0.8 for n, v in lat.items() if n <= 120})
+    frame = curve(lat)
+    assert [(r["from_tokens"], r["to_tokens"]) for r in find_steps(frame).iter_rows(named=True)] == [(121, 120)]
+    edge = 6.0  # between L(120) = 6.4 and L(121) = 8.05
+    touching = frame.with_columns(
+        ci_low_ms=pl.when(pl.col("tokens") == 121).then(edge).otherwise(pl.col("ci_low_ms")),
+        ci_high_ms=pl.when(pl.col("tokens") == 120).then(edge).otherwise(pl.col("ci_high_ms")))
+    assert find_steps(touching).is_empty()
+    apart = touching.with_columns(ci_low_ms=pl.when(pl.col("tokens") == 121).then(edge + 1e-9)
+                                  .otherwise(pl.col("ci_low_ms")))
+    assert [(r["from_tokens"], r["to_tokens"]) for r in find_steps(apart).iter_rows(named=True)] == [(121, 120)]
+
+
 def test_find_steps_finds_the_large_drops_beyond_the_trend():
     rng = torch.Generator().manual_seed(0)
     ns = list(range(197, 1, -1))
