@@ -14,6 +14,7 @@ on the device, with the same arithmetic, so the model sees exactly what timm's o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -164,7 +165,12 @@ def _list_folder(root: Path, order: ClassOrder | None = None) -> tuple[list[str]
     classes = class_folders(root, order)
     if not classes:
         raise PomtError(f"--data {root} has no class folders: put each class's images in a subfolder")
-    samples = make_dataset(root, {c: i for i, c in enumerate(classes)}, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    samples = []
+    for label, name in enumerate(classes):
+        # One class at a time: make_dataset refuses a class without images unless given
+        # allow_empty, which torchvision 0.16 (torch 2.1's) lacks; such a class lists nothing.
+        with contextlib.suppress(FileNotFoundError):
+            samples += make_dataset(root, {name: label}, extensions=IMAGE_EXTENSIONS)
     records = []
     for path, label in samples:
         name = Path(path).relative_to(root).as_posix()

@@ -263,7 +263,8 @@ def precise_enough(ordered_ms: np.ndarray, rel_precision: float, confidence: flo
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says a device (CUDA, MPS, CPU) ran out of memory."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    # torch.OutOfMemoryError came in torch 2.3; torch.cuda's name for it exists since 1.13.
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     if isinstance(exc, RuntimeError):
         text = str(exc).lower()
