@@ -22,7 +22,7 @@ PACKAGE = Path(pomt_cli.__file__).parent
 #: The layers, lowest first; a module may import its own layer and the layers below.
 #: ``options`` parses option values that the library shares (dtypes, token grids).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("pomt_cli", "pomt_cli.errors", "pomt_cli.pruning")),
+    ("core", ("pomt_cli", "pomt_cli.errors", "pomt_cli.versions", "pomt_cli.pruning")),
     ("formats", ("pomt_cli.formats",)),
     ("models", ("pomt_cli.models", "pomt_cli.digits", "pomt_cli.options")),
     ("library", ("pomt_cli.selection", "pomt_cli.accuracy", "pomt_cli.measure", "pomt_cli.devices",

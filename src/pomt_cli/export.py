@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pomt_cli import __version__
+from pomt_cli import __version__, versions
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import OutputSet
 from pomt_cli.measure.timing import is_out_of_memory
@@ -37,7 +37,9 @@ EXTRA_HINT = 'install the onnx extra: pip install -e ".[onnx]" (onnx, onnxruntim
 
 
 def require_onnx() -> None:
-    """Raise a one-line error naming the extra when onnx, onnxruntime or onnxscript is missing."""
+    """Raise a one-line error naming the extra when onnx, onnxruntime or onnxscript is missing,
+    or naming the torch needed when this one cannot export."""
+    versions.require(versions.ONNX_EXPORT)
     missing = []
     for name in ("onnx", "onnxruntime", "onnxscript"):
         try:
@@ -141,6 +143,7 @@ def export_onnx(
             does not export, or outputs that differ by more than ``tolerance``.
     """
     require_onnx()
+    versions.require_dtype_on("cpu", dtype)
     import onnx
     import onnxruntime as ort
 

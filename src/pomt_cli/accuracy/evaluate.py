@@ -14,6 +14,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from pomt_cli import versions
 from pomt_cli.accuracy.data import (ClassOrder, LabelledImages, Listing, Preprocess, check_classes, count_correct,
                                     list_images, load_images)
 from pomt_cli.accuracy.distributed import Processes, gather
@@ -192,6 +193,7 @@ def run_estimate(
         PomtError: bad options, data or weights.
     """
     dtype_name, dtype = config.dtype.value, config.dtype.torch
+    versions.require_dtype_on(procs.device, dtype)
     listing: Listing = list_images(config.data, limit=config.limit, class_order=config.class_order)
     model, source = _model_for(config)
     check_classes(model, listing, config.data)

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pomt_cli import versions
 from pomt_cli.errors import PomtError
 from pomt_cli.export import TOLERANCE, difference, export_graph, require_onnx
 from pomt_cli.models import state_dict_sha256
@@ -226,15 +227,18 @@ def check_runtime(runtime: Runtime, *, device: torch.device | str, dtype: torch.
     """Refuse at once, with one line, a runtime that cannot run here as asked.
 
     Raises:
-        PomtError: CUDA graphs with compile or onnxruntime; compile with a backend
-            torch does not have; onnxruntime without the extra, with an unavailable
+        PomtError: float16 on the CPU, compile or onnxruntime with a torch too old
+            for them (:mod:`pomt_cli.versions`); CUDA graphs with compile or
+            onnxruntime; compile with a backend torch does not have; onnxruntime without the extra, with an unavailable
             provider, or in a dtype its providers lack.
     """
     runtime = Runtime(runtime)
     device = torch.device(device)
+    versions.require_dtype_on(device, dtype)
     if options.cuda_graphs and runtime is not Runtime.eager:
         raise PomtError(f"--cuda-graphs times eager PyTorch only: leave it out with --runtime {runtime.value}")
     if runtime is Runtime.compile:
+        versions.require(versions.COMPILE)
         backends = torch._dynamo.list_backends(exclude_tags=())
         if options.compile_backend not in backends:
             raise PomtError(f"--compile-backend {options.compile_backend!r} is not a torch.compile backend here: use "

@@ -146,7 +146,7 @@ def _received_by_kernel(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sca
 
     The first call for a device and dtype checks the kernel against the explicit softmax
     of one image in float64 (within 1e-3 relative) and records the outcome in
-    :data:`RECEIVED_KERNEL`; a missing Triton, a kernel that fails to compile or a wrong
+    :data:`RECEIVED_KERNEL`; a missing or too old Triton, a kernel that fails to compile or a wrong
     result turns the kernel off for that device and dtype. During a CUDA-graph capture
     an unchecked kernel is not tried (the check cannot run there).
     """

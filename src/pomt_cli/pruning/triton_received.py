@@ -7,7 +7,8 @@ exponential of that maximum, summed over the block's queries, to the keys' total
 maximum over heads of a probability is the exponential of the maximum over heads of its
 logarithm, so this equals ``softmax(scale * q @ k^T).amax(dim=1)[:, p:, p:].sum(dim=1)``.
 
-This module imports Triton; :mod:`pomt_cli.pruning.pomt` imports it only when it is about
+This module imports Triton, and refuses to import (ImportError) with a Triton older than
+3; :mod:`pomt_cli.pruning.pomt` imports it only when it is about
 to run the kernel (CUDA, or Triton's interpreter on the host: ``TRITON_INTERPRET=1``,
 which is how the tests run it on machines without a GPU).
 """
@@ -15,10 +16,15 @@ which is how the tests run it on machines without a GPU).
 # No ``from __future__ import annotations``: Triton reads the ``tl.constexpr`` annotations
 # as objects.
 import contextlib
+import importlib.util
 
 import torch
 import triton
 import triton.language as tl
+
+if importlib.util.find_spec("triton.backends") is None:
+    # Triton 2 (torch 2.1's) has no triton.backends: pomt.py records this and uses its product.
+    raise ImportError(f"Triton {triton.__version__} is too old for the kernel: it needs Triton 3 (triton.backends)")
 
 #: Queries per block of the kernel (a tensor-core tile; 196 patch tokens of a 224-pixel
 #: ViT make four blocks of 64).
