@@ -37,7 +37,7 @@ def test_release_reads_major_and_minor(version, expected):
     ("2.2.0a0+6a974be", True), ("2.5.0", True), ("2.14.1", True), ("3.0.0", True)])
 def test_each_feature_needs_a_torch_newer_than_2_1(monkeypatch, version, ok):
     monkeypatch.setattr(torch, "__version__", version)
-    for feature in (versions.ONNX_EXPORT, versions.COMPILE, versions.CPU_FLOAT16):
+    for feature in (versions.COMPILE, versions.CPU_FLOAT16):
         assert versions.supported(feature) is ok
         if ok:
             versions.require(feature)
@@ -46,10 +46,24 @@ def test_each_feature_needs_a_torch_newer_than_2_1(monkeypatch, version, ok):
                 versions.require(feature)
 
 
+@pytest.mark.parametrize("version, ok", [
+    ("2.1.2+cu121", False), ("2.3.0a0+40ec155e58.nv24.03", False), ("2.4.1", False), ("2.5.0", True),
+    ("2.5.0a0+872d972e41.nv24.08", True), ("2.14.1", True)])
+def test_onnx_export_needs_the_torch_its_documentation_names(monkeypatch, version, ok):
+    # torch.onnx.export(dynamo=True): PyTorch's ONNX tutorial requires 2.5.0 or newer.
+    monkeypatch.setattr(torch, "__version__", version)
+    assert versions.supported(versions.ONNX_EXPORT) is ok
+    if ok:
+        versions.require(versions.ONNX_EXPORT)
+    else:
+        with pytest.raises(PomtError, match=rf"^ONNX export needs torch 2\.5 or newer \(this is {re.escape(version)};"):
+            versions.require(versions.ONNX_EXPORT)
+
+
 def test_the_refusal_names_the_version_and_what_to_do(old_torch):
     with pytest.raises(PomtError) as caught:
         versions.require(versions.ONNX_EXPORT)
-    assert str(caught.value) == ("ONNX export needs torch newer than 2.1 (this is 2.1.2+cu121; tested with "
+    assert str(caught.value) == ("ONNX export needs torch 2.5 or newer (this is 2.1.2+cu121; tested with "
                                  f"{versions.TESTED}): upgrade torch, or time with --runtime eager")
 
 
@@ -84,7 +98,8 @@ def test_the_commands_refuse_in_one_line_and_write_nothing(old_torch, tmp_path, 
     code, out, err = run_in_process([a.replace("{tmp}", str(tmp_path)) for a in args], capsys)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {what} needs torch newer than 2.1 (this is 2.1.2")
+    needs = "torch 2.5 or newer" if what == "ONNX export" else "torch newer than 2.1"
+    assert len(lines) == 1 and lines[0].startswith(f"error: {what} needs {needs} (this is 2.1.2")
     assert "Traceback" not in out + err
     assert list((tmp_path / "out").iterdir()) == []
 

@@ -3,7 +3,9 @@
 pomt runs on torch 2.1 (a JetPack 6 Jetson's) and newer, but some features need more.
 Each bound is the lowest torch where the feature was not seen to fail: it failed on
 torch 2.1.2 and worked on 2.14.1, and no version between was tried, so a bound says
-"newer than 2.1". The features check here, before any work, and refuse in one line.
+"newer than 2.1", unless torch's documentation names the version that brought what the
+feature uses (ONNX export: 2.5). The features check here, before any work, and refuse in
+one line.
 """
 
 from __future__ import annotations
@@ -26,16 +28,26 @@ class Feature:
     what: str
     failed_on: str
     instead: str
+    documented: str | None = None
+    """The lowest torch that torch's documentation names for what the feature uses, if any."""
 
     @property
     def minimum(self) -> tuple[int, int]:
-        """The lowest torch not known to fail: the minor release after ``failed_on``."""
+        """The documented release, else the lowest not known to fail: the one after ``failed_on``."""
+        if self.documented is not None:
+            return release(self.documented)
         major, minor = release(self.failed_on)
         return major, minor + 1
 
+    @property
+    def needs(self) -> str:
+        """The bound as a user reads it: ``torch 2.5 or newer``, ``torch newer than 2.1``."""
+        return f"torch {self.documented} or newer" if self.documented else f"torch newer than {self.failed_on}"
 
-#: ``torch.onnx.export(dynamo=...)``: missing on torch 2.1.
-ONNX_EXPORT = Feature("ONNX export", "2.1", "upgrade torch, or time with --runtime eager")
+
+#: ``torch.onnx.export(dynamo=...)``: missing on torch 2.1; PyTorch's ONNX tutorial
+#: ("Introduction to ONNX") requires 2.5.0 or newer for it.
+ONNX_EXPORT = Feature("ONNX export", "2.1", "upgrade torch, or time with --runtime eager", documented="2.5")
 #: ``torch._dynamo.config.recompile_limit``, and dynamo taking the pruned block's
 #: ``Module.__setattr__``: both missing on torch 2.1.
 COMPILE = Feature("--runtime compile", "2.1", "use --runtime eager, or upgrade torch")
@@ -64,7 +76,7 @@ def require(feature: Feature) -> None:
         PomtError: ``feature`` needs a newer torch than this one.
     """
     if not supported(feature):
-        raise PomtError(f"{feature.what} needs torch newer than {feature.failed_on} (this is {torch.__version__}; "
+        raise PomtError(f"{feature.what} needs {feature.needs} (this is {torch.__version__}; "
                         f"tested with {TESTED}): {feature.instead}")
 
 
