@@ -151,7 +151,14 @@ def test_the_graph_sees_relative_function_level_and_module_imports():
 
 @pytest.mark.parametrize("name", sorted(modules()))
 def test_every_module_imports(name):
-    importlib.import_module(name)
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        # The Triton kernel refuses to import without Triton 3, and pomt.py then turns it off
+        # (tests/test_versions.py): on torch 2.1's Triton 2 that is the product working.
+        if name != "pomt_cli.pruning.triton_received" or "too old" not in str(exc):
+            raise
+        pytest.skip(str(exc))
 
 
 def test_the_imports_form_no_cycle():

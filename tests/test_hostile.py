@@ -260,6 +260,21 @@ def test_damaged_columns_are_one_line_naming_file_and_field(tmp_path, profiles, 
     assert not out.exists()
 
 
+def test_a_profile_whose_data_is_damaged_but_footer_readable_is_named_as_damaged(tmp_path, profiles, capsys):
+    # Bytes of the first column chunk overwritten (a disk fault, a copy cut short and patched):
+    # the footer still says "latency profile", the data cannot be decoded. The message said
+    # "is a latency profile (...), not a profile" before.
+    lat, acc = profiles
+    data = bytearray(lat.read_bytes())
+    data[4:200] = bytes(196)
+    lat.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    code, _, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc),
+                                   "--output-dir", str(out)], capsys)
+    one_line_error(code, err, str(lat), "is a latency profile", "its data cannot be read", "write it again")
+    assert "not a profile" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("which, field, value", [
     ("lat", "num_tokens", "many"), ("lat", "batch_sizes", "x"), ("acc", "num_images", [1]), ("lat", "clocks", 3),
 ])

@@ -219,6 +219,9 @@ def open_parquet(path: Path, what: str, give: str) -> tuple[dict[str, str], pl.D
         return pl.read_parquet_metadata(path), pl.read_parquet(path)
     except Exception as exc:  # polars raises several types for corrupt files
         if (kind := pomt_file_kind(path)) is not None:
+            if what in kind:  # the kind wanted, with a readable footer but damaged data
+                raise PomtError(f"{path} is {kind}, but its data cannot be read ({type(exc).__name__}): "
+                                "is it damaged? write it again with pomt") from None
             raise PomtError(f"{path} is {kind}, not a {what}: {give}") from None
         raise PomtError(
             f"{what} {path} is not a readable Parquet file ({type(exc).__name__}): is it corrupt?") from None
