@@ -10,11 +10,11 @@ one line.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-import re
-
 import torch
+
 from pomt_cli.errors import PomtError
 
 #: The newest torch these bounds were tested with (the development set of README's "Versions").
@@ -65,7 +65,7 @@ def release(version: str) -> tuple[int, int]:
 
 
 def supported(feature: Feature) -> bool:
-    """Whether the installed torch is newer than the one ``feature`` failed on."""
+    """Whether the installed torch reaches ``feature``'s :attr:`~Feature.minimum`."""
     return release(torch.__version__) >= feature.minimum
 
 
