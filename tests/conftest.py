@@ -17,9 +17,29 @@ import timm
 import torch
 from PIL import Image
 
+from pomt_cli import versions
 from pomt_cli.formats.common import ProfileMeta, write_profile
+from pomt_cli.measure.runtimes import Runtime
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def needs(feature: versions.Feature) -> pytest.MarkDecorator:
+    """Skip a test of ``feature`` on a torch too old for it: pomt refuses the feature there in
+    one line before any work (tests/test_versions.py checks that refusal), so the behaviour
+    the test checks does not exist there."""
+    return pytest.mark.skipif(not versions.supported(feature),
+                              reason=f"{feature.what} needs {feature.needs}; this is torch {torch.__version__}")
+
+
+#: What each runtime needs beyond eager PyTorch.
+RUNTIME_FEATURE = {Runtime.compile: versions.COMPILE, Runtime.onnxruntime: versions.ONNX_EXPORT}
+
+
+def runtime_param(runtime: Runtime | str, *values) -> pytest.param:
+    """``pytest.param(runtime, *values)``, skipped where this torch is too old for the runtime."""
+    feature = RUNTIME_FEATURE.get(Runtime(runtime))
+    return pytest.param(runtime, *values, marks=() if feature is None else needs(feature))
 
 
 def tiny_vit(name: str = "vit_tiny_patch16_224", **overrides) -> torch.nn.Module:

@@ -10,10 +10,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run_in_process, tiny_vit
+from conftest import needs, run_in_process, tiny_vit
 
 from safetensors.torch import save_file
 
+from pomt_cli import versions
 from pomt_cli.errors import PomtError
 from pomt_cli.export import export_onnx
 from pomt_cli.models import create_model, state_dict_sha256
@@ -25,6 +26,7 @@ def props(path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
+@needs(versions.ONNX_EXPORT)
 @pytest.mark.parametrize("method", list(SETTINGS))
 def test_every_method_exports_and_runs_in_onnx_runtime_as_in_pytorch(tmp_path, method):
     model = tiny_vit("deit_tiny_distilled_patch16_224")  # class + distillation token, 16 patches, 3 blocks
@@ -46,6 +48,7 @@ def test_every_method_exports_and_runs_in_onnx_runtime_as_in_pytorch(tmp_path, m
     assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+@needs(versions.ONNX_EXPORT)
 def test_a_graph_outside_the_tolerance_is_not_kept(tmp_path):
     (tmp_path / "m.onnx").write_text("an older file")
     with pytest.raises(PomtError, match="above the tolerance 0: the file was not kept"):
@@ -53,6 +56,7 @@ def test_a_graph_outside_the_tolerance_is_not_kept(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and (tmp_path / "m.onnx").read_text() == "an older file"
 
 
+@needs(versions.ONNX_EXPORT)
 def test_the_command_writes_the_file_and_prints_the_difference(tmp_path, capsys):
     code, stdout, stderr = run_in_process(["export", "--model", "digits-vit", "--method", "pomt", "-r", "16",
                                            "--layer", "1", "--output", str(tmp_path / "d.onnx")], capsys)
@@ -64,6 +68,7 @@ def test_the_command_writes_the_file_and_prints_the_difference(tmp_path, capsys)
     assert meta["weights_sha256"] == state_dict_sha256(create_model("digits-vit"))
 
 
+@needs(versions.ONNX_EXPORT)
 def test_the_file_names_its_checkpoint_and_the_weights_hash(tmp_path, capsys):
     model = create_model("digits-vit")
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -78,6 +83,7 @@ def test_the_file_names_its_checkpoint_and_the_weights_hash(tmp_path, capsys):
     assert meta["weights_sha256"] == state_dict_sha256(tuned) != state_dict_sha256(model)
 
 
+@needs(versions.ONNX_EXPORT)
 @pytest.mark.parametrize("args, message", [
     (["--output", "{tmp}/missing/d.onnx"], "the folder {tmp}/missing does not exist"),
     (["--output", "{tmp}"], "is a folder"),
@@ -98,6 +104,7 @@ def test_bad_input_is_one_line_with_exit_code_2_and_nothing_written(tmp_path, ca
     assert list(tmp_path.iterdir()) == []
 
 
+@needs(versions.ONNX_EXPORT)
 def test_without_the_extra_the_error_names_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     code, _, stderr = run_in_process(["export", "--model", "digits-vit", "--output", str(tmp_path / "d.onnx")], capsys)
@@ -107,6 +114,7 @@ def test_without_the_extra_the_error_names_it(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@needs(versions.COMPILE)
 @pytest.mark.parametrize("method", list(SETTINGS))
 def test_torch_compile_takes_every_method_as_one_graph(method):
     from pomt_cli.pruning import apply

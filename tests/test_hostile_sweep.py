@@ -15,8 +15,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import run_in_process
+from conftest import needs, run_in_process
 
+from pomt_cli import versions
 from pomt_cli.formats.common import FORMAT_VERSION
 from pomt_cli.formats.report import REPORT_FORMAT_VERSION
 
@@ -100,7 +101,9 @@ SWEEP = [
 ]
 
 
-@pytest.mark.parametrize("args, damage, words", [case[1:] for case in SWEEP], ids=[case[0] for case in SWEEP])
+@pytest.mark.parametrize("args, damage, words", [
+    pytest.param(*case[1:], id=case[0], marks=needs(versions.ONNX_EXPORT) if case[1][0] == "export" else ())
+    for case in SWEEP])
 def test_hostile_input_is_one_line_and_writes_nothing(tmp_path, inputs, capsys, monkeypatch, args, damage, words):
     monkeypatch.setenv("POMT_STATE_DIR", str(tmp_path / "state"))
     out = tmp_path / "out"
@@ -116,6 +119,7 @@ def test_hostile_input_is_one_line_and_writes_nothing(tmp_path, inputs, capsys, 
     assert files_under(tmp_path) == before
 
 
+@needs(versions.ONNX_EXPORT)
 def test_an_opset_onnx_runtime_cannot_load_is_one_line_and_keeps_no_file(tmp_path, capsys, monkeypatch):
     """onnx's newest opset (28 for onnx 1.23) exports, but ONNX Runtime 1.32 cannot load it.
 

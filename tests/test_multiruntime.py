@@ -12,9 +12,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from conftest import MODEL, run_in_process, tiny_vit, write_accuracy, write_latency
+from conftest import MODEL, needs, run_in_process, tiny_vit, write_accuracy, write_latency
 from rich.console import Console
 
+from pomt_cli import versions
 from pomt_cli.bench import BenchProgress, BenchTiming, MethodSetting, fit_settings, runtimes_frame, time_runtimes
 from pomt_cli.formats.bench import read_bench
 from pomt_cli.measure.runtimes import Runtime, RuntimeOptions
@@ -47,6 +48,8 @@ def several(tmp_path_factory) -> tuple[Path, str]:
     return out / "runs", done.stdout
 
 
+@needs(versions.ONNX_EXPORT)
+@needs(versions.COMPILE)
 def test_each_runtime_and_setting_has_its_row_compared_within_and_across_runtimes(several):
     runs, stdout = several
     assert sorted(p.name for p in runs.iterdir()) == [f"{STEM}.csv", f"{STEM}.parquet"]
@@ -93,6 +96,8 @@ def _text(tables) -> str:
     return console.export_text()
 
 
+@needs(versions.ONNX_EXPORT)
+@needs(versions.COMPILE)
 def test_the_table_of_several_runtimes_reads_whole_at_80_columns_and_says_its_reference(several):
     from pomt_cli.cli.bench import _render
 
@@ -114,6 +119,8 @@ def test_the_table_of_several_runtimes_reads_whole_at_80_columns_and_says_its_re
     assert "vs ref" in text and "vs ref: against onnxruntime's none at the same batch size" in " ".join(text.split())
 
 
+@needs(versions.ONNX_EXPORT)
+@needs(versions.COMPILE)
 def test_a_bench_report_of_format_3_reads_with_its_one_runtime(several, tmp_path):
     stored, _ = read_bench(several[0] / f"{STEM}.parquet")
     data = json.loads(pl.read_parquet_metadata(several[0] / f"{STEM}.parquet")["pomt"])
@@ -135,6 +142,8 @@ def test_a_bench_report_of_format_3_reads_with_its_one_runtime(several, tmp_path
     assert frame["runtime"].unique().to_list() == ["eager"] and meta.runtimes == ["eager"]
 
 
+@needs(versions.ONNX_EXPORT)
+@needs(versions.COMPILE)
 def test_every_runtime_is_made_ready_then_timed_in_the_same_shuffled_rounds(tmp_path):
     model = tiny_vit()
     plan = {1: fit_settings(model, [MethodSetting(method="none"), MethodSetting(method="pomt", r=5, layer=1)]),
@@ -187,12 +196,14 @@ def _graph_break_in_pomt(monkeypatch):
     (["--runtime", "compile", "--runtime", "compile"], "compile is named twice"),
     (["--runtime", "eager,tensorrt"], "Invalid value for '--runtime': 'tensorrt' is not one of eager, compile, "
                                       "onnxruntime"),
-    (["--runtime", "eager,onnxruntime", "--ort-providers", "NoSuchExecutionProvider"],
-     "--ort-providers NoSuchExecutionProvider is not available here (available: "),
+    pytest.param(["--runtime", "eager,onnxruntime", "--ort-providers", "NoSuchExecutionProvider"],
+                 "--ort-providers NoSuchExecutionProvider is not available here (available: ",
+                 marks=needs(versions.ONNX_EXPORT)),
     (["--runtime", "eager,compile", "--cuda-graphs"], "--cuda-graphs times eager PyTorch only"),
-    (["--runtime", "onnxruntime,eager", "--dtype", "bfloat16"], "--runtime onnxruntime on cpu takes float32"),
-    (["--runtime", "eager,compile", "--compile-backend", "eager", "refuse"],
-     "digits-vit pomt r=20 @1 does not compile as one graph"),
+    pytest.param(["--runtime", "onnxruntime,eager", "--dtype", "bfloat16"], "--runtime onnxruntime on cpu takes float32",
+                 marks=needs(versions.ONNX_EXPORT)),
+    pytest.param(["--runtime", "eager,compile", "--compile-backend", "eager", "refuse"],
+                 "digits-vit pomt r=20 @1 does not compile as one graph", marks=needs(versions.COMPILE)),
 ])
 def test_bad_runtimes_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, cache, args,
                                                                          message):
@@ -204,6 +215,8 @@ def test_bad_runtimes_are_refused_in_one_line_before_anything_is_written(tmp_pat
     assert not (tmp_path / "runs").exists() and not cache.exists()
 
 
+@needs(versions.ONNX_EXPORT)
+@needs(versions.COMPILE)
 def test_r_from_predicts_for_the_rows_of_the_reports_runtime_among_several(tmp_path, capsys):
     info = {"runtime": "onnxruntime", "providers": ["CPUExecutionProvider"], "onnxruntime_version": "1.0"}
     lat = write_latency(tmp_path / "lat.parquet", runtime="onnxruntime", runtime_info=info, dtype="float32")

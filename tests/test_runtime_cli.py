@@ -8,8 +8,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from conftest import MODEL, run_in_process, write_accuracy, write_latency
+from conftest import MODEL, needs, run_in_process, runtime_param, write_accuracy, write_latency
 
+from pomt_cli import versions
 from pomt_cli.measure import runtimes
 from pomt_cli.formats.latency import read_latency
 from pomt_cli.formats.report import read_report
@@ -29,6 +30,7 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "onnx"
 
 
+@needs(versions.ONNX_EXPORT)
 def test_an_onnxruntime_profile_exports_each_point_once_and_says_so(tmp_path, capsys, cache):
     before = runtimes.exports_done
     args = ["profile", *DIGITS, "--tokens", "65:25:20", "--runtime", "onnxruntime", "--output-dir", str(tmp_path),
@@ -49,6 +51,7 @@ def test_an_onnxruntime_profile_exports_each_point_once_and_says_so(tmp_path, ca
     assert runtimes.exports_done - before == 3
 
 
+@needs(versions.COMPILE)
 def test_a_compiled_pomt_profile_says_so_and_eager_names_stay(tmp_path, capsys):
     args = ["profile", *DIGITS, "--tokens", "65:45:20", "--method", "pomt", "--layer", "1", "--output-dir",
             str(tmp_path), *FAST]
@@ -63,6 +66,7 @@ def test_a_compiled_pomt_profile_says_so_and_eager_names_stay(tmp_path, capsys):
     assert meta.runtime == "eager" and meta.runtime_info["runtime"] == "eager"
 
 
+@needs(versions.COMPILE)
 def test_profile_reports_each_point_made_ready_before_it_is_timed(tmp_path):
     class Recorder(Reporter):
         def __init__(self) -> None:
@@ -88,8 +92,8 @@ def test_profile_reports_each_point_made_ready_before_it_is_timed(tmp_path):
 
 @pytest.mark.parametrize("runtime, extra, stem", [
     ("eager", [], ""),
-    ("compile", ["--compile-backend", "eager"], "_compile"),
-    ("onnxruntime", ["--ort-providers", "cpu"], "_onnxruntime"),
+    runtime_param("compile", ["--compile-backend", "eager"], "_compile"),
+    runtime_param("onnxruntime", ["--ort-providers", "cpu"], "_onnxruntime"),
 ])
 def test_bench_runs_none_and_pomt_in_each_runtime(tmp_path, capsys, runtime, extra, stem):
     code, out, err = run_in_process([*BENCH, "--runtime", runtime, *extra, "--output-dir", str(tmp_path)], capsys)
@@ -107,10 +111,13 @@ def test_bench_runs_none_and_pomt_in_each_runtime(tmp_path, capsys, runtime, ext
 @pytest.mark.parametrize("command", ["profile", "bench"])
 @pytest.mark.parametrize("args, message", [
     (["--runtime", "compile", "--cuda-graphs"], "--cuda-graphs times eager PyTorch only"),
-    (["--runtime", "onnxruntime", "--ort-providers", "cpu,NoSuchExecutionProvider"],
-     "--ort-providers NoSuchExecutionProvider is not available here (available: "),
-    (["--runtime", "onnxruntime", "--ort-providers", "cuda"], "available here"),
-    (["--runtime", "onnxruntime", "--dtype", "bfloat16"], "--runtime onnxruntime on cpu takes float32"),
+    pytest.param(["--runtime", "onnxruntime", "--ort-providers", "cpu,NoSuchExecutionProvider"],
+                 "--ort-providers NoSuchExecutionProvider is not available here (available: ",
+                 marks=needs(versions.ONNX_EXPORT)),
+    pytest.param(["--runtime", "onnxruntime", "--ort-providers", "cuda"], "available here",
+                 marks=needs(versions.ONNX_EXPORT)),
+    pytest.param(["--runtime", "onnxruntime", "--dtype", "bfloat16"], "--runtime onnxruntime on cpu takes float32",
+                 marks=needs(versions.ONNX_EXPORT)),
     (["--runtime", "onnxruntime", "--ort-providers", ","], "--ort-providers ',' names no provider"),
     (["--runtime", "tensorrt"], "Invalid value for '--runtime'"),
 ])
@@ -122,6 +129,7 @@ def test_unsupported_runtimes_are_refused_in_one_line_before_anything_is_written
     assert not (tmp_path / "runs").exists() and not cache.exists()
 
 
+@needs(versions.ONNX_EXPORT)
 @pytest.mark.parametrize("command, runtime", [("profile", "onnxruntime"), ("bench", "onnxruntime"),
                                               ("bench", "eager,onnxruntime")])
 def test_without_the_onnx_extra_the_runtime_is_refused_naming_it(tmp_path, capsys, monkeypatch, command, runtime):
@@ -163,6 +171,7 @@ def test_compute_r_records_the_runtime_and_bench_refuses_another(tmp_path, capsy
     assert not (tmp_path / "o").exists()
 
 
+@needs(versions.COMPILE)
 def test_a_workload_that_does_not_compile_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
     original = runtimes.forward_kept
 
@@ -179,6 +188,7 @@ def test_a_workload_that_does_not_compile_is_refused_before_anything_is_written(
     assert not (tmp_path / "runs").exists()
 
 
+@needs(versions.COMPILE)
 @pytest.mark.parametrize("command", ["profile", "bench"])
 def test_an_unknown_compile_backend_is_one_line_before_anything_is_written(tmp_path, capsys, command):
     base = ["profile", *DIGITS, *FAST] if command == "profile" else BENCH

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import needs, runtime_param, tiny_vit
 
+from pomt_cli import versions
 from pomt_cli.measure import runtimes
 from pomt_cli.errors import PomtError
 from pomt_cli.measure.workload import kept_patches
@@ -31,7 +32,7 @@ def workload(kind: str) -> torch.nn.Module:
     return apply(model, kind, **SETTINGS[kind])
 
 
-@pytest.mark.parametrize("runtime", list(Runtime))
+@pytest.mark.parametrize("runtime", [runtime_param(r) for r in Runtime])
 @pytest.mark.parametrize("kind", [*SETTINGS, "proxy"])
 def test_every_runtime_gives_the_eager_logits(tmp_path, runtime, kind):
     module, x = workload(kind), images()
@@ -57,6 +58,7 @@ def test_the_proxy_wrapper_runs_the_kept_tokens_only():
         assert not torch.allclose(module(x), dropped(x))
 
 
+@needs(versions.COMPILE)
 def test_a_compiled_workload_is_warmed_up_on_a_copy(tmp_path):
     torch._dynamo.reset()
     module, x = workload("pomt"), images()
@@ -68,6 +70,7 @@ def test_a_compiled_workload_is_warmed_up_on_a_copy(tmp_path):
     torch.testing.assert_close(prepared.fn(), expected, rtol=1e-4, atol=1e-5)
 
 
+@needs(versions.COMPILE)
 def test_a_workload_that_does_not_compile_is_refused_in_one_line():
     class Breaks(torch.nn.Module):
         def forward(self, x):
@@ -79,6 +82,7 @@ def test_a_workload_that_does_not_compile_is_refused_in_one_line():
     assert "\n" not in str(e.value)
 
 
+@needs(versions.ONNX_EXPORT)
 def test_the_onnx_cache_reuses_a_graph_and_a_changed_setting_makes_a_new_one(tmp_path):
     options = RuntimeOptions(cache_dir=tmp_path)
     x = images()
@@ -101,6 +105,7 @@ def test_the_onnx_cache_reuses_a_graph_and_a_changed_setting_makes_a_new_one(tmp
         p.path.name for p in (first, changed, batch)}
 
 
+@needs(versions.ONNX_EXPORT)
 def test_a_graph_outside_the_tolerance_leaves_no_file(tmp_path):
     with pytest.raises(PomtError, match="above the tolerance 0: the graph was not kept"):
         prepare(workload("pomt"), images(), Runtime.onnxruntime, options=RuntimeOptions(cache_dir=tmp_path,
@@ -108,6 +113,7 @@ def test_a_graph_outside_the_tolerance_leaves_no_file(tmp_path):
     assert [p for p in tmp_path.iterdir()] == []
 
 
+@needs(versions.ONNX_EXPORT)
 def test_without_the_extra_onnxruntime_is_refused_naming_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with pytest.raises(PomtError) as e:
@@ -118,6 +124,7 @@ def test_without_the_extra_onnxruntime_is_refused_naming_it(tmp_path, monkeypatc
     assert runtime_info(Runtime.eager)["runtime"] == "eager"  # the other runtimes need no extra
 
 
+@needs(versions.ONNX_EXPORT)
 @pytest.mark.parametrize("providers, device, message", [
     (("NoSuchExecutionProvider",), "cpu", "--ort-providers NoSuchExecutionProvider is not available here "
                                           "(available: "),
@@ -137,7 +144,7 @@ def test_an_unavailable_provider_is_refused_in_one_line(tmp_path, providers, dev
 @pytest.mark.parametrize("runtime, dtype, message", [
     (Runtime.compile, torch.float32, "--cuda-graphs times eager PyTorch only: leave it out with --runtime compile"),
     (Runtime.onnxruntime, torch.float32, "leave it out with --runtime onnxruntime"),
-    (Runtime.onnxruntime, torch.bfloat16, "takes float32, not bfloat16: use --dtype float32"),
+    runtime_param(Runtime.onnxruntime, torch.bfloat16, "takes float32, not bfloat16: use --dtype float32"),
 ])
 def test_unsupported_combinations_are_refused_in_one_line(runtime, dtype, message):
     options = RuntimeOptions(cuda_graphs=dtype == torch.float32)
@@ -145,6 +152,7 @@ def test_unsupported_combinations_are_refused_in_one_line(runtime, dtype, messag
         runtimes.check_runtime(runtime, device="cpu", dtype=dtype, options=options)
 
 
+@needs(versions.ONNX_EXPORT)
 def test_provider_names_and_runtime_info():
     assert runtimes.resolve_providers(None, "cpu") == ("CPUExecutionProvider",)
     assert runtimes.resolve_providers(["cpu"], "cpu") == ("CPUExecutionProvider",)
