@@ -17,9 +17,9 @@ When both profiles carry POMT's ``layer`` (``pomt profile --method pomt --layer 
 the criterion chooses the layer and R together, among the unpruned model (R = 0, whose
 latency is the median of every layer's n = N point) and the pruned points. With the
 paper's proxy latency (every block at n) the prediction is labelled as the proxy's.
-Either way only pruned points faster than the unpruned model beyond their interval
-(``ci_high_ms`` below its latency) are candidates; when none is, the answer is R = 0:
-pruning does not pay at that batch size.
+Either way only pruned points faster than the unpruned model beyond both intervals
+(``ci_high_ms`` below its ``ci_low_ms``, :func:`paying_points`) are candidates; when none
+is, the answer is R = 0: pruning does not pay at that batch size.
 
 Each choice also carries its predicted saving as a ratio (:func:`latency_ratio`): the
 chosen point's latency over the same curve's unpruned point (the same layer, n = N), with
