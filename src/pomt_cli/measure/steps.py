@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 import polars as pl
 
@@ -17,6 +19,22 @@ TREND_WINDOW = 15
 
 #: Grid points either side of a drop whose median tells a step from an excursion.
 LEVEL_WINDOW = 6
+
+
+#: The per-curve level of the threshold on a drop's excess (Bonferroni over the pairs). The
+#: MAD's own noise and the excesses' tails make the rate of false steps higher: with it,
+#: 3% or less of step-free curves of 196 points show a step (docs/PERFORMANCE.md).
+STEP_LEVEL = 0.01
+
+
+def spread_factor(pairs: int, level: float = STEP_LEVEL) -> float:
+    """How many scaled MADs of the excesses a step's excess must exceed, among ``pairs`` adjacent pairs.
+
+    Were each excess normal with the MAD's scale on a curve without a step, the threshold
+    ``z = Phi^-1(1 - level / pairs)`` would let noise pass it somewhere on ``level`` of
+    such curves (Bonferroni); never below 3, the rule for short curves.
+    """
+    return max(3.0, NormalDist().inv_cdf(1.0 - level / max(pairs, 1)))
 
 
 def _excursions(ms: np.ndarray, margin: float) -> np.ndarray:
@@ -39,7 +57,7 @@ def _excursions(ms: np.ndarray, margin: float) -> np.ndarray:
 
 
 def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
-               excursions: bool = False) -> pl.DataFrame:
+               excursions: bool = False, level: float = STEP_LEVEL) -> pl.DataFrame:
     """The largest latency steps: drops between adjacent grid points well beyond the curve's trend.
 
     For adjacent measured points n > n - k of one batch size the relative drop is
@@ -48,7 +66,9 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
     ``(L(n) - L(n-k)) / k`` over :data:`TREND_WINDOW` neighbouring pairs, which follows a
     curve that bends and does not mistake a fixed overhead for steps); the excess
     ``d - s k / L(n)`` of a step is above ``min_drop`` and above the excesses' own spread
-    (3 x their scaled median absolute deviation), the two points' confidence intervals
+    (their scaled median absolute deviation times :func:`spread_factor` of ``level``, which
+    grows with the number of pairs so that a long curve's noise does not pass it by
+    chance), the two points' confidence intervals
     of the median do not overlap, and they are at most :data:`MAX_STEP_WIDTH` tokens apart.
     A drop where the curve rises back on either side (a point above the level of the
     points above it, or below the level of those below it: see :func:`_excursions`) is
@@ -87,7 +107,7 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
         spread = pairs.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
         steps = (
             pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (excursions | ~pl.col("excursion")) & (pl.col("k") <= MAX_STEP_WIDTH)
-                         & (pl.col("excess") > max(min_drop, 3 * spread)))
+                         & (pl.col("excess") > max(min_drop, spread_factor(pairs.height, level) * spread)))
             .sort("excess", descending=True)
             .head(top)
         )
