@@ -60,7 +60,8 @@ ONNX_EXPORT = Feature("ONNX export", "2.4", "upgrade torch, or time with --runti
                       documented="2.5")
 #: Dynamo stops at the pruned block's ``Module.__setattr__`` (``pomt_tokens``) on torch
 #: 2.1 to 2.4 (and 2.1 lacks ``recompile_limit`` under any name); on 2.5.1 inductor's
-#: ToMe graph gives logits 14% away from eager. Nothing between 2.5 and 2.14 was tried.
+#: CPU ``scatter_add`` adds wrong values, so ToMe's logits land 14% away from eager (the
+#: CUDA one was not tried). Nothing between 2.5 and 2.14 was tried.
 COMPILE = Feature("--runtime compile", "2.5", "use --runtime eager, or upgrade torch")
 #: Half ``LayerNorm`` (2.2), half ``slow_conv2d`` and ``baddbmm`` (2.1) are missing on
 #: the CPU; torch 2.3.1 runs every method in half (bfloat16 runs on all).
