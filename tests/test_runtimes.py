@@ -162,3 +162,14 @@ def test_provider_names_and_runtime_info():
     assert info["onnxruntime_version"] and info["torch_version"] == torch.__version__
     assert runtime_info(Runtime.compile)["compile_backend"] == "inductor"
     assert runtime_info(Runtime.compile)["providers"] is None
+
+
+def test_the_recompile_limits_go_by_the_names_this_torch_has():
+    # recompile_limit on a new torch, cache_size_limit on 2.2 to 2.5 (measured): a name this
+    # torch lacks would stop every compile with a KeyError.
+    limits = runtimes.recompile_limits(7)
+    assert len(limits) == 2 and set(limits.values()) == {7}
+    before = {name: getattr(torch._dynamo.config, name) for name in limits}
+    with torch._dynamo.config.patch(limits):
+        assert {name: getattr(torch._dynamo.config, name) for name in limits} == limits
+    assert {name: getattr(torch._dynamo.config, name) for name in limits} == before

@@ -90,6 +90,15 @@ RECOMPILE_LIMIT = 4096
 CHECK_SEED = 12_345
 
 
+def recompile_limits(limit: int = RECOMPILE_LIMIT) -> dict[str, int]:
+    """torch.compile's limits on the graphs kept per forward, by this torch's names for them:
+    ``recompile_limit`` and ``accumulated_recompile_limit``, ``cache_size_limit`` and
+    ``accumulated_cache_size_limit`` before (torch 2.2 to 2.5 have only those)."""
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        return {"recompile_limit": limit, "accumulated_recompile_limit": limit}
+    return {"cache_size_limit": limit, "accumulated_cache_size_limit": limit}
+
+
 def default_cache_dir() -> Path:
     """``$POMT_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/pomt/onnx``, else ``~/.cache/pomt/onnx``."""
     if os.environ.get("POMT_CACHE_DIR"):
@@ -340,7 +349,7 @@ def _prepare_compiled(module: nn.Module, images: torch.Tensor, label: str, optio
 
     began = time.perf_counter()
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limits()):
             for _ in range(max(1, options.compile_warmup)):
                 forward()
     except Exception as exc:  # dynamo and inductor fail in many types
