@@ -65,9 +65,33 @@ def test_a_compiled_workload_is_warmed_up_on_a_copy(tmp_path):
     with torch.inference_mode():
         expected = module(x)
     prepared = prepare(module, x, Runtime.compile, options=RuntimeOptions(compile_backend="inductor"))
-    assert prepared.setup_s > 0
+    assert prepared.setup_s > 0 and 0 <= prepared.max_rel_diff <= 1e-4
     apply(module, "pomt", r=4, layer=1)  # a later patch of the module does not change the compiled copy
     torch.testing.assert_close(prepared.fn(), expected, rtol=1e-4, atol=1e-5)
+
+
+@needs(versions.COMPILE)
+def test_a_compiler_that_gets_the_logits_wrong_is_refused_in_one_line():
+    """As inductor's CPU scatter_add did for ToMe on torch 2.5.1: the compiled logits are
+    checked against eager PyTorch's before anything is timed."""
+    from torch._dynamo import list_backends, register_backend
+
+    if "pomt_test_off_by_1pc" not in list_backends(exclude_tags=()):
+        @register_backend(name="pomt_test_off_by_1pc")
+        def off_by_1pc(gm, example_inputs):
+            def run(*args):
+                out = gm(*args)
+                return type(out)(o * 1.01 for o in out) if isinstance(out, (tuple, list)) else out * 1.01
+
+            return run
+
+    torch._dynamo.reset()
+    with pytest.raises(PomtError) as e:
+        prepare(workload("tome"), images(), Runtime.compile, label="tome r=3",
+                options=RuntimeOptions(compile_backend="pomt_test_off_by_1pc"))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("deit_tiny_distilled_patch16_224 tome r=3: torch.compile's")
+    assert "differ from eager PyTorch's by 1.00e-02" in message and "above the tolerance 0.0001" in message
 
 
 @needs(versions.COMPILE)

@@ -117,8 +117,8 @@ class RuntimeOptions:
             available ones that run on the device, GPU first (:func:`resolve_providers`).
         cache_dir: the folder of exported graphs (None: :func:`default_cache_dir`).
         opset: the ONNX opset of exported graphs.
-        tolerance: the largest ONNX Runtime vs PyTorch difference, relative to the largest
-            logit (None: :data:`pomt_cli.export.TOLERANCE` of the dtype).
+        tolerance: the largest ONNX Runtime or torch.compile vs eager PyTorch difference,
+            relative to the largest logit (None: :data:`pomt_cli.export.TOLERANCE` of the dtype).
         compile_backend: torch.compile's backend.
         compile_warmup: calls that warm a compiled workload up before it is timed.
         cuda_graphs: whether the timing engine captures CUDA graphs (eager only).
@@ -151,7 +151,8 @@ class Prepared:
         providers: onnxruntime: the session's providers, in order; else empty.
         path: onnxruntime: the graph's file; else None.
         cached: onnxruntime: the graph came from the cache (no export, no check).
-        max_rel_diff: onnxruntime, when exported now: the checked difference to PyTorch.
+        max_rel_diff: the checked difference to eager PyTorch: compile's, and onnxruntime's
+            when exported now.
     """
 
     fn: Callable[[], torch.Tensor]
@@ -337,7 +338,9 @@ def prepare(module: nn.Module, images: torch.Tensor, runtime: Runtime, *, label:
 
 
 def _prepare_compiled(module: nn.Module, images: torch.Tensor, label: str, options: RuntimeOptions) -> Prepared:
-    """``torch.compile`` of a copy of ``module``, warmed up on ``images``."""
+    """``torch.compile`` of a copy of ``module``, warmed up on ``images``, its logits checked
+    against eager PyTorch's there (a compiler can be wrong in silence: inductor's CPU
+    ``scatter_add`` on torch 2.5.1 put ToMe's logits 14% away, README's "Versions")."""
     # Inductor's C++ path logs "No CUDA runtime is found" on every CPU-only machine: not
     # news to a user who profiles the CPU, and it would land in the middle of a table.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -347,17 +350,26 @@ def _prepare_compiled(module: nn.Module, images: torch.Tensor, label: str, optio
         with torch.inference_mode():
             return compiled(images)
 
+    what = f"{model_name(module.model if isinstance(module, KeptTokens) else module)} {label}".strip()
     began = time.perf_counter()
     try:
         with torch._dynamo.config.patch(recompile_limits()):
             for _ in range(max(1, options.compile_warmup)):
-                forward()
+                logits = forward()
     except Exception as exc:  # dynamo and inductor fail in many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        what = f"{model_name(module.model if isinstance(module, KeptTokens) else module)} {label}".strip()
         raise PomtError(f"{what} does not compile as one graph (torch.compile fullgraph=True): {first[:160]}; "
                         "use --runtime eager or onnxruntime") from None
-    return Prepared(forward, Runtime.compile, setup_s=time.perf_counter() - began, _keep=[compiled])
+    with torch.inference_mode():
+        expected = module(images)
+    _, max_rel = difference(logits, expected)
+    tolerance = TOLERANCE[images.dtype] if options.tolerance is None else options.tolerance
+    if not max_rel <= tolerance:
+        raise PomtError(f"{what}: torch.compile's outputs differ from eager PyTorch's by {max_rel:.2e} (relative to "
+                        f"the largest logit, torch {torch.__version__}), above the tolerance {tolerance:g}: use "
+                        "--runtime eager, or another torch")
+    return Prepared(forward, Runtime.compile, setup_s=time.perf_counter() - began, max_rel_diff=max_rel,
+                    _keep=[compiled])
 
 
 def _bind(session, io, images: torch.Tensor, output: torch.Tensor) -> None:
