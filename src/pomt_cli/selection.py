@@ -457,7 +457,7 @@ def compute_r(
         if not pays:
             unpruned = "unpruned model" if reference["R"] == 0 else f"reference n = {reference['tokens']}"
             notes.append(f"batch {b}: pruning does not pay here: no pruned point is faster than the {unpruned} "
-                         f"({reference['latency_ms']:.3f} ms), so R = {reference['R']}")
+                         f"({reference['latency_ms']:.3f} ms) beyond both intervals, so R = {reference['R']}")
         ranked = rank(paying, settings, b)
         best = ranked.row(0, named=True)
         ratio = _ratio_of(best, curve_points, num_tokens)

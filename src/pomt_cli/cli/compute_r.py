@@ -83,7 +83,7 @@ def prediction_text(choice: Choice) -> str:
     """The predicted latency and saving of a choice, and which workload predicts them."""
     if not choice.pays:
         return (f"pruning does not pay here: no pruned point is faster than the unpruned model "
-                f"({choice.latency_ms:.3f} ms predicted)")
+                f"({choice.latency_ms:.3f} ms predicted) beyond both intervals")
     if choice.latency_ratio is not None and choice.unpruned_ms is not None:
         # The saving bench checks: against the unpruned point of the chosen curve. A choice that
         # pays against the median of every layer's unpruned point may be slower than its own.
