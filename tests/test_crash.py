@@ -7,11 +7,14 @@ checks what the next writer of the same names finds and leaves.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from conftest import run_in_process
 
 from pomt_cli.formats.outputs import OutputSet, write_set
 
@@ -84,3 +87,15 @@ def test_the_cleanup_leaves_the_temporaries_of_other_names_alone(tmp_path):
     other.write_text("another run's")
     write_set(folder, "r", {"a": lambda p: p.write_text("1")})
     assert listing(folder) == [".s.a.abcd1234.tmp", "r.a"]
+
+
+def test_a_full_disk_in_onnx_export_is_named_as_the_write_that_failed(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    out = tmp_path / "m.onnx"
+    code, _, err = run_in_process(["export", "--model", "digits-vit", "--output", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"cannot write {out} (No space left on device)" in " ".join(err.split())
+    assert listing(tmp_path) == []
