@@ -14,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from conftest import run_in_process
+from conftest import FakeTools, run_in_process
 
+from pomt_cli.devices.clocks import ClockController, locked_clocks
+from pomt_cli.devices.presets import load_preset
 from pomt_cli.formats.outputs import OutputSet, write_set
 
 
@@ -99,3 +101,41 @@ def test_a_full_disk_in_onnx_export_is_named_as_the_write_that_failed(tmp_path, 
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f"cannot write {out} (No space left on device)" in " ".join(err.split())
     assert listing(tmp_path) == []
+
+
+def test_clocks_left_locked_by_a_killed_measurement_are_taken_over_and_restored(tmp_path, monkeypatch):
+    tools = FakeTools(tmp_path)
+    for key, value in tools.env().items():
+        if key in ("PATH", "FAKE_LOG", "POMT_STATE_DIR"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    nvidia = load_preset("nvidia")
+    ctl = ClockController(nvidia, "cpu")
+
+    def killed_while_measuring():
+        with locked_clocks(nvidia, torch_device="cpu"):
+            kill_self()
+
+    killed_child(killed_while_measuring)
+    assert ctl.saved_state() is not None and ctl.saved_state().pid not in (None, os.getpid())
+    with locked_clocks(nvidia, torch_device="cpu") as state:
+        assert state.mode == "locked" and "killed before it restored them" in state.detail, state
+        assert state.values == {"max_graphics": "1980", "max_memory": "2619"}  # read before the first lock
+        assert ctl.saved_state().pid == os.getpid()
+    assert tools.calls()[-2:] == ["nvidia-smi -i 0 --reset-gpu-clocks", "nvidia-smi -i 0 --reset-memory-clocks"]
+    assert ctl.saved_state() is None
+
+
+def test_clocks_locked_with_pomt_clocks_lock_stay_locked_for_a_measurement(tmp_path, monkeypatch):
+    tools = FakeTools(tmp_path)
+    for key, value in tools.env().items():
+        if key in ("PATH", "FAKE_LOG", "POMT_STATE_DIR"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    nvidia = load_preset("nvidia")
+    ClockController(nvidia, "cpu", measuring=False).lock()
+    with locked_clocks(nvidia, torch_device="cpu") as state:
+        assert state.mode == "already_locked"
+    assert not any("reset" in call for call in tools.calls())
+    assert ClockController(nvidia, "cpu").saved_state() is not None
