@@ -225,7 +225,7 @@ class ClockController:
             values.update({k: v for k, v in match.groupdict().items() if v is not None})
         return values
 
-    def lock(self, killed: SavedClockState | None = None) -> dict[str, str]:
+    def lock(self, killed: SavedClockState | None = None, *, for_run: bool = False) -> dict[str, str]:
         """Save the state, then lock the clocks; returns the values read.
 
         Nothing is changed when a tool is missing, root is needed, or a read fails. When a
@@ -235,6 +235,8 @@ class ClockController:
             killed: the saved state of a measurement that was killed with the clocks
                 locked (see :func:`locked_clocks`): its values, read before that lock, are
                 taken over rather than read again from the locked clocks.
+            for_run: the lock lasts one measurement's run (:func:`locked_clocks`), which
+                restores the clocks at its end; saved as ``measurement``.
 
         Raises:
             PomtError: see above; the message names the command to run by hand.
@@ -252,7 +254,7 @@ class ClockController:
             "locked_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "pid": os.getpid(),
             "values": values,
-            "measurement": self.measuring,
+            "measurement": for_run,
         }
         atomic_write_text(self.state_file, json.dumps(record, indent=2))
         all_values = {**self.builtins, **values}
@@ -434,7 +436,7 @@ def locked_clocks(
             )
             return
         with sigterm_raises():
-            values = ctl.lock(killed)
+            values = ctl.lock(killed, for_run=True)
             detail = "locked for the measurement and restored after"
             if killed is not None:
                 detail = (f"locked at {killed.locked_at} by a pomt run (pid {killed.pid}) killed before it "
