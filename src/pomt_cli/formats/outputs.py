@@ -382,7 +382,7 @@ class OutputSet:
         try:
             renames = json.loads(journal.read_text(encoding="utf-8"))["renames"] if journal.exists() else []
         except (OSError, ValueError, KeyError, TypeError):
-            renames = []  # written whole or not at all, so only a hand-made file gets here
+            renames = []  # cut short by a kill before the first rename
         for pair in renames:
             names = [Path(n) for n in pair] if isinstance(pair, list) and len(pair) == 2 else []
             if len(names) != 2 or any(str(n) != n.name for n in names):
@@ -427,9 +427,10 @@ class OutputSet:
         backups: list[Path] = []
         with _signals_deferred():
             renames = [[tmp.name, self.path(suffix).name] for suffix, tmp in self._temporaries.items()]
-            try:
-                atomic_write_text(self.journal_file, json.dumps({"renames": renames}))
+            try:  # a journal cut short by a kill is not JSON: no rename had begun, and none is done
+                self.journal_file.write_text(json.dumps({"renames": renames}), encoding="utf-8")
             except OSError as exc:
+                self.journal_file.unlink(missing_ok=True)
                 raise write_error(self.journal_file, exc) from None
             try:
                 for suffix, tmp in self._temporaries.items():
