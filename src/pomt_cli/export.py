@@ -50,6 +50,17 @@ def require_onnx() -> None:
         raise PomtError(f"{', '.join(missing)} not installed: {EXTRA_HINT}")
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError that ``exc`` is or wraps (``__cause__``, ``__context__``), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def export_graph(model: nn.Module, images: torch.Tensor, path: str | Path, *, opset: int, what: str,
                  dynamo: bool = True) -> None:
     """Write ``model`` run on ``images`` as an ONNX graph with static shapes to ``path``.
@@ -70,6 +81,8 @@ def export_graph(model: nn.Module, images: torch.Tensor, path: str | Path, *, op
             torch.onnx.export(model, (images,), str(path), dynamo=dynamo, opset_version=opset, verbose=False,
                               **kwargs)
     except Exception as exc:  # the exporter fails in many types
+        if (os_error := _os_error(exc)) is not None:
+            raise os_error from None  # a full disk, not a graph that fails: the caller's write error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PomtError(f"{what} does not export to ONNX opset {opset}: {first[:200]}") from None
 

@@ -42,6 +42,8 @@ class SavedClockState(BaseModel):
     locked_at: str
     pid: int | None = None
     values: dict[str, str] = Field(default_factory=dict)
+    measurement: bool = Field(False, description="locked by a measurement for its run (profile, refine, bench), "
+                                                 "not by `pomt clocks lock`")
 
 
 def state_root() -> Path:
@@ -223,28 +225,36 @@ class ClockController:
             values.update({k: v for k, v in match.groupdict().items() if v is not None})
         return values
 
-    def lock(self) -> dict[str, str]:
+    def lock(self, killed: SavedClockState | None = None, *, for_run: bool = False) -> dict[str, str]:
         """Save the state, then lock the clocks; returns the values read.
 
         Nothing is changed when a tool is missing, root is needed, or a read fails. When a
         lock command fails, the commands that ran are undone by the restore commands.
 
+        Args:
+            killed: the saved state of a measurement that was killed with the clocks
+                locked (see :func:`locked_clocks`): its values, read before that lock, are
+                taken over rather than read again from the locked clocks.
+            for_run: the lock lasts one measurement's run (:func:`locked_clocks`), which
+                restores the clocks at its end; saved as ``measurement``.
+
         Raises:
             PomtError: see above; the message names the command to run by hand.
         """
         self._check_can_lock()
-        if self.saved_state() is not None:
+        if killed is None and self.saved_state() is not None:
             raise PomtError(
                 f"the clocks of {self.preset.name} are already locked by pomt (state in {self.state_file}): "
                 f"restore them with `pomt clocks restore --device {self.preset.device_arg}` first"
             )
-        values = self.read_values()
+        values = self.read_values() if killed is None else killed.values
         _make_state_dir(self.state_dir, self._or_unlocked())
         record = {
             "preset": self.preset.name,
             "locked_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "pid": os.getpid(),
             "values": values,
+            "measurement": for_run,
         }
         atomic_write_text(self.state_file, json.dumps(record, indent=2))
         all_values = {**self.builtins, **values}
@@ -412,7 +422,11 @@ def locked_clocks(
         ctl._check_can_lock()  # a missing tool or root fails before anything is created
     with clock_lock(ctl):
         saved = ctl.saved_state()
-        if saved is not None:
+        # A measurement holds clock_lock while its state is saved, so one saved by a measurement
+        # that this process could lock was killed outright (SIGKILL, OOM, power loss) before it
+        # restored the clocks: take its lock over and restore them at the end.
+        killed = saved if saved is not None and saved.measurement else None
+        if saved is not None and killed is None:
             yield ClockState(
                 preset=preset.name,
                 mode="already_locked",
@@ -422,10 +436,13 @@ def locked_clocks(
             )
             return
         with sigterm_raises():
-            values = ctl.lock()
+            values = ctl.lock(killed, for_run=True)
+            detail = "locked for the measurement and restored after"
+            if killed is not None:
+                detail = (f"locked at {killed.locked_at} by a pomt run (pid {killed.pid}) killed before it "
+                          "restored them; taken over for the measurement and restored after")
             try:
-                yield ClockState(preset=preset.name, mode="locked",
-                                 detail="locked for the measurement and restored after",
+                yield ClockState(preset=preset.name, mode="locked", detail=detail,
                                  values=values, status=ctl.status_text())
             except BaseException:
                 with signals_ignored():

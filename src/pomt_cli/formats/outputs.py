@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import signal
@@ -174,15 +175,45 @@ def check_output_dir(output_dir: str | Path) -> Path:
     return path
 
 
+def _temporary_prefix(final: Path) -> str:
+    """What the temporary names of ``final`` begin with: ``.NAME.`` (a hash for a long name)."""
+    name = final.name if len(final.name.encode()) <= 200 else hashlib.sha256(final.name.encode()).hexdigest()[:16]
+    return f".{name}."
+
+
 def _temporary(final: Path) -> Path:
     """A new empty file next to ``final`` under a hidden temporary name, with the umask's mode."""
-    name = final.name if len(final.name.encode()) <= 200 else hashlib.sha256(final.name.encode()).hexdigest()[:16]
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=_temporary_prefix(final), suffix=".tmp")
     try:
         os.fchmod(fd, file_mode())
     finally:
         os.close(fd)
     return Path(tmp_name)
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove what a killed writer of ``final`` left beside it; the paths removed.
+
+    That is its temporaries ``.NAME.*.tmp``, their backups ``.NAME.*.tmp.old`` and the
+    temporaries of those (``..NAME.*.tmp.*.tmp``). Only the holder of the names' lock
+    may call this: another live writer's temporaries would go too.
+    """
+    prefix = _temporary_prefix(final)
+    removed = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if name.startswith((prefix, "." + prefix)) and name.endswith((".tmp", ".tmp.old")):
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
 
 
 def write_error(final: Path, exc: BaseException) -> PomtError:
@@ -230,6 +261,12 @@ class OutputSet:
     back the files it had replaced. Leaving the set without a commit (an error, Ctrl-C)
     removes the temporary files, and the folders the set created if they are empty:
     earlier files of the same names stay as they were.
+
+    A process killed outright (SIGKILL, out of memory, power loss) runs none of that.
+    Before its renames :meth:`commit` writes the journal ``.STEM.commit`` (the renames
+    to do) and removes it after them. The next set of the same names, once it holds the
+    lock, finishes the renames of a journal it finds (the killed set lands whole) and
+    removes the temporary files a killed writer left.
     """
 
     def __init__(self, folder: str | Path, stem: str, suffixes: Sequence[str]) -> None:
@@ -255,11 +292,16 @@ class OutputSet:
     def lock_file(self) -> Path:
         return self.folder / f".{self.stem}.lock"
 
+    @property
+    def journal_file(self) -> Path:
+        return self.folder / f".{self.stem}.commit"
+
     def __enter__(self) -> OutputSet:
         check_output_dir(self.folder)
         try:
             self._make_folder()
             self._claim()
+            self._recover()
         except BaseException:
             self._remove_created()
             raise
@@ -334,6 +376,27 @@ class OutputSet:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
+    def _recover(self) -> None:
+        """Finish the renames of a killed commit's journal; remove a killed writer's temporaries."""
+        journal = self.journal_file
+        try:
+            renames = json.loads(journal.read_text(encoding="utf-8"))["renames"] if journal.exists() else []
+        except (OSError, ValueError, KeyError, TypeError):
+            renames = []  # cut short by a kill before the first rename
+        for pair in renames:
+            names = [Path(n) for n in pair] if isinstance(pair, list) and len(pair) == 2 else []
+            if len(names) != 2 or any(str(n) != n.name for n in names):
+                continue
+            tmp, final = self.folder / names[0], self.folder / names[1]
+            if tmp.is_file() and tmp.name.startswith(_temporary_prefix(final)):
+                try:
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    raise write_error(final, exc) from None
+        journal.unlink(missing_ok=True)
+        for final in (*self.paths.values(), journal):
+            remove_stale_temporaries(final)
+
     def temporary(self, suffix: str) -> Path:
         """The temporary file (in the folder) that becomes ``path(suffix)`` at :meth:`commit`."""
         if self._lock_fd is None:
@@ -363,6 +426,12 @@ class OutputSet:
         replaced: list[tuple[Path, Path | None]] = []
         backups: list[Path] = []
         with _signals_deferred():
+            renames = [[tmp.name, self.path(suffix).name] for suffix, tmp in self._temporaries.items()]
+            try:  # a journal cut short by a kill is not JSON: no rename had begun, and none is done
+                self.journal_file.write_text(json.dumps({"renames": renames}), encoding="utf-8")
+            except OSError as exc:
+                self.journal_file.unlink(missing_ok=True)
+                raise write_error(self.journal_file, exc) from None
             try:
                 for suffix, tmp in self._temporaries.items():
                     final = self.path(suffix)
@@ -386,6 +455,7 @@ class OutputSet:
             finally:
                 for backup in backups:
                     backup.unlink(missing_ok=True)
+                self.journal_file.unlink(missing_ok=True)
             self._temporaries.clear()
             self.committed = True
         return self.paths
