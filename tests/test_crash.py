@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from conftest import FakeTools, run_in_process
+from conftest import FakeTools, needs, run_in_process
 
+from pomt_cli import versions
 from pomt_cli.devices.clocks import ClockController, locked_clocks
 from pomt_cli.devices.presets import load_preset
 from pomt_cli.formats.outputs import OutputSet, write_set
@@ -91,6 +92,7 @@ def test_the_cleanup_leaves_the_temporaries_of_other_names_alone(tmp_path):
     assert listing(folder) == [".s.a.abcd1234.tmp", "r.a"]
 
 
+@needs(versions.ONNX_EXPORT)
 def test_a_full_disk_in_onnx_export_is_named_as_the_write_that_failed(tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

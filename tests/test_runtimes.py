@@ -188,6 +188,7 @@ def test_provider_names_and_runtime_info():
     assert runtime_info(Runtime.compile)["providers"] is None
 
 
+@needs(versions.COMPILE)
 def test_the_recompile_limits_go_by_the_names_this_torch_has():
     # recompile_limit on a new torch, cache_size_limit on 2.2 to 2.5 (measured): a name this
     # torch lacks would stop every compile with a KeyError.
