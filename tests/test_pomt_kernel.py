@@ -9,6 +9,7 @@ the chunked product where the kernel fails or is wrong.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import platform
 import subprocess
@@ -60,6 +61,28 @@ DIVISIBLE_BY_16 = ("q_ptr", "k_ptr", "lse_ptr", "out_ptr", "stride_qb", "stride_
                    "stride_kh", "stride_kn")
 
 
+def ahead_of_time_source(kernel, arg_types: dict[str, str], constexprs: dict[str, int]):
+    """``kernel`` specialised for ahead-of-time compilation: its arguments' ``arg_types``, its
+    ``constexprs``' values, and the arguments of :data:`DIVISIBLE_BY_16` divisible by 16.
+
+    Triton 3.2 and newer (torch 2.6 and newer) take arguments by name and the divisibility as
+    attributes; Triton 3.0 and 3.1 (torch 2.4, 2.5) by index, without the constexprs in the
+    signature, and the divisibility as an ``AttrsDescriptor``.
+    """
+    from triton.compiler import ASTSource
+
+    index = kernel.arg_names.index
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        attrs = {(index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
+        return ASTSource(fn=kernel, signature={**arg_types, **dict.fromkeys(constexprs, "constexpr")}, attrs=attrs,
+                         constexprs=constexprs)
+    from triton.compiler.compiler import AttrsDescriptor
+
+    return ASTSource(fn=kernel, signature={index(name): t for name, t in arg_types.items() if name not in constexprs},
+                     constants={index(name): v for name, v in constexprs.items()},
+                     attrs=AttrsDescriptor(divisible_by_16={index(name) for name in DIVISIBLE_BY_16}))
+
+
 @pytest.mark.parametrize("arch", [80, 87, 90])  # A100, Jetson AGX Orin, H100
 def test_the_kernel_compiles_to_gpu_code_without_a_gpu_and_spills_no_registers(arch, monkeypatch, tmp_path):
     """Triton compiles ahead of time on any machine (its wheel brings ptxas): every dtype and
@@ -70,7 +93,6 @@ def test_the_kernel_compiles_to_gpu_code_without_a_gpu_and_spills_no_registers(a
     """
     triton = need_triton()
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delitem(sys.modules, "pomt_cli.pruning.triton_received", raising=False)
@@ -78,15 +100,13 @@ def test_the_kernel_compiles_to_gpu_code_without_a_gpu_and_spills_no_registers(a
 
     kernel = triton_received._received_kernel
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
     for dtype in ("fp16", "bf16"):
         for width in triton_received.BLOCK_KEYS:
-            signature = dict.fromkeys(kernel.arg_names, "i32")
-            signature.update(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", lse_ptr="*fp32", out_ptr="*fp32", scale="fp32",
-                             D="constexpr", BLOCK_I="constexpr", BLOCK_J="constexpr", BLOCK_D="constexpr")
-            source = ASTSource(fn=kernel, signature=signature, attrs=attrs, constexprs={
-                "D": 64, "BLOCK_I": triton_received.BLOCK_QUERIES, "BLOCK_J": width, "BLOCK_D": 64})
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+            arg_types = dict.fromkeys(kernel.arg_names, "i32")
+            arg_types.update(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", lse_ptr="*fp32", out_ptr="*fp32", scale="fp32")
+            constexprs = {"D": 64, "BLOCK_I": triton_received.BLOCK_QUERIES, "BLOCK_J": width, "BLOCK_D": 64}
+            compiled = triton.compile(ahead_of_time_source(kernel, arg_types, constexprs),
+                                      target=GPUTarget("cuda", arch, 32),
                                       options={"num_warps": triton_received.NUM_WARPS})
             assert len(compiled.asm["cubin"]) > 1000, (dtype, width)
             assert "mma" in compiled.asm["ptx"]  # the logits come from tensor cores

@@ -32,21 +32,23 @@ def test_release_reads_major_and_minor(version, expected):
     assert versions.release(version) == expected
 
 
-#: What each gated feature's refusal says it needs: the bounds measured on torch 2.1 to 2.5.
-NEEDS = {"ONNX export": "torch 2.5 or newer", "--runtime compile": "torch newer than 2.5",
+#: What each gated feature's refusal says it needs: the bounds measured on torch 2.1 to 2.7.
+NEEDS = {"ONNX export": "torch 2.5 or newer", "--runtime compile": "torch 2.7 or newer",
          "--dtype float16 on the CPU": "torch 2.3 or newer"}
 
 
 @pytest.mark.parametrize("feature, version, ok", [
     *[(versions.COMPILE, v, ok) for v, ok in [
         ("2.1.2+cu121", False), ("2.2.0a0+6a974be", False), ("2.4.1", False), ("2.5.0a0+872d972e41.nv24.08", False),
-        ("2.5.1", False), ("2.6.0", True), ("2.14.1", True), ("3.0.0", True)]],
+        ("2.5.1", False), ("2.6.0", False), ("2.6.0a0+ecf3bae40a.nv25.01", False), ("2.7.0", True),
+        ("2.7.1", True), ("2.14.1", True), ("3.0.0", True)]],
     *[(versions.CPU_FLOAT16, v, ok) for v, ok in [
         ("2.1.0a0+41361538.nv23.06", False), ("2.2.2", False), ("2.3.0a0+40ec155e58.nv24.03", True),
         ("2.4.0a0+07cecf4168.nv24.05", True), ("2.14.1", True)]]])
 def test_each_feature_needs_the_torch_it_was_measured_to_work_on(monkeypatch, feature, version, ok):
-    # Measured: compile fails on 2.2 to 2.4 (dynamo stops at the block's setattr) and gives
-    # wrong ToMe logits with inductor on 2.5.1; half LayerNorm is missing on 2.2.2's CPU, not 2.3.1's.
+    # Measured: compile fails on 2.2 to 2.4 (dynamo stops at the block's setattr), gives
+    # wrong ToMe logits with inductor on 2.5.1 and 2.6.0, and is right for every method on
+    # 2.7.1; half LayerNorm is missing on 2.2.2's CPU, not 2.3.1's.
     monkeypatch.setattr(torch, "__version__", version)
     assert versions.supported(feature) is ok
     if ok:
@@ -87,7 +89,7 @@ def test_only_float16_on_the_cpu_is_refused(old_torch):
 
 
 def test_compile_is_refused_before_its_backend_is_looked_up(old_torch):
-    with pytest.raises(PomtError, match="--runtime compile needs torch newer than 2.5"):
+    with pytest.raises(PomtError, match="--runtime compile needs torch 2.7 or newer"):
         check_runtime(Runtime.compile, device="cpu")
     check_runtime(Runtime.eager, device="cpu")
 

@@ -2,10 +2,10 @@
 
 pomt runs on torch 2.1 (a JetPack 6 Jetson's) and newer, but some features need more.
 The bounds are measured: each feature was run, its gate bypassed, on the tests' tiny
-models with torch 2.1.2, 2.2.2, 2.3.1, 2.4.1, 2.5.1 and 2.14.1 (README's "Versions").
-A feature that failed on one release and worked on the next needs that next one; one
-that failed on a release and was not tried between it and 2.14 needs a torch newer than
-it. Where torch's documentation names a later release than the one measured (ONNX
+models with torch 2.1.2, 2.2.2, 2.3.1, 2.4.1, 2.5.1, 2.6.0, 2.7.1 and 2.14.1 (README's
+"Versions"). A feature that failed on one release and worked on the next needs that next
+one; one that failed on a release and was not tried between it and 2.14 would need a
+torch newer than it. Where torch's documentation names a later release than the one measured (ONNX
 export: 2.5), that one is the bound. The features check here, before any work, and
 refuse in one line.
 """
@@ -59,10 +59,11 @@ class Feature:
 ONNX_EXPORT = Feature("ONNX export", "2.4", "upgrade torch, or time with --runtime eager", worked_on="2.5",
                       documented="2.5")
 #: Dynamo stops at the pruned block's ``Module.__setattr__`` (``pomt_tokens``) on torch
-#: 2.1 to 2.4 (and 2.1 lacks ``recompile_limit`` under any name); on 2.5.1 inductor's
-#: CPU ``scatter_add`` adds wrong values, so ToMe's logits land 14% away from eager (the
-#: CUDA one was not tried). Nothing between 2.5 and 2.14 was tried.
-COMPILE = Feature("--runtime compile", "2.5", "use --runtime eager, or upgrade torch")
+#: 2.1 to 2.4 (and 2.1 lacks ``recompile_limit`` under any name); on 2.5.1 and 2.6.0
+#: inductor's CPU ``scatter_add`` adds wrong values, so ToMe's logits land 14% away from
+#: eager (the CUDA one was not tried). On 2.7.1 every method compiles in float32 with
+#: inductor and with the eager backend, its logits within 1e-6 of eager PyTorch's.
+COMPILE = Feature("--runtime compile", "2.6", "use --runtime eager, or upgrade torch", worked_on="2.7")
 #: Half ``LayerNorm`` (2.2), half ``slow_conv2d`` and ``baddbmm`` (2.1) are missing on
 #: the CPU; torch 2.3.1 runs every method in half (bfloat16 runs on all).
 CPU_FLOAT16 = Feature("--dtype float16 on the CPU", "2.2", "use --dtype bfloat16 or float32, or upgrade torch",

@@ -340,7 +340,7 @@ def prepare(module: nn.Module, images: torch.Tensor, runtime: Runtime, *, label:
 def _prepare_compiled(module: nn.Module, images: torch.Tensor, label: str, options: RuntimeOptions) -> Prepared:
     """``torch.compile`` of a copy of ``module``, warmed up on ``images``, its logits checked
     against eager PyTorch's there (a compiler can be wrong in silence: inductor's CPU
-    ``scatter_add`` on torch 2.5.1 put ToMe's logits 14% away, README's "Versions")."""
+    ``scatter_add`` on torch 2.5.1 and 2.6.0 put ToMe's logits 14% away, README's "Versions")."""
     # Inductor's C++ path logs "No CUDA runtime is found" on every CPU-only machine: not
     # news to a user who profiles the CPU, and it would land in the middle of a table.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
