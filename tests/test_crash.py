@@ -14,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from conftest import FakeTools, run_in_process
+from conftest import FakeTools, needs, run_in_process, tiny_vit
 
 from pomt_cli.devices.clocks import ClockController, locked_clocks
 from pomt_cli.devices.presets import load_preset
+from pomt_cli import versions
 from pomt_cli.formats.outputs import OutputSet, write_set
+from pomt_cli.measure import runtimes
+from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, prepare
 
 
 def killed_child(body: Callable[[], object]) -> None:
@@ -139,3 +142,25 @@ def test_clocks_locked_with_pomt_clocks_lock_stay_locked_for_a_measurement(tmp_p
         assert state.mode == "already_locked"
     assert not any("reset" in call for call in tools.calls())
     assert ClockController(nvidia, "cpu").saved_state() is not None
+
+
+@needs(versions.ONNX_EXPORT)
+def test_an_onnx_cache_export_killed_outright_leaves_no_temporary_after_the_next(tmp_path):
+    options = RuntimeOptions(cache_dir=tmp_path / "onnx")
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def export_kills():
+        real_export = runtimes.export_graph
+
+        def export_graph(*args, **kwargs):
+            real_export(*args, **kwargs)
+            kill_self()
+
+        runtimes.export_graph = export_graph
+        prepare(model, images, Runtime.onnxruntime, label="none", options=options)
+
+    killed_child(export_kills)
+    assert any(n.endswith(".tmp") for n in listing(tmp_path / "onnx"))  # what the kill left
+    prepared = prepare(model, images, Runtime.onnxruntime, label="none", options=options)
+    assert not prepared.cached and listing(tmp_path / "onnx") == [prepared.path.name]
