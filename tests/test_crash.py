@@ -10,16 +10,28 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import FakeTools, needs, run_in_process
+from conftest import FakeTools, needs, run_in_process, tiny_vit
+import test_refine
+from test_refine import copy_report
 
 from pomt_cli import versions
 from pomt_cli.devices.clocks import ClockController, locked_clocks
 from pomt_cli.devices.presets import load_preset
+from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import OutputSet, write_set
+from pomt_cli.formats.report import read_report
+from pomt_cli.measure import runtimes
+from pomt_cli.pipelines import demonstration, refinement
+from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, prepare
+
+digits_report = test_refine.digits_report  # refine's fixture, for the tests of a killed refine
 
 
 def killed_child(body: Callable[[], object]) -> None:
@@ -141,3 +153,74 @@ def test_clocks_locked_with_pomt_clocks_lock_stay_locked_for_a_measurement(tmp_p
         assert state.mode == "already_locked"
     assert not any("reset" in call for call in tools.calls())
     assert ClockController(nvidia, "cpu").saved_state() is not None
+
+
+@needs(versions.ONNX_EXPORT)
+def test_an_onnx_cache_export_killed_outright_leaves_no_temporary_after_the_next(tmp_path):
+    options = RuntimeOptions(cache_dir=tmp_path / "onnx")
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def export_kills():
+        real_export = runtimes.export_graph
+
+        def export_graph(*args, **kwargs):
+            real_export(*args, **kwargs)
+            kill_self()
+
+        runtimes.export_graph = export_graph
+        prepare(model, images, Runtime.onnxruntime, label="none", options=options)
+
+    killed_child(export_kills)
+    assert any(n.endswith(".tmp") for n in listing(tmp_path / "onnx"))  # what the kill left
+    prepared = prepare(model, images, Runtime.onnxruntime, label="none", options=options)
+    assert not prepared.cached and listing(tmp_path / "onnx") == [prepared.path.name]
+
+
+def test_refine_of_a_report_without_its_plot_killed_while_writing_leaves_nothing_after_the_rerun(
+        tmp_path, digits_report, capsys):
+    report = copy_report(digits_report, tmp_path / "r")
+    report.with_suffix(".png").unlink()
+    args = ["refine", str(report), "--budget", "0.01", "--rounds", "1", "--candidates", "1", "--no-lock-clocks"]
+
+    # A fresh interpreter: a fork of this one (polars' and torch's threads started) could deadlock.
+    script = ("import os, signal, sys\n"  # killed at the first rename of the report's write
+              "from pomt_cli.cli import main\n"
+              "os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "main(sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(refinement.__file__).parents[2]), OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    threads = torch.get_num_threads()
+    assert read_report(report).refine is None and len(listing(report.parent)) > 1  # the old report; a temporary
+    code, _, err = run_in_process(args, capsys)
+    torch.set_num_threads(threads)
+    assert code == 0, err
+    assert read_report(report).refine is not None and listing(report.parent) == [report.name]
+
+
+def test_the_demo_summary_killed_while_written_leaves_nothing_at_the_next_and_a_full_disk_is_one_line(
+        tmp_path, monkeypatch):
+    path = tmp_path / "summary.md"
+
+    def write_kills():
+        real_write_text = Path.write_text
+
+        def write_text(self, *args, **kwargs):
+            real_write_text(self, *args, **kwargs)
+            kill_self()
+
+        Path.write_text = write_text
+        demonstration.write_summary(path, "# killed\n")
+
+    killed_child(write_kills)
+    assert not path.exists() and listing(tmp_path)  # a temporary
+    assert demonstration.write_summary(path, "# page\n") == path and listing(tmp_path) == ["summary.md"]
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(PomtError, match=rf"^cannot write {path} \(No space left on device\)"):
+        demonstration.write_summary(path, "# new page\n")
+    assert path.read_text() == "# page\n" and listing(tmp_path) == ["summary.md"]

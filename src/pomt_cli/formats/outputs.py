@@ -267,12 +267,16 @@ class OutputSet:
     to do) and removes it after them. The next set of the same names, once it holds the
     lock, finishes the renames of a journal it finds (the killed set lands whole) and
     removes the temporary files a killed writer left.
+
+    ``wait=True`` waits for a second process's lock instead of refusing (a cache, where
+    both would write the same file).
     """
 
-    def __init__(self, folder: str | Path, stem: str, suffixes: Sequence[str]) -> None:
+    def __init__(self, folder: str | Path, stem: str, suffixes: Sequence[str], *, wait: bool = False) -> None:
         self.folder = Path(folder)
         self.stem = stem
         self.suffixes = tuple(suffixes)
+        self.wait = wait
         self._temporaries: dict[str, Path] = {}
         self._created: list[Path] = []
         self._lock_fd: int | None = None
@@ -355,8 +359,11 @@ class OutputSet:
                 raise PomtError(f"cannot write to --output-dir {self.folder} ({exc.strerror or exc}): "
                                 "choose a writable folder") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
+                fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException as exc:
+                if not isinstance(exc, OSError):  # Ctrl-C while waiting
+                    os.close(fd)
+                    raise
                 holder = os.read(fd, 32).decode(errors="replace").strip()
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

@@ -56,7 +56,7 @@ from pomt_cli import versions
 from pomt_cli.errors import PomtError
 from pomt_cli.export import TOLERANCE, difference, export_graph, require_onnx
 from pomt_cli.models import state_dict_sha256
-from pomt_cli.formats.outputs import atomic_output
+from pomt_cli.formats.outputs import OutputSet
 from pomt_cli.pruning.geometry import forward_kept, model_name
 
 
@@ -433,12 +433,17 @@ def _prepare_onnxruntime(module: nn.Module, images: torch.Tensor, label: str, we
     with torch.inference_mode():
         out_shape = module(images[:1]).shape[1:]
     out_shape = (images.shape[0], *out_shape)
-    cached = path.is_file()
     max_rel = None
+    cached = path.is_file()
+    if not cached:
+        # The graph's lock: a second process exporting it waits, then finds it; the temporaries of
+        # an export killed outright are removed.
+        with OutputSet(folder, path.stem, (path.suffix[1:],), wait=True) as files:
+            cached = path.is_file()
+            if not cached:
+                max_rel, session = _export_checked(module, images, files, out_shape, providers, label, options)
     if cached:
         session = _session(path, providers, images.device)
-    else:
-        max_rel, session = _export_checked(module, images, path, out_shape, providers, label, options)
     forward, keep = _bound_call(session, images, out_shape)
     forward()  # the first run allocates and picks kernels: not part of any timing
     return Prepared(forward, Runtime.onnxruntime, setup_s=time.perf_counter() - began,
@@ -446,31 +451,34 @@ def _prepare_onnxruntime(module: nn.Module, images: torch.Tensor, label: str, we
                     _keep=keep)
 
 
-def _export_checked(module: nn.Module, images: torch.Tensor, path: Path, out_shape: Sequence[int],
+def _export_checked(module: nn.Module, images: torch.Tensor, files: OutputSet, out_shape: Sequence[int],
                     providers: tuple[str, ...], label: str, options: RuntimeOptions) -> tuple[float, Any]:
-    """Export ``module`` to ``path`` (atomically) once it is checked; its difference to PyTorch, its session.
+    """Export ``module`` into ``files`` (its one graph) and commit it once it is checked; its difference to PyTorch,
+    its session.
 
     The TorchScript tracer is tried first and the dynamo exporter if the tracer fails or
-    its graph differs from PyTorch; nothing is left at ``path`` when both fail.
+    its graph differs from PyTorch; nothing is committed when both fail.
     """
     inner = module.model if isinstance(module, KeptTokens) else module
     what = f"{model_name(inner)} {label}".strip()
     last = EXPORTERS[-1]
     for exporter in EXPORTERS[:-1]:
         with contextlib.suppress(PomtError):
-            return _export_once(module, images, path, out_shape, providers, what, exporter, options)
-    return _export_once(module, images, path, out_shape, providers, what, last, options)
+            return _export_once(module, images, files, out_shape, providers, what, exporter, options)
+    return _export_once(module, images, files, out_shape, providers, what, last, options)
 
 
-def _export_once(module: nn.Module, images: torch.Tensor, path: Path, out_shape: Sequence[int],
+def _export_once(module: nn.Module, images: torch.Tensor, files: OutputSet, out_shape: Sequence[int],
                  providers: tuple[str, ...], what: str, exporter: str, options: RuntimeOptions) -> tuple[float, Any]:
-    """One exporter's try: the graph at ``path``, its checked difference and session; or PomtError, no file."""
+    """One exporter's try: the graph committed in ``files``, its checked difference and session; or PomtError."""
     global exports_done
-    with atomic_output(path) as tmp:
-        with torch.no_grad():
-            export_graph(module, images, tmp, opset=options.opset, what=what, dynamo=exporter == "dynamo")
-        session = _session(tmp, providers, images.device)
-        max_rel = _check(module, session, images, out_shape, options)
+    (suffix,) = files.suffixes
+    tmp = files.temporary(suffix)
+    with torch.no_grad():
+        export_graph(module, images, tmp, opset=options.opset, what=what, dynamo=exporter == "dynamo")
+    session = _session(tmp, providers, images.device)
+    max_rel = _check(module, session, images, out_shape, options)
+    files.commit()
     exports_done += 1
     return max_rel, session
 

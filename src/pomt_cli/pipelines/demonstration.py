@@ -17,7 +17,7 @@ from pomt_cli import digits
 from pomt_cli.accuracy.evaluate import EstimateConfig
 from pomt_cli.devices.presets import default_preset_name, load_preset
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.outputs import atomic_write_text, check_output_dir
+from pomt_cli.formats.outputs import OutputSet, check_output_dir
 from pomt_cli.formats.report import Report
 from pomt_cli.options import TokenRange
 from pomt_cli.pipelines.accuracy import AccuracyResult, AccuracySettings, estimate_accuracy
@@ -101,6 +101,17 @@ def _clear_demo_summary(folder: Path) -> Path:
     return path
 
 
+def write_summary(path: Path, page: str) -> Path:
+    """Write the summary ``page`` to ``path`` as a set of one file (the temporaries of a killed demo go).
+
+    Raises:
+        PomtError: it cannot be written (a full disk...); ``path`` is left as it was.
+    """
+    with OutputSet(path.parent, path.stem, (path.suffix[1:],)) as files:
+        files.write(path.suffix[1:], lambda tmp: tmp.write_text(page, encoding="utf-8"))
+        return files.commit()[path.suffix[1:]]
+
+
 def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:
     """Profile, estimate accuracy, choose R, refine it and bench on the bundled digits model; write a summary.
 
@@ -174,7 +185,7 @@ def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:
     files = {"latency": latency.profile, "latency_plot": latency.plot, "accuracy": accuracy.profile,
              "accuracy_plot": accuracy.plot, "report": chosen.report, "report_plot": chosen.plot,
              "bench": benched.parquet}
-    summary = atomic_write_text(summary_path, summary_page(files, folder, device, time.perf_counter() - began))
+    summary = write_summary(summary_path, summary_page(files, folder, device, time.perf_counter() - began))
     return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, refined=refined, benched=benched,
                       summary=summary,
                       elapsed_s=time.perf_counter() - began)

@@ -187,13 +187,16 @@ def refine(settings: RefineSettings, reporter: Reporter = SILENT) -> RefineResul
         "format_version": REPORT_FORMAT_VERSION, "choices": choices, "R": first.R, "tokens": first.tokens,
         "batch_size": first.batch_size, "layer": first.layer, "notes": notes, "refine": record})
     plot = path.with_suffix(".png") if path.suffix == ".json" else None
-    if plot is not None and plot.is_file():
-        with OutputSet(path.parent, path.stem, ("json", "png")) as files:
-            files.write("json", lambda tmp: write_report(refined, tmp))
-            files.write("png", lambda tmp: plot_selection(selection.curves, refined, tmp, title=plot_title(refined)))
+    if plot is not None and not plot.is_file():
+        plot = None
+    if path.suffix:  # as one set, under the names' lock: the next run removes what a kill left
+        with OutputSet(path.parent, path.stem, ("json", "png") if plot else (path.suffix[1:],)) as files:
+            files.write(path.suffix[1:], lambda tmp: write_report(refined, tmp))
+            if plot is not None:
+                files.write("png", lambda tmp: plot_selection(selection.curves, refined, tmp,
+                                                              title=plot_title(refined)))
             files.commit()
     else:
-        plot = None
         try:
             write_report(refined, path)
         except OSError as exc:
