@@ -39,6 +39,9 @@ def killed_child(body: Callable[[], object]) -> None:
     pid = os.fork()
     if pid == 0:
         try:
+            # The parent's OpenMP threads do not exist in a forked child: a parallel region there
+            # waits for them for ever (libgomp), so the child computes on its own thread.
+            torch.set_num_threads(1)
             body()
         finally:
             os._exit(0)  # body returned or raised: not the kill the test wanted
