@@ -439,3 +439,32 @@ def test_pretrained_weights_that_cannot_be_loaded_are_one_line_cut_at_a_word(mon
     assert len(kept) <= 160 and ("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't "
                                  "find them in the cached files. Check your internet connection or see how to run "
                                  "the library").startswith(kept)
+
+
+def test_a_collective_s_tensor_outlives_the_process_group(monkeypatch):
+    """Gloo's worker thread must never drop the last reference to a collective's tensor
+    while the group's destructor holds the GIL (rank 1 hung at exit on torch 2.1 to 2.7):
+    the tensor is held until the group is destroyed, and let go after."""
+    import gc
+    import weakref
+
+    from pomt_cli.accuracy import distributed
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: seen.setdefault("backend", backend))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    with distributed.processes("cpu") as procs:
+        tensor = procs.hold(torch.zeros(3))
+        alive = weakref.ref(tensor)
+        del tensor
+        gc.collect()
+
+        def destroy():
+            seen["held at destroy"] = alive() is not None
+
+        monkeypatch.setattr(distributed.dist, "destroy_process_group", destroy)
+    gc.collect()
+    assert seen == {"backend": "gloo", "held at destroy": True}
+    assert alive() is None

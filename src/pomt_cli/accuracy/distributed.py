@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,10 +21,22 @@ class Processes:
     rank: int
     world_size: int
     device: torch.device
+    _held: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def hold(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Keep ``tensor``, given to a collective, alive until the process group is destroyed.
+
+        Gloo's worker thread may drop its reference to a finished collective's tensor after
+        the caller has moved on; were that the last one, it would need the GIL, which the
+        group's destructor holds while it joins that thread: rank 1 then hung for ever at
+        exit (torch 2.1 to 2.7; torch released the GIL there from 2.8, pytorch#154976).
+        """
+        self._held.append(tensor)
+        return tensor
 
 
 def _resolve_device(spec: str, local_rank: int, world_size: int) -> torch.device:
@@ -58,10 +70,12 @@ def processes(device: str = "auto") -> Iterator[Processes]:
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+    procs = Processes(rank=rank, world_size=world_size, device=torch_device)
     try:
-        yield Processes(rank=rank, world_size=world_size, device=torch_device)
+        yield procs
     finally:
         dist.destroy_process_group()
+        procs._held.clear()  # the group's threads are gone: the last references are ours
 
 
 def gather(procs: Processes, obj: object) -> list:

@@ -228,7 +228,7 @@ def run_estimate(
     hits = torch.cat([h for h, _ in curves])
     block_tokens = [per_n for _, per_curve in curves for per_n in per_curve]
     if procs.world_size > 1:
-        dist.all_reduce(hits, op=dist.ReduceOp.SUM)
+        dist.all_reduce(procs.hold(hits), op=dist.ReduceOp.SUM)
     top1, top5 = hits.cpu().unbind(dim=1)
     evaluate_s = time.perf_counter() - began
 
