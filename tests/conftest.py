@@ -236,3 +236,15 @@ def sigint_default() -> None:
     """``preexec_fn`` for a child that must see Ctrl-C: a shell's background job starts with
     SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def fake_tools(tmp_path, monkeypatch) -> FakeTools:
+    """Fake tools on PATH for this process; root is assumed (os.geteuid patched to 0)."""
+    tools = FakeTools(tmp_path)
+    for key, value in tools.env().items():
+        if key in ("PATH", "FAKE_LOG", "POMT_STATE_DIR"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    return tools

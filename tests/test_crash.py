@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FakeTools, needs, run_in_process, tiny_vit
+from conftest import needs, run_in_process, tiny_vit
 import test_refine
 from test_refine import copy_report
 
@@ -120,13 +120,8 @@ def test_a_full_disk_in_onnx_export_is_named_as_the_write_that_failed(tmp_path, 
     assert listing(tmp_path) == []
 
 
-def test_clocks_left_locked_by_a_killed_measurement_are_taken_over_and_restored(tmp_path, monkeypatch):
-    tools = FakeTools(tmp_path)
-    for key, value in tools.env().items():
-        if key in ("PATH", "FAKE_LOG", "POMT_STATE_DIR"):
-            monkeypatch.setenv(key, value)
-    monkeypatch.delenv("FAKE_FAIL", raising=False)
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
+def test_clocks_left_locked_by_a_killed_measurement_are_taken_over_and_restored(fake_tools):
+    tools = fake_tools
     nvidia = load_preset("nvidia")
     ctl = ClockController(nvidia, "cpu")
 
@@ -144,12 +139,8 @@ def test_clocks_left_locked_by_a_killed_measurement_are_taken_over_and_restored(
     assert ctl.saved_state() is None
 
 
-def test_clocks_locked_with_pomt_clocks_lock_stay_locked_for_a_measurement(tmp_path, monkeypatch):
-    tools = FakeTools(tmp_path)
-    for key, value in tools.env().items():
-        if key in ("PATH", "FAKE_LOG", "POMT_STATE_DIR"):
-            monkeypatch.setenv(key, value)
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
+def test_clocks_locked_with_pomt_clocks_lock_stay_locked_for_a_measurement(fake_tools):
+    tools = fake_tools
     nvidia = load_preset("nvidia")
     ClockController(nvidia, "cpu", measuring=False).lock()
     with locked_clocks(nvidia, torch_device="cpu") as state:

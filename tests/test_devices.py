@@ -27,18 +27,6 @@ from pomt_cli.errors import PomtError
 PRESETS = {"a100", "cpu", "h100", "nvidia", "orin", "tx2", "xavier"}
 
 @pytest.fixture
-def fake_tools(tmp_path, monkeypatch) -> FakeTools:
-    """Fake tools on PATH for this process; root is assumed (os.geteuid patched to 0)."""
-    tools = FakeTools(tmp_path)
-    for key, value in tools.env().items():
-        if key in ("PATH", "FAKE_LOG", "POMT_STATE_DIR"):
-            monkeypatch.setenv(key, value)
-    monkeypatch.delenv("FAKE_FAIL", raising=False)
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    return tools
-
-
-@pytest.fixture
 def orin(tmp_path):
     """The bundled orin preset (root needed), on a machine that passes for a Jetson: its requires_path in tmp_path."""
     return load_preset(str(jetson_preset(tmp_path, "orin", needs_root=True)))
