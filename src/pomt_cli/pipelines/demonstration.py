@@ -17,7 +17,7 @@ from pomt_cli import digits
 from pomt_cli.accuracy.evaluate import EstimateConfig
 from pomt_cli.devices.presets import default_preset_name, load_preset
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.outputs import OutputSet, check_output_dir
+from pomt_cli.formats.outputs import check_output_dir, write_set
 from pomt_cli.formats.report import Report
 from pomt_cli.options import TokenRange
 from pomt_cli.pipelines.accuracy import AccuracyResult, AccuracySettings, estimate_accuracy
@@ -107,9 +107,8 @@ def write_summary(path: Path, page: str) -> Path:
     Raises:
         PomtError: it cannot be written (a full disk...); ``path`` is left as it was.
     """
-    with OutputSet(path.parent, path.stem, (path.suffix[1:],)) as files:
-        files.write(path.suffix[1:], lambda tmp: tmp.write_text(page, encoding="utf-8"))
-        return files.commit()[path.suffix[1:]]
+    suffix = path.suffix[1:]
+    return write_set(path.parent, path.stem, {suffix: lambda tmp: tmp.write_text(page, encoding="utf-8")})[suffix]
 
 
 def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:

@@ -15,7 +15,7 @@ from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import MethodSetting
 from pomt_cli.formats.latency import read_latency
-from pomt_cli.formats.outputs import OutputSet, check_output_dir, write_error
+from pomt_cli.formats.outputs import check_output_dir, write_error, write_set
 from pomt_cli.formats.report import (
     REPORT_FORMAT_VERSION,
     Choice,
@@ -190,12 +190,10 @@ def refine(settings: RefineSettings, reporter: Reporter = SILENT) -> RefineResul
     if plot is not None and not plot.is_file():
         plot = None
     if path.suffix:  # as one set, under the names' lock: the next run removes what a kill left
-        with OutputSet(path.parent, path.stem, ("json", "png") if plot else (path.suffix[1:],)) as files:
-            files.write(path.suffix[1:], lambda tmp: write_report(refined, tmp))
-            if plot is not None:
-                files.write("png", lambda tmp: plot_selection(selection.curves, refined, tmp,
-                                                              title=plot_title(refined)))
-            files.commit()
+        writers = {path.suffix[1:]: lambda tmp: write_report(refined, tmp)}
+        if plot is not None:
+            writers["png"] = lambda tmp: plot_selection(selection.curves, refined, tmp, title=plot_title(refined))
+        write_set(path.parent, path.stem, writers)
     else:
         try:
             write_report(refined, path)
