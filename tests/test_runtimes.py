@@ -176,6 +176,28 @@ def test_unsupported_combinations_are_refused_in_one_line(runtime, dtype, messag
         runtimes.check_runtime(runtime, device="cpu", dtype=dtype, options=options)
 
 
+@pytest.mark.parametrize("available, expected", [
+    (["CPUExecutionProvider"], None),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], ("CUDAExecutionProvider", "CPUExecutionProvider")),
+    (["CPUExecutionProvider", "TensorrtExecutionProvider", "CUDAExecutionProvider"],
+     ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")),
+])
+def test_a_cuda_device_needs_a_gpu_provider(monkeypatch, available, expected):
+    # Seen on an H200: a CPU-only onnxruntime on a CUDA device reached the I/O binding of CUDA
+    # tensors and died there with a traceback. It must be refused in one line before anything runs.
+    monkeypatch.setattr(runtimes, "available_providers", lambda: list(available))
+    if expected is None:
+        message = "this onnxruntime has no GPU provider (available: CPUExecutionProvider); install onnxruntime-gpu"
+        for call in (lambda: runtimes.resolve_providers(None, "cuda"),
+                     lambda: runtimes.check_runtime(Runtime.onnxruntime, device="cuda")):
+            with pytest.raises(PomtError, match=re.escape(message)) as e:
+                call()
+            assert "\n" not in str(e.value)
+    else:
+        assert runtimes.resolve_providers(None, "cuda") == expected
+    assert runtimes.resolve_providers(None, "cpu") == ("CPUExecutionProvider",)
+
+
 @needs(versions.ONNX_EXPORT)
 def test_provider_names_and_runtime_info():
     assert runtimes.resolve_providers(None, "cpu") == ("CPUExecutionProvider",)

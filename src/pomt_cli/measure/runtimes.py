@@ -206,8 +206,9 @@ def resolve_providers(requested: Sequence[str] | None, device: torch.device | st
     other device the CPU only (the input lives in host memory).
 
     Raises:
-        PomtError: a provider not available here (the message lists those that are), or
-            a GPU provider without a CUDA device.
+        PomtError: a provider not available here (the message lists those that are), a
+            GPU provider without a CUDA device, or a CUDA device with no GPU provider (a
+            CPU-only onnxruntime).
     """
     device = torch.device(device)
     available = available_providers()
@@ -215,6 +216,11 @@ def resolve_providers(requested: Sequence[str] | None, device: torch.device | st
         usable = [p for p in available if p not in REMOTE_PROVIDERS]
         if device.type != "cuda":
             return ("CPUExecutionProvider",)
+        if not any(p in GPU_PROVIDERS for p in usable):
+            # The input and output live in GPU memory: a CPU session cannot bind them, and
+            # timing the CPU would not measure the GPU the user asked for.
+            raise PomtError(f"--runtime onnxruntime on {device}: this onnxruntime has no GPU provider (available: "
+                            f"{', '.join(available)}); install onnxruntime-gpu, or use --device cpu")
         return tuple(sorted(usable, key=lambda p: GPU_PROVIDERS.index(p) if p in GPU_PROVIDERS else len(GPU_PROVIDERS)))
     names = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
     if not names:
