@@ -168,15 +168,15 @@ def write_extras(folder: Path, work: Path) -> dict:
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def last_line(*logs: Path) -> str:
-    """The last meaningful line of the most recently written of ``logs``: an exception, pomt's
-    one-line error, or where a cut-short command was."""
+def last_line(*logs: Path) -> tuple[str, Path | None]:
+    """The last meaningful line of the most recently written of ``logs`` (an exception, pomt's
+    one-line error, or where a cut-short command was), and that log."""
     for log in sorted((p for p in logs if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True):
         for line in reversed(log.read_text(errors="replace").splitlines()):
             line = ANSI.sub("", line).strip()
             if any(c.isalnum() for c in line):
-                return line[:300]
-    return "(nothing in its logs)"
+                return line[:300], log
+    return "(nothing in its logs)", None
 
 
 class SectionWriter:
@@ -368,7 +368,7 @@ def run_command(out: SectionWriter, args: list[str], log: Path) -> int:
     out.put("exit_code", code)
     out.put("wall_s", round(wall, 1))
     if code != 0:
-        out.put("error", last_line(log))
+        out.put("error", last_line(log)[0])
     return code
 
 
@@ -393,7 +393,7 @@ def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
             files = sorted(target.glob("latency_*.parquet"))
             if code != 0 or not files:
                 out.append("profiles", {"name": name, "run": run, "exit_code": code, "wall_s": round(wall, 1),
-                                        "error": last_line(log) if code else "no profile written"})
+                                        "error": last_line(log)[0] if code else "no profile written"})
                 break
             frame, meta = read_latency_profile(files[0])
             kept = out.path.parent.parent / files[0].relative_to(folder)
@@ -773,8 +773,8 @@ def markdown(report: dict) -> str:
     info = env.get("info", {})
     lines = [f"# pomt GPU report ({info.get('date', '')[:10]})", "",
              f"`{report['command']}`", "",
-             f"{info.get('gpu', 'no GPU')}; torch {info.get('torch')}, CUDA {info.get('cuda')}, timm "
-             f"{info.get('timm')}, Triton {info.get('triton')}, pomt {info.get('pomt')}, Python "
+             f"{info.get('gpu', 'no GPU')}; torch {info.get('torch')}, CUDA {info.get('cuda') or 'none'}, timm "
+             f"{info.get('timm')}, Triton {info.get('triton') or 'not installed'}, pomt {info.get('pomt')}, Python "
              f"{info.get('python')}. Clocks were not "
              "changed; as read before and after:", ""]
     for when in ("before", "after"):
@@ -868,8 +868,9 @@ def run_section(name: str, args, work: Path) -> dict:
         results = {}
     section = {"status": status, "seconds": round(time.perf_counter() - began, 1), "limit_s": limit}
     if status != "complete":
-        section["last_line"] = last_line(log, *work.glob(f"{name}-command*.log"))
-        section["log"] = f"logs/{name}.log in {EXTRAS}"
+        line, source = last_line(log, *work.glob(f"{name}-command*.log"))
+        section["last_line"] = line
+        section["log"] = f"{(source or log).relative_to(work)} in {EXTRAS}"
     return {**section, "results": results}
 
 
