@@ -3,12 +3,32 @@
     python scripts/gpu_report.py --output-dir runs/gpu           # one CUDA GPU, about 5 minutes
     python scripts/gpu_report.py --output-dir runs/smoke --smoke # the same code paths on the CPU, tiny models
 
-Writes ``DIR/report.json`` (one key per section) and ``DIR/report.md``, again after every
-section, so that a run cut short still reports what it measured. Each section runs in a
-child process with its own time limit (``--limit SECTION=SECONDS``); a section that
-overruns is stopped, and what it had measured stays in the report, marked as cut short.
+``DIR`` holds exactly three files, so that a tool that brings back at most 8 files of
+16 MiB each, none deeper than ``DIR/a/b/file``, brings back all of it:
+
+- ``report.md`` and ``report.json`` (one key per section; ``extras`` lists the archive);
+- ``extras.tar.gz``: what the sections wrote, paths relative to the work folder:
+  ``sections/NAME.json`` (each section's results as it measured them), ``logs/NAME.log``
+  (each section's output), ``NAME-command*.log`` (the pomt commands' output), the
+  profiles' and benches' parquet, CSV and plots. Not kept: ``cache/`` (the ONNX graphs
+  that the runtimes section exports; remade by running it). Files go in that order
+  while their total stays under 15 MiB, so the archive stays under 16 MiB; any file
+  beyond is left out and named in ``report.json``'s ``extras.dropped`` and in
+  ``report.md``.
+
+All three are rewritten atomically after every section, so that a run cut short still
+brings back what it measured. The sections work in ``--work-dir`` (default: a temporary
+folder, removed at the end), never under ``DIR``. Each section runs in a child process
+with its own time limit (``--limit SECTION=SECONDS``); a section that overruns is
+stopped, and what it had measured stays in the report, marked as cut short. A section
+that fails or is cut short shows its status and the last meaningful line of its logs
+(the exception, or pomt's one-line error); a pomt command that exits with an error
+inside a section is that section's result (its exit code and its error line).
 The clocks are never changed: they are read (nvidia-smi, read-only queries) before and
 after, and every command runs with ``--no-lock-clocks``.
+
+For the test of that path only: with ``POMT_GPU_REPORT_FAIL=SECTION`` in the
+environment, that section's child raises at its start.
 
 Sections:
 - core: the pruning core against the unpatched model and each method's ideal
@@ -44,9 +64,11 @@ import importlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +77,7 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
-from pomt_cli.formats.outputs import atomic_write_text  # noqa: E402
+from pomt_cli.formats.outputs import atomic_output, atomic_write_text  # noqa: E402
 
 SECTIONS = ("core", "profile", "engine", "bench", "accuracy", "runtimes")
 LIMITS_S = {"core": 150, "profile": 240, "engine": 45, "bench": 60, "accuracy": 60, "runtimes": 60}
@@ -117,8 +139,55 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
+EXTRAS = "extras.tar.gz"
+EXTRAS_BUDGET = 15 * 2**20  # bytes of files in the archive: with tar's headers and gzip, under 16 MiB
+EXTRAS_ORDER = ("sections/*.json", "logs/*.log", "*-command*.log", "**/*.parquet", "**/*.csv", "**/*")
+EXTRAS_SKIP = ("cache",)  # the ONNX graphs of the runtimes section: large, and remade by running it
+
+
+def write_extras(folder: Path, work: Path) -> dict:
+    """Archive the work folder's files worth keeping as ``folder/extras.tar.gz`` (atomically).
+
+    Files are taken in the order of ``EXTRAS_ORDER`` while their total stays within
+    ``EXTRAS_BUDGET``; the rest are returned as ``dropped``, with their sizes.
+    """
+    chosen: dict[Path, int] = {}
+    dropped: list[dict] = []
+    total = 0
+    for pattern in EXTRAS_ORDER:
+        for path in sorted(work.glob(pattern)):
+            rel = path.relative_to(work)
+            if (path in chosen or not path.is_file() or rel.parts[0] in EXTRAS_SKIP
+                    or path.is_relative_to(folder) or any(d["file"] == str(rel) for d in dropped)):
+                continue
+            size = path.stat().st_size
+            if total + size > EXTRAS_BUDGET:
+                dropped.append({"file": str(rel), "bytes": size})
+                continue
+            chosen[path] = size
+            total += size
+    with atomic_output(folder / EXTRAS) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for path in chosen:
+            tar.add(path, arcname=str(path.relative_to(work)), recursive=False)
+    return {"file": EXTRAS, "files": len(chosen), "bytes": (folder / EXTRAS).stat().st_size, "dropped": dropped}
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def last_line(*logs: Path) -> tuple[str, Path | None]:
+    """The last meaningful line of the most recently written of ``logs`` (an exception, pomt's
+    one-line error, or where a cut-short command was), and that log."""
+    for log in sorted((p for p in logs if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True):
+        for line in reversed(log.read_text(errors="replace").splitlines()):
+            line = ANSI.sub("", line).strip()
+            if any(c.isalnum() for c in line):
+                return line[:300], log
+    return "(nothing in its logs)", None
+
+
 class SectionWriter:
-    """A child's results, written to ``DIR/sections/NAME.json`` after every item."""
+    """A child's results, written to ``WORK/sections/NAME.json`` after every item."""
 
     def __init__(self, folder: Path, name: str) -> None:
         self.path = folder / "sections" / f"{name}.json"
@@ -275,7 +344,13 @@ def quiet(log: Path):
 
 
 def run_cli(args: list[str], log: Path) -> tuple[int, float]:
-    """``pomt ARGS`` in this process; (exit code, wall seconds)."""
+    """``pomt ARGS`` in this process; (exit code, wall seconds).
+
+    An exception that escapes pomt (a bug, not a refusal) is logged with its traceback and
+    counts as exit code 1, so that the section records it and goes on.
+    """
+    import traceback
+
     from pomt_cli.cli import main
 
     began = time.perf_counter()
@@ -286,7 +361,22 @@ def run_cli(args: list[str], log: Path) -> tuple[int, float]:
             main(args)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            code = 1
     return code, time.perf_counter() - began
+
+
+def run_command(out: SectionWriter, args: list[str], log: Path) -> int:
+    """``pomt ARGS`` as a section's result: its command, exit code, wall time and, when it
+    fails, its last line (pomt's one-line error, or the exception)."""
+    out.put("command", "pomt " + " ".join(args))
+    code, wall = run_cli(args, log)
+    out.put("exit_code", code)
+    out.put("wall_s", round(wall, 1))
+    if code != 0:
+        out.put("error", last_line(log)[0])
+    return code
 
 
 def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
@@ -309,14 +399,10 @@ def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
             code, wall = run_cli(args, log)
             files = sorted(target.glob("latency_*.parquet"))
             if code != 0 or not files:
-                out.append("profiles", {"name": name, "run": run, "exit_code": code, "wall_s": round(wall, 1)})
+                out.append("profiles", {"name": name, "run": run, "exit_code": code, "wall_s": round(wall, 1),
+                                        "error": last_line(log)[0] if code else "no profile written"})
                 break
             frame, meta = read_latency_profile(files[0])
-            kept = out.path.parent.parent / files[0].relative_to(folder)
-            if kept != files[0]:
-                # With --work-dir elsewhere, the profile itself still comes back with the report.
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(files[0], kept)
             steps = find_steps(frame, top=8)
             runs.append(frame)
             counts = dict(frame.group_by("status").len().iter_rows())
@@ -446,11 +532,8 @@ def section_bench(cfg: dict, out: SectionWriter, folder: Path) -> None:
     args = ["bench", "--device", cfg["preset"], "--no-lock-clocks", "--model", cfg["bench_model"],
             "--method", "none", "--method", "pomt", "--method", "tome", "--method", "topk",
             "--output-dir", str(target), *cfg["bench_args"]]
-    code, wall = run_cli(args, folder / "bench-command.log")
-    files = sorted(target.glob("bench_*.parquet"))
-    out.put("command", "pomt " + " ".join(args))
-    out.put("exit_code", code)
-    out.put("wall_s", round(wall, 1))
+    code = run_command(out, args, folder / "bench-command.log")
+    files = sorted(target.glob("bench_*.parquet")) if code == 0 else []
     if files:
         frame, _ = read_bench(files[0])
         keep = ["batch_size", "setting", "tokens_out", "latency_ms", "p10_ms", "p90_ms", "samples", "status",
@@ -465,16 +548,10 @@ def section_runtimes(cfg: dict, out: SectionWriter, folder: Path) -> None:
     target = folder / "runtimes"
     args = ["bench", "--device", cfg["preset"], "--no-lock-clocks", "--model", cfg["runtimes_model"],
             "--output-dir", str(target), *cfg["runtimes_args"]]
-    # Each section is a child process of its own: the exported graphs go to the report's folder.
+    # Each section is a child process of its own: the exported graphs go to the work folder.
     os.environ["POMT_CACHE_DIR"] = str(folder / "cache")
-    code, wall = run_cli(args, folder / "runtimes-command.log")
-    files = sorted(target.glob("bench_*.parquet"))
-    out.put("command", "pomt " + " ".join(args))
-    out.put("exit_code", code)
-    out.put("wall_s", round(wall, 1))
-    if code != 0:
-        log = (folder / "runtimes-command.log").read_text(errors="replace").strip().splitlines()
-        out.put("error", log[-1] if log else "")
+    code = run_command(out, args, folder / "runtimes-command.log")
+    files = sorted(target.glob("bench_*.parquet")) if code == 0 else []
     if files:
         frame, meta = read_bench(files[0])
         out.put("providers", {r: (info or {}).get("providers") for r, info in meta.runtimes_info.items()})
@@ -528,7 +605,169 @@ RUNNERS = {"core": section_core, "profile": section_profile, "engine": section_e
 # --- the report --------------------------------------------------------------------------------------
 
 def fmt(value, pattern: str = "{:.3f}") -> str:
-    return "" if value is None else pattern.format(value)
+    """A figure for a table cell; ``n/a`` where it was not measured."""
+    return "n/a" if value is None else pattern.format(value)
+
+
+def command_line(res: dict) -> list[str]:
+    """A pomt command run by a section, how it ended and, if it failed, its last line."""
+    if "command" not in res:
+        return []
+    code = res.get("exit_code")
+    if code is None:
+        ended = "did not finish"
+    elif code == 0:
+        ended = f"exit code 0, {res.get('wall_s')} s"
+    else:
+        ended = f"{'refused' if code == 2 else 'failed'} with exit code {code} after {res.get('wall_s')} s"
+    lines = [f"`{res['command']}` ({ended})", ""]
+    if res.get("error"):
+        lines += [f"> {res['error']}", ""]
+    return lines
+
+
+def md_core(core: dict) -> list[str]:
+    lines = ["Each variant's median ms; in brackets the ratio to the unpatched model and to "
+             "its ideal. `pomt` is the default block (in float16/bfloat16 on CUDA: fused attention and a Triton "
+             "kernel for the attention received); `pomt(lean)` and `pomt(explicit)` force its other two ways of "
+             "scoring: log-probabilities from fused attention by a chunked matrix product, or the full softmax "
+             "matrix (the paper's way).", ""]
+    for s in core.get("scores", []):
+        product = (f"chunked product {s['product_max_rel_error']:.2e} (same order: {s['product_same_order']}), "
+                   if "product_max_rel_error" in s else "")
+        lines.append(f"- scores, {s['dtype']} (log-sum-exp from: {s['fused_lse_kernel']}; received attention "
+                     f"by: {s.get('received_kernel', 'no such kernel')}): max rel. error of the lean block "
+                     f"{s['lean_max_rel_error']:.2e} (same order: {s['lean_same_order']}), {product}explicit "
+                     f"{s['explicit_max_rel_error']:.2e} (same order: {s['explicit_same_order']})")
+    for where, state in core.get("received_kernel", {}).items():
+        lines.append(f"- the attention received, {where}, by the default block: {state}")
+    tables = core.get("tables", [])
+    if not tables:
+        return lines + ["", "No table was timed."]
+    names = list(dict.fromkeys(n for t in tables for n in t["variants"]))
+    lines += ["", "| batch, dtype, mode | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for t in tables:
+        cells = []
+        for n in names:
+            v = t["variants"].get(n, {})
+            if not v.get("ms"):
+                cells.append(v.get("status") or "n/a")
+                continue
+            ratios = [fmt(v.get("vs_none"))] + ([fmt(v["vs_ideal"])] if v.get("vs_ideal") else [])
+            cells.append(fmt(v["ms"]) + (f" ({', '.join(ratios)})" if n != "none" else ""))
+        lines.append(f"| {t['batch']}, {t['dtype']}, {t['mode']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def md_profile(prof: dict) -> list[str]:
+    lines = ["| profile | run | wall s | measuring s | points | statuses | largest steps |",
+             "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+    failures = []
+    for p in prof.get("profiles", []):
+        if "points" not in p:
+            lines.append(f"| {p['name']} | {p['run']} | {p['wall_s']} | n/a | n/a | exit code {p['exit_code']} | "
+                         "n/a |")
+            failures.append(f"- {p['name']} run {p['run']}: {p.get('error') or 'no profile written'}")
+            continue
+        steps = ", ".join(f"b{s['batch_size']} {s['from_tokens']}\u2192{s['to_tokens']} \u2212{s['drop_pct']:.1f}%"
+                          for s in p.get("steps", [])[:6]) or "none"
+        lines.append(f"| {p['name']} | {p['run']} | {p['wall_s']} | {p['measuring_s']} | {p['points']} | "
+                     f"{p['status_counts']} | {steps} |")
+    lines += [""] + failures + ([""] if failures else [])
+    if prof.get("agreement"):
+        lines += ["| profile | batch | points | median \\|L1\u2212L2\\|/L2 | p90 | max |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for a in prof["agreement"]:
+            lines.append(f"| {a['name']} | {a['batch_size']} | {a['points']} | {a['median_pct']}% | {a['p90_pct']}% | "
+                         f"{a['max_pct']}% |")
+    else:
+        lines.append("No two runs of a profile to compare.")
+    for p in prof.get("profiles", []):
+        for w in p.get("watched", []):
+            lines.append(f"- {p['name']} run {p['run']}, batch {w['batch_size']}: n {w['from']}\u2192{w['to']}: "
+                         f"{w['from_ms']} \u2192 {w['to_ms']} ms ({w['change_pct']:+.2f}%)")
+    return lines
+
+
+def md_engine(engine: dict) -> list[str]:
+    if not engine.get("runs"):
+        return ["No run was traced."]
+    lines = ["Where the time of a profile goes, on a grid of "
+             f"{len(engine['settings']['grid'])} points with the default settings: the timed calls, the "
+             "warm-up calls (and CUDA-graph captures), the host's work inside a visit (patching, the "
+             "pooled statistics) and between visits; calls per point, warm-up included; the spread of a "
+             "point's samples (p90/p10, coefficient of variation); how much slower a visit's first timed "
+             "call is than its others.", "",
+             "| run | points | visits | wall s | timed | warm-up | host in | between | calls/point | "
+             "p90/p10 | CV | first call |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in engine["runs"]:
+        m = r["summary"]
+        lines.append(f"| {r['name']} | {r['points']} | {m['visits']} | {m['wall_s']} | {m['timed_s']} | "
+                     f"{m['warmup_s']} | {m['host_in_visits_s']} | {m['outside_visits_s']} | "
+                     f"{fmt(m['calls_per_point_median'], '{:.0f}')} (max {fmt(m['calls_per_point_max'], '{}')}) | "
+                     f"{fmt(m['spread_p90_p10_median'], '{:.3f}')} | {fmt(m['cv_median'], '{:.2%}')} | "
+                     f"{fmt(m['first_call_vs_rest_median'], '{:+.1%}')} |")
+    return lines
+
+
+def md_bench(bench: dict) -> list[str]:
+    lines = command_line(bench)
+    if bench.get("rows"):
+        lines += ["| batch | method | tokens out | median ms | p10-p90 ms | vs none |",
+                  "| ---: | --- | ---: | ---: | --- | ---: |"]
+        for r in bench["rows"]:
+            lines.append(f"| {r['batch_size']} | {r['setting']} | {fmt(r['tokens_out'], '{}')} | "
+                         f"{fmt(r['latency_ms']) if r['latency_ms'] is not None else r['status']} | "
+                         f"{fmt(r['p10_ms'])}-{fmt(r['p90_ms'])} | {fmt(r['latency_change_pct'], '{:+.1f}%')} |")
+    return lines
+
+
+def md_accuracy(acc: dict) -> list[str]:
+    made = acc.get("images_written", {})
+    written = (f"{made.get('images')} generated JPEGs of {'x'.join(str(v) for v in made.get('size', []))} px "
+               f"(written in {made.get('seconds')} s)") if made else "no images written"
+    r = acc.get("result")
+    if not r:
+        return [f"{written}; nothing evaluated."]
+    return [f"{acc['settings']['model']}, {r['images']} of {written}, batch {acc['settings']['batch_size']}, "
+            f"{r['grid_points']} grid points: decoded in {r['decode_s']} s ({r['images_decoded_per_s']} images/s), "
+            f"evaluated in {r['evaluate_s']} s ({r['image_passes_per_s']} image passes/s); "
+            f"{r['end_to_end_image_passes_per_s']} image passes/s from JPEG to logits."]
+
+
+def md_runtimes(runtimes: dict) -> list[str]:
+    lines = command_line(runtimes)
+    if runtimes.get("providers"):
+        lines += [f"ONNX Runtime providers: {runtimes['providers'].get('onnxruntime')}", ""]
+    if runtimes.get("rows"):
+        lines += ["| batch | runtime | method | median ms | p10-p90 ms | vs none | vs eager |",
+                  "| ---: | --- | --- | ---: | --- | ---: | ---: |"]
+        for r in runtimes["rows"]:
+            lines.append(f"| {r['batch_size']} | {r['runtime']} | {r['setting']} | "
+                         f"{fmt(r['latency_ms']) if r['latency_ms'] is not None else r['status']} | "
+                         f"{fmt(r['p10_ms'])}-{fmt(r['p90_ms'])} | {fmt(r['latency_change_pct'], '{:+.1f}%')} | "
+                         f"{fmt(r['runtime_change_pct'], '{:+.1f}%')} |")
+    return lines
+
+
+RENDERERS = {"core": md_core, "profile": md_profile, "engine": md_engine, "bench": md_bench,
+             "accuracy": md_accuracy, "runtimes": md_runtimes}
+
+
+def md_section(name: str, sec: dict) -> list[str]:
+    """A section's heading, how it ended when it did not complete, and what it measured."""
+    lines = ["", f"## {name}", ""]
+    if sec["status"] != "complete":
+        lines += [f"**{sec['status']}** after {sec['seconds']} s; the last line of its logs "
+                  f"({sec.get('log', 'logs/' + name + '.log')}):", "", f"> {sec.get('last_line', '')}", ""]
+    if sec.get("results"):
+        lines += RENDERERS[name](sec["results"])
+    else:
+        lines.append("Nothing measured.")
+    while lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -536,8 +775,8 @@ def markdown(report: dict) -> str:
     info = env.get("info", {})
     lines = [f"# pomt GPU report ({info.get('date', '')[:10]})", "",
              f"`{report['command']}`", "",
-             f"{info.get('gpu', 'no GPU')}; torch {info.get('torch')}, CUDA {info.get('cuda')}, timm "
-             f"{info.get('timm')}, Triton {info.get('triton')}, pomt {info.get('pomt')}, Python "
+             f"{info.get('gpu', 'no GPU')}; torch {info.get('torch')}, CUDA {info.get('cuda') or 'none'}, timm "
+             f"{info.get('timm')}, Triton {info.get('triton') or 'not installed'}, pomt {info.get('pomt')}, Python "
              f"{info.get('python')}. Clocks were not "
              "changed; as read before and after:", ""]
     for when in ("before", "after"):
@@ -548,108 +787,19 @@ def markdown(report: dict) -> str:
         sec = report.get(name)
         if sec:
             lines.append(f"| {name} | {sec['status']} | {sec['seconds']} |")
-    lines.append(f"| all | | {report.get('total_s', '')} |")
-
-    core = report.get("core", {}).get("results", {})
-    if core:
-        lines += ["", "## core", "", "Each variant's median ms; in brackets the ratio to the unpatched model and to "
-                  "its ideal. `pomt` is the default block (in float16/bfloat16 on CUDA: fused attention and a Triton "
-                  "kernel for the attention received); `pomt(lean)` and `pomt(explicit)` force its other two ways of "
-                  "scoring: log-probabilities from fused attention by a chunked matrix product, or the full softmax "
-                  "matrix (the paper's way).", ""]
-        for s in core.get("scores", []):
-            product = (f"chunked product {s['product_max_rel_error']:.2e} (same order: {s['product_same_order']}), "
-                       if "product_max_rel_error" in s else "")
-            lines.append(f"- scores, {s['dtype']} (log-sum-exp from: {s['fused_lse_kernel']}; received attention "
-                         f"by: {s.get('received_kernel', 'no such kernel')}): max rel. error of the lean block "
-                         f"{s['lean_max_rel_error']:.2e} (same order: {s['lean_same_order']}), {product}explicit "
-                         f"{s['explicit_max_rel_error']:.2e} (same order: {s['explicit_same_order']})")
-        for where, state in core.get("received_kernel", {}).items():
-            lines.append(f"- the attention received, {where}, by the default block: {state}")
-        tables = core.get("tables", [])
-        names = list(tables[0]["variants"]) if tables else []
-        lines += ["", "| batch, dtype, mode | " + " | ".join(names) + " |",
-                  "| --- |" + " ---: |" * len(names)]
-        for t in tables:
-            cells = []
-            for n in names:
-                v = t["variants"].get(n, {})
-                extra = f" ({fmt(v.get('vs_none'), '{:.3f}')}" + (
-                    f", {fmt(v.get('vs_ideal'), '{:.3f}')})" if v.get("vs_ideal") else ")")
-                cells.append(fmt(v.get("ms")) + (extra if n != "none" else "") if v.get("ms") else v.get("status", ""))
-            lines.append(f"| {t['batch']}, {t['dtype']}, {t['mode']} | " + " | ".join(cells) + " |")
-
-    prof = report.get("profile", {}).get("results", {})
-    if prof:
-        lines += ["", "## profile", "", "| profile | run | wall s | measuring s | points | statuses | largest steps |",
-                  "| --- | --- | ---: | ---: | ---: | --- | --- |"]
-        for p in prof.get("profiles", []):
-            steps = ", ".join(f"b{s['batch_size']} {s['from_tokens']}\u2192{s['to_tokens']} \u2212{s['drop_pct']:.1f}%"
-                              for s in p.get("steps", [])[:6]) or "none"
-            lines.append(f"| {p['name']} | {p['run']} | {p['wall_s']} | {p.get('measuring_s', '')} | "
-                         f"{p.get('points', '')} | {p.get('status_counts', p.get('exit_code'))} | {steps} |")
-        lines += ["", "| profile | batch | points | median \\|L1\u2212L2\\|/L2 | p90 | max |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for a in prof.get("agreement", []):
-            lines.append(f"| {a['name']} | {a['batch_size']} | {a['points']} | {a['median_pct']}% | {a['p90_pct']}% | "
-                         f"{a['max_pct']}% |")
-        for p in prof.get("profiles", []):
-            for w in p.get("watched", []):
-                lines.append(f"- {p['name']} run {p['run']}, batch {w['batch_size']}: n {w['from']}\u2192{w['to']}: "
-                             f"{w['from_ms']} \u2192 {w['to_ms']} ms ({w['change_pct']:+.2f}%)")
-
-    engine = report.get("engine", {}).get("results", {})
-    if engine.get("runs"):
-        lines += ["", "## engine", "", "Where the time of a profile goes, on a grid of "
-                  f"{len(engine['settings']['grid'])} points with the default settings: the timed calls, the "
-                  "warm-up calls (and CUDA-graph captures), the host's work inside a visit (patching, the "
-                  "pooled statistics) and between visits; calls per point, warm-up included; the spread of a "
-                  "point's samples (p90/p10, coefficient of variation); how much slower a visit's first timed "
-                  "call is than its others.", "",
-                  "| run | points | visits | wall s | timed | warm-up | host in | between | calls/point | "
-                  "p90/p10 | CV | first call |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
-        for r in engine["runs"]:
-            m = r["summary"]
-            lines.append(f"| {r['name']} | {r['points']} | {m['visits']} | {m['wall_s']} | {m['timed_s']} | "
-                         f"{m['warmup_s']} | {m['host_in_visits_s']} | {m['outside_visits_s']} | "
-                         f"{fmt(m['calls_per_point_median'], '{:.0f}')} (max {m['calls_per_point_max']}) | "
-                         f"{fmt(m['spread_p90_p10_median'], '{:.3f}')} | {fmt(m['cv_median'], '{:.2%}')} | "
-                         f"{fmt(m['first_call_vs_rest_median'], '{:+.1%}')} |")
-
-    bench = report.get("bench", {}).get("results", {})
-    if bench:
-        lines += ["", "## bench", "", f"`{bench.get('command', '')}` (exit code {bench.get('exit_code')}, "
-                  f"{bench.get('wall_s')} s)", "", "| batch | method | tokens out | median ms | p10-p90 ms | vs none |",
-                  "| ---: | --- | ---: | ---: | --- | ---: |"]
-        for r in bench.get("rows", []):
-            lines.append(f"| {r['batch_size']} | {r['setting']} | {r['tokens_out']} | {fmt(r['latency_ms'])} | "
-                         f"{fmt(r['p10_ms'])}-{fmt(r['p90_ms'])} | {fmt(r['latency_change_pct'], '{:+.1f}%')} |")
-
-    acc = report.get("accuracy", {}).get("results", {})
-    if acc.get("result"):
-        r = acc["result"]
-        made = acc.get("images_written", {})
-        lines += ["", "## accuracy", "", f"{acc['settings']['model']}, {r['images']} of {made.get('images')} generated "
-                  f"JPEGs of {'x'.join(str(v) for v in made.get('size', []))} px (written in {made.get('seconds')} s), batch {acc['settings']['batch_size']}, {r['grid_points']} grid "
-                  f"points: decoded in {r['decode_s']} s ({r['images_decoded_per_s']} images/s), evaluated in "
-                  f"{r['evaluate_s']} s ({r['image_passes_per_s']} image passes/s); "
-                  f"{r['end_to_end_image_passes_per_s']} image passes/s from JPEG to logits."]
-    runtimes = report.get("runtimes", {}).get("results", {})
-    if runtimes:
-        lines += ["", "## runtimes", "", f"`{runtimes.get('command', '')}` (exit code {runtimes.get('exit_code')}, "
-                  f"{runtimes.get('wall_s')} s)" + (f": {runtimes['error']}" if runtimes.get("error") else ""), ""]
-        if runtimes.get("providers"):
-            lines += [f"ONNX Runtime providers: {runtimes['providers'].get('onnxruntime')}", ""]
-        if runtimes.get("rows"):
-            lines += ["| batch | runtime | method | median ms | p10-p90 ms | vs none | vs eager |",
-                      "| ---: | --- | --- | ---: | --- | ---: | ---: |"]
-            for r in runtimes["rows"]:
-                lines.append(f"| {r['batch_size']} | {r['runtime']} | {r['setting']} | {fmt(r['latency_ms'])} | "
-                             f"{fmt(r['p10_ms'])}-{fmt(r['p90_ms'])} | {fmt(r['latency_change_pct'], '{:+.1f}%')} | "
-                             f"{fmt(r['runtime_change_pct'], '{:+.1f}%')} |")
+    lines.append(f"| all | | {report.get('total_s', 'running')} |")
+    extras = report.get("extras")
+    if extras:
+        lines += ["", f"Logs, each section's JSON and the raw files: `{extras['file']}` ({extras['files']} files, "
+                  f"{extras['bytes'] / 2**20:.2f} MiB)."]
+        if extras["dropped"]:
+            lines.append("Left out to stay under 16 MiB: " + ", ".join(
+                f"`{d['file']}` ({d['bytes'] / 2**20:.1f} MiB)" for d in extras["dropped"]) + ".")
+    for name in SECTIONS:
+        if name in report:
+            lines += md_section(name, report[name])
     lines += ["", "## targets", ""]
-    lines += [f"- {t}" for t in targets(report)]
+    lines += [f"- {t}" for t in targets(report)] or ["No target measured."]
     return "\n".join(lines) + "\n"
 
 
@@ -684,19 +834,22 @@ def targets(report: dict) -> list[str]:
     return out
 
 
-def write_report(folder: Path, report: dict) -> None:
+def write_report(folder: Path, work: Path, report: dict) -> None:
+    """The archive of the work folder's files, then report.json and report.md that list it."""
+    report["extras"] = write_extras(folder, work)
     write_json(folder / "report.json", report)
     atomic_write_text(folder / "report.md", markdown(report))
 
 
-def run_section(name: str, args, folder: Path) -> dict:
+def run_section(name: str, args, work: Path) -> dict:
     """Run one section in a child process under its time limit; its results and how it ended."""
     limit = args.limits[name]
-    log = folder / "logs" / f"{name}.log"
-    command = [sys.executable, str(Path(__file__).resolve()), "--output-dir", str(folder), "--child", name,
-               "--core-modes", args.core_modes]
-    for flag, value in (("--work-dir", args.work_dir), ("--core-batches", args.core_batches),
-                        ("--profiles", args.profiles)):
+    log = work / "logs" / f"{name}.log"
+    path = work / "sections" / f"{name}.json"
+    path.unlink(missing_ok=True)  # a failed child must not leave an earlier run's results in the report
+    command = [sys.executable, str(Path(__file__).resolve()), "--output-dir", str(args.output_dir), "--child", name,
+               "--core-modes", args.core_modes, "--work-dir", str(work)]
+    for flag, value in (("--core-batches", args.core_batches), ("--profiles", args.profiles)):
         if value:
             command += [flag, str(value)]
     if args.smoke:
@@ -706,21 +859,21 @@ def run_section(name: str, args, folder: Path) -> dict:
         child = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT)
         try:
             code = child.wait(timeout=limit)
-            status = "complete" if code == 0 else f"failed (exit code {code}; see logs/{name}.log)"
+            status = "complete" if code == 0 else f"failed (exit code {code})"
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
             status = f"cut short at its limit of {limit} s"
-    path = folder / "sections" / f"{name}.json"
     try:
         results = json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError:
         results = {}
-    if not status.startswith("complete"):
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        results["log_tail"] = tail
-    return {"status": status, "seconds": round(time.perf_counter() - began, 1), "limit_s": limit,
-            "results": results}
+    section = {"status": status, "seconds": round(time.perf_counter() - began, 1), "limit_s": limit}
+    if status != "complete":
+        line, source = last_line(log, *work.glob(f"{name}-command*.log"))
+        section["last_line"] = line
+        section["log"] = f"{(source or log).relative_to(work)} in {EXTRAS}"
+    return {**section, "results": results}
 
 
 def main() -> None:
@@ -731,7 +884,8 @@ def main() -> None:
     parser.add_argument("--limit", action="append", default=[], metavar="SECTION=SECONDS",
                         help="a section's time limit (defaults: " + ", ".join(f"{k}={v}" for k, v in LIMITS_S.items())
                         + ")")
-    parser.add_argument("--work-dir", type=Path, help="where the commands' own files go (default: DIR)")
+    parser.add_argument("--work-dir", type=Path, help="where the sections' own files go, outside DIR (default: a "
+                        "temporary folder, removed at the end); what is worth keeping is archived in DIR/" + EXTRAS)
     parser.add_argument("--core-batches", help="batch sizes of the core section (default: 256,64,4,1)")
     parser.add_argument("--core-modes", choices=("eager", "cuda_graphs", "both"), default="both",
                         help="timing modes of the core section")
@@ -741,19 +895,24 @@ def main() -> None:
     args = parser.parse_args()
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.core_batches:
-        cfg["core_batches"] = [int(b) for b in args.core_batches.split(",")]
+        batches = args.core_batches.split(",")
+        if not all(b.isdigit() and int(b) > 0 for b in batches):
+            sys.exit(f"error: --core-batches {args.core_batches}: write positive batch sizes, e.g. 256,64")
+        cfg["core_batches"] = [int(b) for b in batches]
     if args.profiles:
         cfg["profile_names"] = args.profiles.split(",")
     if args.core_modes != "both":
         cfg["core_graphs"] = [g for g in cfg["core_graphs"] if g == (args.core_modes == "cuda_graphs")]
     folder = args.output_dir.resolve()
-    work = (args.work_dir or args.output_dir).resolve()
     if args.child:
+        if os.environ.get("POMT_GPU_REPORT_FAIL") == args.child:
+            raise RuntimeError(f"the {args.child} section fails on purpose (POMT_GPU_REPORT_FAIL={args.child})")
         if args.smoke:
             import torch
 
             torch.set_num_threads(1)  # the smoke run checks code paths; one thread keeps a busy machine fast
-        RUNNERS[args.child](cfg, SectionWriter(folder, args.child), work)
+        work = args.work_dir.resolve()
+        RUNNERS[args.child](cfg, SectionWriter(work, args.child), work)
         return
 
     import torch
@@ -764,29 +923,40 @@ def main() -> None:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         sys.exit(f"error: unknown section(s) {', '.join(unknown)}: use {', '.join(SECTIONS)}")
+    known = [name for name, _ in cfg["profiles"]]
+    unknown = [p for p in cfg["profile_names"] if p not in known]
+    if unknown:  # a profile section that would skip them all reports nothing
+        sys.exit(f"error: unknown profile(s) {', '.join(unknown)}: use {', '.join(known)}")
     args.limits = dict(SMOKE_LIMITS_S if args.smoke else LIMITS_S)
     for item in args.limit:
         name, _, seconds = item.partition("=")
         if name not in SECTIONS or not seconds.replace(".", "", 1).isdigit():
             sys.exit(f"error: --limit {item}: write SECTION=SECONDS with a section of {', '.join(SECTIONS)}")
         args.limits[name] = float(seconds)
-    for sub in ("sections", "logs"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
     if args.work_dir:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
+        work = args.work_dir.resolve()
+        if work == folder or work.is_relative_to(folder):
+            sys.exit(f"error: --work-dir {args.work_dir} is inside --output-dir: choose a folder outside it")
+    else:
+        work = Path(tempfile.mkdtemp(prefix="pomt-gpu-report-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub in ("sections", "logs"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     report: dict = {"command": "python scripts/gpu_report.py " + " ".join(sys.argv[1:]), "smoke": args.smoke,
                     "environment": {"info": environment(), "before": read_gpu()}}
-    write_report(folder, report)
+    write_report(folder, work, report)
     for name in sections:
-        report[name] = run_section(name, args, folder)
+        report[name] = run_section(name, args, work)
         report["total_s"] = round(time.perf_counter() - began, 1)
-        write_report(folder, report)
+        write_report(folder, work, report)
         print(f"{name}: {report[name]['status']} in {report[name]['seconds']} s", flush=True)
     report["environment"]["after"] = read_gpu()
     report["total_s"] = round(time.perf_counter() - began, 1)
-    write_report(folder, report)
-    print(f"report: {folder / 'report.md'} ({report['total_s']} s)")
+    write_report(folder, work, report)
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"report: {folder / 'report.md'} and {folder / EXTRAS} ({report['total_s']} s)")
 
 
 if __name__ == "__main__":

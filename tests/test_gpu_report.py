@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 from pomt_cli import versions
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_report.py"
+SECTIONS = ("core", "profile", "engine", "bench", "accuracy", "runtimes")
+
+
+def brought_back(folder: Path) -> set[str]:
+    """The report folder holds exactly the three files a GPU lender brings back; the archive's names."""
+    assert sorted(p.name for p in folder.iterdir()) == ["extras.tar.gz", "report.json", "report.md"]
+    with tarfile.open(folder / "extras.tar.gz") as tar:
+        return set(tar.getnames())
 
 
 def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
@@ -42,9 +52,13 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     assert [(p["name"], p["run"], p["points"]) for p in profile["profiles"]] == [
         ("bs4_float32_eager", "a", 6), ("bs4_float32_eager", "b", 6),
         ("bs1-4_float32_eager", "a", 12), ("bs1-4_float32_eager", "b", 12)]
-    # The profiles themselves come back with the report, though the commands wrote them elsewhere.
+    # The profiles themselves come back in the report's archive, though the commands wrote them elsewhere.
+    archived = brought_back(tmp_path / "report")
     for p in profile["profiles"]:
-        assert (tmp_path / "work" / p["file"]).is_file() and (tmp_path / "report" / p["file"]).is_file()
+        assert (tmp_path / "work" / p["file"]).is_file() and p["file"] in archived
+    assert {f"sections/{name}.json" for name in SECTIONS} | {f"logs/{name}.log" for name in SECTIONS} <= archived
+    assert report["extras"]["files"] == len(archived) and report["extras"]["dropped"] == []
+    assert not any(name.startswith("cache/") for name in archived)
     assert {(a["name"], a["batch_size"]) for a in profile["agreement"]} == {
         ("bs4_float32_eager", 4), ("bs1-4_float32_eager", 1), ("bs1-4_float32_eager", 4)}
     engine = report["engine"]["results"]
@@ -81,11 +95,42 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
         assert heading in markdown
 
 
-def test_a_section_over_its_limit_is_cut_short_and_the_report_still_written(tmp_path):
+def test_a_section_over_its_limit_or_failing_is_reported_with_its_last_log_line(tmp_path):
+    # POMT_GPU_REPORT_FAIL makes the engine section's child raise at its start (the script's test hook).
     done = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(tmp_path), "--smoke",
-                           "--sections", "profile", "--limit", "profile=3"],
-                          capture_output=True, text=True, timeout=120)
+                           "--sections", "profile,engine", "--limit", "profile=3"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "POMT_GPU_REPORT_FAIL": "engine"})
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "report.json").read_text())
+    markdown = (tmp_path / "report.md").read_text()
     assert report["profile"]["status"] == "cut short at its limit of 3.0 s"
-    assert "core" not in report and "## targets" in (tmp_path / "report.md").read_text()
+    engine = report["engine"]
+    assert engine["status"] == "failed (exit code 1)" and engine["results"] == {}
+    assert engine["last_line"] == "RuntimeError: the engine section fails on purpose (POMT_GPU_REPORT_FAIL=engine)"
+    assert engine["log"] == "logs/engine.log in extras.tar.gz"
+    assert "## engine\n\n**failed (exit code 1)**" in markdown and f"> {engine['last_line']}\n" in markdown
+    assert "## profile\n\n**cut short at its limit of 3.0 s**" in markdown
+    assert report["profile"]["last_line"] and f"> {report['profile']['last_line']}\n" in markdown
+    assert "None" not in markdown and "``" not in markdown
+    assert "core" not in report and "## targets" in markdown
+    # Without --work-dir the sections worked in a temporary folder: the report's folder has the three files.
+    assert {"logs/engine.log", "logs/profile.log"} <= brought_back(tmp_path)
+
+
+def test_a_refused_pomt_command_is_the_sections_result(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    out = gpu_report.SectionWriter(tmp_path, "runtimes")
+    code = gpu_report.run_command(out, ["bench", "--device", "cpu", "--model", "digits-vit", "--runtime",
+                                        "eager,nosuch", "--output-dir", str(tmp_path / "runtimes")],
+                                  tmp_path / "runtimes-command.log")
+    assert code == 2 and json.loads(out.path.read_text()) == out.data
+    assert out.data["exit_code"] == 2 and out.data["error"].startswith("error: Invalid value for '--runtime'")
+    report = {"command": "python scripts/gpu_report.py", "runtimes": {"status": "complete", "seconds": 0.1,
+                                                                      "results": out.data}}
+    markdown = gpu_report.markdown(report)
+    assert "(refused with exit code 2 after" in markdown and f"> {out.data['error']}\n" in markdown
