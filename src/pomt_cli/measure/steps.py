@@ -65,15 +65,21 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
     ``s`` is its local slope in ms per token (the running median of
     ``(L(n) - L(n-k)) / k`` over :data:`TREND_WINDOW` neighbouring pairs, which follows a
     curve that bends and does not mistake a fixed overhead for steps); the excess
-    ``d - s k / L(n)`` of a step is above ``min_drop`` and above the excesses' own spread
-    (their scaled median absolute deviation times :func:`spread_factor` of ``level``, which
-    grows with the number of pairs so that a long curve's noise does not pass it by
-    chance), the two points' confidence intervals
+    ``d - s k / L(n)`` of a step is above ``min_drop``, the two points' confidence intervals
     of the median do not overlap, and they are at most :data:`MAX_STEP_WIDTH` tokens apart.
+    Both the excess and the drop that is sure (the gap between the two intervals, relative)
+    must stand out of the curve's roughness: the excesses' scaled median absolute deviation
+    times :func:`spread_factor` of ``level``, which grows with the number of pairs so that a
+    long curve's noise does not pass it by chance. (Judged on the medians alone, a drop at
+    that threshold is reported by one run and not by the next, as the threshold's estimate
+    moves by more than the drop does.) Both points must be measured to the precision asked
+    for (``status`` ``"ok"`` where the frame has it): a point that spent its budget first is
+    where timing is bound by the host and drifts, which cannot place a step.
     A drop where the curve rises back on either side (a point above the level of the
     points above it, or below the level of those below it: see :func:`_excursions`) is
     noise, such as single slow calls where eager timing is bound by the host, not a step;
-    ``excursions=True`` keeps such drops too (the grid visits the ends of both kinds again).
+    ``excursions=True`` keeps such drops and those of imprecise points too (the grid visits
+    the ends of all of them again).
 
     Returns:
         One row per step, at most ``top`` per batch size, largest excess first:
@@ -87,15 +93,18 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
         curve = part.sort("tokens", descending=True)
         if curve.height < 3:
             continue
-        low = curve["ci_low_ms"] if "ci_low_ms" in curve.columns else curve["latency_ms"]
-        high = curve["ci_high_ms"] if "ci_high_ms" in curve.columns else curve["latency_ms"]
+        low = (curve["ci_low_ms"] if "ci_low_ms" in curve.columns else curve["latency_ms"]).fill_null(curve["latency_ms"])
+        high = (curve["ci_high_ms"] if "ci_high_ms" in curve.columns else curve["latency_ms"]).fill_null(curve["latency_ms"])
+        precise = curve["status"] == "ok" if "status" in curve.columns else pl.repeat(True, curve.height, eager=True)
         pairs = pl.DataFrame({
             "from_tokens": curve["tokens"][:-1],
             "to_tokens": curve["tokens"][1:],
             "from_ms": curve["latency_ms"][:-1],
             "to_ms": curve["latency_ms"][1:],
             # A step is significant when the intervals of the median do not overlap.
-            "separated": (low[:-1].fill_null(curve["latency_ms"][:-1]) > high[1:].fill_null(curve["latency_ms"][1:])),
+            "separated": low[:-1] > high[1:],
+            "gap": (low[:-1] - high[1:]) / curve["latency_ms"][:-1],
+            "precise": precise[:-1] & precise[1:],
             "excursion": _excursions(curve["latency_ms"].to_numpy(), min_drop),
         }).with_columns(
             k=pl.col("from_tokens") - pl.col("to_tokens"),
@@ -105,9 +114,11 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
             window_size=TREND_WINDOW, center=True, min_samples=1)
         pairs = pairs.with_columns(excess=pl.col("drop") - slope * pl.col("k") / pl.col("from_ms"))
         spread = pairs.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
+        rough = spread_factor(pairs.height, level) * spread
         steps = (
-            pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (excursions | ~pl.col("excursion")) & (pl.col("k") <= MAX_STEP_WIDTH)
-                         & (pl.col("excess") > max(min_drop, spread_factor(pairs.height, level) * spread)))
+            pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (pl.col("k") <= MAX_STEP_WIDTH)
+                         & (excursions | (~pl.col("excursion") & pl.col("precise")))
+                         & (pl.col("excess") > max(min_drop, rough)) & (pl.col("gap") > rough))
             .sort("excess", descending=True)
             .head(top)
         )
