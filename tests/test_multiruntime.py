@@ -254,7 +254,9 @@ def test_r_from_predicts_for_the_rows_of_the_reports_runtime_among_several(tmp_p
             assert pomt["slower_than_none"] == judged
     eager = frame.filter(pl.col("runtime") == "eager")
     assert eager["predicted_ms"].null_count() == eager["profile_ms"].null_count() == eager.height
-    assert eager["slower_than_none"].null_count() == eager.height and eager["ci_low_ms"].null_count() == 0
+    # Measured, not judged. (Whether a 0.4 s measurement has an interval depends on the load:
+    # under CI beside other work, one eager row of 2026-11-28 had none.)
+    assert eager["slower_than_none"].null_count() == eager.height and eager["latency_ms"].null_count() == 0
     assert "predicted and judged for the rows of onnxruntime, the report's runtime" in out
     assert "Predicted against measured (ms) on onnxruntime" in out
 
