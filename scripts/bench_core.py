@@ -12,6 +12,13 @@ round, samples pooled over rounds), so ratios compare like with like. Prints a t
     python scripts/bench_core.py --model deit_small_patch16_224 --batch-size 1,4,64,256 \
         --dtype float16,float32 --device cuda --cuda-graphs both
 
+``--host-overhead`` measures the host's share instead (one thread, batch 1, a tiny ViT
+whose forward is all Python and dispatch): per-forward time of none, ideal and POMT r=5 at
+layer 3 in interleaved rounds, the top-level aten ops of one forward, and the pieces of
+POMT's block (scoring, ``prune_keep_mean``, the patched block against timm's):
+
+    OMP_NUM_THREADS=1 python scripts/bench_core.py --host-overhead --dtype float32,bfloat16
+
 ``--tome-before FILE`` adds a variant ``tome(before)``: ToMe with the matching and merging
 functions of another version of ``pomt_cli/pruning/tome.py`` (e.g. one checked out with
 ``git show REV:src/pomt_cli/pruning/tome.py > FILE``), timed in the same rounds as ``tome``.
@@ -33,7 +40,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pomt_cli.devices.torch_device import device_name
-from pomt_cli.pruning import apply, forward_ideal, patch, planned_token_counts, remove, tome
+from pomt_cli.pruning import apply, forward_ideal, patch, planned_token_counts, pomt, remove, tome
+from pomt_cli.pruning.attention import qkv
 from pomt_cli.measure.timing import Measurement, Task, measure, release_memory
 
 DEFAULT_SETTINGS = {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}}
@@ -169,6 +177,102 @@ def render(title: str, rows: dict[str, dict[str, float | None]]) -> Table:
     return table
 
 
+#: The host-bound model of ``--host-overhead``: 17 tokens of width 48, twelve blocks.
+TINY_MODEL = "vit_tiny_patch16_224"
+TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 12, "num_heads": 3}
+TINY_POMT = {"pomt": {"r": 5, "layer": 3}}
+
+
+def top_level_ops(fn: Callable[[], torch.Tensor]) -> int:
+    """aten ops called by ``fn()`` itself, not from inside another aten op (one profiled call)."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def nested(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not nested(e))
+
+
+def host_pieces(dtype: torch.dtype, *, rounds: int, budget_s: float, seed: int = 0) -> dict[str, Measurement]:
+    """POMT's pieces on the tiny model's block 3 at batch 1: scoring, pruning, the block.
+
+    ``block(timm)`` is timm's own block on the same tokens, ``block(pomt)`` the patched one
+    with the default scoring; both include the MLP, which the patched block runs on fewer tokens.
+    """
+    torch.manual_seed(seed)
+    model = timm.create_model(TINY_MODEL, pretrained=False, **TINY_KWARGS).eval().to(dtype=dtype)
+    setting = TINY_POMT["pomt"]
+    images = torch.randn(1, 3, 32, 32, dtype=dtype)
+    with torch.inference_mode():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for blk in model.blocks[: setting["layer"]]:
+            x = blk(x)
+        blk = model.blocks[setting["layer"]]
+        attn, p = blk.attn, model.num_prefix_tokens
+        q, k, v = qkv(attn, blk.norm1(x))
+        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        lse = pomt.attention_lse(q, k, v, attn.scale)[1]
+        scores = pomt.importance(a, v, p)
+        pieces: dict[str, Callable[[], torch.Tensor]] = {
+            "importance": lambda: pomt.importance(a, v, p),
+            "importance_lean": lambda: pomt.importance_lean(q, k, v, lse, attn.scale, p, kernel=False),
+            "prune_keep_mean": lambda: pomt.prune_keep_mean(x, scores, setting["r"], p),
+            "block(timm)": lambda: blk(x),
+        }
+        parts: dict[str, list[Measurement]] = {name: [] for name in [*pieces, "block(pomt)"]}
+        rng = random.Random(seed)
+        for _ in range(rounds):
+            order = list(parts)
+            rng.shuffle(order)
+            for name in order:
+                if name == "block(pomt)":
+                    apply(model, "pomt", **setting)
+                    fn = lambda: model.blocks[setting["layer"]].forward_tokens(x, None)[0]  # noqa: E731
+                else:
+                    remove(model)
+                    fn = pieces[name]
+                task = Task(name, TINY_MODEL, 1, dtype=str(dtype).removeprefix("torch."))
+                parts[name].append(measure(fn, device="cpu", budget_s=budget_s, rel_precision=0.005,
+                                           min_samples=10, task=task))
+        remove(model)
+    return {name: Measurement.pool(ms) for name, ms in parts.items()}
+
+
+def host_overhead(dtype: torch.dtype, *, rounds: int, budget_s: float) -> tuple[Table, Table]:
+    """The tables of ``--host-overhead`` for one dtype: forwards with op counts, and POMT's pieces."""
+    ms = time_variants(TINY_MODEL, 1, dtype, "cpu", rounds=rounds, budget_s=budget_s, settings=TINY_POMT,
+                       model_kwargs=TINY_KWARGS)
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_MODEL, pretrained=False, **TINY_KWARGS).eval().to(dtype=dtype)
+    images = torch.randn(1, 3, 32, 32, dtype=dtype)
+    table = variants(model, TINY_POMT)
+    name = str(dtype).removeprefix("torch.")
+    forwards = Table(title=f"tiny ViT, batch 1, {name}, 1 thread: one forward", title_justify="left")
+    for col in ("variant", "median us", "over ideal us", "aten ops"):
+        forwards.add_column(col, justify="right" if col != "variant" else "left")
+    ideal = ms["ideal(pomt)"].median_ms
+    with torch.inference_mode():
+        for variant in table:
+            ops = top_level_ops(prepare(model, images, variant))
+            value = ms[variant.name].median_ms
+            over = f"{(value - ideal) * 1e3:+.0f}" if variant.method == "pomt" else ""
+            forwards.add_row(variant.name, f"{value * 1e3:.0f}", over, str(ops))
+    remove(model)
+    pieces = Table(title=f"POMT's pieces at block 3, {name}", title_justify="left")
+    for col in ("piece", "median us", "p10 us", "p90 us"):
+        pieces.add_column(col, justify="right" if col != "piece" else "left")
+    for piece, m in host_pieces(dtype, rounds=rounds, budget_s=budget_s).items():
+        pieces.add_row(piece, f"{m.median_ms * 1e3:.1f}", f"{m.p10_ms * 1e3:.1f}", f"{m.p90_ms * 1e3:.1f}")
+    return forwards, pieces
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deit_small_patch16_224")
@@ -184,6 +288,8 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per variant per round")
     parser.add_argument("--methods", default="pomt,tome,topk", help="methods to time, comma-separated")
     parser.add_argument("--tome-before", metavar="FILE", help="also time ToMe with this version of tome.py")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="one thread, batch 1, a tiny ViT: POMT's host overhead, op counts and pieces")
     args = parser.parse_args()
     settings = {
         "pomt": {"r": args.pomt_r, "layer": args.layer},
@@ -193,10 +299,17 @@ def main() -> None:
     settings = {m: settings[m] for m in args.methods.split(",")}
     tome_before = load_tome(args.tome_before) if args.tome_before else None
     console = Console(highlight=False)
+    model = f"{TINY_MODEL} {TINY_KWARGS}" if args.host_overhead else args.model
     console.print(
-        f"{args.model}, random weights, {device_name(torch.device(args.device))}, torch {torch.__version__}, "
+        f"{model}, random weights, {device_name(torch.device(args.device))}, torch {torch.__version__}, "
         f"timm {timm.__version__}, {dt.date.today().isoformat()}; {args.rounds} interleaved rounds, samples pooled"
     )
+    if args.host_overhead:
+        torch.set_num_threads(1)
+        for dtype_name in args.dtype.split(","):
+            for table in host_overhead(getattr(torch, dtype_name), rounds=args.rounds, budget_s=args.min_time):
+                console.print(table)
+        return
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.cuda_graphs]
     for graphs in modes:
         for dtype_name in args.dtype.split(","):
