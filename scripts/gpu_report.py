@@ -715,15 +715,19 @@ def md_engine(engine: dict) -> list[str]:
     return lines
 
 
+def timing_cells(row: dict) -> str:
+    """A bench row's median (or its status where it has none), p10-p90 and change against none."""
+    median = fmt(row["latency_ms"]) if row["latency_ms"] is not None else row["status"]
+    return f"{median} | {fmt(row['p10_ms'])}-{fmt(row['p90_ms'])} | {fmt(row['latency_change_pct'], '{:+.1f}%')}"
+
+
 def md_bench(bench: dict) -> list[str]:
     lines = command_line(bench)
     if bench.get("rows"):
         lines += ["| batch | method | tokens out | median ms | p10-p90 ms | vs none |",
                   "| ---: | --- | ---: | ---: | --- | ---: |"]
         for r in bench["rows"]:
-            lines.append(f"| {r['batch_size']} | {r['setting']} | {fmt(r['tokens_out'], '{}')} | "
-                         f"{fmt(r['latency_ms']) if r['latency_ms'] is not None else r['status']} | "
-                         f"{fmt(r['p10_ms'])}-{fmt(r['p90_ms'])} | {fmt(r['latency_change_pct'], '{:+.1f}%')} |")
+            lines.append(f"| {r['batch_size']} | {r['setting']} | {fmt(r['tokens_out'], '{}')} | {timing_cells(r)} |")
     return lines
 
 
@@ -748,9 +752,7 @@ def md_runtimes(runtimes: dict) -> list[str]:
         lines += ["| batch | runtime | method | median ms | p10-p90 ms | vs none | vs eager |",
                   "| ---: | --- | --- | ---: | --- | ---: | ---: |"]
         for r in runtimes["rows"]:
-            lines.append(f"| {r['batch_size']} | {r['runtime']} | {r['setting']} | "
-                         f"{fmt(r['latency_ms']) if r['latency_ms'] is not None else r['status']} | "
-                         f"{fmt(r['p10_ms'])}-{fmt(r['p90_ms'])} | {fmt(r['latency_change_pct'], '{:+.1f}%')} | "
+            lines.append(f"| {r['batch_size']} | {r['runtime']} | {r['setting']} | {timing_cells(r)} | "
                          f"{fmt(r['runtime_change_pct'], '{:+.1f}%')} |")
     return lines
 
