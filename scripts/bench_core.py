@@ -15,7 +15,9 @@ round, samples pooled over rounds), so ratios compare like with like. Prints a t
 ``--host-overhead`` measures the host's share instead (one thread, batch 1, a tiny ViT
 whose forward is all Python and dispatch): per-forward time of none, ideal and POMT r=5 at
 layer 3 in interleaved rounds, the top-level aten ops of one forward, and the pieces of
-POMT's block (scoring, ``prune_keep_mean``, the patched block against timm's):
+POMT's block (scoring, ``prune_keep_mean``, the patched block against timm's). The op
+counts need torch 2.5 or newer: on torch 2.1 the profiler's parent links vary, and two
+profiles of one forward counted 457 and 472 ops:
 
     OMP_NUM_THREADS=1 python scripts/bench_core.py --host-overhead --dtype float32,bfloat16
 

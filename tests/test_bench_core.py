@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
@@ -18,6 +19,11 @@ sys.modules["bench_core"] = bench_core  # dataclasses look their module up
 spec.loader.exec_module(bench_core)
 
 
+# On torch 2.1.2 torch.profiler links an op to its parent inconsistently: two profiles of the same
+# forward counted 457 and 472 top-level ops (measured 2026-11-28); 2.5.1, 2.7.1 and 2.14.1 count
+# the same every time.
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5),
+                    reason="torch.profiler's parent links vary between identical calls before torch 2.5")
 def test_top_level_ops_count_pomt_block_over_its_ideal():
     torch.manual_seed(0)
     model = timm.create_model(bench_core.TINY_MODEL, pretrained=False, **bench_core.TINY_KWARGS).eval()
