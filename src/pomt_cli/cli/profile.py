@@ -101,6 +101,33 @@ def _summary(frame: pl.DataFrame) -> str:
     )
 
 
+def _ranges(values: list[int], most: int = 6) -> str:
+    """Sorted integers as runs, e.g. ``2-40, 42-46, 59`` (at most ``most`` runs, then how many more)."""
+    runs: list[list[int]] = []
+    for v in sorted(set(values)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    shown = [f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:most]]
+    return ", ".join(shown) + (f" and {len(runs) - most} more" if len(runs) > most else "")
+
+
+def budget_note(frame: pl.DataFrame, rel_precision: float, budget_s: float) -> str | None:
+    """Which points stopped on their time budget short of the precision, by batch size; None if none did.
+
+    Those points place no step (:func:`pomt_cli.measure.steps.find_steps`). On a GPU they are
+    typically where eager timing is bound by the host and drifts with unlocked clocks.
+    """
+    short = frame.filter(pl.col("status") == "budget")
+    if short.is_empty():
+        return None
+    where = "; ".join(f"batch {b}: n = {_ranges(part['tokens'].to_list())}"
+                      for (b,), part in short.sort("batch_size").group_by(["batch_size"], maintain_order=True))
+    return (f"{short.height} point(s) did not reach \u00b1{rel_precision:.1%} within {budget_s:g} s ({where}); "
+            "they place no step: raise --budget or --rel-precision, or lock the clocks")
+
+
 def _clock_line(state: ClockState) -> str:
     return {
         "locked": "clocks: locked for the measurement, restored after",
@@ -120,10 +147,9 @@ def render(result: ProfileResult) -> None:
                   f"ONNX Runtime {info.get('onnxruntime_version')}, {', '.join(info.get('providers') or [])}")
         out.print(f"runtime: {meta.runtime} ({detail})")
     out.print(_summary(frame) + f"; {meta.elapsed_s:.1f} s measuring")
-    budget_points = frame.filter(pl.col("status") == "budget").height
-    if budget_points:
-        out.print(f"{budget_points} point(s) did not reach \u00b1{meta.rel_precision:.1%} within {meta.budget_s:g} s: "
-                  "raise --budget or --rel-precision for them")
+    note = budget_note(frame, meta.rel_precision, meta.budget_s)
+    if note:
+        out.print(note)
     layers = meta.layers if meta.workload == "pomt" else None
     out.print(workload_line(layers, meta.num_tokens))
     for item in steps_tables(result.steps, meta.batch_sizes, meta.grid, layers):
