@@ -36,6 +36,18 @@ def needs(feature: versions.Feature) -> pytest.MarkDecorator:
 RUNTIME_FEATURE = {Runtime.compile: versions.COMPILE, Runtime.onnxruntime: versions.ONNX_EXPORT}
 
 
+def triton_major() -> int | None:
+    """The installed Triton's major version, or None without Triton. The kernel module
+    refuses to import below 3 (torch 2.1 brings Triton 2.1); the tests decide by the
+    version, so that a refusal on Triton 3 fails instead of skipping."""
+    import importlib.metadata
+
+    try:
+        return int(importlib.metadata.version("triton").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def runtime_param(runtime: Runtime | str, *values) -> pytest.param:
     """``pytest.param(runtime, *values)``, skipped where this torch is too old for the runtime."""
     feature = RUNTIME_FEATURE.get(Runtime(runtime))

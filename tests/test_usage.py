@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -196,6 +197,12 @@ def test_the_command_line_hides_the_warning_that_older_timm_causes_at_import(tmp
         assert done.returncode == 0, done.stderr
         return done.stderr
 
-    if "torch.jit.interface" not in stderr("plain"):
+    # Whether this torch deprecates torch.jit.interface is read from its own source (2.14.1
+    # does; 2.1.2, 2.5.1 and 2.7.1 do not), so a torch that warns and a run that did not see
+    # it cannot pass as a skip.
+    import torch.jit._script as script_module
+
+    if "`torch.jit.interface` is deprecated" not in inspect.getsource(script_module):
         pytest.skip("this torch does not deprecate torch.jit.interface")
+    assert "torch.jit.interface" in stderr("plain")
     assert stderr("cli") == ""
