@@ -615,6 +615,15 @@ def fmt(value, pattern: str = "{:.3f}") -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
+def md_table(header: str, rows: list[list]) -> list[str]:
+    """A Markdown table: ``header`` names the columns, separated by `` | ``; a trailing ``>``
+    right-aligns one (``"batch> | method"``); each row is its cells."""
+    names = header.split(" | ")
+    lines = ["| " + " | ".join(n.rstrip(">") for n in names) + " |",
+             "|" + "|".join(" ---: " if n.endswith(">") else " --- " for n in names) + "|"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def command_line(res: dict) -> list[str]:
     """A pomt command run by a section, how it ended and, if it failed, its last line."""
     if "command" not in res:
@@ -651,9 +660,9 @@ def md_core(core: dict) -> list[str]:
     if not tables:
         return lines + ["", "No table was timed."]
     names = list(dict.fromkeys(n for t in tables for n in t["variants"]))
-    lines += ["", "| batch, dtype, mode | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    rows = []
     for t in tables:
-        cells = []
+        cells = [f"{t['batch']}, {t['dtype']}, {t['mode']}"]
         for n in names:
             v = t["variants"].get(n, {})
             if not v.get("ms"):
@@ -661,31 +670,26 @@ def md_core(core: dict) -> list[str]:
                 continue
             ratios = [fmt(v.get("vs_none"))] + ([fmt(v["vs_ideal"])] if v.get("vs_ideal") else [])
             cells.append(fmt(v["ms"]) + (f" ({', '.join(ratios)})" if n != "none" else ""))
-        lines.append(f"| {t['batch']}, {t['dtype']}, {t['mode']} | " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return lines + [""] + md_table(" | ".join(["batch, dtype, mode", *(n + ">" for n in names)]), rows)
 
 
 def md_profile(prof: dict) -> list[str]:
-    lines = ["| profile | run | wall s | measuring s | points | statuses | largest steps |",
-             "| --- | --- | ---: | ---: | ---: | --- | --- |"]
-    failures = []
+    rows, failures = [], []
     for p in prof.get("profiles", []):
         if "points" not in p:
-            lines.append(f"| {p['name']} | {p['run']} | {p['wall_s']} | n/a | n/a | exit code {p['exit_code']} | "
-                         "n/a |")
+            rows.append([p["name"], p["run"], p["wall_s"], "n/a", "n/a", f"exit code {p['exit_code']}", "n/a"])
             failures.append(f"- {p['name']} run {p['run']}: {p.get('error') or 'no profile written'}")
             continue
         steps = ", ".join(f"b{s['batch_size']} {s['from_tokens']}\u2192{s['to_tokens']} \u2212{s['drop_pct']:.1f}%"
                           for s in p.get("steps", [])[:6]) or "none"
-        lines.append(f"| {p['name']} | {p['run']} | {p['wall_s']} | {p['measuring_s']} | {p['points']} | "
-                     f"{p['status_counts']} | {steps} |")
+        rows.append([p["name"], p["run"], p["wall_s"], p["measuring_s"], p["points"], p["status_counts"], steps])
+    lines = md_table("profile | run | wall s> | measuring s> | points> | statuses | largest steps", rows)
     lines += [""] + failures + ([""] if failures else [])
     if prof.get("agreement"):
-        lines += ["| profile | batch | points | median \\|L1\u2212L2\\|/L2 | p90 | max |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for a in prof["agreement"]:
-            lines.append(f"| {a['name']} | {a['batch_size']} | {a['points']} | {a['median_pct']}% | {a['p90_pct']}% | "
-                         f"{a['max_pct']}% |")
+        lines += md_table("profile | batch> | points> | median \\|L1\u2212L2\\|/L2> | p90> | max>",
+                          [[a["name"], a["batch_size"], a["points"], f"{a['median_pct']}%", f"{a['p90_pct']}%",
+                            f"{a['max_pct']}%"] for a in prof["agreement"]])
     else:
         lines.append("No two runs of a profile to compare.")
     for p in prof.get("profiles", []):
@@ -703,33 +707,31 @@ def md_engine(engine: dict) -> list[str]:
              "warm-up calls (and CUDA-graph captures), the host's work inside a visit (patching, the "
              "pooled statistics) and between visits; calls per point, warm-up included; the spread of a "
              "point's samples (p90/p10, coefficient of variation); how much slower a visit's first timed "
-             "call is than its others.", "",
-             "| run | points | visits | wall s | timed | warm-up | host in | between | calls/point | "
-             "p90/p10 | CV | first call |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "call is than its others.", ""]
+    rows = []
     for r in engine["runs"]:
         m = r["summary"]
-        lines.append(f"| {r['name']} | {r['points']} | {m['visits']} | {m['wall_s']} | {m['timed_s']} | "
-                     f"{m['warmup_s']} | {m['host_in_visits_s']} | {m['outside_visits_s']} | "
-                     f"{fmt(m['calls_per_point_median'], '{:.0f}')} (max {fmt(m['calls_per_point_max'], '{}')}) | "
-                     f"{fmt(m['spread_p90_p10_median'], '{:.3f}')} | {fmt(m['cv_median'], '{:.2%}')} | "
-                     f"{fmt(m['first_call_vs_rest_median'], '{:+.1%}')} |")
-    return lines
+        rows.append([r["name"], r["points"], m["visits"], m["wall_s"], m["timed_s"], m["warmup_s"],
+                     m["host_in_visits_s"], m["outside_visits_s"],
+                     f"{fmt(m['calls_per_point_median'], '{:.0f}')} (max {fmt(m['calls_per_point_max'], '{}')})",
+                     fmt(m["spread_p90_p10_median"], "{:.3f}"), fmt(m["cv_median"], "{:.2%}"),
+                     fmt(m["first_call_vs_rest_median"], "{:+.1%}")])
+    return lines + md_table("run | points> | visits> | wall s> | timed> | warm-up> | host in> | between> | "
+                            "calls/point | p90/p10> | CV> | first call>", rows)
 
 
-def timing_cells(row: dict) -> str:
+def timing_cells(row: dict) -> list[str]:
     """A bench row's median (or its status where it has none), p10-p90 and change against none."""
     median = fmt(row["latency_ms"]) if row["latency_ms"] is not None else row["status"]
-    return f"{median} | {fmt(row['p10_ms'])}-{fmt(row['p90_ms'])} | {fmt(row['latency_change_pct'], '{:+.1f}%')}"
+    return [median, f"{fmt(row['p10_ms'])}-{fmt(row['p90_ms'])}", fmt(row["latency_change_pct"], "{:+.1f}%")]
 
 
 def md_bench(bench: dict) -> list[str]:
     lines = command_line(bench)
     if bench.get("rows"):
-        lines += ["| batch | method | tokens out | median ms | p10-p90 ms | vs none |",
-                  "| ---: | --- | ---: | ---: | --- | ---: |"]
-        for r in bench["rows"]:
-            lines.append(f"| {r['batch_size']} | {r['setting']} | {fmt(r['tokens_out'], '{}')} | {timing_cells(r)} |")
+        lines += md_table("batch> | method | tokens out> | median ms> | p10-p90 ms | vs none>",
+                          [[r["batch_size"], r["setting"], fmt(r["tokens_out"], "{}"), *timing_cells(r)]
+                           for r in bench["rows"]])
     return lines
 
 
@@ -751,11 +753,9 @@ def md_runtimes(runtimes: dict) -> list[str]:
     if runtimes.get("providers"):
         lines += [f"ONNX Runtime providers: {runtimes['providers'].get('onnxruntime')}", ""]
     if runtimes.get("rows"):
-        lines += ["| batch | runtime | method | median ms | p10-p90 ms | vs none | vs eager |",
-                  "| ---: | --- | --- | ---: | --- | ---: | ---: |"]
-        for r in runtimes["rows"]:
-            lines.append(f"| {r['batch_size']} | {r['runtime']} | {r['setting']} | {timing_cells(r)} | "
-                         f"{fmt(r['runtime_change_pct'], '{:+.1f}%')} |")
+        lines += md_table("batch> | runtime | method | median ms> | p10-p90 ms | vs none> | vs eager>",
+                          [[r["batch_size"], r["runtime"], r["setting"], *timing_cells(r),
+                            fmt(r["runtime_change_pct"], "{:+.1f}%")] for r in runtimes["rows"]])
     return lines
 
 
