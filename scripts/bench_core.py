@@ -33,6 +33,7 @@ import dataclasses
 import datetime as dt
 import importlib.util
 import random
+import sys
 import types
 from collections.abc import Callable
 
@@ -46,6 +47,7 @@ from pomt_cli.pruning import apply, forward_ideal, patch, planned_token_counts, 
 from pomt_cli.pruning.attention import qkv
 from pomt_cli.measure.timing import Measurement, Task, measure, release_memory
 
+DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_SETTINGS = {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}}
 
 #: The ToMe module the patched blocks call (swapped for ``tome(before)`` while it is timed).
@@ -293,12 +295,21 @@ def main() -> None:
     parser.add_argument("--host-overhead", action="store_true",
                         help="one thread, batch 1, a tiny ViT: POMT's host overhead, op counts and pieces")
     args = parser.parse_args()
+    dtypes = args.dtype.split(",")
+    batches = args.batch_size.split(",")
+    methods = args.methods.split(",")
+    for bad, what in (([d for d in dtypes if d not in DTYPES], f"--dtype takes {', '.join(DTYPES)}"),
+                      ([b for b in batches if not (b.isdigit() and int(b) > 0)], "--batch-size takes positive sizes"),
+                      ([m for m in methods if m not in DEFAULT_SETTINGS], f"--methods takes {', '.join(DEFAULT_SETTINGS)}")):
+        if bad:  # one line, exit code 2, before anything runs
+            print(f"error: {', '.join(bad)}: {what}, comma-separated", file=sys.stderr)
+            raise SystemExit(2)
     settings = {
         "pomt": {"r": args.pomt_r, "layer": args.layer},
         "tome": {"r": args.tome_r},
         "topk": {"r": args.topk_r},
     }
-    settings = {m: settings[m] for m in args.methods.split(",")}
+    settings = {m: settings[m] for m in methods}
     tome_before = load_tome(args.tome_before) if args.tome_before else None
     console = Console(highlight=False)
     model = f"{TINY_MODEL} {TINY_KWARGS}" if args.host_overhead else args.model
@@ -308,14 +319,14 @@ def main() -> None:
     )
     if args.host_overhead:
         torch.set_num_threads(1)
-        for dtype_name in args.dtype.split(","):
+        for dtype_name in dtypes:
             for table in host_overhead(getattr(torch, dtype_name), rounds=args.rounds, budget_s=args.min_time):
                 console.print(table)
         return
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.cuda_graphs]
     for graphs in modes:
-        for dtype_name in args.dtype.split(","):
-            for batch in (int(b) for b in args.batch_size.split(",")):
+        for dtype_name in dtypes:
+            for batch in (int(b) for b in batches):
                 ms = time_variants(args.model, batch, getattr(torch, dtype_name), args.device, cuda_graphs=graphs,
                                    rounds=args.rounds, budget_s=args.min_time, settings=settings,
                                    tome_before=tome_before)

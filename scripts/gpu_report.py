@@ -892,6 +892,12 @@ def run_section(name: str, args, work: Path) -> dict:
     return {**section, "results": results}
 
 
+def refuse(message: str) -> None:
+    """Bad input: one line on standard error, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -913,7 +919,7 @@ def main() -> None:
     if args.core_batches:
         batches = args.core_batches.split(",")
         if not all(b.isdigit() and int(b) > 0 for b in batches):
-            sys.exit(f"error: --core-batches {args.core_batches}: write positive batch sizes, e.g. 256,64")
+            refuse(f"--core-batches {args.core_batches}: write positive batch sizes, e.g. 256,64")
         cfg["core_batches"] = [int(b) for b in batches]
     if args.profiles:
         cfg["profile_names"] = args.profiles.split(",")
@@ -933,26 +939,26 @@ def main() -> None:
 
     import torch
 
-    if not args.smoke and not torch.cuda.is_available():
-        sys.exit("error: no CUDA GPU here: run on one, or pass --smoke for the CPU check")
     sections = [s for s in args.sections.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
-        sys.exit(f"error: unknown section(s) {', '.join(unknown)}: use {', '.join(SECTIONS)}")
+        refuse(f"unknown section(s) {', '.join(unknown)}: use {', '.join(SECTIONS)}")
     known = [name for name, _ in cfg["profiles"]]
     unknown = [p for p in cfg["profile_names"] if p not in known]
     if unknown:  # a profile section that would skip them all reports nothing
-        sys.exit(f"error: unknown profile(s) {', '.join(unknown)}: use {', '.join(known)}")
+        refuse(f"unknown profile(s) {', '.join(unknown)}: use {', '.join(known)}")
     args.limits = dict(SMOKE_LIMITS_S if args.smoke else LIMITS_S)
     for item in args.limit:
         name, _, seconds = item.partition("=")
-        if name not in SECTIONS or not seconds.replace(".", "", 1).isdigit():
-            sys.exit(f"error: --limit {item}: write SECTION=SECONDS with a section of {', '.join(SECTIONS)}")
+        if name not in SECTIONS or not seconds.replace(".", "", 1).isdigit() or float(seconds) <= 0:
+            refuse(f"--limit {item}: write SECTION=SECONDS with a section of {', '.join(SECTIONS)}")
         args.limits[name] = float(seconds)
     if args.work_dir:
         work = args.work_dir.resolve()
         if work == folder or work.is_relative_to(folder):
-            sys.exit(f"error: --work-dir {args.work_dir} is inside --output-dir: choose a folder outside it")
+            refuse(f"--work-dir {args.work_dir} is inside --output-dir: choose a folder outside it")
+    if not args.smoke and not torch.cuda.is_available():
+        refuse("no CUDA GPU here: run on one, or pass --smoke for the CPU check")
     else:
         work = Path(tempfile.mkdtemp(prefix="pomt-gpu-report-"))
     folder.mkdir(parents=True, exist_ok=True)

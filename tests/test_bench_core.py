@@ -38,3 +38,17 @@ def test_top_level_ops_count_pomt_block_over_its_ideal():
     assert ops["pomt(explicit)"] > ops["ideal(pomt)"]
     assert ops["pomt"] == ops["pomt(explicit)"]  # float32 on the CPU: the default is the explicit block
     assert ops["pomt(lean)"] > ops["pomt(explicit)"]
+
+
+def test_bad_input_is_one_line_with_exit_code_2():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_core.py"
+    for args, message in [(["--dtype", "float99"], "error: float99: --dtype takes float32, float16, bfloat16"),
+                          (["--host-overhead", "--dtype", "half"], "error: half: --dtype takes"),
+                          (["--batch-size", "4,0"], "error: 0: --batch-size takes positive sizes"),
+                          (["--methods", "pomt,nosuch"], "error: nosuch: --methods takes pomt, tome, topk")]:
+        done = subprocess.run([sys.executable, str(script), "--device", "cpu", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.startswith(message), (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""

@@ -162,3 +162,16 @@ def test_a_report_within_eight_minutes_only_by_cutting_says_so():
                                              "(not complete: profile, runtimes); \u2264 480 s)")
     complete = {**third, **{n: {**third[n], "status": "complete"} for n in gpu_report.SECTIONS}}
     assert gpu_report.targets(complete)[-1] == "whole report: 413.3 s (met; \u2264 480 s)"
+
+
+def test_bad_input_is_one_line_with_exit_code_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "report"
+    for args, message in [(["--profiles", "nosuch"], "error: unknown profile(s) nosuch"),
+                          (["--limit", "core=0"], "error: --limit core=0: write SECTION=SECONDS"),
+                          (["--core-batches", "a,b"], "error: --core-batches a,b: write positive batch sizes"),
+                          (["--sections", "nosuch"], "error: unknown section(s) nosuch"),
+                          (["--work-dir", str(out / "w")], "is inside --output-dir: choose a folder outside it")]:
+        done = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(out), "--smoke", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
