@@ -15,6 +15,16 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_report.py"
 SECTIONS = ("core", "profile", "engine", "bench", "accuracy", "runtimes")
 
 
+def import_script():
+    """scripts/gpu_report.py as a module (it imports its neighbours in scripts/ by name)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return gpu_report
+
+
 def brought_back(folder: Path) -> set[str]:
     """The report folder holds exactly the three files a GPU lender brings back; the archive's names."""
     assert sorted(p.name for p in folder.iterdir()) == ["extras.tar.gz", "report.json", "report.md"]
@@ -119,11 +129,7 @@ def test_a_section_over_its_limit_or_failing_is_reported_with_its_last_log_line(
 
 
 def test_a_refused_pomt_command_is_the_sections_result(tmp_path):
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_report
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    gpu_report = import_script()
     out = gpu_report.SectionWriter(tmp_path, "runtimes")
     code = gpu_report.run_command(out, ["bench", "--device", "cpu", "--model", "digits-vit", "--runtime",
                                         "eager,nosuch", "--output-dir", str(tmp_path / "runtimes")],
@@ -139,11 +145,7 @@ def test_a_refused_pomt_command_is_the_sections_result(tmp_path):
 def test_the_default_limits_keep_a_whole_report_within_eight_minutes():
     # Issue 12: the whole report in <= 8 minutes. Each section is cut at its limit, and the
     # children's start-up took about 7 s in all on the H200, so the limits may sum to 470 s.
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_report
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    gpu_report = import_script()
     assert set(gpu_report.LIMITS_S) == set(gpu_report.SECTIONS)
     assert sum(gpu_report.LIMITS_S.values()) <= 470
 
@@ -151,11 +153,7 @@ def test_the_default_limits_keep_a_whole_report_within_eight_minutes():
 def test_a_report_within_eight_minutes_only_by_cutting_says_so():
     # The H200's third run took 413 s because its profile section was cut at its limit (and
     # runtimes failed): not a whole report within 8 minutes.
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_report
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    gpu_report = import_script()
     data = SCRIPT.parents[1] / "docs" / "gpu" / "data" / "2026-11-28-h200"
     third = json.loads((data / "third-run-report.json").read_text())
     assert gpu_report.targets(third)[-1] == ("whole report: 413.3 s (met as run, but not the whole report "
