@@ -953,14 +953,11 @@ def main() -> None:
         if name not in SECTIONS or not seconds.replace(".", "", 1).isdigit() or float(seconds) <= 0:
             refuse(f"--limit {item}: write SECTION=SECONDS with a section of {', '.join(SECTIONS)}")
         args.limits[name] = float(seconds)
-    if args.work_dir:
-        work = args.work_dir.resolve()
-        if work == folder or work.is_relative_to(folder):
-            refuse(f"--work-dir {args.work_dir} is inside --output-dir: choose a folder outside it")
+    if args.work_dir and (args.work_dir.resolve() == folder or args.work_dir.resolve().is_relative_to(folder)):
+        refuse(f"--work-dir {args.work_dir} is inside --output-dir: choose a folder outside it")
     if not args.smoke and not torch.cuda.is_available():
         refuse("no CUDA GPU here: run on one, or pass --smoke for the CPU check")
-    else:
-        work = Path(tempfile.mkdtemp(prefix="pomt-gpu-report-"))
+    work = args.work_dir.resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="pomt-gpu-report-"))
     folder.mkdir(parents=True, exist_ok=True)
     for sub in ("sections", "logs"):
         (work / sub).mkdir(parents=True, exist_ok=True)
