@@ -38,7 +38,7 @@ from pomt_cli.cli.options import (
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.formats.latency import ClockState
-from pomt_cli.measure.steps import MAX_STEP_WIDTH
+from pomt_cli.measure.steps import MAX_STEP_WIDTH, VISITS_AGREE, visits_agree
 from pomt_cli.measure.runtimes import Runtime
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
@@ -114,18 +114,23 @@ def _ranges(values: list[int], most: int = 6) -> str:
 
 
 def budget_note(frame: pl.DataFrame, rel_precision: float, budget_s: float) -> str | None:
-    """Which points stopped on their time budget short of the precision, by batch size; None if none did.
+    """Which points place no step because they stopped on their time budget short of the precision, by
+    batch size; None if none did.
 
-    Those points place no step (:func:`pomt_cli.measure.steps.find_steps`). On a GPU they are
+    A point that stopped on its budget places no step unless its visits' medians agree
+    (:func:`pomt_cli.measure.steps.find_steps`); profiles written before the visits' medians
+    were recorded lack them, and then every such point places none. On a GPU they are
     typically where eager timing is bound by the host and drifts with unlocked clocks.
     """
-    short = frame.filter(pl.col("status") == "budget")
+    recorded = "visit_low_ms" in frame.columns and "visit_high_ms" in frame.columns
+    short = frame.filter((frame["status"] == "budget") & ~visits_agree(frame))
     if short.is_empty():
         return None
     where = "; ".join(f"batch {b}: n = {_ranges(part['tokens'].to_list())}"
                       for (b,), part in short.sort("batch_size").group_by(["batch_size"], maintain_order=True))
-    return (f"{short.height} point(s) did not reach \u00b1{rel_precision:.1%} within {budget_s:g} s ({where}); "
-            "they place no step: raise --budget or --rel-precision, or lock the clocks")
+    agree = f" and their visits did not agree within {VISITS_AGREE:.0%}" if recorded else ""
+    return (f"{short.height} point(s) did not reach \u00b1{rel_precision:.1%} within {budget_s:g} s{agree} "
+            f"({where}); they place no step: raise --budget or --rel-precision, or lock the clocks")
 
 
 def _clock_line(state: ClockState) -> str:

@@ -96,6 +96,8 @@ COLUMN_RULES: dict[str, tuple[str, str]] = {
     "mean_ms": ("float", "latency?"),
     "min_ms": ("float", "latency?"),
     "max_ms": ("float", "latency?"),
+    "visit_low_ms": ("float", "latency?"),
+    "visit_high_ms": ("float", "latency?"),
     "std_ms": ("float", "count?"),
     "samples": ("int", "count"),
     "status": ("str", "status"),

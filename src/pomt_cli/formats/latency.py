@@ -51,6 +51,8 @@ SCHEMA: dict[str, pl.DataType] = {
     "attempts": pl.Int64,
     "visit": pl.Int64,
     "time_s": pl.Float64,
+    "visit_low_ms": pl.Float64,
+    "visit_high_ms": pl.Float64,
 }
 
 

@@ -93,7 +93,10 @@ def empty_frame() -> pl.DataFrame:
     return pl.DataFrame(schema=SCHEMA)
 
 
-def _row(batch_size: int, tokens: int, m: Measurement, attempts: int, visit: int, time_s: float) -> dict:
+def _row(batch_size: int, tokens: int, m: Measurement, attempts: int, visit: int, time_s: float,
+         visit_medians: Sequence[float] = ()) -> dict:
+    """A profile row of the pooled measurement ``m``; ``visit_medians``: each visit's own median."""
+    spread = len(visit_medians) >= 2
     return {
         "batch_size": batch_size,
         "tokens": tokens,
@@ -111,6 +114,8 @@ def _row(batch_size: int, tokens: int, m: Measurement, attempts: int, visit: int
         "attempts": attempts,
         "visit": visit,
         "time_s": time_s,
+        "visit_low_ms": min(visit_medians) if spread else None,
+        "visit_high_ms": max(visit_medians) if spread else None,
     }
 
 
@@ -225,10 +230,17 @@ def run_grid(
     """
     rows: dict[Point, dict] = {}
     pooled: dict[Point, Measurement] = {}
+    # The median of each visit on its own: visits that disagree show drift that the pooled
+    # interval (its samples taken as one stationary set) does not.
+    medians: dict[Point, list[float]] = {}
     if previous is not None and previous.height:
         full = previous.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in SCHEMA.items() if c not in previous.columns])
         for row in full.select(list(SCHEMA)).to_dicts():
-            rows[(int(row["batch_size"]), int(row["tokens"]))] = row
+            point = (int(row["batch_size"]), int(row["tokens"]))
+            rows[point] = row
+            if row["latency_ms"] is not None:
+                # A re-measuring visit replaces the row; the earlier visits' level stays in the comparison.
+                medians[point] = [row["latency_ms"]]
     todo = [p for p in points if p not in rows]
     total = len(todo) * passes
     visit = max((r["visit"] or 0 for r in rows.values()), default=-1) + 1
@@ -250,8 +262,9 @@ def run_grid(
             rows[point] = {**old, "attempts": attempts, "time_s": time_s}
         else:
             if m.status != "oom":
+                medians.setdefault(point, []).append(m.median_ms)
                 m = pooled[point] = Measurement.pool([earlier, m] if earlier else [m])
-            rows[point] = _row(b, n, m, attempts, visit, time_s)
+            rows[point] = _row(b, n, m, attempts, visit, time_s, medians.get(point, ()))
         visit += 1
         done += 1
         if progress:

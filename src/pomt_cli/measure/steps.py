@@ -27,6 +27,17 @@ LEVEL_WINDOW = 6
 STEP_LEVEL = 0.01
 
 
+#: The fewest pairs of points that may place a step from which find_steps takes the curve's
+#: roughness; with fewer, it takes it from all pairs.
+MIN_ROUGH_PAIRS = 20
+
+
+#: How closely (relative to its median) the visits' medians of a point that did not reach
+#: the precision must agree for it to place a step: twice the default ``--rel-precision``,
+#: as the grid's spike tolerance.
+VISITS_AGREE = 0.02
+
+
 def spread_factor(pairs: int, level: float = STEP_LEVEL) -> float:
     """How many scaled MADs of the excesses a step's excess must exceed, among ``pairs`` adjacent pairs.
 
@@ -56,6 +67,45 @@ def _excursions(ms: np.ndarray, margin: float) -> np.ndarray:
     return out
 
 
+def _levels(curve: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per point of ``curve``: the low and high ends of its level, and whether it may place a step.
+
+    The level's ends are those of the confidence interval of the median, widened to take in
+    every visit's own median (``visit_low_ms``, ``visit_high_ms``): a point whose visits
+    disagree has drifted, which the interval of the pooled samples does not show. A
+    point may place a step when its interval reached the precision asked for (``status``
+    ``"ok"``), or when it was visited more than once and its visits' medians agree within
+    :data:`VISITS_AGREE` of its median: its level held still between visits although
+    its interval is wide (a profile with a short budget per point ends few points
+    ``"ok"``). Any other point spent its budget first where timing is bound by the host
+    and drifts, which cannot place a step. Columns a frame lacks (profiles of other tools,
+    or written before the visits' medians were recorded) count as absent.
+    """
+    median = curve["latency_ms"].to_numpy()
+
+    def column(name: str) -> np.ndarray:
+        """The column as floats, NaN where it is null or absent."""
+        if name not in curve.columns:
+            return np.full(curve.height, np.nan)
+        return curve[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+    ok = (curve["status"] == "ok").to_numpy() if "status" in curve.columns else np.ones(curve.height, dtype=bool)
+    ci_low, ci_high = column("ci_low_ms"), column("ci_high_ms")
+    ci_low, ci_high = np.where(np.isnan(ci_low), median, ci_low), np.where(np.isnan(ci_high), median, ci_high)
+    # fmin and fmax pass over the NaN of a point visited once.
+    low, high = np.fmin(ci_low, column("visit_low_ms")), np.fmax(ci_high, column("visit_high_ms"))
+    return low, high, ok | visits_agree(curve).to_numpy()
+
+
+def visits_agree(frame: pl.DataFrame) -> pl.Series:
+    """Per row of a profile: whether the point was visited more than once and its visits'
+    medians lie within :data:`VISITS_AGREE` of its median (False where the frame lacks them)."""
+    if "visit_low_ms" not in frame.columns or "visit_high_ms" not in frame.columns:
+        return pl.repeat(False, frame.height, eager=True)
+    spread = frame["visit_high_ms"] - frame["visit_low_ms"]
+    return (spread <= VISITS_AGREE * frame["latency_ms"]).fill_null(False).alias("visits_agree")
+
+
 def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
                excursions: bool = False, level: float = STEP_LEVEL) -> pl.DataFrame:
     """The largest latency steps: drops between adjacent grid points well beyond the curve's trend.
@@ -65,16 +115,19 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
     ``s`` is its local slope in ms per token (the running median of
     ``(L(n) - L(n-k)) / k`` over :data:`TREND_WINDOW` neighbouring pairs, which follows a
     curve that bends and does not mistake a fixed overhead for steps); the excess
-    ``d - s k / L(n)`` of a step is above ``min_drop``, the two points' confidence intervals
-    of the median do not overlap, and they are at most :data:`MAX_STEP_WIDTH` tokens apart.
+    ``d - s k / L(n)`` of a step is above ``min_drop``, the two points' levels (their
+    confidence intervals of the median, widened to their visits' medians: :func:`_levels`)
+    do not overlap, and they are at most :data:`MAX_STEP_WIDTH` tokens apart.
     Both the excess and the drop that is sure (the gap between the two intervals, relative)
-    must stand out of the curve's roughness: the excesses' scaled median absolute deviation
-    times :func:`spread_factor` of ``level``, which grows with the number of pairs so that a
+    must stand out of the curve's roughness: the scaled median absolute deviation of the
+    excesses of the pairs whose points may place a step (all pairs when fewer than
+    :data:`MIN_ROUGH_PAIRS` may), times :func:`spread_factor` of ``level``, which grows with the number of pairs so that a
     long curve's noise does not pass it by chance. (Judged on the medians alone, a drop at
     that threshold is reported by one run and not by the next, as the threshold's estimate
     moves by more than the drop does.) Both points must be measured to the precision asked
-    for (``status`` ``"ok"`` where the frame has it): a point that spent its budget first is
-    where timing is bound by the host and drifts, which cannot place a step.
+    for (``status`` ``"ok"`` where the frame has it), or their visits must agree
+    (:func:`_levels`): a point that spent its budget first is where timing is bound by the
+    host and drifts, which cannot place a step unless its visits show that it held still.
     A drop where the curve rises back on either side (a point above the level of the
     points above it, or below the level of those below it: see :func:`_excursions`) is
     noise, such as single slow calls where eager timing is bound by the host, not a step;
@@ -93,9 +146,7 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
         curve = part.sort("tokens", descending=True)
         if curve.height < 3:
             continue
-        low = (curve["ci_low_ms"] if "ci_low_ms" in curve.columns else curve["latency_ms"]).fill_null(curve["latency_ms"])
-        high = (curve["ci_high_ms"] if "ci_high_ms" in curve.columns else curve["latency_ms"]).fill_null(curve["latency_ms"])
-        precise = curve["status"] == "ok" if "status" in curve.columns else pl.repeat(True, curve.height, eager=True)
+        low, high, precise = _levels(curve)
         pairs = pl.DataFrame({
             "from_tokens": curve["tokens"][:-1],
             "to_tokens": curve["tokens"][1:],
@@ -103,7 +154,7 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
             "to_ms": curve["latency_ms"][1:],
             # A step is significant when the intervals of the median do not overlap.
             "separated": low[:-1] > high[1:],
-            "gap": (low[:-1] - high[1:]) / curve["latency_ms"][:-1],
+            "gap": (low[:-1] - high[1:]) / curve["latency_ms"].to_numpy()[:-1],
             "precise": precise[:-1] & precise[1:],
             "excursion": _excursions(curve["latency_ms"].to_numpy(), min_drop),
         }).with_columns(
@@ -113,7 +164,11 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
         slope = ((pl.col("from_ms") - pl.col("to_ms")) / pl.col("k")).rolling_median(
             window_size=TREND_WINDOW, center=True, min_samples=1)
         pairs = pairs.with_columns(excess=pl.col("drop") - slope * pl.col("k") / pl.col("from_ms"))
-        spread = pairs.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
+        # The roughness of the part of the curve that can place steps: drifting points (host-bound
+        # timing) would raise it for all.
+        settled = pairs.filter(pl.col("precise"))
+        judged = settled if settled.height >= MIN_ROUGH_PAIRS else pairs
+        spread = judged.select((pl.col("excess") - pl.col("excess").median()).abs().median()).item() * 1.4826
         rough = spread_factor(pairs.height, level) * spread
         steps = (
             pairs.filter((pl.col("drop") > 0) & pl.col("separated") & (pl.col("k") <= MAX_STEP_WIDTH)
