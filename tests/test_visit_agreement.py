@@ -10,9 +10,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pomt_cli.cli.profile import budget_note
+from pomt_cli.cli.profile import budget_note, steps_tables
 from pomt_cli.measure.grid import run_grid
-from pomt_cli.measure.steps import VISITS_AGREE, find_steps, visits_agree
+from pomt_cli.measure.steps import VISITS_AGREE, cut_steps, find_curve_steps, find_steps, visits_agree
 from pomt_cli.measure.timing import Measurement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +162,15 @@ def test_simulate_profile_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "BUDGET > 0" in err
     code = simulate_profile.main([str(H200 / "third-run-report.json")] * 3 + ["--setting", "fast"])
     assert code == 2 and "--setting fast=0.1,1,1" in capsys.readouterr().err
+
+
+def test_a_cut_step_list_says_how_many_steps_it_leaves_out():
+    frame = pl.read_parquet(H200 / "profile-bs64_float32_eager-a.parquet")
+    every = find_curve_steps(frame, top=frame.height)
+    kept, unlisted = cut_steps(every, 8)
+    assert every.height == 15 and kept.height == 8 and unlisted == {(None, 64): 7}
+    assert kept.columns == every.columns and kept.equals(every.head(8))
+    assert cut_steps(every, 15)[1] == {}
+    lines = [item for item in steps_tables(kept, [64], list(range(197, 1, -1)), None, unlisted)
+             if isinstance(item, str)]
+    assert lines == ["batch 64: 7 more step(s) stand out, smaller than these; --top-steps 15 lists them all"]

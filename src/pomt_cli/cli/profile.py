@@ -53,8 +53,13 @@ def register(app: typer.Typer) -> None:
 
 
 def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int],
-                 layers: list[int] | None = None) -> list[Table | str]:
-    """One rich table of steps per curve: batch size, and POMT's layer when ``layers`` (or a line saying there is none)."""
+                 layers: list[int] | None = None,
+                 unlisted: dict[tuple[int | None, int], int] | None = None) -> list[Table | str]:
+    """One rich table of steps per curve: batch size, and POMT's layer when ``layers`` (or a line saying there is none).
+
+    ``unlisted`` counts, per (layer, batch size), the steps beyond those in ``steps``; a
+    line under the table says how many, so that a cut list is not taken for the whole.
+    """
     rendered: list[Table | str] = []
     stride = min((a - b for a, b in zip(grid, grid[1:])), default=1)
     for layer, b in itertools.product(layers or [None], batch_sizes):
@@ -81,6 +86,10 @@ def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int],
                 f"{row['excess_pct']:.1f} pts",
             )
         rendered.append(table)
+        more = (unlisted or {}).get((layer, b), 0)
+        if more:
+            rendered.append(f"{where}: {more} more step(s) stand out, smaller than these; "
+                            f"--top-steps {part.height + more} lists them all")
     return rendered
 
 
@@ -157,7 +166,7 @@ def render(result: ProfileResult) -> None:
         out.print(note)
     layers = meta.layers if meta.workload == "pomt" else None
     out.print(workload_line(layers, meta.num_tokens))
-    for item in steps_tables(result.steps, meta.batch_sizes, meta.grid, layers):
+    for item in steps_tables(result.steps, meta.batch_sizes, meta.grid, layers, result.unlisted):
         out.print(item)
     print_path(out, "profile:", result.profile)
     print_path(out, "plot:   ", result.plot)

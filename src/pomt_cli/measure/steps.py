@@ -201,3 +201,16 @@ def find_curve_steps(frame: pl.DataFrame, *, top: int = 8) -> pl.DataFrame:
         parts.append(steps.select(pl.lit(layer, dtype=pl.Int64).alias("layer"), pl.all()))
     return pl.concat(parts) if parts else find_steps(frame, top=top).select(
         pl.lit(None, dtype=pl.Int64).alias("layer"), pl.all())
+
+
+def cut_steps(steps: pl.DataFrame, top: int) -> tuple[pl.DataFrame, dict[tuple[int | None, int], int]]:
+    """The first ``top`` steps of each curve of :func:`find_curve_steps`, and how many each leaves out.
+
+    Returns:
+        The rows kept (in their order), and per (layer, batch size) whose curve has more
+        than ``top`` steps, the number of steps left out.
+    """
+    keys = ["layer", "batch_size"]
+    kept = steps.group_by(keys, maintain_order=True).head(top).select(steps.columns)
+    counts = steps.group_by(keys, maintain_order=True).len().iter_rows()
+    return kept, {(layer, int(b)): n - top for layer, b, n in counts if n > top}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -18,7 +18,7 @@ from pomt_cli.formats.common import write_profile
 from pomt_cli.formats.latency import ClockState, LatencyMeta, Workload, resume_rows
 from pomt_cli.formats.outputs import OutputSet, output_stem, write_error
 from pomt_cli.measure.grid import GridProgress, LatencySettings
-from pomt_cli.measure.steps import find_curve_steps
+from pomt_cli.measure.steps import cut_steps, find_curve_steps
 from pomt_cli.measure.workload import check_workload, profile_latency
 from pomt_cli.models import DEFAULT_MODEL, create_model, vit_geometry
 from pomt_cli.options import DTYPES, SEED_MAX, Dtype, TokenRange, check_layers, token_grid
@@ -71,7 +71,11 @@ class ProfileSettings(RuntimeSettings):
 
 @dataclass(frozen=True)
 class ProfileResult:
-    """A latency profile, its largest steps and the files written (``profile``: Parquet, ``plot``: PNG)."""
+    """A latency profile, its largest steps and the files written (``profile``: Parquet, ``plot``: PNG).
+
+    ``steps`` holds at most ``top_steps`` steps per curve (layer and batch size), the
+    largest first; ``unlisted`` counts, per curve, the steps that stand out beyond those.
+    """
 
     frame: pl.DataFrame
     meta: LatencyMeta
@@ -79,6 +83,7 @@ class ProfileResult:
     profile: Path
     plot: Path
     resumed_complete: bool = False
+    unlisted: dict[tuple[int | None, int], int] = field(default_factory=dict)
 
 
 class _Checkpoints:
@@ -174,7 +179,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = SILENT) -> ProfileRe
         else:
             frame, meta, unrestored = _measure(net, latency, tdev, preset, s.lock_clocks, meta, previous,
                                                previous_meta, parquet, reporter)
-        steps = find_curve_steps(frame, top=s.top_steps)
+        steps, unlisted = cut_steps(find_curve_steps(frame, top=frame.height), s.top_steps)
         title = (f"{s.model}, {meta.device_display_name} ({short_device_name(meta.device_name)}), {dtype}, "
                  f"{'CUDA graphs' if s.cuda_graphs else s.runtime.value}, "
                  + ("every block at n (proxy)" if layers is None else "POMT-patched model"))
@@ -182,7 +187,8 @@ def profile(settings: ProfileSettings, reporter: Reporter = SILENT) -> ProfileRe
         files.write("png", lambda tmp: plot_latency(frame, tmp, title=title, steps=steps))
         files.commit()
     raise_unrestored(unrestored, "the profile is complete", parquet)
-    return ProfileResult(frame=frame, meta=meta, steps=steps, profile=parquet, plot=png, resumed_complete=complete)
+    return ProfileResult(frame=frame, meta=meta, steps=steps, profile=parquet, plot=png, resumed_complete=complete,
+                         unlisted=unlisted)
 
 
 def _measure(net: torch.nn.Module, settings: LatencySettings, tdev: torch.device, preset: DevicePreset,
