@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -174,3 +175,23 @@ def test_a_cut_step_list_says_how_many_steps_it_leaves_out():
     lines = [item for item in steps_tables(kept, [64], list(range(197, 1, -1)), None, unlisted)
              if isinstance(item, str)]
     assert lines == ["batch 64: 7 more step(s) stand out, smaller than these; --top-steps 15 lists them all"]
+
+
+def test_drifting_points_do_not_raise_the_roughness_a_step_must_clear():
+    # n = 197..2: a smooth curve whose points reached the precision, with a 6% step at
+    # 150 -> 149, and a host-bound stretch (n <= 110, more than half the pairs) that drifts
+    # by +-10% from point to point and ended on its budget, visited once. The drifting stretch places no step;
+    # were the roughness taken over it too, the 6% step would not clear it.
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in range(197, 1, -1):
+        ms = (5.0 + 0.05 * n) * (0.94 if n < 150 else 1.0)
+        drifting = n <= 110
+        if drifting:
+            ms *= 1.0 + 0.1 * rng.standard_normal()
+        rows.append({"batch_size": 1, "tokens": n, "latency_ms": ms, "status": "budget" if drifting else "ok",
+                     "ci_low_ms": ms * 0.998, "ci_high_ms": ms * 1.002})
+    frame = pl.DataFrame(rows)
+    assert _steps(frame) == [(150, 149)]
+    # The same curve with every point at status ok: the drifting stretch sets the roughness.
+    assert (150, 149) not in _steps(frame.with_columns(status=pl.lit("ok")))

@@ -121,8 +121,8 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
     Both the excess and the drop that is sure (the gap between the two intervals, relative)
     must stand out of the curve's roughness: the scaled median absolute deviation of the
     excesses of the pairs whose points may place a step (all pairs when fewer than
-    :data:`MIN_ROUGH_PAIRS` may), times :func:`spread_factor` of ``level``, which grows with the number of pairs so that a
-    long curve's noise does not pass it by chance. (Judged on the medians alone, a drop at
+    :data:`MIN_ROUGH_PAIRS` may), times :func:`spread_factor` of ``level``, which grows
+    with the number of pairs so that a long curve's noise does not pass it by chance. (Judged on the medians alone, a drop at
     that threshold is reported by one run and not by the next, as the threshold's estimate
     moves by more than the drop does.) Both points must be measured to the precision asked
     for (``status`` ``"ok"`` where the frame has it), or their visits must agree
@@ -152,7 +152,7 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
             "to_tokens": curve["tokens"][1:],
             "from_ms": curve["latency_ms"][:-1],
             "to_ms": curve["latency_ms"][1:],
-            # A step is significant when the intervals of the median do not overlap.
+            # A step is significant when the levels (intervals of the median) do not overlap.
             "separated": low[:-1] > high[1:],
             "gap": (low[:-1] - high[1:]) / curve["latency_ms"].to_numpy()[:-1],
             "precise": precise[:-1] & precise[1:],
