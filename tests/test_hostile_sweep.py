@@ -22,6 +22,7 @@ from pomt_cli.formats.common import FORMAT_VERSION
 from pomt_cli.formats.report import REPORT_FORMAT_VERSION
 
 HUGE = str(10**19)  # beyond int64
+HUGE_THREADS = str(100_000)  # more than any machine's cores: torch would exhaust memory starting them
 
 
 def files_under(root: Path) -> dict[str, bytes]:
@@ -86,6 +87,9 @@ SWEEP = [
      ("compute-r report of format", "upgrade pomt")),
     ("newer report in bench", [*BENCH, "--r-from", "{report}"], ("report", newer_report),
      ("compute-r report of format", "upgrade pomt")),
+    ("profile threads beyond cores", [*PROFILE, "--threads", HUGE_THREADS], None,
+     (f"--threads {HUGE_THREADS}", "logical cores")),
+    ("bench threads beyond cores", [*BENCH, "--threads", HUGE_THREADS], None, (f"--threads {HUGE_THREADS}", "cores")),
     ("profile budget inf", [*PROFILE, "--budget", "inf"], None, ("--budget", "not a finite number")),
     ("profile batch beyond int64", [*PROFILE, "--batch-size", HUGE], None, ("--batch-size", "above")),
     ("bench budget inf", [*BENCH, "--budget", "inf"], None, ("--budget", "not a finite number")),

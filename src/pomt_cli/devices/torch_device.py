@@ -51,6 +51,30 @@ def resolve_torch_device(spec: str) -> torch.device:
     raise PomtError(f"torch device {spec!r} is not supported: use cpu, cuda or mps")
 
 
+def usable_cores() -> int:
+    """The logical cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads(count: int, *, source: str = "--threads") -> None:
+    """Give torch ``count`` intra-op CPU threads, at most the usable cores.
+
+    More threads than cores would time their contention, not the model, and a count in the
+    thousands exhausts memory while torch starts them (a crash, not an error).
+
+    Raises:
+        PomtError: ``count`` exceeds the usable cores; ``source`` names where it came from.
+    """
+    cores = usable_cores()
+    if count > cores:
+        raise PomtError(f"{source} {count} exceeds the {cores} logical cores this process may use: "
+                        f"give --threads {cores} or fewer")
+    torch.set_num_threads(count)
+
+
 def device_name(device: torch.device) -> str:
     """A human name for the hardware behind ``device``, e.g. ``NVIDIA H100 80GB HBM3``."""
     if device.type == "cuda":
