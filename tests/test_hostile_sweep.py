@@ -155,3 +155,22 @@ def test_an_opset_onnx_runtime_cannot_load_is_one_line_and_keeps_no_file(tmp_pat
     code, _, err = run_in_process(["export", "--model", "digits-vit", "--output", str(output)], capsys)
     one_line_error(code, err, ("ONNX Runtime", "opset 18", "INVALID_GRAPH", "lower opset", "not kept"))
     assert ".tmp" not in err and "Load model from" not in err and list(output.parent.iterdir()) == []
+
+
+def test_a_complete_profile_lacking_points_is_refused_as_damaged_by_resume(tmp_path, capsys, monkeypatch):
+    """It was read as complete ("nothing to measure") and written again, still lacking them."""
+    monkeypatch.setenv("POMT_STATE_DIR", str(tmp_path / "state"))
+    args = ["profile", "--model", "digits-vit", "--device", "cpu", "--tokens", "65:17:16", "--threads", "1",
+            "--no-lock-clocks", "--budget", "0.02", "--passes", "1", "--remeasure", "0"]
+    code, _, err = run_in_process([*args, "--output-dir", str(tmp_path / "first")], capsys)
+    assert code == 0, err
+    (profile,) = (tmp_path / "first").glob("*.parquet")
+    meta = pl.read_parquet_metadata(profile)
+    assert json.loads(meta["pomt"])["complete"]
+    pl.read_parquet(profile).head(3).write_parquet(profile, metadata=meta)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = files_under(tmp_path)
+    code, _, err = run_in_process([*args, "--output-dir", str(out), "--resume", str(profile)], capsys)
+    one_line_error(code, err, (str(profile), "marked complete but lacks 1 of its 4 points", "start afresh"))
+    assert files_under(tmp_path) == before
