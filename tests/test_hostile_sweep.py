@@ -174,3 +174,18 @@ def test_a_complete_profile_lacking_points_is_refused_as_damaged_by_resume(tmp_p
     code, _, err = run_in_process([*args, "--output-dir", str(out), "--resume", str(profile)], capsys)
     one_line_error(code, err, (str(profile), "marked complete but lacks 1 of its 4 points", "start afresh"))
     assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [["status"], ["lock", "--dry-run"], ["lock"], ["restore"]])
+def test_clocks_of_a_torch_device_that_is_no_device_name_is_one_line(tmp_path, capsys, fake_tools, command):
+    """``torch.device('bogus')`` raised out of the clock controller: a traceback."""
+    preset = tmp_path / "bogus.toml"
+    preset.write_text((Path(__file__).parents[1] / "configs" / "devices" / "nvidia.toml").read_text()
+                      .replace('torch_device = "cuda"', 'torch_device = "bogus"'))
+    before = files_under(tmp_path)
+    for args in (["--device", "nvidia", "--torch-device", "cuda:x"], ["--device", str(preset)]):
+        code, _, err = run_in_process(["clocks", *command, *args], capsys)
+        shown = "'cuda:x'" if "cuda:x" in args else "'bogus'"
+        one_line_error(code, err, (f"torch device {shown} is not a device name", "use cpu, cuda"))
+    assert files_under(tmp_path) == before
+    assert fake_tools.calls() == []

@@ -21,16 +21,20 @@ def _visible_devices() -> str:
     return f"; CUDA_VISIBLE_DEVICES={value!r} shows torch only those GPUs, numbered from 0"
 
 
+def _parse_device(spec: str | torch.device) -> torch.device:
+    try:
+        return torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise PomtError(f"torch device {spec!r} is not a device name: use cpu, cuda, cuda:1 or mps") from None
+
+
 def resolve_torch_device(spec: str) -> torch.device:
     """The torch device for ``spec`` (``cuda``, ``cuda:1``, ``cpu``, ``mps``), checked to exist here.
 
     Raises:
         PomtError: malformed, unsupported or absent device.
     """
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise PomtError(f"torch device {spec!r} is not a device name: use cpu, cuda, cuda:1 or mps") from None
+    device = _parse_device(spec)
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type == "cuda":
@@ -98,8 +102,11 @@ def gpu_selector(device: torch.device | str | None) -> str:
 
     The UUID survives CUDA_VISIBLE_DEVICES renumbering; without CUDA (e.g. on a board
     where torch lacks it) the index is the best guess.
+
+    Raises:
+        PomtError: ``device`` is not a device name.
     """
-    device = torch.device(device) if device is not None else None
+    device = _parse_device(device) if device is not None else None
     index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         try:
