@@ -22,6 +22,7 @@ from pomt_cli.formats.common import FORMAT_VERSION
 from pomt_cli.formats.report import REPORT_FORMAT_VERSION
 
 HUGE = str(10**19)  # beyond int64
+HUGE_THREADS = str(100_000)  # more than any machine's cores: torch would exhaust memory starting them
 
 
 def files_under(root: Path) -> dict[str, bytes]:
@@ -86,6 +87,9 @@ SWEEP = [
      ("compute-r report of format", "upgrade pomt")),
     ("newer report in bench", [*BENCH, "--r-from", "{report}"], ("report", newer_report),
      ("compute-r report of format", "upgrade pomt")),
+    ("profile threads beyond cores", [*PROFILE, "--threads", HUGE_THREADS], None,
+     (f"--threads {HUGE_THREADS}", "logical cores")),
+    ("bench threads beyond cores", [*BENCH, "--threads", HUGE_THREADS], None, (f"--threads {HUGE_THREADS}", "cores")),
     ("profile budget inf", [*PROFILE, "--budget", "inf"], None, ("--budget", "not a finite number")),
     ("profile batch beyond int64", [*PROFILE, "--batch-size", HUGE], None, ("--batch-size", "above")),
     ("bench budget inf", [*BENCH, "--budget", "inf"], None, ("--budget", "not a finite number")),
@@ -151,3 +155,37 @@ def test_an_opset_onnx_runtime_cannot_load_is_one_line_and_keeps_no_file(tmp_pat
     code, _, err = run_in_process(["export", "--model", "digits-vit", "--output", str(output)], capsys)
     one_line_error(code, err, ("ONNX Runtime", "opset 18", "INVALID_GRAPH", "lower opset", "not kept"))
     assert ".tmp" not in err and "Load model from" not in err and list(output.parent.iterdir()) == []
+
+
+def test_a_complete_profile_lacking_points_is_refused_as_damaged_by_resume(tmp_path, capsys, monkeypatch):
+    """It was read as complete ("nothing to measure") and written again, still lacking them."""
+    monkeypatch.setenv("POMT_STATE_DIR", str(tmp_path / "state"))
+    args = ["profile", "--model", "digits-vit", "--device", "cpu", "--tokens", "65:17:16", "--threads", "1",
+            "--no-lock-clocks", "--budget", "0.02", "--passes", "1", "--remeasure", "0"]
+    code, _, err = run_in_process([*args, "--output-dir", str(tmp_path / "first")], capsys)
+    assert code == 0, err
+    (profile,) = (tmp_path / "first").glob("*.parquet")
+    meta = pl.read_parquet_metadata(profile)
+    assert json.loads(meta["pomt"])["complete"]
+    pl.read_parquet(profile).head(3).write_parquet(profile, metadata=meta)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = files_under(tmp_path)
+    code, _, err = run_in_process([*args, "--output-dir", str(out), "--resume", str(profile)], capsys)
+    one_line_error(code, err, (str(profile), "marked complete but lacks 1 of its 4 points", "start afresh"))
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [["status"], ["lock", "--dry-run"], ["lock"], ["restore"]])
+def test_clocks_of_a_torch_device_that_is_no_device_name_is_one_line(tmp_path, capsys, fake_tools, command):
+    """``torch.device('bogus')`` raised out of the clock controller: a traceback."""
+    preset = tmp_path / "bogus.toml"
+    preset.write_text((Path(__file__).parents[1] / "configs" / "devices" / "nvidia.toml").read_text()
+                      .replace('torch_device = "cuda"', 'torch_device = "bogus"'))
+    before = files_under(tmp_path)
+    for args in (["--device", "nvidia", "--torch-device", "cuda:x"], ["--device", str(preset)]):
+        code, _, err = run_in_process(["clocks", *command, *args], capsys)
+        shown = "'cuda:x'" if "cuda:x" in args else "'bogus'"
+        one_line_error(code, err, (f"torch device {shown} is not a device name", "use cpu, cuda"))
+    assert files_under(tmp_path) == before
+    assert fake_tools.calls() == []

@@ -285,6 +285,25 @@ def test_bad_input_is_refused_in_one_line(tmp_path, digits_report, capsys):
     assert moved.is_file()
 
 
+def test_more_threads_than_cores_is_refused_before_torch_starts_them(tmp_path, digits_report, capsys):
+    """100000 threads exhausted memory while torch started them: a traceback, not an error."""
+    report = copy_report(digits_report, tmp_path / "r")
+    threads = torch.get_num_threads()
+    refused(["refine", str(report), "--threads", "100000", "--no-lock-clocks"], capsys,
+            "--threads 100000 exceeds the", report)
+    # A profile that records more threads than this machine has (edited, or from a larger machine).
+    data = json.loads(report.read_text())
+    profile = tmp_path / "lat.parquet"
+    meta = json.loads(pl.read_parquet_metadata(data["latency"]["path"])["pomt"])
+    pl.read_parquet(data["latency"]["path"]).write_parquet(
+        profile, metadata={"pomt": json.dumps({**meta, "num_threads": 100000})})
+    data["latency"].update(path=str(profile), sha256=sha256_file(profile))
+    report.write_text(json.dumps(data))
+    refused(["refine", str(report), "--no-lock-clocks"], capsys,
+            f"the thread count of {profile} 100000 exceeds the", report)
+    assert torch.get_num_threads() == threads
+
+
 def test_ctrl_c_while_timing_restores_the_clocks_and_leaves_the_report_as_it_was(tmp_path, digits_report):
     report = copy_report(digits_report, tmp_path / "copy")
     before = {p.name: p.read_bytes() for p in report.parent.iterdir()}

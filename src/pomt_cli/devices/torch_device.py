@@ -21,16 +21,20 @@ def _visible_devices() -> str:
     return f"; CUDA_VISIBLE_DEVICES={value!r} shows torch only those GPUs, numbered from 0"
 
 
+def _parse_device(spec: str | torch.device) -> torch.device:
+    try:
+        return torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise PomtError(f"torch device {spec!r} is not a device name: use cpu, cuda, cuda:1 or mps") from None
+
+
 def resolve_torch_device(spec: str) -> torch.device:
     """The torch device for ``spec`` (``cuda``, ``cuda:1``, ``cpu``, ``mps``), checked to exist here.
 
     Raises:
         PomtError: malformed, unsupported or absent device.
     """
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise PomtError(f"torch device {spec!r} is not a device name: use cpu, cuda, cuda:1 or mps") from None
+    device = _parse_device(spec)
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type == "cuda":
@@ -49,6 +53,30 @@ def resolve_torch_device(spec: str) -> torch.device:
             raise PomtError(f"torch device {spec!r} asked for, but MPS is not available here: use --torch-device cpu")
         return device
     raise PomtError(f"torch device {spec!r} is not supported: use cpu, cuda or mps")
+
+
+def usable_cores() -> int:
+    """The logical cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads(count: int, *, source: str = "--threads") -> None:
+    """Give torch ``count`` intra-op CPU threads, at most the usable cores.
+
+    More threads than cores would time their contention, not the model, and a count in the
+    thousands exhausts memory while torch starts them (a crash, not an error).
+
+    Raises:
+        PomtError: ``count`` exceeds the usable cores; ``source`` names where it came from.
+    """
+    cores = usable_cores()
+    if count > cores:
+        raise PomtError(f"{source} {count} exceeds the {cores} logical cores this process may use: "
+                        f"give --threads {cores} or fewer")
+    torch.set_num_threads(count)
 
 
 def device_name(device: torch.device) -> str:
@@ -74,8 +102,11 @@ def gpu_selector(device: torch.device | str | None) -> str:
 
     The UUID survives CUDA_VISIBLE_DEVICES renumbering; without CUDA (e.g. on a board
     where torch lacks it) the index is the best guess.
+
+    Raises:
+        PomtError: ``device`` is not a device name.
     """
-    device = torch.device(device) if device is not None else None
+    device = _parse_device(device) if device is not None else None
     index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         try:

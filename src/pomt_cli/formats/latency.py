@@ -143,7 +143,7 @@ def resume_rows(path: str | Path, expected: LatencyMeta) -> tuple[pl.DataFrame, 
 
     Raises:
         PomtError: the file is not a latency profile, or was measured for another model,
-            grid, batch sizes, dtype, timing mode or device.
+            grid, batch sizes, dtype, timing mode or device, or is marked complete but lacks points.
     """
     frame, meta = read_latency(path)
     for name in _RESUME_FIELDS:
@@ -162,4 +162,7 @@ def resume_rows(path: str | Path, expected: LatencyMeta) -> tuple[pl.DataFrame, 
     found = set(zip(frame["layer"].to_list(), frame["batch_size"].to_list(), frame["tokens"].to_list()))
     if found - wanted:
         raise PomtError(f"--resume {path} holds points outside its own grid: it is damaged; start afresh")
+    if meta.complete and wanted - found:
+        raise PomtError(f"--resume {path} is marked complete but lacks {len(wanted - found)} of its {len(wanted)} "
+                        "points: it is damaged; start afresh")
     return frame, meta

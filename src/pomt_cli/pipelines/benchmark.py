@@ -23,7 +23,7 @@ from pomt_cli.bench import (
     time_runtimes,
 )
 from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
-from pomt_cli.devices.torch_device import device_name
+from pomt_cli.devices.torch_device import device_name, set_cpu_threads
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import BenchMeta, MethodSetting, write_bench
 from pomt_cli.formats.outputs import check_output_dir, output_stem
@@ -256,7 +256,7 @@ def bench(settings: BenchSettings, reporter: Reporter = SILENT) -> BenchResult:
                         "--checkpoint PATH, leave out --data, or pass --allow-random-weights")
     check_output_dir(s.output_dir)
     if s.threads is not None:
-        torch.set_num_threads(s.threads)
+        set_cpu_threads(s.threads)
     net = create_model(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint, img_size=s.img_size)
     weights_sha = state_dict_sha256(net)
     g = vit_geometry(net)

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
 from pomt_cli.devices.presets import DevicePreset
-from pomt_cli.devices.torch_device import device_name, short_device_name
+from pomt_cli.devices.torch_device import device_name, set_cpu_threads, short_device_name
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import write_profile
 from pomt_cli.formats.latency import ClockState, LatencyMeta, Workload, resume_rows
@@ -134,7 +134,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = SILENT) -> ProfileRe
                         "leave out --layer or add --method pomt")
     layers = (s.layers or [DEFAULT_LAYER]) if s.workload == "pomt" else None
     if s.threads is not None:
-        torch.set_num_threads(s.threads)
+        set_cpu_threads(s.threads)
     net = create_model(s.model, pretrained=s.pretrained, checkpoint=s.checkpoint, img_size=s.img_size)
     g = vit_geometry(net)
     if layers is not None:

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from pomt_cli.bench import BASELINE, BenchTiming, fit_settings, time_methods
 from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
+from pomt_cli.devices.torch_device import set_cpu_threads
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import MethodSetting
 from pomt_cli.formats.latency import read_latency
@@ -127,7 +128,8 @@ def refine(settings: RefineSettings, reporter: Reporter = SILENT) -> RefineResul
     selection = select_r(latency_path, accuracy_path, criterion, sizes)
     candidates = {b: refine_candidates(selection.curves[b], criterion, b, s.candidates) for b in sizes}
 
-    torch.set_num_threads(s.threads or meta.num_threads)
+    set_cpu_threads(s.threads or meta.num_threads,
+                    source="--threads" if s.threads else f"the thread count of {latency_path}")
     net = create_model(meta.model, pretrained=meta.pretrained, checkpoint=meta.checkpoint,
                        img_size=meta.img_size_option)
     planned = {b: fit_settings(net, [MethodSetting(method=BASELINE),
