@@ -11,10 +11,14 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pomt_cli.cli.compute_r import selection_settings
 from pomt_cli.cli.profile import budget_note, steps_tables
+from pomt_cli.formats.common import write_profile
+from pomt_cli.formats.latency import read_latency
 from pomt_cli.measure.grid import run_grid
 from pomt_cli.measure.steps import VISITS_AGREE, cut_steps, find_curve_steps, find_steps, visits_agree
 from pomt_cli.measure.timing import Measurement
+from pomt_cli.selection import compute_r
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = ROOT / "docs" / "gpu" / "data" / "2026-11-28-h200"
@@ -195,3 +199,29 @@ def test_drifting_points_do_not_raise_the_roughness_a_step_must_clear():
     assert _steps(frame) == [(150, 149)]
     # The same curve with every point at status ok: the drifting stretch sets the roughness.
     assert (150, 149) not in _steps(frame.with_columns(status=pl.lit("ok")))
+
+
+def _with_visits(path: Path, spread: dict[tuple[int, int], float]) -> Path:
+    """The latency profile at ``path`` with its visits' medians: ``spread`` (relative) at (batch, n), 0.5% elsewhere."""
+    frame, meta = read_latency(path)
+    rel = pl.Series([spread.get((b, n), 0.005) for b, n in frame.select("batch_size", "tokens").iter_rows()])
+    frame = frame.with_columns(visit_low_ms=pl.col("latency_ms") * (1 - rel / 2),
+                               visit_high_ms=pl.col("latency_ms") * (1 + rel / 2))
+    return write_profile(path, frame, meta)
+
+
+def test_compute_r_notes_a_choice_whose_visits_disagreed(profiles):
+    lat, acc = profiles
+    report = compute_r(lat, acc, selection_settings()).report
+    assert [(c.batch_size, c.tokens) for c in report.choices] == [(1, 9), (4, 13)]
+    assert not any("visits disagreed" in n for n in report.notes)  # no visits recorded: nothing to say
+    _with_visits(lat, {})
+    assert not any("visits disagreed" in n for n in compute_r(lat, acc, selection_settings()).report.notes)
+    # The chosen point of batch 1 and the unpruned point of batch 4 drifted by 5% and 3%.
+    _with_visits(lat, {(1, 9): 0.05, (4, 17): 0.03, (4, 9): 0.2})
+    notes = [n for n in compute_r(lat, acc, selection_settings()).report.notes if "visits disagreed" in n]
+    assert notes == [
+        "batch 1: the profile's visits disagreed (n = 9 by 5.0%): the device drifted between them, which the "
+        "predicted interval does not include: measure the choice side by side (pomt refine, pomt bench)",
+        "batch 4: the profile's visits disagreed (n = 17 by 3.0%): the device drifted between them, which the "
+        "predicted interval does not include: measure the choice side by side (pomt refine, pomt bench)"]

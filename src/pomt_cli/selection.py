@@ -50,6 +50,7 @@ from pomt_cli.formats.common import GEOMETRY_FIELDS
 from pomt_cli.formats.accuracy import AccuracyMeta, read_accuracy
 from pomt_cli.formats.latency import LatencyMeta, read_latency
 from pomt_cli.formats.report import Choice, Criterion, ProfileInput, Report, sha256_file
+from pomt_cli.measure.steps import VISITS_AGREE
 
 DEFAULT_ALPHA = 0.5
 #: Candidates listed per batch size.
@@ -354,6 +355,29 @@ def latency_ratio(point: dict, unpruned: dict) -> Ratio:
                  low=bounds[0] / bounds[3] if whole else None, high=bounds[1] / bounds[2] if whole else None)
 
 
+def drift_note(latency: pl.DataFrame, batch_size: int, best: dict, num_tokens: int) -> str | None:
+    """A note when the profile's visits of the chosen point or of its unpruned point disagreed.
+
+    Visits whose medians lie further apart than :data:`~pomt_cli.measure.steps.VISITS_AGREE`
+    show that the device drifted between them; the intervals of the pooled medians, and so
+    the predicted ratio's, do not include that. None when R = 0, when the visits agree, or
+    when the profile did not record them.
+    """
+    if best["R"] == 0 or "visit_low_ms" not in latency.columns or "visit_high_ms" not in latency.columns:
+        return None
+    layer = pl.col("layer").is_null() if best.get("layer") is None else pl.col("layer") == best["layer"]
+    rows = latency.filter((pl.col("batch_size") == batch_size) & layer
+                          & pl.col("tokens").is_in([best["tokens"], num_tokens]) & pl.col("latency_ms").is_not_null())
+    spread = rows.select("tokens", ((pl.col("visit_high_ms") - pl.col("visit_low_ms")) / pl.col("latency_ms"))
+                         .alias("spread")).filter(pl.col("spread") > VISITS_AGREE).sort("tokens", descending=True)
+    if spread.is_empty():
+        return None
+    where = ", ".join(f"n = {n} by {100 * v:.1f}%" for n, v in spread.iter_rows())
+    return (f"batch {batch_size}: the profile's visits disagreed ({where}): the device drifted between them, "
+            "which the predicted interval does not include: measure the choice side by side (pomt refine, "
+            "pomt bench)")
+
+
 def _ratio_of(best: dict, points: pl.DataFrame, num_tokens: int) -> Ratio | None:
     """The choice's :func:`latency_ratio` (1 for R = 0); None when its curve lacks n = N."""
     if best["R"] == 0:
@@ -461,6 +485,8 @@ def compute_r(
         ranked = rank(paying, settings, b)
         best = ranked.row(0, named=True)
         ratio = _ratio_of(best, curve_points, num_tokens)
+        if (drift := drift_note(latency, b, best, num_tokens)) is not None:
+            notes.append(drift)
         curves[b] = scored.drop("ci_low_ms", "ci_high_ms")
         candidates[b] = ranked.head(TOP_CANDIDATES).drop("ci_low_ms", "ci_high_ms")
         common[b] = curve_points
