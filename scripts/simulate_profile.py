@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in settings:
         o = simulate(model, truth, s, args.draws, seed=args.seed)
         agree = "-" if o.agreement is None else f"{100 * o.agreement:.2f}%"
-        table.add_row(s.name, f"{o.seconds:.1f}", agree, f"{o.listed[0]:.1f}", f"{o.true[0]:.1f}",
-                      f"{o.listed[0] - o.true[0]:.1f}", f"{o.listed[1]:.1f}", f"{o.listed[1] - o.true[1]:.1f}")
+        table.add_row(s.name, f"{o.seconds:.1f}", agree, f"{o.listed[0]:.2f}", f"{o.true[0]:.2f}",
+                      f"{o.listed[0] - o.true[0]:.2f}", f"{o.listed[1]:.2f}", f"{o.listed[1] - o.true[1]:.2f}")
     console.print(table)
     for line in ("seconds: measuring per profile (host work and loading not simulated)",
                  "agree: median over n of |L1 - L2| / L2 between consecutive profiles",

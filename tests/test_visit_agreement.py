@@ -225,3 +225,20 @@ def test_compute_r_notes_a_choice_whose_visits_disagreed(profiles):
         "predicted interval does not include: measure the choice side by side (pomt refine, pomt bench)",
         "batch 4: the profile's visits disagreed (n = 17 by 3.0%): the device drifted between them, which the "
         "predicted interval does not include: measure the choice side by side (pomt refine, pomt bench)"]
+
+
+def test_the_grid_visits_again_a_drop_that_a_neighbours_slow_visit_would_hide():
+    # The unpruned end n = 60 was slow in both its visits (120 ms, where the curve is near
+    # 4 ms), and n = 59 had one slow visit (130 ms) among fast ones. Judged with the visits,
+    # the levels overlap: no step. The grid's search for drops to visit again judges the
+    # intervals alone, so n = 60 is visited again (a third visit finds its true level).
+    rows = [{"batch_size": 1, "tokens": 60, "latency_ms": 120.0, "status": "budget", "ci_low_ms": None,
+             "ci_high_ms": None, "visit_low_ms": 119.9, "visit_high_ms": 120.1}]
+    for n in range(59, 40, -1):
+        ms = 1.0 + 0.05 * n
+        rows.append({"batch_size": 1, "tokens": n, "latency_ms": ms, "status": "ok", "ci_low_ms": 0.99 * ms,
+                     "ci_high_ms": 1.01 * ms, "visit_low_ms": ms, "visit_high_ms": 130.0 if n == 59 else ms})
+    frame = pl.DataFrame(rows)
+    assert _steps(frame) == []
+    again = find_steps(frame, excursions=True)
+    assert (60, 59) in list(zip(again["from_tokens"].to_list(), again["to_tokens"].to_list()))

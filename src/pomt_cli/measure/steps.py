@@ -67,7 +67,7 @@ def _excursions(ms: np.ndarray, margin: float) -> np.ndarray:
     return out
 
 
-def _levels(curve: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _levels(curve: pl.DataFrame, widen: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per point of ``curve``: the low and high ends of its level, and whether it may place a step.
 
     The level's ends are those of the confidence interval of the median, widened to take in
@@ -79,7 +79,8 @@ def _levels(curve: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     its interval is wide (a profile with a short budget per point ends few points
     ``"ok"``). Any other point spent its budget first where timing is bound by the host
     and drifts, which cannot place a step. Columns a frame lacks (profiles of other tools,
-    or written before the visits' medians were recorded) count as absent.
+    or written before the visits' medians were recorded) count as absent. With ``widen``
+    False the ends are the interval's alone.
     """
     median = curve["latency_ms"].to_numpy()
 
@@ -92,9 +93,12 @@ def _levels(curve: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ok = (curve["status"] == "ok").to_numpy() if "status" in curve.columns else np.ones(curve.height, dtype=bool)
     ci_low, ci_high = column("ci_low_ms"), column("ci_high_ms")
     ci_low, ci_high = np.where(np.isnan(ci_low), median, ci_low), np.where(np.isnan(ci_high), median, ci_high)
+    agree = visits_agree(curve).to_numpy()
+    if not widen:
+        return ci_low, ci_high, ok | agree
     # fmin and fmax pass over the NaN of a point visited once.
     low, high = np.fmin(ci_low, column("visit_low_ms")), np.fmax(ci_high, column("visit_high_ms"))
-    return low, high, ok | visits_agree(curve).to_numpy()
+    return low, high, ok | agree
 
 
 def visits_agree(frame: pl.DataFrame) -> pl.Series:
@@ -131,8 +135,8 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
     A drop where the curve rises back on either side (a point above the level of the
     points above it, or below the level of those below it: see :func:`_excursions`) is
     noise, such as single slow calls where eager timing is bound by the host, not a step;
-    ``excursions=True`` keeps such drops and those of imprecise points too (the grid visits
-    the ends of all of them again).
+    ``excursions=True`` keeps such drops and those of imprecise points too, and judges the
+    intervals without the visits' medians (the grid visits the ends of all of them again).
 
     Returns:
         One row per step, at most ``top`` per batch size, largest excess first:
@@ -146,7 +150,9 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
         curve = part.sort("tokens", descending=True)
         if curve.height < 3:
             continue
-        low, high, precise = _levels(curve)
+        # The grid's search for drops to visit again (excursions) takes every drop that the
+        # intervals alone allow: a neighbour's slow visit must not hide one.
+        low, high, precise = _levels(curve, widen=not excursions)
         pairs = pl.DataFrame({
             "from_tokens": curve["tokens"][:-1],
             "to_tokens": curve["tokens"][1:],
