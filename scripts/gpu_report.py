@@ -428,7 +428,22 @@ def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
                 out.append("agreement", {"name": name, "batch_size": row["batch_size"], "points": row["points"],
                                          "median_pct": round(100 * row["median"], 3),
                                          "p90_pct": round(100 * row["p90"], 3),
-                                         "max_pct": round(100 * row["max"], 3)})
+                                         "max_pct": round(100 * row["max"], 3),
+                                         **steps_agreement(runs[0], runs[1], row["batch_size"])})
+
+
+def steps_agreement(a, b, batch_size: int) -> dict:
+    """Every step two runs list at ``batch_size`` (not only the top 8): in both, in run a only, in run b only."""
+    from pomt_cli.measure.steps import find_steps
+
+    found = []
+    for frame in (a, b):
+        part = frame.filter(frame["batch_size"] == batch_size)
+        steps = find_steps(part, top=max(part.height, 1))
+        found.append({f"{f}\u2192{t}" for f, t in zip(steps["from_tokens"].to_list(), steps["to_tokens"].to_list())})
+    order = lambda steps: sorted(steps, key=lambda s: -int(s.split("\u2192")[0]))  # noqa: E731
+    return {"steps_both": order(found[0] & found[1]), "steps_a_only": order(found[0] - found[1]),
+            "steps_b_only": order(found[1] - found[0])}
 
 
 def section_engine(cfg: dict, out: SectionWriter, folder: Path) -> None:
@@ -692,6 +707,12 @@ def md_profile(prof: dict) -> list[str]:
         lines += md_table("profile | batch> | points> | median \\|L1\u2212L2\\|/L2> | p90> | max>",
                           [[a["name"], a["batch_size"], a["points"], f"{a['median_pct']}%", f"{a['p90_pct']}%",
                             f"{a['max_pct']}%"] for a in prof["agreement"]])
+        compared = [a for a in prof["agreement"] if "steps_both" in a]
+        if compared:
+            lines += [""] + md_table(
+                "profile | batch> | steps in both runs> | in run a only | in run b only",
+                [[a["name"], a["batch_size"], len(a["steps_both"]), ", ".join(a["steps_a_only"]) or "none",
+                  ", ".join(a["steps_b_only"]) or "none"] for a in compared])
     else:
         lines.append("No two runs of a profile to compare.")
     for p in prof.get("profiles", []):

@@ -71,6 +71,8 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     assert not any(name.startswith("cache/") for name in archived)
     assert {(a["name"], a["batch_size"]) for a in profile["agreement"]} == {
         ("bs4_float32_eager", 4), ("bs1-4_float32_eager", 1), ("bs1-4_float32_eager", 4)}
+    # Each pair of runs also compares its whole step lists.
+    assert all({"steps_both", "steps_a_only", "steps_b_only"} <= set(a) for a in profile["agreement"])
     engine = report["engine"]["results"]
     assert engine["settings"]["grid"] == [17, 14, 11, 8, 5, 2] and engine["settings"]["passes"] == 2
     (run,) = engine["runs"]
@@ -173,3 +175,31 @@ def test_bad_input_is_one_line_with_exit_code_2_and_writes_nothing(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_two_runs_steps_are_compared_whole_and_reported(tmp_path):
+    gpu_report = import_script()
+    import polars as pl
+
+    data = Path(__file__).resolve().parents[1] / "docs" / "gpu" / "data" / "2026-11-28-h200"
+    a = pl.read_parquet(data / "profile-bs64_float32_eager-a.parquet")
+    b = pl.read_parquet(data / "profile-bs64_float32_eager-b.parquet")
+    # The two H200 runs list the same 15 steps, beyond the 8 of each run's own table.
+    same = gpu_report.steps_agreement(a, b, 64)
+    assert len(same["steps_both"]) == 15 and same["steps_a_only"] == same["steps_b_only"] == []
+    assert same["steps_both"][:2] == ["193\u2192192", "177\u2192176"]
+    # Run b without its drop at 89 -> 88: that step is in run a only.
+    flat = b.with_columns(latency_ms=pl.when(pl.col("tokens") == 88).then(pl.col("latency_ms") * 1.28)
+                          .otherwise(pl.col("latency_ms")),
+                          ci_low_ms=pl.when(pl.col("tokens") == 88).then(pl.col("ci_low_ms") * 1.28)
+                          .otherwise(pl.col("ci_low_ms")),
+                          ci_high_ms=pl.when(pl.col("tokens") == 88).then(pl.col("ci_high_ms") * 1.28)
+                          .otherwise(pl.col("ci_high_ms")))
+    differ = gpu_report.steps_agreement(a, flat, 64)
+    assert "89\u219288" in differ["steps_a_only"] and "89\u219288" not in differ["steps_both"]
+    prof = {"profiles": [], "agreement": [{"name": "bs64", "batch_size": 64, "points": 196, "median_pct": 0.1,
+                                           "p90_pct": 1.0, "max_pct": 2.0, **differ}]}
+    lines = gpu_report.md_profile(prof)
+    assert "| profile | batch | steps in both runs | in run a only | in run b only |" in lines
+    row = next(line for line in lines if line.startswith("| bs64 | 64 | 14 |"))
+    assert "89\u219288" in row
