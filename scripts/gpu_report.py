@@ -40,7 +40,8 @@ Sections:
   about 25-30 s, docs/PERFORMANCE.md), batch
   1 and 4 float16 with CUDA graphs, and batch 64 float32 eager with the defaults (about
   115 s a run on the H200, so the section's limit cuts the second run); wall time,
-  agreement per point, steps. ``--profiles`` picks others, in the order given.
+  agreement per point, steps (each run's largest 8, and the two runs' whole step lists
+  compared). ``--profiles`` picks others, in the order given.
 - engine: where a profile's time goes. Every visit of a 25-point grid (n = 197, 189, ...,
   5) at batch 64 float32 eager and at batch 4 float16 with CUDA graphs, with the
   profile's default settings, through the library's ``profile_latency``: each visit's
