@@ -36,9 +36,9 @@ Sections:
   graphs; and the lean POMT scores against exact ones on the device.
 - profile: pairs of consecutive full profiles, in this order: batch 64 float32 eager
   with ``--budget 0.1 --warmup 1 --passes 2`` (``bs64_float32_eager_fast``: the settings
-  that ``scripts/replay_timing.py`` and ``scripts/simulate_profile.py`` predict to take
-  about 25-30 s, docs/PERFORMANCE.md), batch
-  1 and 4 float16 with CUDA graphs, and batch 64 float32 eager with the defaults (about
+  for which ``scripts/replay_timing.py`` and ``scripts/simulate_profile.py`` predict
+  21-25 s of measuring and about 30 s in all with re-measuring and start-up,
+  docs/PERFORMANCE.md), batch 1 and 4 float16 with CUDA graphs, and batch 64 float32 eager with the defaults (about
   115 s a run on the H200, so the section's limit cuts the second run); wall time,
   agreement per point, steps (each run's largest 8, and the two runs' whole step lists
   compared). ``--profiles`` picks others, in the order given.
