@@ -236,7 +236,7 @@ def bench(
     cuda_graphs: CudaGraphsOption = False,
     runtime: RuntimesOption = [],  # noqa: B006 (typer's way of a repeated option)
     ort_providers: OrtProvidersOption = None,
-    compile_backend: CompileBackendOption = "inductor",
+    compile_backend: CompileBackendOption = None,
     rel_precision: RelPrecisionOption = 0.01,
     budget: BenchBudgetOption = BUDGET_S,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds; samples are pooled over "

@@ -204,6 +204,6 @@ OrtProvidersOption = Annotated[str | None, typer.Option(
     "--ort-providers", metavar="P[,P...]",
     help=f"For --runtime onnxruntime: execution providers in order ({', '.join(PROVIDER_ALIASES)} or full names; "
     "default: those available for the device).")]
-CompileBackendOption = Annotated[str, typer.Option(
-    "--compile-backend", help="For --runtime compile: torch.compile's backend (inductor, or eager to check that "
-    "the model compiles as one graph without generating code).")]
+CompileBackendOption = Annotated[str | None, typer.Option(
+    "--compile-backend", show_default=False, help="For --runtime compile: torch.compile's backend (default "
+    "inductor, or eager to check that the model compiles as one graph without generating code).")]

@@ -187,7 +187,7 @@ def profile(
     cuda_graphs: CudaGraphsOption = False,
     runtime: RuntimeOption = Runtime.eager,
     ort_providers: OrtProvidersOption = None,
-    compile_backend: CompileBackendOption = "inductor",
+    compile_backend: CompileBackendOption = None,
     rel_precision: RelPrecisionOption = 0.01,
     budget: ProfileBudgetOption = BUDGET_S,
     min_samples: Annotated[int, typer.Option("--min-samples", min=1, help="Timed calls per point at least.")] = 10,
