@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
+from click.core import ParameterSource
 
 from pomt_cli.formats.accuracy import estimators
 from pomt_cli.devices.presets import preset_names
@@ -18,6 +19,8 @@ from pomt_cli.models import MODEL_HELP
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange
 from pomt_cli.pipelines import BUDGET_S
 from pomt_cli.pruning import method_names
+
+T = TypeVar("T")
 
 #: The registered token-reduction methods (``--help`` lists them; another value fails at parse time).
 Method = Enum("Method", {name: name for name in method_names()}, type=str)
@@ -204,6 +207,11 @@ OrtProvidersOption = Annotated[str | None, typer.Option(
     "--ort-providers", metavar="P[,P...]",
     help=f"For --runtime onnxruntime: execution providers in order ({', '.join(PROVIDER_ALIASES)} or full names; "
     "default: those available for the device).")]
-CompileBackendOption = Annotated[str | None, typer.Option(
-    "--compile-backend", show_default=False, help="For --runtime compile: torch.compile's backend (default "
-    "inductor, or eager to check that the model compiles as one graph without generating code).")]
+CompileBackendOption = Annotated[str, typer.Option(
+    "--compile-backend", help="For --runtime compile: torch.compile's backend (inductor, or eager to check that "
+    "the model compiles as one graph without generating code).")]
+
+
+def given(ctx: typer.Context, name: str, value: T) -> T | None:
+    """``value`` where the user gave the option ``name``, else None (its default is then the library's)."""
+    return None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT else value
