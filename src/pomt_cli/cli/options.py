@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from click.core import ParameterSource
 
 from pomt_cli.formats.accuracy import estimators
 from pomt_cli.devices.presets import preset_names
@@ -214,4 +213,5 @@ CompileBackendOption = Annotated[str, typer.Option(
 
 def given(ctx: typer.Context, name: str, value: T) -> T | None:
     """``value`` where the user gave the option ``name``, else None (its default is then the library's)."""
-    return None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT else value
+    source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
+    return None if source is None or source.name == "DEFAULT" else value
