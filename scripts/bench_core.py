@@ -28,7 +28,6 @@ functions of another version of ``pomt_cli/pruning/tome.py`` (e.g. one checked o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import importlib.util
@@ -36,18 +35,23 @@ import random
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from pomt_cli.devices.torch_device import device_name
+from pomt_cli.devices.torch_device import device_name, resolve_torch_device
+from pomt_cli.errors import PomtError
 from pomt_cli.pruning import apply, forward_ideal, patch, planned_token_counts, pomt, remove, tome
 from pomt_cli.pruning.attention import qkv
-from pomt_cli.measure.timing import Measurement, Task, measure, release_memory
+from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
+from pomt_cli.script_args import OneLineParser, number, refuse
 
 DTYPES = ("float32", "float16", "bfloat16")
+#: The largest batch size (a 32-bit int, as pomt's own --batch-size).
+BATCH_MAX = 2**31 - 1
 DEFAULT_SETTINGS = {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}}
 
 #: The ToMe module the patched blocks call (swapped for ``tome(before)`` while it is timed).
@@ -277,40 +281,60 @@ def host_overhead(dtype: torch.dtype, *, rounds: int, budget_s: float) -> tuple[
     return forwards, pieces
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def tome_version(path: str) -> types.SimpleNamespace:
+    """``load_tome(path)``, or one line and exit code 2 for a file that is no version of tome.py."""
+    if not path.endswith(".py") or not Path(path).is_file():
+        refuse(f"--tome-before {path} is no Python file: give a version of pomt_cli/pruning/tome.py, e.g. from "
+               "git show REV:src/pomt_cli/pruning/tome.py > FILE")
+    try:
+        return load_tome(path)
+    except (OSError, SyntaxError, ImportError, AttributeError) as exc:
+        refuse(f"--tome-before {path} cannot be loaded as a version of tome.py ({type(exc).__name__}: {exc})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--batch-size", default="1,4,64,256")
     parser.add_argument("--dtype", default="float16,float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cuda-graphs", choices=("no", "yes", "both"), default="no")
-    parser.add_argument("--pomt-r", type=int, default=56)
-    parser.add_argument("--layer", type=int, default=3)
-    parser.add_argument("--tome-r", type=int, default=8)
-    parser.add_argument("--topk-r", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; samples are pooled")
-    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per variant per round")
+    parser.add_argument("--pomt-r", type=number(int, minimum=0), default=56)
+    parser.add_argument("--layer", type=number(int, minimum=0), default=3)
+    parser.add_argument("--tome-r", type=number(int, minimum=0), default=8)
+    parser.add_argument("--topk-r", type=number(int, minimum=0), default=8)
+    parser.add_argument("--rounds", type=number(int, minimum=1), default=5, help="interleaved rounds; samples are pooled")
+    parser.add_argument("--min-time", type=number(float, above=0), default=0.2, help="seconds per variant per round")
     parser.add_argument("--methods", default="pomt,tome,topk", help="methods to time, comma-separated")
     parser.add_argument("--tome-before", metavar="FILE", help="also time ToMe with this version of tome.py")
     parser.add_argument("--host-overhead", action="store_true",
                         help="one thread, batch 1, a tiny ViT: POMT's host overhead, op counts and pieces")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dtypes = args.dtype.split(",")
     batches = args.batch_size.split(",")
     methods = args.methods.split(",")
     for bad, what in (([d for d in dtypes if d not in DTYPES], f"--dtype takes {', '.join(DTYPES)}"),
-                      ([b for b in batches if not (b.isdigit() and int(b) > 0)], "--batch-size takes positive sizes"),
+                      ([b for b in batches if not (b.isdigit() and 0 < int(b) <= BATCH_MAX)],
+                       f"--batch-size takes positive sizes up to {BATCH_MAX}"),
                       ([m for m in methods if m not in DEFAULT_SETTINGS], f"--methods takes {', '.join(DEFAULT_SETTINGS)}")):
         if bad:  # one line, exit code 2, before anything runs
             print(f"error: {', '.join(bad)}: {what}, comma-separated", file=sys.stderr)
             raise SystemExit(2)
+    try:
+        device = resolve_torch_device(args.device)
+    except PomtError as exc:
+        refuse(f"--device {args.device}: {exc}")
+    if args.cuda_graphs != "no" and device.type != "cuda":
+        refuse(f"--cuda-graphs {args.cuda_graphs} needs a CUDA device, not {args.device}: pass --device cuda")
+    if not args.host_overhead and not timm.is_model(args.model):
+        refuse(f"--model {args.model}: timm has no such model; give a timm model name, e.g. deit_small_patch16_224")
     settings = {
         "pomt": {"r": args.pomt_r, "layer": args.layer},
         "tome": {"r": args.tome_r},
         "topk": {"r": args.topk_r},
     }
     settings = {m: settings[m] for m in methods}
-    tome_before = load_tome(args.tome_before) if args.tome_before else None
+    tome_before = tome_version(args.tome_before) if args.tome_before else None
     console = Console(highlight=False)
     model = f"{TINY_MODEL} {TINY_KWARGS}" if args.host_overhead else args.model
     console.print(
@@ -327,9 +351,17 @@ def main() -> None:
     for graphs in modes:
         for dtype_name in dtypes:
             for batch in (int(b) for b in batches):
-                ms = time_variants(args.model, batch, getattr(torch, dtype_name), args.device, cuda_graphs=graphs,
-                                   rounds=args.rounds, budget_s=args.min_time, settings=settings,
-                                   tome_before=tome_before)
+                try:
+                    ms = time_variants(args.model, batch, getattr(torch, dtype_name), args.device,
+                                       cuda_graphs=graphs, rounds=args.rounds, budget_s=args.min_time,
+                                       settings=settings, tome_before=tome_before)
+                except PomtError as exc:  # an r or a layer the model refuses
+                    refuse(str(exc))
+                except (RuntimeError, MemoryError) as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    refuse(f"batch {batch} in {dtype_name} does not fit in memory on {args.device}: "
+                           "give smaller --batch-size values")
                 mode = "CUDA graphs" if graphs else "eager"
                 console.print(render(f"batch {batch}, {dtype_name}, {mode}", ratios(ms)))
 

@@ -16,7 +16,6 @@ profile but not in another (a step matches another when their token ranges overl
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from rich.table import Table
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.latency import read_latency as read_latency_profile
 from pomt_cli.measure.steps import find_steps
+from pomt_cli.script_args import OneLineParser, number
 
 KEY = ["batch_size", "tokens"]
 
@@ -79,9 +79,10 @@ def differences(steps: list[pl.DataFrame], names: list[str], batch_size: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("profiles", nargs="+", metavar="PROFILE", help="two or more latency profiles (.parquet)")
-    parser.add_argument("--steps", type=int, default=4, help="steps listed per profile and batch size")
+    parser.add_argument("--steps", type=number(int, minimum=1, maximum=1000), default=4,
+                        help="steps listed per profile and batch size (1 to 1000)")
     args = parser.parse_args(argv)
     if len(args.profiles) < 2:
         parser.error("give two or more latency profiles to compare")

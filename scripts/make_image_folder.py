@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pomt_cli.script_args import OneLineParser, number, refuse
+
+#: The largest side of an image: a 10,000 x 10,000 image is 300 MB before compression.
+MAX_SIDE = 10_000
+
 
 def write_image(root: Path, i: int, classes: int, width: int, height: int, seed: int = 0) -> Path:
     """Write image ``i`` (class ``i % classes``); its pixels depend on ``seed`` and ``i`` alone."""
@@ -28,17 +33,31 @@ def write_image(root: Path, i: int, classes: int, width: int, height: int, seed:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` as two whole numbers from 1 to ``MAX_SIDE``."""
+    width, x, height = text.partition("x")
+    if not (x and width.isdigit() and height.isdigit() and 1 <= int(width) <= MAX_SIDE
+            and 1 <= int(height) <= MAX_SIDE):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT with sides 1 to {MAX_SIDE}, e.g. 500x375")
+    return int(width), int(height)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--size", default="500x375", help="WIDTHxHEIGHT")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    width, height = (int(v) for v in args.size.split("x"))
-    for i in range(args.images):
-        write_image(args.root, i, args.classes, width, height, args.seed)
+    parser.add_argument("--images", type=number(int, minimum=1), default=2000)
+    parser.add_argument("--classes", type=number(int, minimum=1), default=1000)
+    parser.add_argument("--size", type=size, default="500x375", help=f"WIDTHxHEIGHT, each 1 to {MAX_SIDE}")
+    parser.add_argument("--seed", type=number(int, minimum=0), default=0)
+    args = parser.parse_args(argv)
+    width, height = args.size
+    if args.root.exists() and not args.root.is_dir():
+        refuse(f"{args.root} is a file, not a folder: give a folder to write the class folders in")
+    try:
+        for i in range(args.images):
+            write_image(args.root, i, args.classes, width, height, args.seed)
+    except OSError as exc:
+        refuse(f"cannot write the images under {args.root} ({exc.strerror or exc}): choose a folder you can write")
     print(f"wrote {args.images} images in {min(args.images, args.classes)} class folders under {args.root}")
 
 

@@ -26,7 +26,7 @@ figures for these are printed under the table.
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
 import math
 import sys
@@ -39,6 +39,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pomt_cli.measure.timing import Measurement, measure
+from pomt_cli.script_args import OneLineParser
+
+
+#: The most timed calls ``measure`` makes at one point.
+MAX_SAMPLES: int = inspect.signature(measure).parameters["max_samples"].default
 
 
 class Exhausted(Exception):
@@ -203,7 +208,7 @@ def engine_runs(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="a gpu_report.py report.json with an engine section")
     parser.add_argument("--run", help="the engine run to replay (default: every run)")
     parser.add_argument("--rel-precision", type=float, default=Settings.rel_precision)
@@ -214,13 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     s = Settings(args.rel_precision, args.budget, args.min_samples, args.warmup, args.passes)
     console = Console(width=80, highlight=False)
-    if not (0 < s.rel_precision < 1 and s.budget_s > 0 and s.min_samples >= 1 and s.warmup >= 0 and s.passes >= 1):
-        print("error: need 0 < --rel-precision < 1, --budget > 0, --min-samples >= 1, --warmup >= 0 "
-              "and --passes >= 1", file=sys.stderr)
+    if not (0 < s.rel_precision < 1 and 0 < s.budget_s < math.inf and 1 <= s.min_samples <= MAX_SAMPLES
+            and s.warmup >= 0 and s.passes >= 1):
+        print(f"error: need 0 < --rel-precision < 1, a finite --budget > 0, 1 <= --min-samples <= {MAX_SAMPLES}, "
+              "--warmup >= 0 and --passes >= 1", file=sys.stderr)
         return 2
     try:
-        runs = [r for r in engine_runs(args.report) if args.run in (None, r["name"])]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        runs = [(r, recordings(r)) for r in engine_runs(args.report) if args.run in (None, r["name"])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         print(f"error: {args.report} is no gpu_report.py report with an engine section ({exc}); "
               "pass the report.json of a run with the engine section", file=sys.stderr)
         return 2
@@ -228,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no engine run named {args.run} in {args.report}; leave --run out to replay every run",
               file=sys.stderr)
         return 2
-    for run in runs:
-        points = [replay_point(rec, s) for rec in recordings(run)]
+    for run, recorded in runs:
+        points = [replay_point(rec, s) for rec in recorded]
         console.print(table(run, points, s))
         for line in summary(run, points):
             console.print(line, markup=False)

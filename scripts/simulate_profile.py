@@ -31,8 +31,8 @@ visit, while a real machine's drift is correlated in time.
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +46,7 @@ from rich.table import Table
 from pomt_cli.measure.grid import run_grid
 from pomt_cli.measure.steps import find_steps
 from pomt_cli.measure.timing import Measurement, measure
+from pomt_cli.script_args import OneLineParser, number
 
 #: The most steps taken from each full profile to find the true ones.
 TRUTH_TOP = 20
@@ -203,17 +204,19 @@ def simulate(model: DeviceModel, truth: set[tuple[int, int]], setting: Setting, 
 def _setting(text: str) -> Setting:
     name, _, values = text.partition("=")
     budget, passes, warmup = values.split(",")
+    if not math.isfinite(float(budget)):
+        raise ValueError(f"BUDGET {budget} of --setting {text} is not a finite number of seconds")
     return Setting(name, float(budget), int(passes), int(warmup))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="a gpu_report.py report.json with an engine section")
     parser.add_argument("profile_a", type=Path, help="a full profile of the engine run's batch size")
     parser.add_argument("profile_b", type=Path, help="a second full profile, measured after the first")
     parser.add_argument("--run", default="bs64_float32_eager", help="the engine run that models the device")
     parser.add_argument("--draws", type=int, default=10, help="simulated profiles per setting")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number(int, minimum=0), default=0)
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=BUDGET,PASSES,WARMUP",
                         help="a setting to simulate (default: the profile's defaults and two short budgets)")
     args = parser.parse_args(argv)
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.report.read_text())
         a, b = pl.read_parquet(args.profile_a), pl.read_parquet(args.profile_b)
         model = device_model(report, args.run, a, b)
-    except (OSError, ValueError, KeyError, TypeError, pl.exceptions.PolarsError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pl.exceptions.PolarsError) as exc:
         print(f"error: cannot model the device from these files ({exc}); pass a gpu_report.py report.json "
               "and two pomt profiles of its engine run's batch size", file=sys.stderr)
         return 2

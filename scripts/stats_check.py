@@ -18,7 +18,6 @@ figures of docs/PERFORMANCE.md ("The statistics, checked by simulation"):
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from statistics import NormalDist
@@ -31,6 +30,7 @@ from rich.table import Table
 from pomt_cli.bench import slower_than_none
 from pomt_cli.measure.steps import find_steps
 from pomt_cli.measure.timing import Measurement, measure, median_ci_ranks
+from pomt_cli.script_args import OneLineParser, number
 from pomt_cli.selection import latency_ratio, paying_points
 
 Sampler = Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]
@@ -187,9 +187,10 @@ def false_claims(draws: int, rng: np.random.Generator, samples: int | None = 20,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every number of draws (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=number(float, above=0), default=1.0,
+                        help="multiply every number of draws (default 1)")
+    parser.add_argument("--seed", type=number(int, minimum=0), default=0)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     draws = lambda k: max(10, int(k * args.scale))  # noqa: E731

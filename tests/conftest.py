@@ -100,6 +100,30 @@ def run_in_process(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def load_script(name: str):
+    """``scripts/NAME.py`` imported as module ``NAME`` (registered, so that its dataclasses find it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_refusal(main, argv: list[str], capsys) -> str:
+    """Run a script's ``main(argv)``; assert exit code 2, one ``error:`` line, no traceback; return it."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, (argv, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (argv, err)
+    return lines[0]
+
+
 def image_folder(root: Path, sizes: dict[str, int], *, size=(40, 30), seed: int = 0) -> Path:
     """One subfolder per class with ``sizes[class]`` random JPEGs (classes differ in mean colour)."""
     rng = np.random.default_rng(seed)

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("library", ("pomt_cli.selection", "pomt_cli.accuracy", "pomt_cli.measure", "pomt_cli.devices",
                  "pomt_cli.bench", "pomt_cli.export", "pomt_cli.plots", "pomt_cli.report")),
     ("pipelines", ("pomt_cli.pipelines",)),
-    ("cli", ("pomt_cli.cli", "pomt_cli.console", "pomt_cli.__main__")),
+    ("cli", ("pomt_cli.cli", "pomt_cli.console", "pomt_cli.__main__", "pomt_cli.script_args")),
 ]
 
 

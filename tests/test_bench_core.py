@@ -52,3 +52,32 @@ def test_bad_input_is_one_line_with_exit_code_2():
                               text=True, timeout=120)
         assert done.returncode == 2 and done.stderr.startswith(message), (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+
+
+def test_bad_numbers_files_devices_and_models_are_one_line(tmp_path, capsys):
+    from conftest import script_refusal
+
+    (tmp_path / "notome.py").write_text("x = 1\n")
+    (tmp_path / "img.png").write_bytes(b"\x89PNG")
+    small = ["--device", "cpu", "--model", "vit_tiny_patch16_224", "--batch-size", "1", "--dtype", "float32",
+             "--methods", "pomt", "--rounds", "1", "--min-time", "0.01"]
+    for args, words in [(["--rounds", "0"], ("--rounds: 0 is out of range",)),
+                        (["--rounds", "x"], ("--rounds: 'x' is not a whole number", "--help")),
+                        (["--min-time", "0"], ("--min-time: 0 is out of range",)),
+                        (["--min-time", "nan"], ("--min-time: nan is out of range",)),
+                        (["--min-time", "inf"], ("--min-time: inf is out of range",)),
+                        (["--pomt-r", "-1"], ("--pomt-r: -1 is out of range",)),
+                        (["--layer", "-1"], ("--layer: -1 is out of range",)),
+                        (["--pomt-r", "99999"], ("r=99999 is too large", "at most 195")),
+                        (["--layer", "99"], ("layer=99 is out of range",)),
+                        (["--batch-size", str(10**20)], ("--batch-size takes positive sizes up to 2147483647",)),
+                        (["--batch-size", "1000000"], ("batch 1000000 in float32 does not fit in memory",)),
+                        (["--device", "bogus"], ("--device bogus", "is not a device name")),
+                        (["--cuda-graphs", "yes"], ("--cuda-graphs yes needs a CUDA device",)),
+                        (["--model", "nosuch"], ("--model nosuch: timm has no such model",)),
+                        (["--tome-before", str(tmp_path / "none.py")], ("none.py is no Python file",)),
+                        (["--tome-before", str(tmp_path / "img.png")], ("img.png is no Python file",)),
+                        (["--tome-before", str(tmp_path / "notome.py")], ("cannot be loaded", "bipartite_matching"))]:
+        line = script_refusal(bench_core.main, [*small, *args], capsys)
+        assert all(word in line for word in words), (args, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png", "notome.py"]

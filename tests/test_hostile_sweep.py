@@ -102,6 +102,20 @@ SWEEP = [
                                    "--batch-size", HUGE], None, ("batch of", "does not fit in memory")),
     ("export batch beyond memory", ["export", "--model", "digits-vit", "--output", "{out}/m.onnx",
                                     "--batch-size", str(10**9)], None, ("batch of 1000000000", "does not fit")),
+    ("export tolerance inf", ["export", "--model", "digits-vit", "--output", "{out}/m.onnx", "--tolerance", "inf"],
+     None, ("--tolerance inf", "not a finite number")),
+    ("export tolerance nan", ["export", "--model", "digits-vit", "--output", "{out}/m.onnx", "--tolerance", "nan"],
+     None, ("--tolerance",)),
+    ("export tolerance negative", ["export", "--model", "digits-vit", "--output", "{out}/m.onnx",
+                                   "--tolerance", "-1"], None, ("--tolerance", "greater than or equal to 0")),
+    ("profile ort providers without onnxruntime", [*PROFILE, "--ort-providers", "cpu"], None,
+     ("--ort-providers", "add --runtime onnxruntime")),
+    ("profile compile backend without compile", [*PROFILE, "--compile-backend", "eager"], None,
+     ("--compile-backend", "add --runtime compile")),
+    ("bench compile backend without compile", [*BENCH, "--runtime", "eager", "--compile-backend", "eager"], None,
+     ("--compile-backend", "add --runtime compile")),
+    ("bench ort providers without onnxruntime", [*BENCH, "--runtime", "eager", "--ort-providers", "cpu"], None,
+     ("--ort-providers", "add --runtime onnxruntime")),
 ]
 
 
@@ -189,3 +203,20 @@ def test_clocks_of_a_torch_device_that_is_no_device_name_is_one_line(tmp_path, c
         one_line_error(code, err, (f"torch device {shown} is not a device name", "use cpu, cuda"))
     assert files_under(tmp_path) == before
     assert fake_tools.calls() == []
+
+
+@pytest.mark.parametrize("line, field", [('needs_root = "yes"', "clocks.needs_root"),
+                                         ('needs_root = "false"', "clocks.needs_root"),
+                                         ("needs_root = 1", "clocks.needs_root")])
+def test_a_preset_field_of_the_wrong_type_is_refused_not_coerced(tmp_path, capsys, monkeypatch, line, field):
+    """pydantic's lax mode read needs_root = "false" as False and "yes" as True."""
+    monkeypatch.setenv("POMT_STATE_DIR", str(tmp_path / "state"))
+    preset = tmp_path / "odd.toml"
+    preset.write_text((Path(__file__).parents[1] / "configs" / "devices" / "cpu.toml").read_text()
+                      .replace("needs_root = true", line))
+    before = files_under(tmp_path)
+    for args in (["clocks", "status", "--device", str(preset)],
+                 [*PROFILE, "--device", str(preset)]):
+        code, _, err = run_in_process([a.format(out=tmp_path / "out") for a in args], capsys)
+        one_line_error(code, err, (str(preset), f"invalid at {field}", "valid boolean"))
+    assert files_under(tmp_path) == before

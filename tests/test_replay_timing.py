@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import script_refusal
 
 _SPEC = importlib.util.spec_from_file_location(
     "replay_timing", Path(__file__).resolve().parents[1] / "scripts" / "replay_timing.py")
@@ -81,3 +82,33 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert replay_timing.main([str(missing), "--rel-precision", "2"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[1, 2]", ("is no gpu_report.py report", "'list' object")),
+    ('{"engine": {"results": {"runs": 5}}}', ("is no gpu_report.py report",)),
+    ('{"engine": {"results": {"runs": [{"name": "x", "visits": [{"n": 3}]}]}}}', ("is no gpu_report.py report",)),
+    ("", ("is no gpu_report.py report", "Expecting value")),
+    ("tokens,latency_ms\n17,4.0\n", ("is no gpu_report.py report",)),
+    (b"\x89PNG\r\n\x1a\n", ("is no gpu_report.py report", "utf-8")),
+])
+def test_a_file_that_is_no_engine_report_is_one_line(tmp_path, capsys, content, words):
+    path = tmp_path / "report.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = script_refusal(replay_timing.main, [str(path)], capsys)
+    assert all(word in line for word in words), line
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    (tmp_path / "folder.json").mkdir()
+    assert "Is a directory" in script_refusal(replay_timing.main, [str(tmp_path / "folder.json")], capsys)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--budget", "inf"], ("a finite --budget > 0",)),
+    (["--budget", "nan"], ("a finite --budget > 0",)),
+    (["--budget", "x"], ("argument --budget", "'x'", "--help")),
+    (["--min-samples", str(10**23)], ("--min-samples <= 10000",)),
+    (["--passes", "two"], ("argument --passes", "'two'")),
+])
+def test_bad_settings_are_one_line(report, capsys, args, words):
+    line = script_refusal(replay_timing.main, [str(report), *args], capsys)
+    assert all(word in line for word in words), line

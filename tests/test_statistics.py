@@ -84,3 +84,18 @@ def test_faster_and_slower_claims_between_equal_settings_stay_rare(samples):
     for claim in ("compute-r", "refine", "bench slower"):
         assert r[claim] <= bound, (claim, r)
     assert r["compute-r, flat curve"] <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 600), r
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--scale", "0"], ("--scale: 0 is out of range", "> 0")),
+    (["--scale", "-1"], ("--scale: -1 is out of range",)),
+    (["--scale", "nan"], ("--scale: nan is out of range",)),
+    (["--scale", "inf"], ("--scale: inf is out of range",)),
+    (["--scale", "x"], ("--scale: 'x' is not a number", "--help")),
+    (["--seed", "-1"], ("--seed: -1 is out of range",)),
+])
+def test_stats_check_refuses_bad_numbers_in_one_line(capsys, args, words):
+    from conftest import script_refusal
+
+    line = script_refusal(stats_check.main, args, capsys)
+    assert all(word in line for word in words), line

@@ -242,3 +242,23 @@ def test_the_grid_visits_again_a_drop_that_a_neighbours_slow_visit_would_hide():
     assert _steps(frame) == []
     again = find_steps(frame, excursions=True)
     assert (60, 59) in list(zip(again["from_tokens"].to_list(), again["to_tokens"].to_list()))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--setting", "a=nan,1,1"], ("BUDGET nan", "not a finite number")),
+    (["--setting", "a=inf,1,1"], ("BUDGET inf", "not a finite number")),
+    (["--seed", "-1"], ("--seed: -1 is out of range", ">= 0")),
+    (["--draws", "x"], ("argument --draws", "'x'", "--help")),
+    (["--report-only"], ("unrecognized arguments: --report-only",)),
+])
+def test_simulate_profile_refuses_bad_settings_in_one_line(tmp_path, capsys, args, words):
+    from conftest import script_refusal, write_latency
+
+    files = [str(tmp_path / "report.json"), str(write_latency(tmp_path / "a.parquet")),
+             str(write_latency(tmp_path / "b.parquet"))]
+    (tmp_path / "report.json").write_text("[1, 2]")
+    line = script_refusal(simulate_profile.main, [*files, *args], capsys)
+    assert all(word in line for word in words), line
+    line = script_refusal(simulate_profile.main, files, capsys)  # a JSON list: no gpu_report.py report
+    assert "cannot model the device" in line and "'list' object" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet", "report.json"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -153,7 +154,8 @@ def export_onnx(
     Raises:
         PomtError: a missing extra, an opset that onnx or ONNX Runtime does not know, a
             setting the model cannot take, a batch too large for memory, a graph that
-            does not export, or outputs that differ by more than ``tolerance``.
+            does not export, outputs that differ by more than ``tolerance``, or a
+            ``tolerance`` that is negative or infinite.
     """
     require_onnx()
     versions.require_dtype_on("cpu", dtype)
@@ -165,6 +167,9 @@ def export_onnx(
         raise PomtError(f"opset {opset} is newer than onnx {onnx.__version__} knows: give at most {newest}")
     path = check_output_file(output)
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    if not 0 <= tolerance < math.inf:  # an infinite tolerance would keep any graph unchecked
+        raise PomtError(f"--tolerance {tolerance:g} is not a finite number >= 0: give e.g. 1e-4 (the float32 "
+                        "default), or leave it out")
     g = geometry(model)
     generator = torch.Generator().manual_seed(seed)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -18,6 +18,8 @@ from pomt_cli.models import MODEL_HELP
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange
 from pomt_cli.pipelines import BUDGET_S
 from pomt_cli.pruning import method_names
+
+T = TypeVar("T")
 
 #: The registered token-reduction methods (``--help`` lists them; another value fails at parse time).
 Method = Enum("Method", {name: name for name in method_names()}, type=str)
@@ -207,3 +209,9 @@ OrtProvidersOption = Annotated[str | None, typer.Option(
 CompileBackendOption = Annotated[str, typer.Option(
     "--compile-backend", help="For --runtime compile: torch.compile's backend (inductor, or eager to check that "
     "the model compiles as one graph without generating code).")]
+
+
+def given(ctx: typer.Context, name: str, value: T) -> T | None:
+    """``value`` where the user gave the option ``name``, else None (its default is then the library's)."""
+    source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
+    return None if source is None or source.name == "DEFAULT" else value

@@ -29,7 +29,7 @@ BUILTIN_VARIABLES = frozenset({"gpu", "state_dir"})
 class ClockRead(BaseModel):
     """A command whose output gives values, by the named groups of ``pattern``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     argv: list[str] = Field(min_length=1)
     pattern: str
@@ -53,7 +53,7 @@ class ClockRead(BaseModel):
 class ClockControl(BaseModel):
     """How to lock, restore and inspect a device's clocks."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     needs_root: bool = True
     requires_path: str | None = Field(
@@ -96,7 +96,7 @@ class ClockControl(BaseModel):
 class DevicePreset(BaseModel):
     """One device: its display name, torch device and clock control."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(description="the preset's name (its file's stem)")
     display_name: str

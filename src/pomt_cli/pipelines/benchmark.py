@@ -234,11 +234,12 @@ def bench(settings: BenchSettings, reporter: Reporter = SILENT) -> BenchResult:
     if unknown:
         raise PomtError(f"unknown --method {unknown[0]!r}: use one of {', '.join(names)}")
     runtimes = s.benched_runtimes()
+    s.check_runtime_options(runtimes)
     if s.r is not None and s.r_from is not None:
         raise PomtError("give either -r or --r-from, not both")
     report = read_report(s.r_from, model=s.model) if s.r_from is not None else None
     r_by_batch, sizes, report_path = _r_per_batch(s.r, s.r_from, report, s.batch_sizes, runtimes,
-                                                  s.compile_backend)
+                                                  s.backend)
     sizes = sizes or [1]
     needing = [m for m in methods if m in from_report]
     if needing and r_by_batch is None:

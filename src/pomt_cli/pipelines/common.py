@@ -16,6 +16,7 @@ from pomt_cli.bench import BenchProgress
 from pomt_cli.devices.clocks import ClockRestoreError
 from pomt_cli.devices.presets import DevicePreset, default_preset_name, load_preset
 from pomt_cli.devices.torch_device import resolve_torch_device
+from pomt_cli.errors import PomtError
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.measure.grid import GridProgress
 from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, check_runtime, runtime_info
@@ -88,11 +89,28 @@ class RuntimeSettings(Settings):
 
     runtime: Runtime = Runtime.eager
     ort_providers: list[str] | None = Field(None, description="ONNX Runtime's providers (None: those available)")
-    compile_backend: str = Field("inductor", description="torch.compile's backend")
+    compile_backend: str | None = Field(None, description="torch.compile's backend (None: inductor)")
+
+    @property
+    def backend(self) -> str:
+        """torch.compile's backend: the one given, else :class:`RuntimeOptions`'s default."""
+        return self.compile_backend or RuntimeOptions.compile_backend
 
     def runtime_options(self, cuda_graphs: bool) -> RuntimeOptions:
         providers = None if self.ort_providers is None else tuple(self.ort_providers)
-        return RuntimeOptions(providers=providers, compile_backend=self.compile_backend, cuda_graphs=cuda_graphs)
+        return RuntimeOptions(providers=providers, compile_backend=self.backend, cuda_graphs=cuda_graphs)
+
+    def check_runtime_options(self, runtimes: Sequence[Runtime]) -> None:
+        """Refuse ``--ort-providers`` or ``--compile-backend`` given without the runtime they set up.
+
+        Raises:
+            PomtError: an option whose runtime is not among ``runtimes``.
+        """
+        for given, option, runtime in ((self.ort_providers is not None, "--ort-providers", Runtime.onnxruntime),
+                                       (self.compile_backend is not None, "--compile-backend", Runtime.compile)):
+            if given and runtime not in runtimes:
+                raise PomtError(f"{option} sets up --runtime {runtime.value}, which this run does not time: "
+                                f"add --runtime {runtime.value}, or leave {option} out")
 
     def checked_runtime(self, device: torch.device, dtype: torch.dtype, cuda_graphs: bool,
                         runtime: Runtime | None = None) -> dict:

@@ -124,6 +124,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = SILENT) -> ProfileRe
         PomtError: bad settings, model or device; a resume file of another run.
     """
     s = settings
+    s.check_runtime_options([s.runtime])
     preset, tdev = preset_and_device(s.device, s.torch_device)
     info = s.checked_runtime(tdev, s.dtype.torch, s.cuda_graphs)
     if s.cuda_graphs and tdev.type != "cuda":
@@ -145,7 +146,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = SILENT) -> ProfileRe
         batch_sizes=s.batch_sizes, grid=grid, dtype=dtype, cuda_graphs=s.cuda_graphs, rel_precision=s.rel_precision,
         budget_s=s.budget_s, min_samples=s.min_samples, warmup=s.warmup, seed=s.seed, remeasure_rounds=s.remeasure,
         passes=s.passes, workload=s.workload, layers=layers, runtime=s.runtime, ort_providers=s.ort_providers,
-        compile_backend=s.compile_backend,
+        compile_backend=s.backend,
     )
     meta = LatencyMeta(
         model=s.model, num_tokens=g.num_tokens, num_prefix=g.num_prefix, num_blocks=g.num_blocks,

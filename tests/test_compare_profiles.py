@@ -1,0 +1,51 @@
+"""scripts/compare_profiles.py: bad input is one line on stderr with exit code 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import load_script, script_refusal, write_accuracy, write_latency
+
+compare_profiles = load_script("compare_profiles")
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    write_latency(tmp_path / "a.parquet")
+    write_latency(tmp_path / "b.parquet")
+    write_accuracy(tmp_path / "acc.parquet")
+    (tmp_path / "folder.parquet").mkdir()
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "table.parquet").write_text("tokens,latency_ms\n17,4.0\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, words", [
+    (["a"], ("two or more latency profiles", "--help")),
+    (["a", "missing"], ("missing.parquet does not exist",)),
+    (["a", "folder"], ("folder.parquet is a folder",)),
+    (["a", "empty"], ("empty.parquet is not a readable Parquet file",)),
+    (["a", "table"], ("table.parquet is not a readable Parquet file",)),
+    (["a", "acc"], ("acc.parquet is an accuracy profile", "latency profile is needed")),
+    (["a", "b", "--steps", "0"], ("--steps: 0 is out of range", ">= 1")),
+    (["a", "b", "--steps", "-3"], ("--steps: -3 is out of range",)),
+    (["a", "b", "--steps", "x"], ("--steps: 'x' is not a whole number",)),
+    (["a", "b", "--steps", str(10**23)], ("is out of range", "<= 1000")),
+])
+def test_bad_input_is_one_line_and_exit_code_2(folder, capsys, args, words):
+    argv = [a if a.startswith("-") or a.lstrip("-").isdigit() or a == "x" else str(folder / f"{a}.parquet")
+            for a in args]
+    before = files_under(folder)
+    line = script_refusal(compare_profiles.main, argv, capsys)
+    assert all(word in line for word in words), line
+    assert files_under(folder) == before
+
+
+def test_two_profiles_compare(folder, capsys):
+    assert compare_profiles.main([str(folder / "a.parquet"), str(folder / "b.parquet"), "--steps", "1"]) == 0
+    assert "Largest steps" in capsys.readouterr().out
