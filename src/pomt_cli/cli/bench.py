@@ -257,7 +257,9 @@ def bench(
         allow_random_weights=allow_random_weights, img_size=img_size, data=data, limit=limit,
         class_order=class_order and class_order.value,
         eval_batch_size=eval_batch_size, cuda_graphs=cuda_graphs, runtimes=runtime,
-        ort_providers=parse_providers(ort_providers), compile_backend=given(ctx, "compile_backend", compile_backend), rel_precision=rel_precision, budget_s=budget,
+        ort_providers=parse_providers(ort_providers),
+        compile_backend=given(ctx, "compile_backend", compile_backend),
+        rel_precision=rel_precision, budget_s=budget,
         rounds=rounds, seed=seed, threads=threads, lock_clocks=lock_clocks, output_dir=output_dir, command=ctx.obj,
     )
     with RichReporter() as reporter:
