@@ -368,11 +368,13 @@ def drift_note(latency: pl.DataFrame, batch_size: int, best: dict, num_tokens: i
     layer = pl.col("layer").is_null() if best.get("layer") is None else pl.col("layer") == best["layer"]
     rows = latency.filter((pl.col("batch_size") == batch_size) & layer
                           & pl.col("tokens").is_in([best["tokens"], num_tokens]) & pl.col("latency_ms").is_not_null())
-    spread = rows.select("tokens", ((pl.col("visit_high_ms") - pl.col("visit_low_ms")) / pl.col("latency_ms"))
-                         .alias("spread")).filter(pl.col("spread") > VISITS_AGREE).sort("tokens", descending=True)
+    spread = rows.select("tokens", "visit_low_ms", "visit_high_ms",
+                         ((pl.col("visit_high_ms") - pl.col("visit_low_ms")) / pl.col("latency_ms")).alias("spread")
+                         ).filter(pl.col("spread") > VISITS_AGREE).sort("tokens", descending=True)
     if spread.is_empty():
         return None
-    where = ", ".join(f"n = {n} by {100 * v:.1f}%" for n, v in spread.iter_rows())
+    where = "; ".join(f"n = {n}: {low:.3f} to {high:.3f} ms, {100 * v:.1f}% of its median"
+                      for n, low, high, v in spread.iter_rows())
     return (f"batch {batch_size}: the profile's visits disagreed ({where}): the device drifted between them, "
             "which the predicted interval does not include: measure the choice side by side (pomt refine, "
             "pomt bench)")
