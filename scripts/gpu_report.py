@@ -435,16 +435,16 @@ def section_profile(cfg: dict, out: SectionWriter, folder: Path) -> None:
 
 def steps_agreement(a, b, batch_size: int) -> dict:
     """Every step two runs list at ``batch_size`` (not only the top 8): in both, in run a only, in run b only."""
-    from pomt_cli.measure.steps import find_steps
+    from pomt_cli.measure.steps import find_steps, step_pairs
 
-    found = []
-    for frame in (a, b):
-        part = frame.filter(frame["batch_size"] == batch_size)
-        steps = find_steps(part, top=max(part.height, 1))
-        found.append({f"{f}\u2192{t}" for f, t in zip(steps["from_tokens"].to_list(), steps["to_tokens"].to_list())})
-    order = lambda steps: sorted(steps, key=lambda s: -int(s.split("\u2192")[0]))  # noqa: E731
-    return {"steps_both": order(found[0] & found[1]), "steps_a_only": order(found[0] - found[1]),
-            "steps_b_only": order(found[1] - found[0])}
+    parts = [frame.filter(frame["batch_size"] == batch_size) for frame in (a, b)]
+    found_a, found_b = (step_pairs(find_steps(part, top=max(part.height, 1))) for part in parts)
+
+    def listed(pairs: set[tuple[int, int]]) -> list[str]:
+        return [f"{f}\u2192{t}" for f, t in sorted(pairs, reverse=True)]
+
+    return {"steps_both": listed(found_a & found_b), "steps_a_only": listed(found_a - found_b),
+            "steps_b_only": listed(found_b - found_a)}
 
 
 def section_engine(cfg: dict, out: SectionWriter, folder: Path) -> None:

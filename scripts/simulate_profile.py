@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pomt_cli.measure.grid import run_grid
-from pomt_cli.measure.steps import find_steps
+from pomt_cli.measure.steps import find_steps, step_pairs
 from pomt_cli.measure.timing import Measurement, measure
 from pomt_cli.script_args import OneLineParser, number
 
@@ -123,7 +123,7 @@ def true_steps(profile_a: pl.DataFrame, profile_b: pl.DataFrame, batch_size: int
     found = []
     for frame in (profile_a, profile_b):
         steps = find_steps(frame.filter(pl.col("batch_size") == batch_size), top=TRUTH_TOP)
-        found.append(set(zip(steps["from_tokens"].to_list(), steps["to_tokens"].to_list())))
+        found.append(step_pairs(steps))
     return found[0] & found[1]
 
 
@@ -191,7 +191,7 @@ def simulate(model: DeviceModel, truth: set[tuple[int, int]], setting: Setting, 
         last = frame
         for i, judged in enumerate((frame, frame.drop("visit_low_ms", "visit_high_ms"))):
             steps = find_steps(judged, top=top)
-            pairs = set(zip(steps["from_tokens"].to_list(), steps["to_tokens"].to_list()))
+            pairs = step_pairs(steps)
             listed[i].append(len(pairs))
             true[i].append(len(pairs & truth))
         if done is not None:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 import timm
 import torch
 
 from pomt_cli.pruning import remove
 
-spec = importlib.util.spec_from_file_location(
-    "bench_core", Path(__file__).resolve().parents[1] / "scripts" / "bench_core.py")
-bench_core = importlib.util.module_from_spec(spec)
-sys.modules["bench_core"] = bench_core  # dataclasses look their module up
-spec.loader.exec_module(bench_core)
+bench_core = load_script("bench_core")
 
 
 # On torch 2.1.2 torch.profiler links an op to its parent inconsistently: two profiles of the same

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from conftest import MODEL, needs, run_in_process, tiny_vit, write_accuracy, write_latency
+from conftest import MODEL, load_script, needs, run_in_process, tiny_vit, write_accuracy, write_latency
 from rich.console import Console
 
 from pomt_cli import versions
@@ -24,7 +23,6 @@ DIGITS = ["--device", "cpu", "--model", "digits-vit", "--no-lock-clocks"]
 BENCH = ["bench", *DIGITS, "--batch-size", "1", "-r", "20", "--layer", "1", "--method", "pomt", "--budget", "0.02",
          "--rounds", "1"]
 STEM = "bench_digits-vit_cpu_bs1-2_float32_none_pomt-r20-l1_eager_onnxruntime_compile"
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_profiles.py"
 
 
 @pytest.fixture(autouse=True)
@@ -262,10 +260,7 @@ def test_r_from_predicts_for_the_rows_of_the_reports_runtime_among_several(tmp_p
 
 
 def _compare(paths: list[Path], capsys) -> tuple[int, str, str]:
-    spec = importlib.util.spec_from_file_location("compare_profiles", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main([str(p) for p in paths])
+    code = load_script("compare_profiles").main([str(p) for p in paths])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

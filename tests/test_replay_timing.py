@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import script_refusal
+from conftest import load_script, script_refusal
 
-_SPEC = importlib.util.spec_from_file_location(
-    "replay_timing", Path(__file__).resolve().parents[1] / "scripts" / "replay_timing.py")
-replay_timing = importlib.util.module_from_spec(_SPEC)
-sys.modules["replay_timing"] = replay_timing  # its dataclasses look their module up there
-_SPEC.loader.exec_module(replay_timing)
+replay_timing = load_script("replay_timing")
 
 WARM_S = 0.004
 

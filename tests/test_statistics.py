@@ -8,19 +8,15 @@ replaced (or a deliberately wrong one, noted beside it).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from pomt_cli.measure.timing import median_ci_ranks
 
-_SPEC = importlib.util.spec_from_file_location(
-    "stats_check", Path(__file__).resolve().parents[1] / "scripts" / "stats_check.py")
-stats_check = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(stats_check)
+stats_check = load_script("stats_check")
 
 
 def _floor(p: float, draws: int) -> float:

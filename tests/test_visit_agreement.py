@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from conftest import load_script
 
 from pomt_cli.cli.compute_r import selection_settings
 from pomt_cli.cli.profile import budget_note, steps_tables
@@ -23,10 +22,7 @@ from pomt_cli.selection import compute_r
 ROOT = Path(__file__).resolve().parents[1]
 H200 = ROOT / "docs" / "gpu" / "data" / "2026-11-28-h200"
 
-_SPEC = importlib.util.spec_from_file_location("simulate_profile", ROOT / "scripts" / "simulate_profile.py")
-simulate_profile = importlib.util.module_from_spec(_SPEC)
-sys.modules["simulate_profile"] = simulate_profile  # its dataclasses look their module up there
-_SPEC.loader.exec_module(simulate_profile)
+simulate_profile = load_script("simulate_profile")
 
 
 def _visit(ms: float, status: str = "ok") -> Measurement:

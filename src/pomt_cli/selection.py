@@ -50,7 +50,7 @@ from pomt_cli.formats.common import GEOMETRY_FIELDS
 from pomt_cli.formats.accuracy import AccuracyMeta, read_accuracy
 from pomt_cli.formats.latency import LatencyMeta, read_latency
 from pomt_cli.formats.report import Choice, Criterion, ProfileInput, Report, sha256_file
-from pomt_cli.measure.steps import VISITS_AGREE
+from pomt_cli.measure.steps import VISITS_AGREE, visit_spread
 
 DEFAULT_ALPHA = 0.5
 #: Candidates listed per batch size.
@@ -363,14 +363,13 @@ def drift_note(latency: pl.DataFrame, batch_size: int, best: dict, num_tokens: i
     the predicted ratio's, do not include that. None when R = 0, when the visits agree, or
     when the profile did not record them.
     """
-    if best["R"] == 0 or "visit_low_ms" not in latency.columns or "visit_high_ms" not in latency.columns:
+    if best["R"] == 0 or "visit_low_ms" not in latency.columns:
         return None
     layer = pl.col("layer").is_null() if best.get("layer") is None else pl.col("layer") == best["layer"]
     rows = latency.filter((pl.col("batch_size") == batch_size) & layer
                           & pl.col("tokens").is_in([best["tokens"], num_tokens]) & pl.col("latency_ms").is_not_null())
-    spread = rows.select("tokens", "visit_low_ms", "visit_high_ms",
-                         ((pl.col("visit_high_ms") - pl.col("visit_low_ms")) / pl.col("latency_ms")).alias("spread")
-                         ).filter(pl.col("spread") > VISITS_AGREE).sort("tokens", descending=True)
+    spread = (rows.with_columns(visit_spread(rows)).filter(pl.col("visit_spread") > VISITS_AGREE)
+              .select("tokens", "visit_low_ms", "visit_high_ms", "visit_spread").sort("tokens", descending=True))
     if spread.is_empty():
         return None
     where = "; ".join(f"n = {n}: {low:.3f} to {high:.3f} ms, {100 * v:.1f}% of its median"

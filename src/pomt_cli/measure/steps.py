@@ -93,21 +93,23 @@ def _levels(curve: pl.DataFrame, widen: bool = True) -> tuple[np.ndarray, np.nda
     ok = (curve["status"] == "ok").to_numpy() if "status" in curve.columns else np.ones(curve.height, dtype=bool)
     ci_low, ci_high = column("ci_low_ms"), column("ci_high_ms")
     ci_low, ci_high = np.where(np.isnan(ci_low), median, ci_low), np.where(np.isnan(ci_high), median, ci_high)
-    agree = visits_agree(curve).to_numpy()
-    if not widen:
-        return ci_low, ci_high, ok | agree
-    # fmin and fmax pass over the NaN of a point visited once.
-    low, high = np.fmin(ci_low, column("visit_low_ms")), np.fmax(ci_high, column("visit_high_ms"))
-    return low, high, ok | agree
+    if widen:  # fmin and fmax pass over the NaN of a point visited once
+        ci_low, ci_high = np.fmin(ci_low, column("visit_low_ms")), np.fmax(ci_high, column("visit_high_ms"))
+    return ci_low, ci_high, ok | visits_agree(curve).to_numpy()
+
+
+def visit_spread(frame: pl.DataFrame) -> pl.Series:
+    """Per row of a profile: how far apart its visits' medians lie, relative to its median
+    (null for a point visited once, or where the frame lacks the visits' medians)."""
+    if "visit_low_ms" not in frame.columns or "visit_high_ms" not in frame.columns:
+        return pl.repeat(None, frame.height, dtype=pl.Float64, eager=True).alias("visit_spread")
+    return ((frame["visit_high_ms"] - frame["visit_low_ms"]) / frame["latency_ms"]).alias("visit_spread")
 
 
 def visits_agree(frame: pl.DataFrame) -> pl.Series:
     """Per row of a profile: whether the point was visited more than once and its visits'
-    medians lie within :data:`VISITS_AGREE` of its median (False where the frame lacks them)."""
-    if "visit_low_ms" not in frame.columns or "visit_high_ms" not in frame.columns:
-        return pl.repeat(False, frame.height, eager=True)
-    spread = frame["visit_high_ms"] - frame["visit_low_ms"]
-    return (spread <= VISITS_AGREE * frame["latency_ms"]).fill_null(False).alias("visits_agree")
+    medians lie within :data:`VISITS_AGREE` of its median (False where that is unknown)."""
+    return (visit_spread(frame) <= VISITS_AGREE).fill_null(False).alias("visits_agree")
 
 
 def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
@@ -126,9 +128,9 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
     must stand out of the curve's roughness: the scaled median absolute deviation of the
     excesses of the pairs whose points may place a step (all pairs when fewer than
     :data:`MIN_ROUGH_PAIRS` may), times :func:`spread_factor` of ``level``, which grows
-    with the number of pairs so that a long curve's noise does not pass it by chance. (Judged on the medians alone, a drop at
-    that threshold is reported by one run and not by the next, as the threshold's estimate
-    moves by more than the drop does.) Both points must be measured to the precision asked
+    with the number of pairs so that a long curve's noise does not pass it by chance.
+    (Judged on the medians alone, a drop at that threshold is reported by one run and not
+    by the next, as the threshold's estimate moves by more than the drop does.) Both points must be measured to the precision asked
     for (``status`` ``"ok"`` where the frame has it), or their visits must agree
     (:func:`_levels`): a point that spent its budget first is where timing is bound by the
     host and drifts, which cannot place a step unless its visits show that it held still.
@@ -190,6 +192,11 @@ def find_steps(frame: pl.DataFrame, *, top: int = 8, min_drop: float = 0.02,
                 "drop_pct": 100 * row["drop"], "excess_pct": 100 * row["excess"],
             })
     return pl.DataFrame(found, schema=schema, orient="row") if found else pl.DataFrame(schema=schema)
+
+
+def step_pairs(steps: pl.DataFrame) -> set[tuple[int, int]]:
+    """The (from_tokens, to_tokens) of each row of :func:`find_steps`."""
+    return set(zip(steps["from_tokens"].to_list(), steps["to_tokens"].to_list()))
 
 
 def find_curve_steps(frame: pl.DataFrame, *, top: int = 8) -> pl.DataFrame:
