@@ -110,7 +110,7 @@ FULL = {
     "engine_runs": [("bs64_float32_eager", 64, "float32", False), ("bs4_float16_cudagraphs", 4, "float16", True)],
     "bench_model": "deit_small_patch16_224",
     "bench_args": ["--batch-size", "4,64,256", "--dtype", "float16", "--cuda-graphs", "-r", "56", "--layer", "3",
-                   "--tome-r", "8", "--topk-r", "8", "--budget", "0.5"],
+                   "--tome-r", "8", "--topk-r", "8", "--budget", "0.5", "--rounds", "3"],
     "accuracy_model": "deit_small_patch16_224", "accuracy_images": 2000, "accuracy_classes": 1000,
     "accuracy_tokens": "197:7:10", "accuracy_batch": 64, "accuracy_limit": None, "accuracy_size": (500, 375),
     "runtimes_model": "deit_small_patch16_224",
@@ -561,7 +561,7 @@ def section_bench(cfg: dict, out: SectionWriter, folder: Path) -> None:
     if files:
         frame, _ = read_bench(files[0])
         keep = ["batch_size", "setting", "tokens_out", "latency_ms", "p10_ms", "p90_ms", "samples", "status",
-                "latency_change_pct", "speedup"]
+                "latency_change_pct", "change_low_pct", "change_high_pct", "speedup"]
         out.put("rows", frame.select(keep).to_dicts())
 
 
@@ -750,12 +750,18 @@ def timing_cells(row: dict) -> list[str]:
     return [median, f"{fmt(row['p10_ms'])}-{fmt(row['p90_ms'])}", fmt(row["latency_change_pct"], "{:+.1f}%")]
 
 
+def change_interval(row: dict) -> str:
+    """The interval of a bench row's change against none (pooled samples and rounds), where it has one."""
+    low, high = row.get("change_low_pct"), row.get("change_high_pct")
+    return "" if low is None or high is None else f"{low:+.1f}% to {high:+.1f}%"
+
+
 def md_bench(bench: dict) -> list[str]:
     lines = command_line(bench)
     if bench.get("rows"):
-        lines += md_table("batch> | method | tokens out> | median ms> | p10-p90 ms | vs none>",
-                          [[r["batch_size"], r["setting"], fmt(r["tokens_out"], "{}"), *timing_cells(r)]
-                           for r in bench["rows"]])
+        lines += md_table("batch> | method | tokens out> | median ms> | p10-p90 ms | vs none> | its interval",
+                          [[r["batch_size"], r["setting"], fmt(r["tokens_out"], "{}"), *timing_cells(r),
+                            change_interval(r)] for r in bench["rows"]])
     return lines
 
 

@@ -9,7 +9,9 @@ figures of docs/PERFORMANCE.md ("The statistics, checked by simulation"):
 3. ``find_steps`` on linear curves: curves with a false step, and the power to find a
    real 5%, 10%, 20% step at the right n;
 4. the "faster" and "slower" claims of compute-r, refine and bench between two settings
-   that are in truth equal.
+   that are in truth equal;
+5. the interval of a ratio timed in interleaved rounds when the device drifts between
+   rounds: the range over the pooled intervals against ``paired_ratio``'s.
 
     PYTHONPATH=src python scripts/stats_check.py [--scale 1.0] [--seed 0]   # 98 s on 1 core
 
@@ -29,6 +31,7 @@ from rich.table import Table
 
 from pomt_cli.bench import slower_than_none
 from pomt_cli.measure.steps import find_steps
+from pomt_cli.measure.ratio import paired_ratio
 from pomt_cli.measure.timing import Measurement, measure, median_ci_ranks
 from pomt_cli.script_args import OneLineParser, number
 from pomt_cli.selection import latency_ratio, paying_points
@@ -186,6 +189,35 @@ def false_claims(draws: int, rng: np.random.Generator, samples: int | None = 20,
             "bench slower": slower / draws}
 
 
+def ratio_coverage(draws: int, rng: np.random.Generator, rounds: int, drift: float, samples: int = 20,
+                   ratio: float = 0.8) -> dict[str, float]:
+    """How often a ratio's interval covers the true ratio when the device drifts between rounds.
+
+    Two settings (the second ``ratio`` times the first) are timed in ``rounds`` interleaved
+    rounds of ``samples`` calls each, with 3% normal noise per call; in every round each
+    setting's level moves by a log-normal factor of spread ``drift`` (its own moment of
+    the round). ``pooled``: the ratio's range over the two pooled intervals of the median
+    (what refine and bench used before); ``paired``: :func:`paired_ratio`, which adds the
+    Student t interval from the rounds.
+    """
+    covered = {"pooled": 0, "paired": 0}
+    widths = {"pooled": [], "paired": []}
+    for _ in range(draws):
+        parts: dict[str, list[Measurement]] = {"a": [], "b": []}
+        for _ in range(rounds):
+            for name, level in (("a", ratio), ("b", 1.0)):
+                moved = level * float(np.exp(drift * rng.standard_normal()))
+                parts[name].append(_measurement(moved * (1 + 0.03 * rng.standard_normal(samples))))
+        a, b = Measurement.pool(parts["a"]), Measurement.pool(parts["b"])
+        pooled = latency_ratio(_point(a, 0), _point(b, 1))
+        paired = paired_ratio(a, b)
+        for name, (low, high) in (("pooled", (pooled.low, pooled.high)), ("paired", (paired.low, paired.high))):
+            covered[name] += low is not None and low <= ratio <= high
+            widths[name].append((high - low) / ratio if low is not None else float("nan"))
+    return {"pooled covers": covered["pooled"] / draws, "paired covers": covered["paired"] / draws,
+            "pooled width": float(np.nanmedian(widths["pooled"])), "paired width": float(np.nanmedian(widths["paired"]))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=number(float, above=0), default=1.0,
@@ -231,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                                     ("measure to 1%", None, "normal (sd 5%)", 300)):
         r = false_claims(draws(k), rng, samples=samples, kind=kind)
         table.add_row(label, *(f"{v:.3f}" for v in r.values()))
+    console.print(table)
+    table = Table(title="5. A ratio timed in rounds, with drift between rounds (95%)", title_justify="left")
+    for col in ("rounds", "drift", "pooled covers", "paired covers", "pooled width", "paired width"):
+        table.add_column(col, justify="right")
+    for rounds in (3, 6):
+        for drift in (0.0, 0.02, 0.05):
+            r = ratio_coverage(draws(1000), rng, rounds, drift)
+            table.add_row(str(rounds), f"{drift:.0%}", *(f"{v:.3f}" for v in r.values()))
     console.print(table)
     console.print(f"seed {args.seed}, scale {args.scale:g}: {time.perf_counter() - began:.0f} s")
     return 0

@@ -92,6 +92,12 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     assert report["bench"]["results"]["exit_code"] == 0
     assert {(r["batch_size"], r["setting"]) for r in rows} == {
         (b, s) for b in (1, 4) for s in ("none", "pomt r=16 @1", "tome r=2", "topk r=2")}
+    # Each change against none comes with its interval (pooled samples and the two rounds).
+    for r in rows:
+        if r["setting"] == "none":
+            assert r["change_low_pct"] is None and r["change_high_pct"] is None
+        else:
+            assert r["change_low_pct"] <= r["latency_change_pct"] <= r["change_high_pct"]
     accuracy = report["accuracy"]["results"]["result"]
     assert accuracy["images"] == 24 and accuracy["grid_points"] == 3 and accuracy["image_passes_per_s"] > 0
     runtimes = report["runtimes"]["results"]
@@ -105,6 +111,7 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     markdown = (tmp_path / "report" / "report.md").read_text()
     for heading in ("## core", "## profile", "## engine", "## bench", "## accuracy", "## runtimes", "## targets"):
         assert heading in markdown
+    assert "| its interval |" in markdown
 
 
 def test_a_section_over_its_limit_or_failing_is_reported_with_its_last_log_line(tmp_path):

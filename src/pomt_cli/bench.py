@@ -31,6 +31,7 @@ from pomt_cli.formats.report import Choice
 from pomt_cli.pruning.geometry import TokenGeometry
 from pomt_cli.pruning import capped_from, geometry, none, remove, removed_per_block, token_counts
 from pomt_cli.measure.runtimes import Prepared, Runtime, RuntimeOptions, prepare, weights_digest
+from pomt_cli.measure.ratio import paired_ratio
 from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 
 #: The method every other is compared with (latency and accuracy changes, speedups).
@@ -273,13 +274,18 @@ def prediction_columns(prediction: Prediction | None, measured_ms: float | None,
 
 
 def slower_than_none(row: Measurement, none: Measurement | None) -> bool | None:
-    """Whether ``row`` measured slower than ``none`` beyond both intervals (its CI above none's).
+    """Whether ``row`` measured slower than ``none`` beyond the interval of their ratio.
 
-    None when either lacks an interval (out of memory) or ``row`` is ``none`` itself.
+    The interval is :func:`~pomt_cli.measure.ratio.paired_ratio`'s: the pooled intervals
+    of the median and, over two rounds or more, the drift between rounds. None when
+    there is no interval (out of memory, too few samples) or ``row`` is ``none`` itself.
     """
-    if none is None or row is none or None in (row.ci_low_ms, none.ci_high_ms):
+    if none is None or row is none:
         return None
-    return row.ci_low_ms > none.ci_high_ms
+    ratio = paired_ratio(row, none)
+    if ratio is None or ratio.low is None:
+        return None
+    return ratio.low > 1.0
 
 
 def accuracy_of_methods(
@@ -318,8 +324,10 @@ def bench_frame(
 
     A row with a prediction (from a compute-r report) carries it (:func:`prediction_columns`),
     the workload that made it, and the prediction error ``measured / predicted - 1``. Each
-    row but ``none`` says whether it measured slower than ``none`` beyond both intervals
-    (unless ``judged`` is False). ``runtime_change_pct`` is ``latency_change_pct``: the
+    row but ``none`` carries the interval of its change against ``none`` from the pooled
+    samples and the rounds (``change_low_pct``, ``change_high_pct``:
+    :func:`~pomt_cli.measure.ratio.paired_ratio`) and says whether it measured slower than
+    ``none`` beyond that interval (unless ``judged`` is False). ``runtime_change_pct`` is ``latency_change_pct``: the
     runtime is its own reference (:func:`runtimes_frame` compares runtimes).
     """
     predictions = predictions or {}
@@ -333,11 +341,14 @@ def bench_frame(
             m, leaving = timed[(b, s.label)]
             acc = accuracy.get(s.label) if accuracy else None
             change = 100 * (m.median_ms / base_ms - 1) if base_ms and m.median_ms else None
+            ratio = paired_ratio(m, base_m) if base_m is not None and m is not base_m else None
             rows.append({
                 "batch_size": b, "method": s.method, "setting": s.label, "tokens_out": leaving,
                 "latency_ms": m.median_ms, "p10_ms": m.p10_ms, "p90_ms": m.p90_ms,
                 "ci_low_ms": m.ci_low_ms, "ci_high_ms": m.ci_high_ms, "samples": m.samples, "status": m.status,
                 "latency_change_pct": change,
+                "change_low_pct": 100 * (ratio.low - 1) if ratio and ratio.low is not None else None,
+                "change_high_pct": 100 * (ratio.high - 1) if ratio and ratio.high is not None else None,
                 "speedup": base_ms / m.median_ms if base_ms and m.median_ms else None,
                 "accuracy": acc[0] if acc else None, "top5": acc[1] if acc else None,
                 "accuracy_change": acc[0] - base_acc[0] if acc and base_acc else None,
@@ -399,11 +410,14 @@ class ChoiceCheck(BaseModel):
     saving_low_pct: float | None
     saving_high_pct: float | None
     measured_saving_pct: float | None
+    measured_low_pct: float | None = None
+    measured_high_pct: float | None = None
     profile_ms: float | None
     predicted_ms: float | None
     measured_ms: float | None
     prediction_error: float | None
-    slower: bool | None = Field(description="measured slower than none beyond both intervals (None: unknown)")
+    slower: bool | None = Field(description="measured slower than none beyond the interval of their ratio "
+                                            "(None: unknown)")
 
 
 def check_choices(frame: pl.DataFrame, choices: Iterable[Choice], runtime: str | None = None) -> list[ChoiceCheck]:
@@ -429,6 +443,8 @@ def check_choices(frame: pl.DataFrame, choices: Iterable[Choice], runtime: str |
             saving_high_pct=100 * (1 - low) if pruned and low is not None else None,
             measured_saving_pct=(-row["latency_change_pct"] if pruned and row["latency_change_pct"] is not None
                                  else None),
+            measured_low_pct=-row["change_high_pct"] if pruned and row["change_high_pct"] is not None else None,
+            measured_high_pct=-row["change_low_pct"] if pruned and row["change_low_pct"] is not None else None,
             profile_ms=row["profile_ms"], predicted_ms=row["predicted_ms"] if pruned else None,
             measured_ms=row["latency_ms"], prediction_error=row["prediction_error"] if pruned else None,
             slower=row["slower_than_none"] if pruned else False))
@@ -447,8 +463,10 @@ def check_text(check: ChoiceCheck) -> str:
             parts[-1] += f" ({check.saving_low_pct:.1f}% to {check.saving_high_pct:.1f}%)"
     if check.measured_saving_pct is not None:
         parts.append(f"measured {check.measured_saving_pct:.1f}%")
+        if check.measured_low_pct is not None and check.measured_high_pct is not None:
+            parts[-1] += f" ({check.measured_low_pct:.1f}% to {check.measured_high_pct:.1f}%)"
     saving = f" saving {', '.join(parts)};" if parts else ""
-    verdict = {True: "SLOWER than none beyond both intervals", False: "not slower than none beyond both intervals",
+    verdict = {True: "SLOWER than none beyond the interval", False: "not slower than none beyond the interval",
                None: "slower or not: unknown (no interval)"}[check.slower]
     return f"batch {check.batch_size}: {check.setting}:{saving} {verdict}"
 

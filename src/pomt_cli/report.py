@@ -86,7 +86,8 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
               "measured its best candidates again beside the unpruned model and chose again; bench then "
               "measured the choice beside the unpruned model. The predicted saving is the chosen setting's "
               "latency over the unpruned model's: measured side by side by refine when the choice was refined, "
-              "else the profile's on the same curve (in brackets: from the two measurements' intervals); the "
+              "else the profile's on the same curve (in brackets: its interval; measured side by side, the "
+              "intervals include the drift between rounds); the "
               "predicted ms is bench's own unpruned ms times that ratio, so that an offset "
               "common to the whole profile cancels. Error = measured / predicted − 1. With R = 0 nothing is "
               "predicted beyond the unpruned model.", "",
@@ -104,6 +105,8 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
         if check.saving_low_pct is not None and check.saving_high_pct is not None:
             predicted += f" ({check.saving_low_pct:.1f} to {check.saving_high_pct:.1f}%)"
         measured = "" if check.measured_saving_pct is None else f"{check.measured_saving_pct:.1f}%"
+        if measured and check.measured_low_pct is not None and check.measured_high_pct is not None:
+            measured += f" ({check.measured_low_pct:.1f} to {check.measured_high_pct:.1f}%)"
         lines.append(
             f"| {c.batch_size} | {choice} | {c.tokens} of {report.num_tokens} | {predicted or 'none'} | "
             f"{measured} | {_cell(check.predicted_ms, '.3f')} | {_cell(check.measured_ms, '.3f')} | "
@@ -113,8 +116,8 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
     before = {c.batch_size: c for c in report.refine.before} if report.refine is not None else {}
     for c in report.choices:
         lines.append(f"- batch {c.batch_size}: " + _refined_text(c, report, before.get(c.batch_size)))
-    lines += ["", "Never slower (the chosen setting against the unpruned model, beyond both measurements' "
-              "intervals):", "", *[f"- {check_text(check)}" for check in checks]]
+    lines += ["", "Never slower (the chosen setting against the unpruned model, beyond the interval of their "
+              "ratio):", "", *[f"- {check_text(check)}" for check in checks]]
     lines += ["", f"![latency, accuracy and utility]({rel['report_plot']})", "",
               "## Latency against kept tokens", "",
               f"Measured with `pomt profile` ({latency_meta.timing_mode}, clocks {latency_meta.clocks.mode}). "

@@ -579,7 +579,10 @@ def rechoose(curve: pl.DataFrame, points: pl.DataFrame, measured: pl.DataFrame, 
         points: the same batch size's common points before the merge
             (:attr:`Selection.points`), for each candidate's profile ratio.
         measured: ``layer, tokens, R, ms, ci_low_ms, ci_high_ms, samples``: the unpruned
-            model (R = 0) and each candidate, as measured side by side.
+            model (R = 0) and each candidate, as measured side by side; optionally
+            ``ratio_low, ratio_high``, each candidate's interval of its ratio from the
+            rounds (:func:`pomt_cli.measure.ratio.paired_ratio`), which then replaces the
+            one from the two intervals of the median.
         settings: the report's criterion.
         batch_size: the batch size.
         num_tokens: N.
@@ -604,6 +607,8 @@ def rechoose(curve: pl.DataFrame, points: pl.DataFrame, measured: pl.DataFrame, 
             raise ValueError(f"layer {m['layer']}, n = {m['tokens']} is not on the curve of batch {batch_size}")
         ratio = latency_ratio({"latency_ms": m["ms"], "ci_low_ms": m["ci_low_ms"], "ci_high_ms": m["ci_high_ms"]},
                               as_point)
+        if m.get("ratio_low") is not None and m.get("ratio_high") is not None:
+            ratio = ratio.model_copy(update={"low": m["ratio_low"], "high": m["ratio_high"]})
         profile = _ratio_of({**point.row(0, named=True), "R": m["R"]}, points, num_tokens)
         rows.append({"tokens": m["tokens"], "layer": m["layer"], "latency_ms": ratio.ratio * reference["latency_ms"],
                      "accuracy": on_curve["accuracy"][0], "ci_low_ms": m["ci_low_ms"], "ci_high_ms": m["ci_high_ms"],

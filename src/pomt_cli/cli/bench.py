@@ -43,7 +43,7 @@ from pomt_cli.devices.torch_device import short_device_name
 from pomt_cli.measure.runtimes import PROVIDER_ALIASES
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
-from pomt_cli.pipelines import BUDGET_S, BenchResult, BenchSettings
+from pomt_cli.pipelines import ROUND_BUDGET_S, ROUNDS, BenchResult, BenchSettings
 from pomt_cli.pipelines import bench as run_bench
 from pomt_cli.pruning import tome, topk
 
@@ -239,9 +239,9 @@ def bench(
     ort_providers: OrtProvidersOption = None,
     compile_backend: CompileBackendOption = "inductor",
     rel_precision: RelPrecisionOption = 0.01,
-    budget: BenchBudgetOption = BUDGET_S,
+    budget: BenchBudgetOption = ROUND_BUDGET_S,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds; samples are pooled over "
-                                        "them.")] = 3,
+                                        "them, and the rounds give each ratio's interval its drift.")] = ROUNDS,
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
     lock_clocks: LockClocksOption = True,

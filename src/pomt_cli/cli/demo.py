@@ -64,8 +64,8 @@ def demo(
     lock_clocks: Annotated[bool, typer.Option(
         "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (needs root).")] = False,
     budget: Annotated[float, typer.Option(
-        "--budget", min=0.001, callback=seconds, help="Seconds of timing per profile point at most (refine: twice "
-        "as long per setting and round; bench: four times as long per method and round).")] = DEMO_BUDGET_S,
+        "--budget", min=0.001, callback=seconds, help="Seconds of timing per profile point at most (refine: as long "
+        "per setting and round; bench: twice as long per method and round; six rounds each).")] = DEMO_BUDGET_S,
 ) -> None:
     """Run profile, estimate-accuracy, compute-r, refine and bench on the bundled digits model; write a summary."""
     settings = DemoSettings(output_dir=output_dir, device=device, torch_device=torch_device, lock_clocks=lock_clocks,

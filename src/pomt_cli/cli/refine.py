@@ -13,7 +13,7 @@ from pomt_cli.cli.options import LockClocksOption, SeedOption, preset_path, pres
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.formats.report import Choice
-from pomt_cli.pipelines import BUDGET_S, RefineResult, RefineSettings
+from pomt_cli.pipelines import ROUND_BUDGET_S, ROUNDS, RefineResult, RefineSettings
 from pomt_cli.pipelines import refine as run_refine
 from pomt_cli.selection import REFINE_CANDIDATES
 
@@ -79,9 +79,10 @@ def refine(
         "--candidates", min=1, help="Pruned candidates per batch size, the best by the report's criterion.")
     ] = REFINE_CANDIDATES,
     budget: Annotated[float, typer.Option(
-        "--budget", min=0.001, callback=seconds, help="Seconds of timing per setting and round at most.")] = BUDGET_S,
+        "--budget", min=0.001, callback=seconds, help="Seconds of timing per setting and round at most.")] = ROUND_BUDGET_S,
     rounds: Annotated[int, typer.Option(
-        "--rounds", min=1, help="Interleaved rounds; samples are pooled over them.")] = 3,
+        "--rounds", min=1, help="Interleaved rounds; samples are pooled over them, and the rounds give each "
+        "ratio's interval its drift.")] = ROUNDS,
     device: Annotated[str | None, typer.Option(
         "--device", callback=preset_path, help=f"Device preset ({presets_text()}) or a preset .toml file (default: the latency "
         "profile's).")] = None,

@@ -33,6 +33,8 @@ SCHEMA: dict[str, pl.DataType] = {
     "samples": pl.Int64,
     "status": pl.String,
     "latency_change_pct": pl.Float64,
+    "change_low_pct": pl.Float64,
+    "change_high_pct": pl.Float64,
     "speedup": pl.Float64,
     "accuracy": pl.Float64,
     "top5": pl.Float64,
@@ -64,14 +66,22 @@ PREDICTION_COLUMNS = ("predicted_ms", "prediction_error", "predicted_by", "profi
 RUNTIME_COLUMNS = ("runtime", "runtime_change_pct")
 
 
+#: Columns that versions 1-4 lacked, read as null: the interval of ``latency_change_pct``
+#: from the rounds (:func:`pomt_cli.measure.ratio.paired_ratio`).
+INTERVAL_COLUMNS = ("change_low_pct", "change_high_pct")
+
+
 #: The Parquet metadata key of a bench report.
 BENCH_METADATA_KEY = "pomt"
-#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file). 4: several
+#: Version of a bench report's metadata (the ``pomt`` key of its Parquet file). 5: the
+#: interval of each change against ``none`` (``change_low_pct``, ``change_high_pct``),
+#: from the pooled samples and the paired rounds, which also judges ``slower_than_none``
+#: (before: the two pooled intervals of the median). 4: several
 #: runtimes per report (a ``runtime`` column, ``runtimes`` and ``runtimes_info`` in the
 #: metadata). 3: the prediction is bench's unpruned ms times the profile's ratio
 #: (``predicted_ms``), beside the profile's absolute ms (``profile_ms``); version 2 compared
 #: with the absolute ms.
-BENCH_FORMAT_VERSION = 4
+BENCH_FORMAT_VERSION = 5
 
 
 class MethodSetting(BaseModel):
@@ -205,7 +215,8 @@ def read_bench(path: str | Path) -> tuple[pl.DataFrame, BenchMeta]:
                         f"({BENCH_FORMAT_VERSION}): upgrade pomt")
     if meta.format_version == 2 and "profile_ms" not in frame.columns and "predicted_ms" in frame.columns:
         frame = frame.with_columns(profile_ms=pl.col("predicted_ms"))
-    frame = frame.with_columns(pl.lit(None, dtype=SCHEMA[c]).alias(c) for c in PREDICTION_COLUMNS
+    frame = frame.with_columns(pl.lit(None, dtype=SCHEMA[c]).alias(c) for c in (*PREDICTION_COLUMNS,
+                                                                                *INTERVAL_COLUMNS)
                                if c not in frame.columns)
     if "runtime" not in frame.columns:
         frame = frame.with_columns(pl.lit(meta.runtime, dtype=pl.String).alias("runtime"))

@@ -80,6 +80,9 @@ class Measurement:
     ``"budget"`` when the time budget (or ``max_samples``) ran out first, and ``"oom"``
     when the call ran out of memory; an ``"oom"`` measurement has no samples, and its
     statistics are None. Build one with :meth:`out_of_memory`, pool several with :meth:`pool`.
+    A pooled measurement keeps each part's median (``part_medians``, in order): the rounds
+    of a bench, whose spread shows drift that the pooled samples' interval does not
+    (:mod:`pomt_cli.measure.ratio`).
     """
 
     status: Status
@@ -91,9 +94,11 @@ class Measurement:
     warmup_calls: int = 0
     elapsed_s: float = 0.0
     error: str | None = None
+    part_medians: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "raw_ms", tuple(float(v) for v in self.raw_ms))
+        object.__setattr__(self, "part_medians", tuple(float(v) for v in self.part_medians))
         if self.status not in ("ok", "budget", "oom") or self.mode not in ("eager", "cuda_graph"):
             raise ValueError(f"unknown status {self.status!r} or mode {self.mode!r}")
         if (self.status == "oom") != (not self.raw_ms):
@@ -132,7 +137,8 @@ class Measurement:
             return dataclasses.replace(oom, **spent)
         raw_ms = tuple(v for m in parts for v in m.raw_ms)
         status: Status = "ok" if precise_enough(np.sort(raw_ms), first.rel_precision, first.confidence) else "budget"
-        return cls(status, first.mode, raw_ms, first.rel_precision, first.task, first.confidence, **spent)
+        return cls(status, first.mode, raw_ms, first.rel_precision, first.task, first.confidence, **spent,
+                   part_medians=tuple(m.median_ms for m in parts))
 
     @property
     def samples(self) -> int:

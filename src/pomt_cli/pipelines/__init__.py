@@ -15,7 +15,7 @@ share. Every name is imported from here.
 from pomt_cli.pipelines.accuracy import AccuracyResult, AccuracySettings, estimate_accuracy
 from pomt_cli.pipelines.benchmark import BenchResult, BenchSettings, bench
 from pomt_cli.pipelines.choice import ComputeRResult, ComputeRSettings, compute_r
-from pomt_cli.pipelines.common import BUDGET_S, DEFAULT_LAYER, Reporter
+from pomt_cli.pipelines.common import BUDGET_S, DEFAULT_LAYER, ROUND_BUDGET_S, ROUNDS, Reporter
 from pomt_cli.pipelines.demonstration import (
     DEMO_BATCH_SIZES,
     DEMO_BUDGET_S,
@@ -29,7 +29,7 @@ from pomt_cli.pipelines.latency import CHECKPOINT_EVERY_S, ProfileResult, Profil
 from pomt_cli.pipelines.refinement import RefineResult, RefineSettings, refine
 
 __all__ = [
-    "BUDGET_S", "CHECKPOINT_EVERY_S", "DEFAULT_LAYER", "DEMO_BATCH_SIZES", "DEMO_BUDGET_S", "DEMO_LAYERS",
+    "BUDGET_S", "ROUND_BUDGET_S", "ROUNDS", "CHECKPOINT_EVERY_S", "DEFAULT_LAYER", "DEMO_BATCH_SIZES", "DEMO_BUDGET_S", "DEMO_LAYERS",
     "DEMO_TOKENS", "AccuracyResult", "AccuracySettings", "BenchResult", "BenchSettings", "ComputeRResult",
     "ComputeRSettings", "DemoResult", "DemoSettings", "ProfileResult", "ProfileSettings", "RefineResult",
     "RefineSettings", "Reporter", "bench", "compute_r", "demo", "estimate_accuracy", "profile", "refine",

@@ -32,7 +32,8 @@ from pomt_cli.measure.runtimes import Runtime
 from pomt_cli.models import DEFAULT_MODEL, create_model, state_dict_sha256, vit_geometry, weights_source
 from pomt_cli.options import SEED_MAX, Dtype
 from pomt_cli.pipelines.common import (
-    BUDGET_S,
+    ROUND_BUDGET_S,
+    ROUNDS,
     DEFAULT_LAYER,
     SILENT,
     Reporter,
@@ -75,8 +76,8 @@ class BenchSettings(RuntimeSettings):
     eval_batch_size: int = Field(64, ge=1)
     cuda_graphs: bool = False
     rel_precision: float = Field(0.01, gt=0, lt=1)
-    budget_s: float = Field(BUDGET_S, gt=0, description="seconds per method and round")
-    rounds: int = Field(3, ge=1)
+    budget_s: float = Field(ROUND_BUDGET_S, gt=0, description="seconds per method and round")
+    rounds: int = Field(ROUNDS, ge=1)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     threads: int | None = Field(None, ge=1)
     lock_clocks: bool = True

@@ -21,8 +21,14 @@ from pomt_cli.formats.latency import ClockState
 from pomt_cli.measure.grid import GridProgress
 from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, check_runtime, runtime_info
 
-#: Seconds of timing at most, the same default in profile (per grid point) and bench (per method and round).
+#: Seconds of timing per grid point at most (profile).
 BUDGET_S = 1.0
+#: Interleaved rounds of refine and bench, and their seconds of timing per setting and
+#: round at most. Six rounds of half a second give the interval of a ratio from the rounds
+#: (:mod:`pomt_cli.measure.ratio`) about half the width of three rounds of a second, in
+#: the same time (scripts/stats_check.py, table 5).
+ROUNDS = 6
+ROUND_BUDGET_S = 0.5
 #: POMT's pruning block when neither the settings nor a report give one.
 DEFAULT_LAYER = 3
 

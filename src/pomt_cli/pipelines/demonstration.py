@@ -23,7 +23,7 @@ from pomt_cli.options import TokenRange
 from pomt_cli.pipelines.accuracy import AccuracyResult, AccuracySettings, estimate_accuracy
 from pomt_cli.pipelines.benchmark import BenchResult, BenchSettings, bench
 from pomt_cli.pipelines.choice import ComputeRResult, ComputeRSettings, compute_r
-from pomt_cli.pipelines.common import SILENT, Reporter, Settings
+from pomt_cli.pipelines.common import ROUNDS, SILENT, Reporter, Settings
 from pomt_cli.pipelines.latency import ProfileResult, ProfileSettings, profile
 from pomt_cli.pipelines.refinement import RefineResult, RefineSettings, refine
 from pomt_cli.pruning import method_names
@@ -160,10 +160,10 @@ def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:
     reporter.finished(chosen)
 
     reporter.step("the best candidates measured again beside the unpruned model", [
-        "refine", str(chosen.report), "--candidates", str(REFINE_CANDIDATES), "--budget", f"{2 * s.budget_s:g}",
-        "--rounds", "3", *common])
-    refined = refine(RefineSettings(report=chosen.report, candidates=REFINE_CANDIDATES, budget_s=2 * s.budget_s,
-                                    rounds=3, device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks,
+        "refine", str(chosen.report), "--candidates", str(REFINE_CANDIDATES), "--budget", f"{s.budget_s:g}",
+        "--rounds", str(ROUNDS), *common])
+    refined = refine(RefineSettings(report=chosen.report, candidates=REFINE_CANDIDATES, budget_s=s.budget_s,
+                                    rounds=ROUNDS, device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks,
                                     command=s.command), reporter)
     reporter.finished(refined)
 
@@ -173,10 +173,10 @@ def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:
     own_r = {m: per_block for m in method_names() if get_method(m).bench_r is not None and get_method(m).reduces}
     reporter.step("the chosen (layer, R) against the baseline, ToMe and Top-K", [
         "bench", "--model", digits.NAME, "--data", "digits", "--r-from", str(chosen.report),
-        *[arg for m in own_r for arg in (f"--{m}-r", str(per_block))], "--budget", f"{4 * s.budget_s:g}",
-        "--rounds", "3", "--output-dir", str(folder), *common])
+        *[arg for m in own_r for arg in (f"--{m}-r", str(per_block))], "--budget", f"{2 * s.budget_s:g}",
+        "--rounds", str(ROUNDS), "--output-dir", str(folder), *common])
     benched = bench(BenchSettings(
-        model=digits.NAME, data="digits", r_from=chosen.report, method_r=own_r, budget_s=4 * s.budget_s, rounds=3,
+        model=digits.NAME, data="digits", r_from=chosen.report, method_r=own_r, budget_s=2 * s.budget_s, rounds=ROUNDS,
         device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks, output_dir=folder,
         command=s.command), reporter)
     reporter.finished(benched)

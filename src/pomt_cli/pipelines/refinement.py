@@ -32,7 +32,8 @@ from pomt_cli.models import create_model
 from pomt_cli.options import SEED_MAX, Dtype
 from pomt_cli.pipelines.choice import plot_title
 from pomt_cli.pipelines.common import (
-    BUDGET_S,
+    ROUND_BUDGET_S,
+    ROUNDS,
     SILENT,
     Reporter,
     RuntimeSettings,
@@ -41,6 +42,7 @@ from pomt_cli.pipelines.common import (
     raise_unrestored,
     recorded_command,
 )
+from pomt_cli.measure.ratio import paired_ratio
 from pomt_cli.plots import plot_selection
 from pomt_cli.pruning import pomt
 from pomt_cli.selection import REFINE_CANDIDATES, Rechoice, SelectionSettings, rechoose, refine_candidates
@@ -51,8 +53,8 @@ class RefineSettings(Settings):
 
     report: Path
     candidates: int = Field(REFINE_CANDIDATES, ge=1, description="pruned candidates per batch size")
-    budget_s: float = Field(BUDGET_S, gt=0, description="seconds per setting and round")
-    rounds: int = Field(3, ge=1)
+    budget_s: float = Field(ROUND_BUDGET_S, gt=0, description="seconds per setting and round")
+    rounds: int = Field(ROUNDS, ge=1)
     device: str | None = Field(None, description="a preset name or .toml file (default: the profile's)")
     torch_device: str | None = Field(None, description="default: the profile's torch device")
     lock_clocks: bool = True
@@ -152,19 +154,23 @@ def refine(settings: RefineSettings, reporter: Reporter = SILENT) -> RefineResul
     notes = [n for n in selection.report.notes if ": pruning does not pay here" not in n]
     for b in sizes:
         rows = []
+        unpruned_m, _ = timed[(b, BASELINE)]
         for setting in planned[b]:
             m, _ = timed[(b, setting.label)]
             if m.median_ms is None:
                 raise PomtError(f"{setting.label} at batch {b} did not run ({m.error or m.status}): "
                                 "refine needs every setting measured; free the device and try again")
             pruned = setting.method != BASELINE
+            ratio = paired_ratio(m, unpruned_m) if pruned else None
             rows.append({"layer": setting.layer if pruned else None, "tokens": meta.num_tokens - (setting.r if pruned
                                                                                                   else 0),
                          "R": setting.r if pruned else 0, "ms": m.median_ms, "ci_low_ms": m.ci_low_ms,
-                         "ci_high_ms": m.ci_high_ms, "samples": m.samples})
+                         "ci_high_ms": m.ci_high_ms, "samples": m.samples,
+                         "ratio_low": ratio.low if ratio else None, "ratio_high": ratio.high if ratio else None})
         measured = pl.DataFrame(rows, schema={"layer": pl.Int64, "tokens": pl.Int64, "R": pl.Int64, "ms": pl.Float64,
                                               "ci_low_ms": pl.Float64, "ci_high_ms": pl.Float64,
-                                              "samples": pl.Int64})
+                                              "samples": pl.Int64, "ratio_low": pl.Float64,
+                                              "ratio_high": pl.Float64})
         again = rechoose(selection.curves[b], selection.points[b], measured, criterion, b, meta.num_tokens)
         rechoices[b] = again
         if not again.pays:
