@@ -327,8 +327,9 @@ def bench_frame(
     row but ``none`` carries the interval of its change against ``none`` from the pooled
     samples and the rounds (``change_low_pct``, ``change_high_pct``:
     :func:`~pomt_cli.measure.ratio.paired_ratio`) and says whether it measured slower than
-    ``none`` beyond that interval (unless ``judged`` is False). ``runtime_change_pct`` is ``latency_change_pct``: the
-    runtime is its own reference (:func:`runtimes_frame` compares runtimes).
+    ``none`` beyond that interval (unless ``judged`` is False). ``runtime_change_pct`` is
+    ``latency_change_pct``: the runtime is its own reference (:func:`runtimes_frame`
+    compares runtimes).
     """
     predictions = predictions or {}
     rows = []
