@@ -86,7 +86,8 @@ SECTIONS = ("core", "profile", "engine", "bench", "accuracy", "runtimes")
 #: 7 s on the H200) a whole report stays within 8 minutes; what a limit cuts short is reported as
 #: such. Measured on the H200 (2026-11-28): core 106 s, engine 30 s, bench 23 s, accuracy 31 s; the
 #: profile section would need about 350 s for its three default profiles twice, so it is cut at its limit.
-LIMITS_S = {"core": 110, "profile": 220, "engine": 35, "bench": 30, "accuracy": 35, "runtimes": 40}
+#: The core section has 5 s more since it also traces the kernels of POMT's block (a few seconds).
+LIMITS_S = {"core": 115, "profile": 215, "engine": 35, "bench": 30, "accuracy": 35, "runtimes": 40}
 SMOKE_LIMITS_S = {"core": 40, "profile": 40, "engine": 30, "bench": 30, "accuracy": 40, "runtimes": 40}
 
 FULL = {
@@ -94,6 +95,8 @@ FULL = {
     "core_batches": [256, 64, 4, 1], "core_dtypes": ["float16", "float32"], "core_graphs": [False, True],
     "core_settings": {"pomt": {"r": 56, "layer": 3}, "tome": {"r": 8}, "topk": {"r": 8}},
     "core_rounds": 3, "core_budget_s": 0.25,
+    # Where POMT's time over its ideal goes, kernel by kernel (the float16 gap at batch 64).
+    "kernel_batches": [64, 256], "kernel_dtype": "float16",
     "profile_model": "deit_small_patch16_224", "profile_tokens": None,
     "profiles": [("bs64_float32_eager", ["--batch-size", "64", "--dtype", "float32"]),
                  ("bs1-4_float16_cudagraphs", ["--batch-size", "1,4", "--dtype", "float16", "--cuda-graphs"]),
@@ -124,6 +127,7 @@ SMOKE = {
     "core_batches": [4, 1], "core_dtypes": ["float32"], "core_graphs": [False],
     "core_settings": {"pomt": {"r": 5, "layer": 1}, "tome": {"r": 2}, "topk": {"r": 2}},
     "core_rounds": 2, "core_budget_s": 0.05,
+    "kernel_batches": [4], "kernel_dtype": "float32",
     "profile_model": "digits-vit", "profile_tokens": "65:5:12",
     "profiles": [("bs4_float32_eager", ["--batch-size", "4", "--dtype", "float32", "--budget", "0.1"]),
                  ("bs1-4_float32_eager", ["--batch-size", "1,4", "--dtype", "float32", "--budget", "0.1"])],
@@ -276,6 +280,8 @@ def section_core(cfg: dict, out: SectionWriter, folder: Path) -> None:
                          "budget_s_per_variant_and_round": cfg["core_budget_s"]})
     for dtype_name in cfg["core_dtypes"]:
         out.append("scores", score_agreement(cfg, getattr(torch, dtype_name)))
+    for batch in cfg["kernel_batches"]:
+        out.append("kernels", kernel_times(cfg, batch))
     for graphs in cfg["core_graphs"]:
         for dtype_name in cfg["core_dtypes"]:
             for batch in cfg["core_batches"]:
@@ -287,6 +293,84 @@ def section_core(cfg: dict, out: SectionWriter, folder: Path) -> None:
                                       "seconds": round(time.perf_counter() - began, 1), "variants": ratios(ms)})
                 out.put("received_kernel", {f"{device} {str(dtype).removeprefix('torch.')}":
                                             pomt.received_path(device, dtype) for device, dtype in pomt.RECEIVED_KERNEL})
+
+
+#: Forward passes per trace of :func:`kernel_times` (two traces per variant, each after three
+#: untraced passes).
+KERNEL_PASSES = 10
+#: Kernels listed per batch size in report.md, by their difference between POMT and its ideal
+#: (report.json keeps them all).
+KERNEL_ROWS = 15
+
+
+def kernel_times(cfg: dict, batch: int) -> dict:
+    """Where POMT's time over its ideal goes: each kernel's device time per forward pass, in both.
+
+    torch.profiler traces ``KERNEL_PASSES`` eager forward passes of POMT (the default block)
+    and of its ideal, twice each (POMT, ideal, ideal, POMT). On CUDA each kernel's own GPU time counts (host time does not: this
+    is what remains with CUDA graphs); on the CPU (``--smoke``) each op's self CPU time.
+    A failure is recorded as the result's ``error``: the tables after it still run.
+    """
+    import timm
+    import torch
+    from bench_core import prepare, variants
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from pomt_cli.pruning import remove
+
+    dtype = getattr(torch, cfg["kernel_dtype"])
+    device = cfg["device"]
+    on_gpu = device == "cuda"
+    result: dict = {"batch": batch, "dtype": cfg["kernel_dtype"], "passes": KERNEL_PASSES,
+                    "timer": "GPU time per kernel" if on_gpu else "self CPU time per op"}
+    model = None
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model(cfg["model"], pretrained=False, **cfg["model_kwargs"]).eval()
+        model = model.to(device=device, dtype=dtype)
+        c, h, w = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
+        images = torch.randn(batch, c, h, w, device=device, dtype=dtype)
+        table = {v.name: v for v in variants(model, {"pomt": cfg["core_settings"]["pomt"]})}
+        per: dict[str, dict[str, float]] = {"pomt": {}, "ideal(pomt)": {}}
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with torch.inference_mode():
+            # Two traces of each, in the order A B B A, so that neither gains from going first.
+            for name in ("pomt", "ideal(pomt)", "ideal(pomt)", "pomt"):
+                fn = prepare(model, images, table[name])
+                for _ in range(3):  # compiles and tunes out of the trace (Triton, cuDNN)
+                    fn()
+                if on_gpu:
+                    torch.cuda.synchronize()
+                with profile(activities=activities) as prof:
+                    for _ in range(KERNEL_PASSES):
+                        fn()
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                totals = per[name]
+                for evt in prof.events():
+                    if on_gpu and evt.device_type == DeviceType.CUDA:
+                        us = evt.time_range.elapsed_us()
+                    elif not on_gpu and evt.device_type == DeviceType.CPU:
+                        us = evt.self_cpu_time_total
+                    else:
+                        continue
+                    totals[evt.name[:200]] = totals.get(evt.name[:200], 0.0) + us / (2 * KERNEL_PASSES)
+        pomt_us, ideal_us = per["pomt"], per["ideal(pomt)"]
+        if not pomt_us:
+            raise RuntimeError("the trace holds no kernel events")
+        rows = [{"kernel": k, "pomt_us": round(pomt_us.get(k, 0.0), 2), "ideal_us": round(ideal_us.get(k, 0.0), 2),
+                 "difference_us": round(pomt_us.get(k, 0.0) - ideal_us.get(k, 0.0), 2)}
+                for k in set(pomt_us) | set(ideal_us)]
+        rows.sort(key=lambda r: -abs(r["difference_us"]))
+        result.update(pomt_total_us=round(sum(pomt_us.values()), 2), ideal_total_us=round(sum(ideal_us.values()), 2),
+                      rows=rows)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: the section goes on to its tables
+        result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    finally:
+        if model is not None:
+            remove(model)
+    return result
 
 
 def score_agreement(cfg: dict, dtype) -> dict:
@@ -674,6 +758,7 @@ def md_core(core: dict) -> list[str]:
                      f"{s['explicit_max_rel_error']:.2e} (same order: {s['explicit_same_order']})")
     for where, state in core.get("received_kernel", {}).items():
         lines.append(f"- the attention received, {where}, by the default block: {state}")
+    lines += md_kernels(core.get("kernels", []))
     tables = core.get("tables", [])
     if not tables:
         return lines + ["", "No table was timed."]
@@ -690,6 +775,25 @@ def md_core(core: dict) -> list[str]:
             cells.append(fmt(v["ms"]) + (f" ({', '.join(ratios)})" if n != "none" else ""))
         rows.append(cells)
     return lines + [""] + md_table(" | ".join(["batch, dtype, mode", *(n + ">" for n in names)]), rows)
+
+
+def md_kernels(kernels: list[dict]) -> list[str]:
+    """Where POMT's time over its ideal goes, per traced batch size."""
+    lines = []
+    for k in kernels:
+        head = f"Kernels of one forward pass, batch {k['batch']}, {k['dtype']}, eager ({k['timer']}, µs"
+        if "error" in k:
+            lines += ["", f"{head}): not traced ({k['error']})"]
+            continue
+        shown, rest = k["rows"][:KERNEL_ROWS], k["rows"][KERNEL_ROWS:]
+        lines += ["", f"{head}, mean of 2 x {k['passes']} passes): POMT {k['pomt_total_us']:.1f}, its ideal "
+                      f"{k['ideal_total_us']:.1f}, difference {k['pomt_total_us'] - k['ideal_total_us']:+.1f}; "
+                      f"the {len(shown)} largest differences (the {len(rest)} others: "
+                      f"{sum(r['difference_us'] for r in rest):+.1f}):", ""]
+        lines += md_table("kernel | pomt µs> | ideal µs> | difference µs>",
+                          [[f"`{r['kernel'][:90].replace('|', '/')}`", fmt(r["pomt_us"], "{:.1f}"),
+                            fmt(r["ideal_us"], "{:.1f}"), fmt(r["difference_us"], "{:+.1f}")] for r in shown])
+    return lines
 
 
 def md_profile(prof: dict) -> list[str]:

@@ -9,6 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from pomt_cli import versions
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_report.py"
@@ -58,6 +60,15 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     assert scores["lean_same_order"] and scores["lean_max_rel_error"] < 1e-5
     assert scores["product_same_order"] and scores["product_max_rel_error"] < 1e-5
     assert scores["received_kernel"] == "not tried (float32, or not CUDA)" and core["received_kernel"] == {}
+    # Where POMT's time over its ideal goes: every op of both traces, with its difference.
+    (kernels,) = core["kernels"]
+    assert "error" not in kernels and (kernels["batch"], kernels["timer"]) == (4, "self CPU time per op")
+    assert kernels["pomt_total_us"] > 0 and kernels["ideal_total_us"] > 0
+    ops = {r["kernel"]: r for r in kernels["rows"]}
+    assert all(r["difference_us"] == pytest.approx(r["pomt_us"] - r["ideal_us"], abs=0.02) for r in ops.values())
+    # Only POMT's block orders and gathers tokens; the ideal slices them.
+    for op in ("aten::sort", "aten::gather"):
+        assert ops[op]["pomt_us"] > 0 and ops[op]["ideal_us"] == 0
     profile = report["profile"]["results"]
     assert [(p["name"], p["run"], p["points"]) for p in profile["profiles"]] == [
         ("bs4_float32_eager", "a", 6), ("bs4_float32_eager", "b", 6),
@@ -112,6 +123,7 @@ def test_the_smoke_run_fills_every_section_of_the_report(tmp_path):
     for heading in ("## core", "## profile", "## engine", "## bench", "## accuracy", "## runtimes", "## targets"):
         assert heading in markdown
     assert "| its interval |" in markdown
+    assert "Kernels of one forward pass, batch 4, float32, eager (self CPU time per op" in markdown
 
 
 def test_a_section_over_its_limit_or_failing_is_reported_with_its_last_log_line(tmp_path):
