@@ -26,9 +26,12 @@ from rich.console import Console
 from rich.table import Table
 
 from pomt_cli.bench import BenchTiming, time_methods
+from pomt_cli.devices.torch_device import resolve_torch_device
+from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import MethodSetting
 from pomt_cli.measure.ratio import paired_ratio
 from pomt_cli.models import create_model
+from pomt_cli.pruning import apply, remove
 from pomt_cli.script_args import OneLineParser, number, refuse
 from pomt_cli.selection import latency_ratio
 
@@ -37,10 +40,10 @@ def _point(m) -> dict:
     return {"latency_ms": m.median_ms, "ci_low_ms": m.ci_low_ms, "ci_high_ms": m.ci_high_ms}
 
 
-def run(model_name: str, batch: int, rs: list[int], layer: int, runs: int, timing: BenchTiming,
+def run(model: torch.nn.Module, batch: int, rs: list[int], layer: int, runs: int, timing: BenchTiming,
         device: torch.device) -> dict[str, list[dict]]:
     """Per setting, each run's ratio with its pooled and paired intervals."""
-    model = create_model(model_name, pretrained=False).eval().to(device)
+    model = model.eval().to(device)
     settings = [MethodSetting(method="none"), *(MethodSetting(method="pomt", r=r, layer=layer) for r in rs)]
     out: dict[str, list[dict]] = {s.label: [] for s in settings[1:]}
     for i in range(runs):
@@ -82,10 +85,20 @@ def main(argv: list[str] | None = None) -> int:
         rs = [int(v) for v in args.r.split(",")]
     except ValueError:
         refuse(f"--r {args.r!r}: give whole numbers separated by commas, e.g. 28,32,36")
-    device = torch.device(args.device)
+    try:
+        device = resolve_torch_device(args.device)
+    except PomtError as exc:
+        refuse(f"--device {args.device}: {exc}")
+    try:
+        model = create_model(args.model, pretrained=False)
+        for r in rs:  # an r or a layer the model refuses, before anything is timed
+            apply(model, "pomt", r=r, layer=args.layer)
+            remove(model)
+    except PomtError as exc:
+        refuse(str(exc))
     timing = BenchTiming(budget_s=args.budget, rounds=args.rounds)
     began = time.perf_counter()
-    results = run(args.model, args.batch_size, rs, args.layer, args.runs, timing, device)
+    results = run(model, args.batch_size, rs, args.layer, args.runs, timing, device)
     console = Console(width=80)
     table = Table(title=f"Ratio to none, {args.runs} runs of {args.rounds} rounds x {args.budget:g} s "
                         f"({args.model}, batch {args.batch_size}, {device})", title_justify="left")

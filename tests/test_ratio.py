@@ -165,11 +165,18 @@ def test_the_coverage_script_times_side_by_side_and_prints_both_intervals(capsys
                                                              "width": 0.2})
 
 
-def test_the_coverage_script_refuses_a_bad_r_in_one_line(capsys):
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--r", "8,x"], "--r '8,x': give whole numbers"),
+    (["--r", "100"], "r=100 is too large: digits-vit has 65 tokens"),
+    (["--layer", "9"], "layer=9 is out of range: digits-vit has 4 blocks"),
+    (["--model", "no_such_vit"], "unknown model 'no_such_vit'"),
+    (["--device", "foo"], "--device foo: torch device 'foo' is not a device name"),
+])
+def test_the_coverage_script_refuses_bad_input_in_one_line_before_timing(argv, said, capsys):
     from conftest import script_refusal
 
-    line = script_refusal(load_script("ratio_coverage").main, ["--r", "8,x"], capsys)
-    assert "--r '8,x'" in line and "whole numbers" in line
+    line = script_refusal(load_script("ratio_coverage").main, ["--runs", "2", *argv], capsys)
+    assert said in line
 
 
 def test_the_interval_holds_the_ratio_of_the_pooled_medians():
