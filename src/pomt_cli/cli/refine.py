@@ -79,7 +79,8 @@ def refine(
         "--candidates", min=1, help="Pruned candidates per batch size, the best by the report's criterion.")
     ] = REFINE_CANDIDATES,
     budget: Annotated[float, typer.Option(
-        "--budget", min=0.001, callback=seconds, help="Seconds of timing per setting and round at most.")] = ROUND_BUDGET_S,
+        "--budget", min=0.001, callback=seconds, help="Seconds of timing per setting and round at most.")
+    ] = ROUND_BUDGET_S,
     rounds: Annotated[int, typer.Option(
         "--rounds", min=1, help="Interleaved rounds; samples are pooled over them, and the rounds give each "
         "ratio's interval its drift.")] = ROUNDS,

@@ -29,8 +29,8 @@ from pomt_cli.pipelines.latency import CHECKPOINT_EVERY_S, ProfileResult, Profil
 from pomt_cli.pipelines.refinement import RefineResult, RefineSettings, refine
 
 __all__ = [
-    "BUDGET_S", "ROUND_BUDGET_S", "ROUNDS", "CHECKPOINT_EVERY_S", "DEFAULT_LAYER", "DEMO_BATCH_SIZES", "DEMO_BUDGET_S", "DEMO_LAYERS",
-    "DEMO_TOKENS", "AccuracyResult", "AccuracySettings", "BenchResult", "BenchSettings", "ComputeRResult",
+    "BUDGET_S", "CHECKPOINT_EVERY_S", "DEFAULT_LAYER", "DEMO_BATCH_SIZES", "DEMO_BUDGET_S", "DEMO_LAYERS",
+    "DEMO_TOKENS", "ROUNDS", "ROUND_BUDGET_S", "AccuracyResult", "AccuracySettings", "BenchResult", "BenchSettings", "ComputeRResult",
     "ComputeRSettings", "DemoResult", "DemoSettings", "ProfileResult", "ProfileSettings", "RefineResult",
     "RefineSettings", "Reporter", "bench", "compute_r", "demo", "estimate_accuracy", "profile", "refine",
 ]

@@ -32,9 +32,9 @@ from pomt_cli.measure.runtimes import Runtime
 from pomt_cli.models import DEFAULT_MODEL, create_model, state_dict_sha256, vit_geometry, weights_source
 from pomt_cli.options import SEED_MAX, Dtype
 from pomt_cli.pipelines.common import (
+    DEFAULT_LAYER,
     ROUND_BUDGET_S,
     ROUNDS,
-    DEFAULT_LAYER,
     SILENT,
     Reporter,
     RuntimeSettings,

@@ -163,8 +163,8 @@ def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:
         "refine", str(chosen.report), "--candidates", str(REFINE_CANDIDATES), "--budget", f"{s.budget_s:g}",
         "--rounds", str(ROUNDS), *common])
     refined = refine(RefineSettings(report=chosen.report, candidates=REFINE_CANDIDATES, budget_s=s.budget_s,
-                                    rounds=ROUNDS, device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks,
-                                    command=s.command), reporter)
+                                    rounds=ROUNDS, device=device, torch_device=s.torch_device,
+                                    lock_clocks=s.lock_clocks, command=s.command), reporter)
     reporter.finished(refined)
 
     # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once.
@@ -176,8 +176,8 @@ def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:
         *[arg for m in own_r for arg in (f"--{m}-r", str(per_block))], "--budget", f"{2 * s.budget_s:g}",
         "--rounds", str(ROUNDS), "--output-dir", str(folder), *common])
     benched = bench(BenchSettings(
-        model=digits.NAME, data="digits", r_from=chosen.report, method_r=own_r, budget_s=2 * s.budget_s, rounds=ROUNDS,
-        device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks, output_dir=folder,
+        model=digits.NAME, data="digits", r_from=chosen.report, method_r=own_r, budget_s=2 * s.budget_s,
+        rounds=ROUNDS, device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks, output_dir=folder,
         command=s.command), reporter)
     reporter.finished(benched)
 

@@ -27,6 +27,7 @@ from pomt_cli.formats.report import (
     sha256_file,
     write_report,
 )
+from pomt_cli.measure.ratio import paired_ratio
 from pomt_cli.measure.runtimes import Runtime
 from pomt_cli.models import create_model
 from pomt_cli.options import SEED_MAX, Dtype
@@ -42,7 +43,6 @@ from pomt_cli.pipelines.common import (
     raise_unrestored,
     recorded_command,
 )
-from pomt_cli.measure.ratio import paired_ratio
 from pomt_cli.plots import plot_selection
 from pomt_cli.pruning import pomt
 from pomt_cli.selection import REFINE_CANDIDATES, Rechoice, SelectionSettings, rechoose, refine_candidates
