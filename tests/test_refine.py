@@ -176,6 +176,13 @@ def test_refine_rewrites_the_report_with_the_side_by_side_choice(tmp_path, digit
     unpruned = next(r for r in rows if r.R == 0)
     for r in rows:
         assert r.ratio == pytest.approx(r.ms / unpruned.ms)
+    # Two rounds each: every candidate's interval comes from its rounds too, so it holds its ratio and
+    # is never narrower than the range over the two pooled intervals.
+    for r in (r for r in rows if r.R):
+        assert r.ratio_low <= r.ratio <= r.ratio_high
+        if None not in (r.ci_low_ms, unpruned.ci_high_ms):
+            assert r.ratio_low <= r.ci_low_ms / unpruned.ci_high_ms + 1e-12
+            assert r.ratio_high >= r.ci_high_ms / unpruned.ci_low_ms - 1e-12
     (picked,) = [r for r in rows if r.chosen]
     assert (picked.R, picked.layer if picked.R else None) == (choice.R, choice.layer if choice.R else None)
     assert choice.refined_ms == picked.ms and choice.refined_unpruned_ms == unpruned.ms
