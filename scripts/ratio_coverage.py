@@ -51,8 +51,11 @@ def run(model: torch.nn.Module, batch: int, rs: list[int], layer: int, runs: int
         none, _ = timed[(batch, "none")]
         for s in settings[1:]:
             m, _ = timed[(batch, s.label)]
-            pooled = latency_ratio(_point(m), _point(none))
             paired = paired_ratio(m, none)
+            if paired is None:  # out of memory
+                refuse(f"batch {batch} does not fit on {device} ({(m.error or none.error or '').strip()}): "
+                       "give a smaller --batch-size")
+            pooled = latency_ratio(_point(m), _point(none))
             out[s.label].append({"ratio": paired.ratio, "pooled": (pooled.low, pooled.high),
                                  "paired": (paired.low, paired.high)})
     return out
