@@ -136,7 +136,10 @@ def test_the_bench_tables_read_whole_at_80_columns():
                          "accuracy": acc, "top5": 95.0, "accuracy_change": None if method == "none" else -1.74,
                          "images": 50000, "predicted_ms": ms * b * 0.9 if method == "pomt" else None,
                          "predicted_by": "pomt" if method == "pomt" else None,
-                         "prediction_error": 0.1111 if method == "pomt" else None})
+                         "prediction_error": 0.1111 if method == "pomt" else None,
+                         # ToMe's interval holds 0: its change is not shown beyond it.
+                         "change_low_pct": None if method == "none" else (-15.0 if method == "tome" else -14.0),
+                         "change_high_pct": None if method == "none" else (3.0 if method == "tome" else -10.0)})
     frame = pl.DataFrame(rows, schema_overrides={k: v for k, v in SCHEMA.items() if k in rows[0]})
     for k in SCHEMA:
         if k not in frame.columns:
@@ -148,6 +151,9 @@ def test_the_bench_tables_read_whole_at_80_columns():
         for cell in (f"{row['latency_ms']:.3f}", f"{row['p10_ms']:.3g}-{row['p90_ms']:.3g}", f"{row['accuracy']:.2f}"):
             assert cell in text, (cell, text)
     assert "+11.1%" in text and "-12.3%" in text and "-1.74" in text
+    marked = [line for line in text.splitlines() if "~-12.3%" in line]
+    assert len(marked) == 2 and all(" tome " in line for line in marked)
+    assert "~: no change beyond its 95% interval" in " ".join(text.split())
 
 
 def test_the_accuracy_table_reads_whole_at_80_columns():

@@ -72,6 +72,12 @@ def _table(title: str, columns: list[str], rows: list[list[str]], compact: bool 
     return table
 
 
+def _tilde_if_unproven(row: dict) -> str:
+    """``~`` for a change against none whose interval holds 0 (no change shown), else nothing."""
+    low, high = row.get("change_low_pct"), row.get("change_high_pct")
+    return "~" if row["method"] != BASELINE and low is not None and high is not None and low <= 0 <= high else ""
+
+
 def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str | None = None,
             refined: bool = False) -> list[Table]:
     """The report: a table of latency (and accuracy), and one of predictions when the run has them.
@@ -96,7 +102,7 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str
         else:
             latency, spread = f"{row['latency_ms']:.3f}", f"{row['p10_ms']:.3g}-{row['p90_ms']:.3g}"
             change = "" if row["method"] == BASELINE or row["latency_change_pct"] is None else (
-                f"{row['latency_change_pct']:+.1f}%")
+                _tilde_if_unproven(row) + f"{row['latency_change_pct']:+.1f}%")
             own = row["method"] == BASELINE and row["runtime"] == reference
             versus = "" if own or row["runtime_change_pct"] is None else f"{row['runtime_change_pct']:+.1f}%"
         cells = [str(row["batch_size"]), *([row["runtime"]] if several else []), row["setting"],
@@ -107,6 +113,8 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str
         rows.append(cells)
     legend = "out: tokens leaving the last block; ms: median, p10-p90 its spread" + (
         "; top-1 in %, Δ pts: its change against none" if accuracy_here else "")
+    if any(_tilde_if_unproven(row) for row in frame.iter_rows(named=True)):
+        legend += "; ~: no change beyond its 95% interval (drift between rounds included)"
     if several:
         legend += (f"; vs none: against none in the same runtime; {across}: against {reference}'s none at the "
                    "same batch size")
