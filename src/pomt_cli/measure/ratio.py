@@ -5,8 +5,8 @@ setting's samples. The samples of one round are taken one after another, in one 
 the device (its clocks, its load, what its caches hold), so they are not independent:
 the interval of the median of the pooled samples assumes they are, and comes out too
 narrow when that state drifts between rounds. On the 2-core development CPU, 95%
-intervals of a ratio built from the pooled intervals covered its median over 30 repeated
-runs in 37-67% of them (docs/PERFORMANCE.md).
+intervals of a ratio built from the pooled intervals held its median over 30 repeated
+runs in 43-80% of them (scripts/ratio_coverage.py; docs/PERFORMANCE.md).
 
 The rounds are closer to independent (the method of batch means). Each round in which both
 settings ran gives one ratio of their medians; the Student t interval of the mean of
