@@ -61,7 +61,9 @@ def rounds_of(levels: list[float], spread: float = 0.001, samples: int = 20) -> 
 
 def test_a_pooled_measurement_keeps_each_rounds_median():
     m = rounds_of([7.0, 8.0, 9.0])
-    assert m.part_medians == pytest.approx((7.0, 8.0, 9.0)) and m.samples == 60
+    assert m.part_medians == pytest.approx((7.0, 8.0, 9.0)) and m.samples == 60 and m.part_sizes == (20, 20, 20)
+    with pytest.raises(ValueError, match="do not split"):
+        Measurement("ok", "eager", (1.0, 2.0, 3.0), 0.01, part_sizes=(1, 1))
     assert Measurement.pool([m]).part_medians == pytest.approx((8.0,))
     assert Measurement("ok", "eager", (1.0, 2.0), 0.01).part_medians == ()
 

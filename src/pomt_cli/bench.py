@@ -283,9 +283,7 @@ def slower_than_none(row: Measurement, none: Measurement | None) -> bool | None:
     if none is None or row is none:
         return None
     ratio = paired_ratio(row, none)
-    if ratio is None or ratio.low is None:
-        return None
-    return ratio.low > 1.0
+    return None if ratio is None else ratio.above_one
 
 
 def accuracy_of_methods(
@@ -355,7 +353,7 @@ def bench_frame(
                 "accuracy_change": acc[0] - base_acc[0] if acc and base_acc else None,
                 "images": acc[2] if acc else None,
                 **prediction_columns(predictions.get((b, s.label)), m.median_ms, base_ms),
-                "slower_than_none": slower_than_none(m, base_m) if judged else None,
+                "slower_than_none": ratio.above_one if judged and ratio is not None else None,
                 "runtime": Runtime(runtime).value, "runtime_change_pct": change,
             })
     return pl.DataFrame(rows, schema=SCHEMA, orient="row")

@@ -103,6 +103,11 @@ class PairedRatio:
     high: float | None
     rounds: int
 
+    @property
+    def above_one(self) -> bool | None:
+        """Whether the whole interval lies above 1 (None without an interval)."""
+        return None if self.low is None else self.low > 1.0
+
 
 def round_interval(a: Measurement, b: Measurement, confidence: float) -> tuple[float, float] | None:
     """The Student t interval of the ratio from the medians of paired rounds, or None.

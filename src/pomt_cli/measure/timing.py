@@ -80,8 +80,9 @@ class Measurement:
     ``"budget"`` when the time budget (or ``max_samples``) ran out first, and ``"oom"``
     when the call ran out of memory; an ``"oom"`` measurement has no samples, and its
     statistics are None. Build one with :meth:`out_of_memory`, pool several with :meth:`pool`.
-    A pooled measurement keeps each part's median (``part_medians``, in order): the rounds
-    of a bench, whose spread shows drift that the pooled samples' interval does not
+    A pooled measurement keeps how many samples each part gave (``part_sizes``, in order),
+    so that each part's median can be told (``part_medians``): the rounds of a bench, whose
+    spread shows drift that the pooled samples' interval does not
     (:mod:`pomt_cli.measure.ratio`).
     """
 
@@ -94,11 +95,13 @@ class Measurement:
     warmup_calls: int = 0
     elapsed_s: float = 0.0
     error: str | None = None
-    part_medians: tuple[float, ...] = ()
+    part_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "raw_ms", tuple(float(v) for v in self.raw_ms))
-        object.__setattr__(self, "part_medians", tuple(float(v) for v in self.part_medians))
+        object.__setattr__(self, "part_sizes", tuple(int(v) for v in self.part_sizes))
+        if self.part_sizes and (sum(self.part_sizes) != len(self.raw_ms) or min(self.part_sizes) < 1):
+            raise ValueError(f"part sizes {self.part_sizes} do not split {len(self.raw_ms)} samples")
         if self.status not in ("ok", "budget", "oom") or self.mode not in ("eager", "cuda_graph"):
             raise ValueError(f"unknown status {self.status!r} or mode {self.mode!r}")
         if (self.status == "oom") != (not self.raw_ms):
@@ -117,9 +120,9 @@ class Measurement:
 
         Its samples are the parts' concatenated in order, so its statistics are those of
         the concatenated samples; its status is ``"ok"`` when their interval of the median
-        reaches the precision (``"budget"`` otherwise), whatever stopped each part. Out of
-        memory in any part makes the pool out of memory (the first such part); warm-up
-        calls and elapsed time add up.
+        reaches the precision (``"budget"`` otherwise), whatever stopped each part; its
+        ``part_sizes`` are the parts' sample counts. Out of memory in any part makes the
+        pool out of memory (the first such part); warm-up calls and elapsed time add up.
 
         Raises:
             ValueError: no parts, or parts that differ in task, mode, precision or confidence.
@@ -138,12 +141,18 @@ class Measurement:
         raw_ms = tuple(v for m in parts for v in m.raw_ms)
         status: Status = "ok" if precise_enough(np.sort(raw_ms), first.rel_precision, first.confidence) else "budget"
         return cls(status, first.mode, raw_ms, first.rel_precision, first.task, first.confidence, **spent,
-                   part_medians=tuple(m.median_ms for m in parts))
+                   part_sizes=tuple(m.samples for m in parts))
 
     @property
     def samples(self) -> int:
         """Timed calls."""
         return len(self.raw_ms)
+
+    @cached_property
+    def part_medians(self) -> tuple[float, ...]:
+        """Each pooled part's median, in order (empty for a measurement that was not pooled)."""
+        ends = np.cumsum(self.part_sizes, dtype=np.int64)
+        return tuple(float(np.median(self._values[end - size:end])) for size, end in zip(self.part_sizes, ends))
 
     @cached_property
     def _values(self) -> np.ndarray:
