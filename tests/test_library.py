@@ -188,3 +188,68 @@ def test_patch_dropout_that_drops_tokens_is_refused():
         assert model(images()).shape == (2, 10)  # in eval, patch dropout is off
     with pytest.raises(PruningError, match="patch dropout"):
         model.train()(images())
+
+
+@pytest.mark.parametrize("method,setting", [("pomt", dict(r=6, layer=1)), ("tome", dict(r=3)), ("topk", dict(r=2))])
+def test_a_changed_input_size_is_refused_not_run_on_the_old_plan(method, setting):
+    """timm's set_input_size changes the token count after apply: the stale plan must not run."""
+    model = apply(tiny_vit(), method, **setting)
+    model.set_input_size(img_size=16)  # 4 patch tokens instead of 16
+    with pytest.raises(PruningError, match="got 5 tokens where its plan expects 17: .*call apply") as info:
+        model(torch.randn(1, 3, 16, 16))
+    assert "\n" not in str(info.value)
+    apply(model, method, **{**setting, "r": 1})  # planned again for the new size, it runs
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert token_counts(model)[0] == 5
+
+
+@pytest.mark.parametrize("method,setting", [("pomt", dict(r=6, layer=1)), ("tome", dict(r=3)), ("topk", dict(r=2))])
+def test_hooks_on_the_blocks_of_a_patched_model_run(method, setting):
+    """Feature extractors hook model.blocks[i]: the patched model calls its blocks as modules."""
+    model = apply(tiny_vit(), method, **setting)
+    seen = {}
+
+    def hook(index):
+        def record(module, args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            seen[index] = (x.shape[1], isinstance(output, tuple))
+        return record
+
+    handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(model.blocks)]
+    model(images())
+    for h in handles:
+        h.remove()
+    counts = token_counts(model)
+    assert {i: n for i, (n, _) in seen.items()} == {i: counts[i + 1] for i in range(3)}
+    # Only a merging method's blocks return (x, size); the others return the tokens alone.
+    assert {t for _, t in seen.values()} == {method == "tome"}
+
+
+def test_tome_blocks_called_one_by_one_need_the_sizes():
+    model = apply(tiny_vit(), "tome", r=3)
+    x0 = model.norm_pre(model._pos_embed(model.patch_embed(images())))
+    x, size = x0, None
+    for blk in model.blocks:
+        x, size = blk(x, size=size, return_size=True)
+    torch.testing.assert_close(model.forward_head(model.norm(x)), model(images()), rtol=0, atol=0)
+    assert size is not None and int(size.sum(dim=1).max()) == 17  # every token is counted once
+    y = model.blocks[0](x0)  # the first block needs no sizes
+    with pytest.raises(PruningError, match="follows ToMe's first merge and needs the merged tokens' sizes"):
+        model.blocks[1](y)  # without them proportional attention would be lost silently
+
+
+def test_library_helpers_refuse_bad_arguments_in_one_line():
+    from pomt_cli import pruning
+    from pomt_cli.pruning import forward_ideal, unregister
+
+    assert pruning.PruningError is PruningError
+    with pytest.raises(PruningError, match="unknown method 'nope'"):
+        unregister("nope")
+    model = tiny_vit()
+    with pytest.raises(PruningError, match="2 token counts for 3 blocks"):
+        forward_ideal(model, images(), [17, 17])
+    with pytest.raises(PruningError, match="must not rise"):
+        forward_ideal(model, images(), [17, 12, 14, 10])
+    with pytest.raises(PruningError, match="at most at the model's 17 tokens"):
+        forward_ideal(model, images(), [18, 12, 10, 10])
+    assert forward_ideal(model, images(), [17, 12, 12, 2]).shape == (2, 10)

@@ -262,8 +262,12 @@ def test_errors_name_the_limit():
         apply(model, "pomt", r=2, layer=3)
     with pytest.raises(ValueError, match="r=-1 at block 0 is negative"):
         apply(model, "tome", r=-1)
-    with pytest.raises(ValueError, match="r=-1 at block 0 is negative"):
-        apply(model, "tome", r=(1, 2.0))  # inflection beyond the original's [-1, 1]
+    with pytest.raises(ValueError, match=r"inflection in \(r, inflection\) must be within \[-1, 1\].*got 2$"):
+        apply(model, "tome", r=(1, 2.0))  # beyond the original's range, where its schedule goes negative
+    with pytest.raises(ValueError, match=r"must be within \[-1, 1\].*got -1.5"):
+        apply(model, "tome", r=(4, -1.5))
+    with pytest.raises(ValueError, match="r=-1 is negative"):
+        apply(model, "pomt", r=-1)  # the default layer 3 is out of range here: r is checked first
     with pytest.raises(ValueError, match="unknown method 'merge'"):
         apply(model, "merge", r=1)
     with pytest.raises(ValueError, match="has 7 tokens \\(1 prefix\\) left at block 2, at most 5 can be pruned at block 2"):

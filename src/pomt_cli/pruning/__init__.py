@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from pomt_cli.errors import PruningError
 from pomt_cli.pruning import none, pomt, tome, topk  # noqa: F401  (registers the methods, in order)
 from pomt_cli.pruning import registry
 from pomt_cli.pruning.geometry import TokenGeometry, forward_kept, geometry
@@ -24,6 +25,7 @@ from pomt_cli.pruning.registry import Method, register, unregister
 
 __all__ = [
     "Method",
+    "PruningError",
     "TokenGeometry",
     "apply",
     "capped_from",

@@ -7,6 +7,8 @@ and each block's class for a subclass whose ``forward_tokens`` is timm's
 ``Block.forward`` with the method's reduction (:meth:`Method.reduce
 <pomt_cli.pruning.registry.Method.reduce>`) between the attention and MLP sub-layers.
 Blocks that reduce nothing and see no token sizes run timm's own forward unchanged.
+The model calls each block as a module, so hooks on a block run; a reducing block
+computes its attention itself, so hooks on its ``attn`` do not.
 """
 
 from __future__ import annotations
@@ -47,17 +49,44 @@ class PrunedBlock(_Patched):
     pomt_plan: BlockPlan
     pomt_tokens: tuple[int, int] | None = None
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, *,
+        size: torch.Tensor | None = None, return_size: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """timm's ``Block.forward`` with the plan's reduction; hooks on the block run as on timm's.
+
+        Args:
+            x: (B, N, C) tokens.
+            size: (B, N, 1) token sizes from the block before, for a merging method (ToMe).
+            return_size: return ``(x, size)`` instead of ``x``. The patched model calls the
+                blocks of a merging method so; the others return ``x`` alone.
+
+        Raises:
+            PruningError: an attention mask; a block after ToMe's first merge called without
+                the sizes (run the model, or pass them along); a token count other than planned.
+        """
         if attn_mask is not None or is_causal:
             raise PruningError("pruned blocks take no attention mask")
-        return self.forward_tokens(x, None)[0]
+        if size is None and self.pomt_plan.sizes_needed:
+            raise PruningError(
+                "this block follows ToMe's first merge and needs the merged tokens' sizes: run the "
+                "model (forward, forward_features, forward_intermediates), or pass each block's sizes "
+                "on with x, size = block(x, size=size, return_size=True)"
+            )
+        x, size = self.forward_tokens(x, size)
+        return (x, size) if return_size else x
 
     def forward_tokens(
         self, x: torch.Tensor, size: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One block on ``x`` (B, N, C) with token sizes ``size`` (B, N, 1) or None."""
+        """One block on ``x`` (B, N, C) with token sizes ``size`` (B, N, 1) or None (no hooks run)."""
         plan = self.pomt_plan
         n_in = x.shape[1]
+        if plan.tokens and n_in != plan.tokens:
+            raise PruningError(
+                f"a pruned block got {n_in} tokens where its plan expects {plan.tokens}: after changing "
+                "the input size (set_input_size), call apply(model, ...) again"
+            )
         if plan.r == 0 and size is None:
             x = super().forward(x)
             self.pomt_tokens = (n_in, n_in)
@@ -103,10 +132,14 @@ class PrunedVisionTransformer(_Patched):
     def _run_block(
         self, blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One block's ``forward_tokens``, checkpointed as timm's where gradient checkpointing is on."""
+        """One block, called as a module so that its hooks run, and checkpointed as timm's where
+        gradient checkpointing is on; a merging method's blocks take and return the sizes."""
+        kwargs = {"size": size, "return_size": True} if blk.pomt_plan.sizes else {}
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk.forward_tokens, x, size, use_reentrant=False)
-        return blk.forward_tokens(x, size)
+            out = checkpoint(blk, x, use_reentrant=False, **kwargs)
+        else:
+            out = blk(x, **kwargs)
+        return out if kwargs else (out, None)
 
     def forward_intermediates(
         self,
@@ -246,5 +279,9 @@ def plan_blocks(
                 f"at most {limit} can be pruned at block {i}"
             )
         counts.append(n - ri)
-    plans = [BlockPlan(method, ri, p, class_token=g.has_class_token) for ri in per_block]
+    plans = [
+        BlockPlan(method, ri, p, class_token=g.has_class_token, tokens=counts[i], sizes=m.merges,
+                  sizes_needed=m.merges and any(per_block[:i]))
+        for i, ri in enumerate(per_block)
+    ]
     return plans, counts, capped_from

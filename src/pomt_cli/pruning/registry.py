@@ -37,6 +37,13 @@ class BlockPlan:
     scoring: str = "auto"
     #: ToMe: whether the model has a class token (A's unmerged tokens then stay in position order).
     class_token: bool = True
+    #: Tokens the plan expects to enter the block (0: any). A model whose token count
+    #: changed after ``apply`` (timm's ``set_input_size``) is refused, not run on a stale plan.
+    tokens: int = 0
+    #: Whether the block takes and returns token sizes (a merging method: ToMe).
+    sizes: bool = False
+    #: Whether an earlier block merged tokens, so this block needs their sizes.
+    sizes_needed: bool = False
 
 
 class Method(ABC):
@@ -58,6 +65,9 @@ class Method(ABC):
     reduces: ClassVar[bool] = True
     #: bench's r when no option gives one; None: the method needs -r or --r-from.
     bench_r: ClassVar[int | None] = 8
+    #: Whether the method merges tokens into ones that stand for several, whose sizes the
+    #: later blocks need (ToMe's proportional attention); the sizes then pass from block to block.
+    merges: ClassVar[bool] = False
 
     @abstractmethod
     def schedule(self, g: TokenGeometry, r, layer: int) -> list[int]:
@@ -127,8 +137,12 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def unregister(name: str) -> None:
-    """Forget the method ``name`` (models it patched must be removed first)."""
-    del _METHODS[name]
+    """Forget the method ``name`` (models it patched must be removed first).
+
+    Raises:
+        PruningError: no such method; the message lists the known ones.
+    """
+    del _METHODS[get(name).name]
 
 
 def names() -> tuple[str, ...]:

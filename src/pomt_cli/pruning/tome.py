@@ -44,7 +44,8 @@ def schedule(r: int | Sequence[int] | tuple[int, float], num_blocks: int) -> lis
             ``(r, inflection)`` as the original's ``parse_r``: a linear schedule from
             ``int(r * (1 - inflection))`` to ``2 r`` minus that, each entry truncated to an
             int; inflection -1 is the paper's decreasing schedule (2r down to 0), 0 is
-            constant, +1 increasing. Its mean is r up to the truncation.
+            constant, +1 increasing (others outside [-1, 1] are refused). Its mean is r up
+            to the truncation.
         num_blocks: depth of the model.
     """
     if isinstance(r, tuple):
@@ -54,6 +55,11 @@ def schedule(r: int | Sequence[int] | tuple[int, float], num_blocks: int) -> lis
         if isinstance(inflection, bool) or not isinstance(inflection, numbers.Real) or not math.isfinite(inflection):
             raise PruningError(f"ToMe's inflection in (r, inflection) must be a finite number, got {inflection!r}")
         inflection = float(inflection)
+        if not -1.0 <= inflection <= 1.0:
+            raise PruningError(
+                f"ToMe's inflection in (r, inflection) must be within [-1, 1] (the original's range: "
+                f"-1 decreasing, 0 constant, 1 increasing), got {inflection:g}"
+            )
         if num_blocks == 1:
             return [mean]
         first = int(mean * (1.0 - inflection))
@@ -157,6 +163,7 @@ def merge(
 class Tome(Method):
     name = "tome"
     title = "ToMe"
+    merges = True
 
     def schedule(self, g, r, layer):
         return schedule(r, g.num_blocks)
