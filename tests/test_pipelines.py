@@ -120,3 +120,23 @@ def test_demo_estimates_accuracy_where_it_measures_latency(tmp_path, monkeypatch
     printed = seen["steps"][1]
     assert printed[0] == "estimate-accuracy" and printed[printed.index("--torch-device") + 1] == expected
     assert seen["profile"].torch_device == torch_device and seen["profile"].device == device
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: ProfileSettings(batch_size=[1, 4]), "batch_size\n  Extra inputs are not permitted"),
+        (lambda: ProfileSettings(batch_sizes=[0]), "batch_sizes.0\n  Input should be greater than 0"),
+        (lambda: ProfileSettings(workload="pomt", layers=[-1]), "layers.0\n  Input should be greater than or equal to 0"),
+        (lambda: ComputeRSettings(batch_size=[4]), "batch_size\n  Extra inputs are not permitted"),
+        (lambda: AccuracySettings(estimate=EstimateConfig(model="digits-vit", data="digits", estimater="pomt")),
+         "estimater\n  Extra inputs are not permitted"),
+        (lambda: SelectionSettings(latency_budget=5.0), "latency_budget\n  Extra inputs are not permitted"),
+        (lambda: SelectionSettings(latency_budget_ms=5.0), "latency_budget_ms is the parameter of criterion 'latency_budget'"),
+        (lambda: SelectionSettings(criterion="max_accuracy_drop"), "criterion 'max_accuracy_drop' needs max_accuracy_drop"),
+    ],
+)
+def test_settings_refuse_misspelled_and_impossible_fields_when_made(make, match):
+    """A library caller's typo must not fall back to a default silently (batch_size= profiling batch 1)."""
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import GEOMETRY_FIELDS
@@ -66,12 +66,24 @@ class SelectionSettings(BaseModel):
     chooses n only when ``criterion`` is ``"utility"``.
     """
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     criterion: Criterion = "utility"
     alpha: float = Field(DEFAULT_ALPHA, ge=0.0, le=1.0)
     latency_budget_ms: float | None = Field(None, gt=0.0)
     max_accuracy_drop: float | None = Field(None, ge=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _parameter_of_the_criterion(self) -> SelectionSettings:
+        """The criterion's own parameter is given, and no other criterion's (it would be ignored)."""
+        for criterion, name in (("latency_budget", "latency_budget_ms"), ("max_accuracy_drop", "max_accuracy_drop")):
+            given = getattr(self, name) is not None
+            if self.criterion == criterion and not given:
+                raise ValueError(f"criterion {criterion!r} needs {name}")
+            if self.criterion != criterion and given:
+                raise ValueError(f"{name} is the parameter of criterion {criterion!r}, not of {self.criterion!r}: "
+                                 f"set criterion={criterion!r}")
+        return self
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def estimate_hits(
 class EstimateConfig(BaseModel):
     """The settings of one accuracy estimate, typed (``pomt estimate-accuracy`` parses its options into them)."""
 
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=(), extra="forbid")
 
     model: str
     data: str

@@ -3,7 +3,10 @@
 Each pipeline is the one place that sequences the layers below it (models, measurement,
 accuracy, selection, file formats) for one command. It takes a pydantic settings object,
 returns a result that names every file it wrote, reports progress through a
-:class:`Reporter` and never prints. Bad settings raise :class:`~pomt_cli.errors.PomtError`.
+:class:`Reporter` and never prints. A settings object checks what it can alone when it is
+made (a misspelled field, a batch size of 0: pydantic's ``ValidationError``, a
+``ValueError``); what needs the model, the files or the device raises
+:class:`~pomt_cli.errors.PomtError` when the pipeline runs.
 
 One module per pipeline, named for what it makes (the function is the command's verb):
 :mod:`.latency` (``profile``), :mod:`.accuracy` (``estimate_accuracy``), :mod:`.choice`

@@ -72,9 +72,10 @@ SILENT = Reporter()
 
 
 class Settings(BaseModel):
-    """What the settings of every pipeline share: frozen, and the command line to record."""
+    """What the settings of every pipeline share: frozen, a misspelled field refused (pydantic's
+    ``ValidationError``, a ``ValueError``), and the command line to record."""
 
-    model_config = ConfigDict(protected_namespaces=(), frozen=True)
+    model_config = ConfigDict(protected_namespaces=(), frozen=True, extra="forbid")
 
     command: str | None = Field(None, description="the command line recorded in the files (default: this process's)")
 

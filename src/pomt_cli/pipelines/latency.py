@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
 from pomt_cli.devices.presets import DevicePreset
@@ -46,7 +46,7 @@ class ProfileSettings(RuntimeSettings):
     model: str = DEFAULT_MODEL
     device: str | None = Field(None, description="a preset name or .toml file (default: nvidia with CUDA, else cpu)")
     torch_device: str | None = Field(None, description="overrides the preset's torch device")
-    batch_sizes: list[int] = Field([1], min_length=1)
+    batch_sizes: list[PositiveInt] = Field([1], min_length=1)
     dtype: Dtype = Dtype.float32
     tokens: TokenRange | None = None
     pretrained: bool = False
@@ -61,7 +61,7 @@ class ProfileSettings(RuntimeSettings):
     remeasure: int = Field(2, ge=0)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     workload: Workload = "proxy"
-    layers: list[int] | None = Field(None, description="POMT's blocks with workload pomt (default [3])")
+    layers: list[NonNegativeInt] | None = Field(None, description="POMT's blocks with workload pomt (default [3])")
     threads: int | None = Field(None, ge=1)
     lock_clocks: bool = True
     output_dir: Path = Path("runs")
