@@ -46,6 +46,7 @@ class TokenGeometry:
 
 
 def model_name(model: nn.Module) -> str:
+    """The model's name in messages and files: timm's architecture, else ``pomt_name``, else its class."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or getattr(model, "pomt_name", None) or type(model).__name__
 

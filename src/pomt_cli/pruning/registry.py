@@ -196,7 +196,8 @@ def as_r(r):
             values = None
         if values is not None:
             return [as_int(v, f"r[{i}]") for i, v in enumerate(values)]
-    raise PruningError(f"r must be an int or a list of ints (one per block), got {r!r}")
+    raise PruningError(f"r must be an int or a list of ints (one per block; ToMe also takes (r, inflection)), "
+                       f"got {r!r}")
 
 
 def spread(total: int, num_patches: int, num_blocks: int, *, halving: bool) -> list[int]:
