@@ -190,6 +190,16 @@ def test_patch_dropout_that_drops_tokens_is_refused():
         model.train()(images())
 
 
+@pytest.mark.parametrize("method,setting", [("pomt", dict(r=6, layer=0)), ("tome", dict(r=3)), ("topk", dict(r=2))])
+def test_a_block_refuses_a_token_count_other_than_planned(method, setting):
+    model = apply(tiny_vit(), method, **setting)
+    with pytest.raises(PruningError, match="got 5 tokens where its plan expects 17: .*call apply") as info:
+        model.blocks[0](torch.randn(1, 5, 48))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(timm.models.vision_transformer.VisionTransformer, "set_input_size"),
+                    reason=f"timm {timm.__version__} has no set_input_size")
 @pytest.mark.parametrize("method,setting", [("pomt", dict(r=6, layer=1)), ("tome", dict(r=3)), ("topk", dict(r=2))])
 def test_a_changed_input_size_is_refused_not_run_on_the_old_plan(method, setting):
     """timm's set_input_size changes the token count after apply: the stale plan must not run."""
