@@ -368,8 +368,11 @@ def test_r_from_a_report_of_another_geometry_or_dtype_is_refused(tmp_path, capsy
     data = json.loads((demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32.json").read_text())
     if field == "dtype":
         data["latency"]["dtype"] = value
-    else:
-        data[field] = value
+    else:  # the same R of a larger model: its choices keep R + n = N
+        more = value - data[field]
+        data.update({field: value, "tokens": data["tokens"] + more})
+        for choice in data["choices"]:
+            choice.update(tokens=choice["tokens"] + more, reference_tokens=choice["reference_tokens"] + more)
     path = tmp_path / "other.json"
     path.write_text(json.dumps(data))
     code, _, err = run_in_process(["bench", "--model", "digits-vit", "--r-from", str(path), "--output-dir",

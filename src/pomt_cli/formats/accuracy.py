@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import polars as pl
 from pydantic import AfterValidator, BaseModel, Field
 
-from pomt_cli.formats.common import ProfileMeta, read_checked
+from pomt_cli.formats.common import ProfileMeta, check_listed, read_checked
 from pomt_cli.formats.outputs import output_stem
 from pomt_cli.pruning import method_names
 from pomt_cli.pruning.registry import Method
@@ -87,6 +87,15 @@ class AccuracyMeta(ProfileMeta):
     preprocessing: dict | None = None
     batch_size: int | None = None
     device_type: str | None = None
+
+    def check_rows(self, path: Path, frame: pl.DataFrame) -> None:
+        """Check also that the rows' layers are the metadata's ``layers``.
+
+        Raises:
+            PomtError: one line naming the file, the column and both sets of values.
+        """
+        super().check_rows(path, frame)
+        check_listed(path, "layers", set(frame["layer"].drop_nulls().to_list()), self.layers, True)
 
 
 def read_accuracy(path: str | Path) -> tuple[pl.DataFrame, AccuracyMeta]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.common import command_line, first_error, open_parquet
+from pomt_cli.formats.common import DtypeName, command_line, first_error, newer_version, open_parquet
 from pomt_cli.formats.latency import ClockState, RuntimeName
 from pomt_cli.formats.outputs import write_set
 from pomt_cli.pruning import apply
@@ -123,14 +123,14 @@ class BenchMeta(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     kind: Literal["bench"] = "bench"
-    format_version: int = BENCH_FORMAT_VERSION
+    format_version: int = Field(BENCH_FORMAT_VERSION, ge=1, strict=True)
     model: str
     num_tokens: int
     num_prefix: int
     img_size: list[int]
     img_size_option: int | None
     num_blocks: int
-    dtype: str
+    dtype: DtypeName
     batch_sizes: list[int]
     methods: list[str]
     settings: dict[str, list[MethodSetting]]
@@ -205,14 +205,14 @@ def read_bench(path: str | Path) -> tuple[pl.DataFrame, BenchMeta]:
         data = None
     if not isinstance(data, dict) or data.get("kind") != "bench":
         raise PomtError(f"{path} is not a pomt bench report: give the .parquet file written by pomt bench")
+    if (version := newer_version(data, BENCH_FORMAT_VERSION)) is not None:
+        raise PomtError(f"{path} is a bench report of format {version}, newer than this pomt reads "
+                        f"({BENCH_FORMAT_VERSION}): upgrade pomt")
     try:
         meta = BenchMeta.model_validate(data)
     except ValidationError as exc:
         where, msg = first_error(exc, "metadata")
         raise PomtError(f"bench report {path} is damaged (field {where}: {msg}): {again}") from None
-    if meta.format_version > BENCH_FORMAT_VERSION:
-        raise PomtError(f"{path} is a bench report of format {meta.format_version}, newer than this pomt reads "
-                        f"({BENCH_FORMAT_VERSION}): upgrade pomt")
     if meta.format_version == 2 and "profile_ms" not in frame.columns and "predicted_ms" in frame.columns:
         frame = frame.with_columns(profile_ms=pl.col("predicted_ms"))
     frame = frame.with_columns(pl.lit(None, dtype=SCHEMA[c]).alias(c) for c in (*PREDICTION_COLUMNS,

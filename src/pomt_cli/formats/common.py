@@ -15,7 +15,7 @@ from typing import Literal, TypeVar
 import polars as pl
 import timm
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
@@ -40,6 +40,29 @@ LATENCY_COLUMNS = ("batch_size", "tokens", "latency_ms", "p10_ms", "p90_ms", "sa
 ACCURACY_COLUMNS = ("tokens", "accuracy", "top5", "images")
 
 
+#: The floating-point types a model runs in (``pomt_cli.options.Dtype``'s values).
+DtypeName = Literal["float32", "float16", "bfloat16"]
+
+
+#: The largest latency a file may hold, in ms (11.6 days per forward pass): a larger one is damage.
+MAX_LATENCY_MS = 1e9
+
+
+#: The most tokens a model may have (N): a larger count is damage.
+MAX_TOKENS = 1_000_000
+
+
+def newer_version(data: dict, current: int) -> int | None:
+    """The ``format_version`` of the raw record ``data`` when it is an integer above ``current``, else None.
+
+    Checked before the record is validated, so that a newer file is refused as newer (upgrade
+    pomt) even where its other fields no longer validate; any other value that is not an
+    integer >= 1 fails the validation (``format_version`` is a strict field).
+    """
+    version = data.get("format_version")
+    return version if type(version) is int and version > current else None
+
+
 def command_line(args: Sequence[str] | None = None) -> str:
     """``pomt ARGS`` as a shell would read it (default: this process's arguments)."""
     return shlex.join(["pomt", *(sys.argv[1:] if args is None else args)])
@@ -51,13 +74,13 @@ class ProfileMeta(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     kind: Literal["latency", "accuracy"]
-    format_version: int = FORMAT_VERSION
+    format_version: int = Field(FORMAT_VERSION, ge=1, strict=True)
     model: str = Field(description="timm architecture name (or digits-vit)")
-    num_tokens: int = Field(description="N, tokens entering the first block")
-    num_prefix: int = Field(description="p, prefix tokens")
-    num_blocks: int
-    embed_dim: int
-    dtype: str
+    num_tokens: int = Field(ge=1, le=MAX_TOKENS, description="N, tokens entering the first block")
+    num_prefix: int = Field(ge=0, description="p, prefix tokens")
+    num_blocks: int = Field(ge=1)
+    embed_dim: int = Field(ge=1)
+    dtype: DtypeName
     grid: list[int] = Field(description="kept-token counts n, in the order given")
     img_size: list[int] | None = Field(None, description="input height and width in pixels the model was built for")
     img_size_option: int | None = Field(None, description="--img-size as given (None: the model's default size)")
@@ -69,9 +92,39 @@ class ProfileMeta(BaseModel):
     python_version: str = platform.python_version()
     host: str = platform.node()
 
+    @model_validator(mode="after")
+    def _prefix_below_tokens(self) -> ProfileMeta:
+        if self.num_prefix >= self.num_tokens:
+            raise ValueError(f"num_prefix {self.num_prefix} is not below num_tokens {self.num_tokens}")
+        return self
+
     def recorded(self, field: str) -> object:
         """``field`` as the file holds it; None where it lacks the field (its default describes this run)."""
         return getattr(self, field) if field in self.model_fields_set else None
+
+    def check_rows(self, path: Path, frame: pl.DataFrame) -> None:
+        """Check that the rows agree with the metadata; the kinds check their batch sizes and layers.
+
+        Raises:
+            PomtError: one line naming the file, the column and what the metadata says.
+        """
+
+
+def check_listed(path: Path, column: str, found: set, listed: list | None, whole: bool) -> None:
+    """Check that the values ``found`` in ``column`` are those the metadata lists (``listed``).
+
+    ``whole``: every listed value must have rows too (False for an interrupted profile,
+    which may lack some). Nothing is checked where the metadata does not list them (None).
+
+    Raises:
+        PomtError: one line naming the file, the column and both sets of values.
+    """
+    if listed is None:
+        return
+    if found - set(listed) or (whole and set(listed) - found):
+        raise PomtError(f"{path} has {column} {', '.join(map(str, sorted(found))) or 'none'} in its rows, but its "
+                        f"metadata lists {', '.join(map(str, listed)) or 'none'}: is it damaged? "
+                        "write it again with pomt")
 
 
 def write_profile(path: str | Path, frame: pl.DataFrame, meta: ProfileMeta) -> Path:
@@ -82,7 +135,8 @@ def write_profile(path: str | Path, frame: pl.DataFrame, meta: ProfileMeta) -> P
 
 
 #: What each known column must hold: its type (``int``, ``float``, ``str``) and its values.
-#: ``latency``: finite and positive (null only where status is ``oom``); ``positive``: > 0;
+#: ``latency``: finite, positive and at most :data:`MAX_LATENCY_MS` (null only where status is
+#: ``oom``); ``spread``: finite, >= 0 and at most :data:`MAX_LATENCY_MS`; ``positive``: > 0;
 #: ``count``: >= 0; ``percent``: finite, in [0, 100]; ``status``: ok, budget or oom. A rule
 #: ending in ``?`` allows null (a statistic that too few samples leave undefined).
 COLUMN_RULES: dict[str, tuple[str, str]] = {
@@ -98,14 +152,30 @@ COLUMN_RULES: dict[str, tuple[str, str]] = {
     "max_ms": ("float", "latency?"),
     "visit_low_ms": ("float", "latency?"),
     "visit_high_ms": ("float", "latency?"),
-    "std_ms": ("float", "count?"),
+    "std_ms": ("float", "spread?"),
     "samples": ("int", "count"),
     "status": ("str", "status"),
     "accuracy": ("float", "percent"),
     "top5": ("float", "percent"),
     "images": ("int", "positive"),
+    "correct": ("int", "count"),
+    "correct_top5": ("int", "count"),
     "layer": ("int", "count?"),
 }
+
+
+#: Pairs of columns (low, high) that each row must hold in order where both are there and
+#: not null: a latency profile's statistics come from one set of samples (the median within
+#: its percentiles, its interval and the extremes); top-5 hits include the top-1 hits.
+ORDERED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("min_ms", "p10_ms"), ("p10_ms", "latency_ms"), ("latency_ms", "p90_ms"), ("p90_ms", "max_ms"),
+    ("ci_low_ms", "latency_ms"), ("latency_ms", "ci_high_ms"), ("visit_low_ms", "visit_high_ms"),
+    ("accuracy", "top5"), ("correct", "correct_top5"), ("correct_top5", "images"),
+)
+
+
+#: How far a row may be out of order by rounding, relative to the larger value.
+ORDER_TOLERANCE = 1e-9
 
 
 STATUSES = ("ok", "budget", "oom")
@@ -120,7 +190,7 @@ def _type_ok(dtype: pl.DataType, wanted: str) -> bool:
 
 
 def check_columns(path: Path, frame: pl.DataFrame) -> None:
-    """Check the type and the values of every known column of a profile.
+    """Check the type and the values of every known column of a profile, and each row's order (:data:`ORDERED_COLUMNS`).
 
     Raises:
         PomtError: one line naming the file, the column and the first bad row.
@@ -148,12 +218,21 @@ def check_columns(path: Path, frame: pl.DataFrame) -> None:
                 problem = f"is {value}, not a finite number"
             elif rule in ("latency", "positive") and value <= 0:
                 problem = f"is {value}, not positive"
-            elif rule == "count" and value < 0:
+            elif rule in ("count", "spread") and value < 0:
                 problem = f"is {value}, below 0"
+            elif rule in ("latency", "spread") and value > MAX_LATENCY_MS:
+                problem = f"is {value}, above {MAX_LATENCY_MS:.0e} ms"
             elif rule == "percent" and not 0 <= value <= 100:
                 problem = f"is {value}, outside 0..100 (%)"
             if problem:
                 raise PomtError(f"{path}: column {name} {problem} in row {row + 1}: is it damaged? "
+                                "write it again with pomt")
+    for low, high in ORDERED_COLUMNS:
+        if low not in frame.columns or high not in frame.columns:
+            continue
+        for row, (a, b) in enumerate(zip(frame[low].to_list(), frame[high].to_list())):
+            if a is not None and b is not None and a - b > ORDER_TOLERANCE * max(abs(a), abs(b)):
+                raise PomtError(f"{path}: column {low} is {a}, above {high} {b}, in row {row + 1}: is it damaged? "
                                 "write it again with pomt")
 
 
@@ -234,7 +313,9 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
 
     The metadata must validate as ``meta_model`` (types included; the fields that only
     pomt's own writer fills are optional, so that profiles other tools write still read),
-    and every known column must have its type and valid values (:func:`check_columns`).
+    every known column must have its type and valid values, each row its statistics in order
+    (:func:`check_columns`), and the rows the batch sizes and layers that the metadata lists
+    (``check_rows``).
 
     Raises:
         PomtError: the file is missing, not a Parquet file, not a pomt profile, of the
@@ -259,8 +340,7 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
         hint = "pomt profile" if kind == "latency" else "pomt estimate-accuracy"
         raise PomtError(f"{path} is {article[data['kind']]} {data['kind']} profile, but {article[kind]} {kind} "
                         f"profile is needed here (from `{hint}`)")
-    version = data.get("format_version")
-    if isinstance(version, int) and version > FORMAT_VERSION:
+    if (version := newer_version(data, FORMAT_VERSION)) is not None:
         raise PomtError(f"{path} is {article[kind]} {kind} profile of format {version}, newer than this pomt reads "
                         f"({FORMAT_VERSION}): upgrade pomt")
     try:
@@ -275,5 +355,6 @@ def read_checked(path: str | Path, meta_model: type[M]) -> tuple[pl.DataFrame, M
     if "layer" not in frame.columns:  # format version 1
         frame = frame.with_columns(pl.lit(None, dtype=pl.Int64).alias("layer"))
     check_columns(path, frame)
+    meta.check_rows(path, frame)
     check_points_once(path, frame, ("batch_size", "layer", "tokens") if kind == "latency" else ("layer", "tokens"))
     return frame, meta

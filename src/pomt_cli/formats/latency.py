@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.common import ProfileMeta, read_checked
+from pomt_cli.formats.common import ProfileMeta, check_listed, read_checked
 
 
 class ClockState(BaseModel):
@@ -108,6 +108,17 @@ class LatencyMeta(ProfileMeta):
     pomt_received: str | None = Field(
         None, description="how the pomt workload's block computed the attention received (float16/bfloat16 on "
         "CUDA): 'triton kernel' or 'chunked product (Triton kernel off: why)'; None where the kernel was not tried")
+
+    def check_rows(self, path: Path, frame: pl.DataFrame) -> None:
+        """Check also that the rows' batch sizes and layers are the metadata's (some may lack rows while incomplete).
+
+        Raises:
+            PomtError: one line naming the file, the column and both sets of values.
+        """
+        super().check_rows(path, frame)
+        check_listed(path, "batch sizes", set(frame["batch_size"].to_list()), self.batch_sizes, self.complete)
+        layers = set(frame["layer"].drop_nulls().to_list())
+        check_listed(path, "layers", layers, self.layers, self.complete)
 
 
 _RESUME_FIELDS = ("model", "num_tokens", "num_prefix", "img_size", "dtype", "batch_sizes", "grid", "timing_mode",

@@ -8,11 +8,19 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.common import command_line, first_error, pomt_file_kind
+from pomt_cli.formats.common import (
+    MAX_LATENCY_MS,
+    MAX_TOKENS,
+    DtypeName,
+    command_line,
+    first_error,
+    newer_version,
+    pomt_file_kind,
+)
 from pomt_cli.formats.outputs import atomic_write_text
 
 
@@ -31,6 +39,14 @@ REPORT_FORMAT_VERSION = 4
 Criterion = Literal["utility", "latency_budget", "max_accuracy_drop"]
 
 
+#: The largest latency ratio a report may hold (a pruned model 1000 times slower): a larger one is damage.
+MAX_RATIO = 1e3
+
+
+#: The criteria that need a parameter, and its field.
+CRITERION_FIELDS = {"latency_budget": "latency_budget_ms", "max_accuracy_drop": "max_accuracy_drop"}
+
+
 class Choice(BaseModel):
     """The chosen n for one batch size."""
 
@@ -39,8 +55,8 @@ class Choice(BaseModel):
     batch_size: int = Field(ge=1)
     R: int = Field(ge=0, description="tokens to prune, N - n")
     tokens: int = Field(ge=1, description="n*, tokens kept")
-    latency_ms: float = Field(gt=0)
-    latency_saved_pct: float = Field(description="100 * (1 - L(n*) / L(n_max))")
+    latency_ms: float = Field(gt=0, le=MAX_LATENCY_MS)
+    latency_saved_pct: float = Field(ge=100 * (1 - MAX_RATIO), le=100, description="100 * (1 - L(n*) / L(n_max))")
     accuracy: float = Field(ge=0, le=100, description="top-1 accuracy (%) at n*")
     accuracy_lost: float = Field(ge=-100, le=100, description="A(n_max) - A(n*), percentage points")
     utility: float = Field(description="U(n*) with the report's alpha")
@@ -48,16 +64,31 @@ class Choice(BaseModel):
     layer: int | None = Field(None, description="POMT's pruning block; None with a proxy latency profile")
     workload: Literal["pomt", "proxy"] = Field(
         "proxy", description="where latency_ms comes from: the POMT-patched model or the all-blocks proxy")
-    reference_ms: float | None = Field(None, description="L(n_max): the unpruned model's latency when n_max = N")
+    reference_ms: float | None = Field(None, gt=0, le=MAX_LATENCY_MS,
+                                       description="L(n_max): the unpruned model's latency when n_max = N")
     pays: bool = Field(True, description="False: no pruned point was faster than the unpruned model (R = 0)")
     latency_ratio: float | None = Field(
-        None, gt=0, description="L(layer, n*) / L(layer, N): the chosen point over the same curve's unpruned point")
-    latency_ratio_low: float | None = Field(None, gt=0, description="the ratio's interval from the two points' CIs")
-    latency_ratio_high: float | None = Field(None, gt=0)
-    unpruned_ms: float | None = Field(None, gt=0, description="L(layer, N): the denominator of latency_ratio")
+        None, gt=0, lt=MAX_RATIO,
+        description="L(layer, n*) / L(layer, N): the chosen point over the same curve's unpruned point")
+    latency_ratio_low: float | None = Field(None, gt=0, lt=MAX_RATIO,
+                                            description="the ratio's interval from the two points' CIs")
+    latency_ratio_high: float | None = Field(None, gt=0, lt=MAX_RATIO)
+    unpruned_ms: float | None = Field(None, gt=0, le=MAX_LATENCY_MS,
+                                      description="L(layer, N): the denominator of latency_ratio")
     refined: bool = Field(False, description="re-chosen by pomt refine from a side-by-side measurement")
-    refined_ms: float | None = Field(None, gt=0, description="refine: the chosen setting's measured median")
-    refined_unpruned_ms: float | None = Field(None, gt=0, description="refine: the unpruned model's measured median")
+    refined_ms: float | None = Field(None, gt=0, le=MAX_LATENCY_MS,
+                                     description="refine: the chosen setting's measured median")
+    refined_unpruned_ms: float | None = Field(None, gt=0, le=MAX_LATENCY_MS,
+                                              description="refine: the unpruned model's measured median")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Choice:
+        if self.tokens > self.reference_tokens:
+            raise ValueError(f"tokens {self.tokens} is above reference_tokens {self.reference_tokens}")
+        low, high = self.latency_ratio_low, self.latency_ratio_high
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"latency_ratio_low {low} is above latency_ratio_high {high}")
+        return self
 
     @property
     def setting_text(self) -> str:
@@ -98,7 +129,7 @@ class ProfileInput(BaseModel):
     path: str = Field(description="the file, resolved")
     sha256: str
     kind: Literal["latency", "accuracy"]
-    dtype: str
+    dtype: DtypeName
     host: str | None = None
     created: str | None = None
     device_preset: str | None = None
@@ -123,12 +154,12 @@ class RefinedSetting(BaseModel):
     layer: int | None = None
     tokens: int = Field(ge=1)
     R: int = Field(ge=0)
-    ms: float = Field(gt=0, description="median over the pooled rounds")
+    ms: float = Field(gt=0, le=MAX_LATENCY_MS, description="median over the pooled rounds")
     ci_low_ms: float | None = None
     ci_high_ms: float | None = None
     samples: int = Field(ge=0)
     profile_ratio: float | None = Field(None, description="L(layer, n) / L(layer, N) in the latency profile")
-    ratio: float = Field(gt=0, description="ms over the unpruned model's refined ms")
+    ratio: float = Field(gt=0, lt=MAX_RATIO, description="ms over the unpruned model's refined ms")
     ratio_low: float | None = None
     ratio_high: float | None = None
     chosen: bool = False
@@ -157,10 +188,10 @@ class Report(BaseModel):
 
     model_config = ConfigDict(protected_namespaces=(), allow_inf_nan=False)
 
-    format_version: int = REPORT_FORMAT_VERSION
+    format_version: int = Field(REPORT_FORMAT_VERSION, ge=1, strict=True)
     kind: Literal["compute_r"] = "compute_r"
     model: str
-    num_tokens: int = Field(ge=1)
+    num_tokens: int = Field(ge=1, le=MAX_TOKENS)
     num_prefix: int = Field(ge=0)
     num_blocks: int = Field(ge=1)
     embed_dim: int = Field(ge=1)
@@ -182,6 +213,30 @@ class Report(BaseModel):
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     command: str = Field(default_factory=lambda: command_line())
     pomt_version: str = __version__
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Report:
+        """The choices agree with the model's N, with each other and with the first choice's summary."""
+        if (field := CRITERION_FIELDS.get(self.criterion)) is not None and getattr(self, field) is None:
+            raise ValueError(f"criterion {self.criterion} needs {field}, which is null")
+        if self.num_prefix >= self.num_tokens:
+            raise ValueError(f"num_prefix {self.num_prefix} is not below num_tokens {self.num_tokens}")
+        seen = set()
+        for c in self.choices:
+            if c.batch_size in seen:
+                raise ValueError(f"batch size {c.batch_size} has two choices")
+            seen.add(c.batch_size)
+            if c.R + c.tokens != self.num_tokens:
+                raise ValueError(f"batch size {c.batch_size}: R {c.R} + tokens {c.tokens} is not num_tokens "
+                                 f"{self.num_tokens}")
+            if c.reference_tokens > self.num_tokens:
+                raise ValueError(f"batch size {c.batch_size}: reference_tokens {c.reference_tokens} is above "
+                                 f"num_tokens {self.num_tokens}")
+        first = self.choices[0]
+        if (self.R, self.tokens, self.batch_size) != (first.R, first.tokens, first.batch_size):
+            raise ValueError(f"R {self.R}, tokens {self.tokens}, batch_size {self.batch_size} are not the first "
+                             f"choice's ({first.R}, {first.tokens}, {first.batch_size})")
+        return self
 
     @property
     def runtime(self) -> str:
@@ -228,8 +283,7 @@ def read_report(path: str | Path, model: str | None = None) -> Report:
         ) from None
     if not isinstance(data, dict) or data.get("kind") != "compute_r":
         raise PomtError(f"{path} is not a pomt compute-r report: give the .json file written by pomt compute-r")
-    version = data.get("format_version")
-    if isinstance(version, int) and version > REPORT_FORMAT_VERSION:
+    if (version := newer_version(data, REPORT_FORMAT_VERSION)) is not None:
         raise PomtError(f"{path} is a compute-r report of format {version}, newer than this pomt reads "
                         f"({REPORT_FORMAT_VERSION}): upgrade pomt")
     try:

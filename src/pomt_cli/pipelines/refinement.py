@@ -15,7 +15,8 @@ from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
 from pomt_cli.devices.torch_device import set_cpu_threads
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.bench import MethodSetting
-from pomt_cli.formats.latency import read_latency
+from pomt_cli.formats.common import GEOMETRY_FIELDS
+from pomt_cli.formats.latency import LatencyMeta, read_latency
 from pomt_cli.formats.outputs import check_output_dir, write_error, write_set
 from pomt_cli.formats.report import (
     REPORT_FORMAT_VERSION,
@@ -96,6 +97,19 @@ def _check_inputs(report: Report, path: Path) -> tuple[Path, Path]:
     return files[0], files[1]
 
 
+def _check_geometry(report: Report, path: Path, meta: LatencyMeta, latency_path: Path) -> None:
+    """Check that the report describes the model of the latency profile it names.
+
+    Raises:
+        PomtError: the model or its token geometry differs (the report was edited).
+    """
+    for field in GEOMETRY_FIELDS:
+        if getattr(report, field) != getattr(meta, field):
+            raise PomtError(f"{path} has {field} {getattr(report, field)}, but the latency profile it names "
+                            f"({latency_path}) has {getattr(meta, field)}: the report is damaged; run pomt "
+                            "compute-r again")
+
+
 def refine(settings: RefineSettings, reporter: Reporter = SILENT) -> RefineResult:
     """Measure compute-r's best candidates beside the unpruned model on the device; choose again; rewrite the report.
 
@@ -116,6 +130,7 @@ def refine(settings: RefineSettings, reporter: Reporter = SILENT) -> RefineResul
     latency_path, accuracy_path = _check_inputs(report, path)
     check_output_dir(path.parent)
     _, meta = read_latency(latency_path)
+    _check_geometry(report, path, meta, latency_path)
     preset, tdev = preset_and_device(s.device or meta.device_preset, s.torch_device or meta.torch_device)
     info = meta.runtime_info or {}
     runtime = RuntimeSettings(runtime=Runtime(meta.runtime), ort_providers=info.get("providers"),
