@@ -149,6 +149,7 @@ def first_choice(**fields):
     (lambda d: d["choices"].append(d["choices"][0]), r"batch size 1 has two choices"),
     (lambda d: d.update(criterion="latency_budget"), r"criterion latency_budget needs latency_budget_ms"),
     (lambda d: d.update(criterion="max_accuracy_drop"), r"criterion max_accuracy_drop needs max_accuracy_drop"),
+    (lambda d: d.update(latency_budget_ms=5.0), r"latency_budget_ms is set, but the criterion is utility"),
     (lambda d: d.update(R=0, tokens=17), r"R 0, tokens 17, batch_size 1 are not the first choice's \(8, 9, 1\)"),
     (lambda d: d.update(num_tokens=197), r"batch size 1: R 8 \+ tokens 9 is not num_tokens 197"),
     (lambda d: d["latency"].update(dtype="int8"), r"latency.dtype: Input should be 'float32'"),

@@ -219,6 +219,9 @@ class Report(BaseModel):
         """The choices agree with the model's N, with each other and with the first choice's summary."""
         if (field := CRITERION_FIELDS.get(self.criterion)) is not None and getattr(self, field) is None:
             raise ValueError(f"criterion {self.criterion} needs {field}, which is null")
+        for criterion, other in CRITERION_FIELDS.items():
+            if criterion != self.criterion and getattr(self, other) is not None:
+                raise ValueError(f"{other} is set, but the criterion is {self.criterion}, not {criterion}")
         if self.num_prefix >= self.num_tokens:
             raise ValueError(f"num_prefix {self.num_prefix} is not below num_tokens {self.num_tokens}")
         seen = set()
