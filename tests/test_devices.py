@@ -400,3 +400,20 @@ def test_a_tool_that_prints_without_bound_is_cut(fake_tools, tmp_path, capsys):
     assert result.returncode == 0 and len(result.output) < OUTPUT_LIMIT and result.output.startswith("y\ny\n")
     code, out, _ = run_in_process(["clocks", "status", "--device", str(preset)], capsys)
     assert code == 0 and len(out) < 20000 and "more characters: run it by hand" in out
+
+
+def test_a_refused_clocks_lock_leaves_no_state_folder(fake_tools, tmp_path, capsys, monkeypatch):
+    # README: such an error "changes nothing"; it left POMT_STATE_DIR/clocks/<preset> behind.
+    root = tmp_path / "new-state"
+    monkeypatch.setenv("POMT_STATE_DIR", str(root))
+    missing = preset_file(tmp_path, "orin", requires_path=str(tmp_path / "no-tegra-release"))
+    code, _, err = run_in_process(["clocks", "lock", "--device", str(missing)], capsys)
+    assert code == 2 and "does not exist" in err
+    assert not root.exists()
+    (fake_tools.bin / "nvpmodel").write_text(FAKE_TOOL + "echo 'NV Power Mode: unknown'\n")
+    code, _, err = run_in_process(["clocks", "lock", "--device", str(jetson_preset(tmp_path, "orin"))], capsys)
+    assert code == 2 and "does not match" in err
+    assert not root.exists()
+    root.mkdir()
+    code, _, _ = run_in_process(["clocks", "lock", "--device", str(missing)], capsys)
+    assert code == 2 and root.is_dir() and not any(root.iterdir())  # only what it made is removed

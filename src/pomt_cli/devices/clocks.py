@@ -383,14 +383,29 @@ class ClockRestoreError(PomtError):
     """Restoring the clocks failed after a measurement that finished: its results are sound."""
 
 
-def _make_state_dir(path: Path, or_unlocked: str) -> None:
+def _make_state_dir(path: Path, or_unlocked: str) -> list[Path]:
+    """Create ``path`` and its missing parents; the folders created, deepest first."""
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        _remove_empty(created)
         raise PomtError(
             f"cannot create the clock state folder {path} ({exc.strerror or exc}): set POMT_STATE_DIR to a writable "
             f"folder{or_unlocked}"
         ) from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 @contextmanager
@@ -402,13 +417,17 @@ def clock_lock(ctl: ClockController) -> Iterator[None]:
     it would otherwise record the first run's lock as its own and have the clocks
     restored under it. The lock goes with the process (a crash frees it).
 
+    Folders it created are removed again when the block fails and leaves them empty (a
+    refused lock changes nothing).
+
     Raises:
         PomtError: another process holds it, or the folder cannot be created or opened.
     """
-    _make_state_dir(ctl.state_dir, ctl._or_unlocked())
+    created = _make_state_dir(ctl.state_dir, ctl._or_unlocked())
     try:
         fd = os.open(ctl.state_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as exc:
+        _remove_empty(created)
         raise PomtError(f"cannot open the clock state folder {ctl.state_dir} ({exc.strerror or exc})") from None
     try:
         try:
@@ -420,7 +439,11 @@ def clock_lock(ctl: ClockController) -> Iterator[None]:
                 f"another pomt process is using the clocks of {ctl.preset.name} (it holds {ctl.state_dir}): "
                 "wait for it to finish, then run again"
             ) from None
-        yield
+        try:
+            yield
+        except BaseException:
+            _remove_empty(created)  # still locked: no other pomt process has put anything in it
+            raise
     finally:
         os.close(fd)
 
