@@ -55,6 +55,30 @@ def test_list_images_sorts_classes_and_finds_every_image(tmp_path):
     assert listing.available == 9 and listing.source == str(root.resolve())
 
 
+def test_folder_links_count_each_image_once_under_its_own_class(tmp_path):
+    # os.walk(followlinks=True) went round a link to the data folder ~40 times, listing class 1's
+    # images again under class 0; a link to a sibling class listed them twice.
+    root = image_folder(tmp_path / "val", {"c0": 2, "c1": 3})
+    direct = [(f"c0/{p.name}", 0) for p in sorted((root / "c0").glob("*.jpg"))]
+    direct += [(f"c1/{p.name}", 1) for p in sorted((root / "c1").glob("*.jpg"))]
+    (root / "c0" / "up").symlink_to("..")
+    assert [(r.name, r.label) for r in list_images(root).records] == direct
+    (root / "c0" / "self").symlink_to(".")
+    (root / "c0" / "sibling").symlink_to("../c1")
+    (root / "c1" / "back").symlink_to("../c0")
+    (root / "c1" / "deep").mkdir()
+    (root / "c1" / "deep" / "loop").symlink_to("../..")
+    listing = list_images(root)
+    assert [(r.name, r.label) for r in listing.records] == direct and listing.available == 5
+    # Images that only a link leads to are found through it, once.
+    store = image_folder(tmp_path / "store", {"more": 2}) / "more"
+    (root / "c1" / "linked").symlink_to(store)
+    (root / "c0" / "again").symlink_to(store)
+    listing = list_images(root)
+    assert [r.name for r in listing.records if "store" in str(r.path.resolve())] == [
+        f"c0/again/{p.name}" for p in sorted(store.glob("*.jpg"))]
+
+
 def test_balanced_subset_is_balanced_deterministic_and_order_free(tmp_path):
     root = image_folder(tmp_path / "val", {"a": 10, "b": 2, "c": 7}, size=(8, 8))
     listing = list_images(root)
