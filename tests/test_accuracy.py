@@ -351,6 +351,20 @@ def test_bad_input_is_a_one_line_error(tmp_path, pomt, args, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["estimate-accuracy", "--model", "digits-vit", "--tokens", "65:65:1"],
+    ["bench", "--model", "digits-vit", "--device", "cpu", "--method", "none", "--budget", "0.05", "--rounds", "1",
+     "--no-lock-clocks"],
+])
+def test_an_empty_data_option_is_refused(tmp_path, capsys, monkeypatch, command):
+    # Path("") is the working folder: `--data ""` evaluated whatever folder the command ran in.
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs"
+    code, _, err = run_in_process([*command, "--data", "", "--output-dir", str(out)], capsys)
+    assert code == 2 and err.startswith("error: --data is empty: give an image folder") and "'digits'" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_class_count_mismatch(tmp_path, pomt):
     root = image_folder(tmp_path / "val", {"a": 2, "b": 2}, size=(8, 8))
     done = pomt("estimate-accuracy", "--model", "digits-vit", "--data", str(root), "--output-dir", str(tmp_path / "o"))

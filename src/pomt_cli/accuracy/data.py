@@ -248,10 +248,12 @@ def list_images(spec: str | Path, limit: int | None = None, class_order: ClassOr
             both orders agree, as they do for ImageNet's synset folders.
 
     Raises:
-        PomtError: missing or empty folder, no class folders, class folders that the two
-            orders number differently without ``class_order``, limit below 1 or above the
-            number of images.
+        PomtError: empty ``spec``, missing or empty folder, no class folders, class
+            folders that the two orders number differently without ``class_order``, limit
+            below 1 or above the number of images.
     """
+    if not str(spec).strip():  # Path("") is the working folder
+        raise PomtError(f"--data is empty: give an image folder (one subfolder per class) or '{DIGITS}'")
     if str(spec) == DIGITS:
         source, (classes, records) = DIGITS, _list_digits()
     else:
