@@ -28,7 +28,8 @@ from pomt_cli.formats.accuracy import accuracy_stem
 from pomt_cli.pruning.registry import spread
 from pomt_cli.accuracy.data import Preprocess, balanced_subset, list_images, load_images
 from pomt_cli.errors import PomtError
-from pomt_cli.models import create_model
+from pomt_cli import models
+from pomt_cli.models import create_model, state_dict_sha256
 from pomt_cli.formats.accuracy import read_accuracy
 from pomt_cli.options import TokenRange
 from pomt_cli.pruning import apply, geometry, remove
@@ -465,6 +466,7 @@ def test_pretrained_weights_that_cannot_be_loaded_are_one_line_cut_at_a_word(mon
                       "a second line")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(models, "_hub_unreachable", lambda: None)  # as where the hub's name can be looked up
     with pytest.raises(PomtError) as caught:
         create_model("deit_tiny_patch16_224", pretrained=True)
     message = str(caught.value)
@@ -506,3 +508,40 @@ def test_a_collective_s_tensor_outlives_the_process_group(monkeypatch):
     gc.collect()
     assert seen == {"backend": "gloo", "held at destroy": True}
     assert alive() is None
+
+
+def hub_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Hugging Face hub cannot be reached (a host under .invalid) and whose
+    cache is an empty folder in ``tmp_path``; no proxy, no offline mode."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("HF_")}
+    return {**env, "HF_ENDPOINT": "http://pomt-hub.invalid", "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_pretrained_weights_without_the_hub_are_one_line_at_once(tmp_path):
+    # Without network the hub client retried for ~50 s and printed 22 lines before pomt's error.
+    out = tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, "-m", "pomt_cli", "profile", "--model", "deit_tiny_patch16_224", "--pretrained",
+         "--device", "cpu", "--no-lock-clocks", "--tokens", "197:100:97", "--output-dir", str(out)],
+        env=hub_env(tmp_path), capture_output=True, text=True, timeout=30)  # a hang guard, not a timing claim
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: cannot load pretrained weights for deit_tiny_patch16_224: the Hugging "
+                                  "Face hub (pomt-hub.invalid) cannot be reached")
+    assert "HF_HUB_OFFLINE=1" in done.stderr and "--checkpoint" in done.stderr and not out.exists()
+
+
+def test_pretrained_weights_without_the_hub_come_from_the_cache(tmp_path):
+    torch.manual_seed(1)
+    cached = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    repo = tmp_path / "hf" / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file(cached.state_dict(), str(repo / "snapshots" / commit / "model.safetensors"))
+    script = ("from pomt_cli.models import create_model, state_dict_sha256; "
+              "print(state_dict_sha256(create_model('deit_tiny_patch16_224', pretrained=True)))")
+    done = subprocess.run([sys.executable, "-c", script], env=hub_env(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == state_dict_sha256(cached), done.stderr
+    assert done.stderr == ""
