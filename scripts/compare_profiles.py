@@ -65,8 +65,11 @@ def step_text(step: dict) -> str:
     return f"{step['from_tokens']}\u2192{step['to_tokens']} \u2212{step['drop_pct']:.0f}%"
 
 
-def differences(steps: list[pl.DataFrame], names: list[str], batch_size: int) -> str:
-    """One line: each step of one profile that another profile lacks, and which profiles lack it."""
+def differences(steps: list[pl.DataFrame], names: list[str], batch_size: int, unmeasured: list[str]) -> str:
+    """One line: each step of one profile that another profile lacks, and which profiles lack it
+    (``unmeasured``: the profiles without measured points at this batch size, which have no steps)."""
+    if unmeasured:
+        return f"batch {batch_size}: no measured points in {', '.join(unmeasured)}"
     found = [s.filter(pl.col("batch_size") == batch_size).to_dicts() for s in steps]
     parts = []
     for i, mine in enumerate(found):
@@ -92,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     frames, metas = [f for f, _ in read], [m for _, m in read]
+    measured = [f.drop_nulls("latency_ms") for f in frames]
+    for path, frame in zip(args.profiles, measured):
+        if frame.is_empty():
+            print(f"error: {path} holds no measured points (none, or all out of memory): compare profiles "
+                  "with measured points", file=sys.stderr)
+            return 2
     for path, meta in zip(args.profiles[1:], metas[1:]):
         if meta.model != metas[0].model or meta.grid != metas[0].grid:
             print(f"error: {path} profiles {meta.model} on another grid than {args.profiles[0]} "
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"  batch {batch_size}, {name}: {listed or 'none'}", markup=False, soft_wrap=True)
     console.print("Steps found in one profile but not in another:")
     for batch_size in batch_sizes:
-        console.print("  " + differences(steps, names, batch_size), markup=False, soft_wrap=True)
+        unmeasured = [name for name, frame in zip(names, measured)
+                      if frame.filter(pl.col("batch_size") == batch_size).is_empty()]
+        console.print("  " + differences(steps, names, batch_size, unmeasured), markup=False, soft_wrap=True)
     return 0
 
 

@@ -28,7 +28,8 @@ from pomt_cli.formats.accuracy import accuracy_stem
 from pomt_cli.pruning.registry import spread
 from pomt_cli.accuracy.data import Preprocess, balanced_subset, list_images, load_images
 from pomt_cli.errors import PomtError
-from pomt_cli.models import create_model
+from pomt_cli import models
+from pomt_cli.models import create_model, state_dict_sha256
 from pomt_cli.formats.accuracy import read_accuracy
 from pomt_cli.options import TokenRange
 from pomt_cli.pruning import apply, geometry, remove
@@ -53,6 +54,30 @@ def test_list_images_sorts_classes_and_finds_every_image(tmp_path):
     assert listing.classes == ["a_cls", "b_cls", "c_cls"]
     assert [r.label for r in listing.records] == [0, 0, 1, 1, 1, 2, 2, 2, 2]
     assert listing.available == 9 and listing.source == str(root.resolve())
+
+
+def test_folder_links_count_each_image_once_under_its_own_class(tmp_path):
+    # os.walk(followlinks=True) went round a link to the data folder ~40 times, listing class 1's
+    # images again under class 0; a link to a sibling class listed them twice.
+    root = image_folder(tmp_path / "val", {"c0": 2, "c1": 3})
+    direct = [(f"c0/{p.name}", 0) for p in sorted((root / "c0").glob("*.jpg"))]
+    direct += [(f"c1/{p.name}", 1) for p in sorted((root / "c1").glob("*.jpg"))]
+    (root / "c0" / "up").symlink_to("..")
+    assert [(r.name, r.label) for r in list_images(root).records] == direct
+    (root / "c0" / "self").symlink_to(".")
+    (root / "c0" / "sibling").symlink_to("../c1")
+    (root / "c1" / "back").symlink_to("../c0")
+    (root / "c1" / "deep").mkdir()
+    (root / "c1" / "deep" / "loop").symlink_to("../..")
+    listing = list_images(root)
+    assert [(r.name, r.label) for r in listing.records] == direct and listing.available == 5
+    # Images that only a link leads to are found through it, once.
+    store = image_folder(tmp_path / "store", {"more": 2}) / "more"
+    (root / "c1" / "linked").symlink_to(store)
+    (root / "c0" / "again").symlink_to(store)
+    listing = list_images(root)
+    assert [r.name for r in listing.records if "store" in str(r.path.resolve())] == [
+        f"c0/again/{p.name}" for p in sorted(store.glob("*.jpg"))]
 
 
 def test_balanced_subset_is_balanced_deterministic_and_order_free(tmp_path):
@@ -327,6 +352,20 @@ def test_bad_input_is_a_one_line_error(tmp_path, pomt, args, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["estimate-accuracy", "--model", "digits-vit", "--tokens", "65:65:1"],
+    ["bench", "--model", "digits-vit", "--device", "cpu", "--method", "none", "--budget", "0.05", "--rounds", "1",
+     "--no-lock-clocks"],
+])
+def test_an_empty_data_option_is_refused(tmp_path, capsys, monkeypatch, command):
+    # Path("") is the working folder: `--data ""` evaluated whatever folder the command ran in.
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs"
+    code, _, err = run_in_process([*command, "--data", "", "--output-dir", str(out)], capsys)
+    assert code == 2 and err.startswith("error: --data is empty: give an image folder") and "'digits'" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_class_count_mismatch(tmp_path, pomt):
     root = image_folder(tmp_path / "val", {"a": 2, "b": 2}, size=(8, 8))
     done = pomt("estimate-accuracy", "--model", "digits-vit", "--data", str(root), "--output-dir", str(tmp_path / "o"))
@@ -427,6 +466,7 @@ def test_pretrained_weights_that_cannot_be_loaded_are_one_line_cut_at_a_word(mon
                       "a second line")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(models, "_hub_unreachable", lambda: None)  # as where the hub's name can be looked up
     with pytest.raises(PomtError) as caught:
         create_model("deit_tiny_patch16_224", pretrained=True)
     message = str(caught.value)
@@ -468,3 +508,40 @@ def test_a_collective_s_tensor_outlives_the_process_group(monkeypatch):
     gc.collect()
     assert seen == {"backend": "gloo", "held at destroy": True}
     assert alive() is None
+
+
+def hub_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Hugging Face hub cannot be reached (a host under .invalid) and whose
+    cache is an empty folder in ``tmp_path``; no proxy, no offline mode."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("HF_")}
+    return {**env, "HF_ENDPOINT": "http://pomt-hub.invalid", "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_pretrained_weights_without_the_hub_are_one_line_at_once(tmp_path):
+    # Without network the hub client retried for ~50 s and printed 22 lines before pomt's error.
+    out = tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, "-m", "pomt_cli", "profile", "--model", "deit_tiny_patch16_224", "--pretrained",
+         "--device", "cpu", "--no-lock-clocks", "--tokens", "197:100:97", "--output-dir", str(out)],
+        env=hub_env(tmp_path), capture_output=True, text=True, timeout=30)  # a hang guard, not a timing claim
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: cannot load pretrained weights for deit_tiny_patch16_224: the Hugging "
+                                  "Face hub (pomt-hub.invalid) cannot be reached")
+    assert "HF_HUB_OFFLINE=1" in done.stderr and "--checkpoint" in done.stderr and not out.exists()
+
+
+def test_pretrained_weights_without_the_hub_come_from_the_cache(tmp_path):
+    torch.manual_seed(1)
+    cached = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    repo = tmp_path / "hf" / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file(cached.state_dict(), str(repo / "snapshots" / commit / "model.safetensors"))
+    script = ("from pomt_cli.models import create_model, state_dict_sha256; "
+              "print(state_dict_sha256(create_model('deit_tiny_patch16_224', pretrained=True)))")
+    done = subprocess.run([sys.executable, "-c", script], env=hub_env(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == state_dict_sha256(cached), done.stderr
+    assert done.stderr == ""

@@ -355,3 +355,65 @@ def test_no_lock_clocks_under_a_lock_of_pomt_clocks_lock_records_that_lock(fake_
     ClockController(preset, "cpu").restore()
     with locked_clocks(preset, torch_device="cpu", enabled=False) as state:
         assert state.detail == "--no-lock-clocks: measured without locking"
+
+
+def tool_output_preset(tmp_path: Path, status: list[list[str]]) -> Path:
+    """A preset whose clocks need nothing and whose status commands are ``status``."""
+    path = tmp_path / "tool-output.toml"
+    path.write_text(textwrap.dedent(f"""\
+        display_name = "Fake tool output"
+        torch_device = "cpu"
+        description = "fake"
+        [clocks]
+        needs_root = false
+        read = [ {{ argv = ["echo", "performance"], pattern = '(?P<governor>\\S+)' }} ]
+        lock = [ ["true"] ]
+        restore = [ ["echo", "{{governor}}"] ]
+        status = {json.dumps(status)}
+        """))
+    return path
+
+
+def test_tool_output_that_is_not_utf8_is_read_with_replacement_characters(fake_tools, tmp_path, capsys):
+    # head -c of random bytes crashed every command that records the status (UnicodeDecodeError).
+    preset = tool_output_preset(tmp_path, [["printf", "\\374caf\\351 ok\\n"]])
+    code, out, err = run_in_process(["clocks", "status", "--device", str(preset)], capsys)
+    assert code == 0 and "\ufffdcaf\ufffd ok" in out and not err
+    with locked_clocks(load_preset(str(preset)), enabled=False) as state:
+        assert "\ufffdcaf\ufffd ok" in state.status
+
+
+def test_tool_output_is_printed_and_recorded_without_control_characters(fake_tools, tmp_path, capsys):
+    preset = tool_output_preset(tmp_path, [["printf", "\\033[2J\\033[31mred\\033[0m\\ta\\r\\nb\\033]0;title\\007\\302\\233c\\bd"]])
+    code, out, _ = run_in_process(["clocks", "status", "--device", str(preset)], capsys)
+    assert code == 0 and "red" in out
+    assert not any(ord(c) < 32 and c not in "\n\t" or 0x7f <= ord(c) <= 0x9f for c in out)
+    with locked_clocks(load_preset(str(preset)), enabled=False) as state:
+        assert state.status.splitlines()[1:] == ["red\ta", "bcd"]
+
+
+def test_a_tool_that_prints_without_bound_is_cut(fake_tools, tmp_path, capsys):
+    # 5 MB of status output took minutes to print; what is kept and what is printed are bounded.
+    from pomt_cli.devices.clocks import OUTPUT_LIMIT
+    preset = tool_output_preset(tmp_path, [["sh", "-c", f"yes | head -c {OUTPUT_LIMIT + 300000}"]])
+    [result] = ClockController(load_preset(str(preset)), measuring=False).status()
+    assert result.returncode == 0 and len(result.output) < OUTPUT_LIMIT and result.output.startswith("y\ny\n")
+    code, out, _ = run_in_process(["clocks", "status", "--device", str(preset)], capsys)
+    assert code == 0 and len(out) < 20000 and "more characters: run it by hand" in out
+
+
+def test_a_refused_clocks_lock_leaves_no_state_folder(fake_tools, tmp_path, capsys, monkeypatch):
+    # README: such an error "changes nothing"; it left POMT_STATE_DIR/clocks/<preset> behind.
+    root = tmp_path / "new-state"
+    monkeypatch.setenv("POMT_STATE_DIR", str(root))
+    missing = preset_file(tmp_path, "orin", requires_path=str(tmp_path / "no-tegra-release"))
+    code, _, err = run_in_process(["clocks", "lock", "--device", str(missing)], capsys)
+    assert code == 2 and "does not exist" in err
+    assert not root.exists()
+    (fake_tools.bin / "nvpmodel").write_text(FAKE_TOOL + "echo 'NV Power Mode: unknown'\n")
+    code, _, err = run_in_process(["clocks", "lock", "--device", str(jetson_preset(tmp_path, "orin"))], capsys)
+    assert code == 2 and "does not match" in err
+    assert not root.exists()
+    root.mkdir()
+    code, _, _ = run_in_process(["clocks", "lock", "--device", str(missing)], capsys)
+    assert code == 2 and root.is_dir() and not any(root.iterdir())  # only what it made is removed

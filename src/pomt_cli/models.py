@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import socket
 import textwrap
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Literal
 
 import timm
@@ -17,6 +25,9 @@ from pomt_cli.formats.common import pomt_file_kind
 from pomt_cli.pruning.geometry import TokenGeometry, geometry
 
 WeightsSource = Literal["pretrained", "checkpoint", "bundled", "random"]
+
+#: Seconds the look-up of the hub's host may take before the hub counts as unreachable.
+HUB_LOOKUP_S = 3.0
 
 #: The paper's model: what ``--model`` means when it is left out.
 DEFAULT_MODEL = "deit_small_patch16_224"
@@ -121,18 +132,10 @@ def create_model(
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if img_size is not None:
         kwargs["img_size"] = img_size
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except Exception as exc:  # hub and cache failures come in many types
-        if pretrained:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise PomtError(
-                f"cannot load pretrained weights for {name} ({type(exc).__name__}: "
-                f"{textwrap.shorten(first, 160, placeholder=' ...')}); "
-                "put them in the Hugging Face cache (offline, HF_HUB_OFFLINE=1 reads only the cache, without "
-                "waiting for the network) or use --checkpoint PATH"
-            ) from None
-        raise
+    if pretrained:
+        model = _create_pretrained(name, kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
     _check_patch_multiple(model, img_size)
     if checkpoint is not None:
         state = load_state_dict(checkpoint)
@@ -145,6 +148,79 @@ def create_model(
         except RuntimeError as exc:
             raise PomtError(f"checkpoint {checkpoint} does not fit {name}: {_mismatch(exc)}") from None
     return model.eval()
+
+
+def _hub_unreachable() -> str | None:
+    """The hub's host (``HF_ENDPOINT``'s) when its name cannot be looked up within
+    :data:`HUB_LOOKUP_S`; None when it can, or where the hub client alone can tell (offline
+    mode already set, a proxy)."""
+    from huggingface_hub import constants
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(key) for key in proxies):
+        return None
+    host = urlsplit(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    found = threading.Event()
+
+    def look_up() -> None:
+        with suppress(OSError, UnicodeError):
+            socket.getaddrinfo(host, None)
+            found.set()
+
+    threading.Thread(target=look_up, daemon=True).start()  # getaddrinfo has no timeout of its own
+    return None if found.wait(HUB_LOOKUP_S) else host
+
+
+@contextmanager
+def _quiet_hub(offline: bool) -> Iterator[None]:
+    """The hub client without its log lines (retries), warnings and progress bars; with
+    ``offline``, in its offline mode (as ``HF_HUB_OFFLINE=1``: the local cache only)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    logger = logging.getLogger("huggingface_hub")
+    level, was_offline, bars_off = logger.level, constants.HF_HUB_OFFLINE, are_progress_bars_disabled()
+    logger.setLevel(logging.ERROR + 10)
+    constants.HF_HUB_OFFLINE = was_offline or offline
+    disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        constants.HF_HUB_OFFLINE = was_offline
+        if not bars_off:
+            enable_progress_bars()
+
+
+def _create_pretrained(name: str, kwargs: dict) -> nn.Module:
+    """``timm.create_model(name, pretrained=True)``, quietly; from the cache alone, at once,
+    where the hub's host cannot be looked up.
+
+    Raises:
+        PomtError: the weights could not be loaded (one line).
+    """
+    unreachable = _hub_unreachable()
+    try:
+        with _quiet_hub(offline=unreachable is not None):
+            return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:  # hub and cache failures come in many types
+        if unreachable and (isinstance(exc, OSError) or type(exc).__module__.startswith("huggingface_hub")):
+            raise PomtError(
+                f"cannot load pretrained weights for {name}: the Hugging Face hub ({unreachable}) cannot be reached "
+                "and they are not in its local cache: fill the cache where the hub can be reached and set "
+                "HF_HUB_OFFLINE=1, or use --checkpoint PATH"
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise PomtError(
+            f"cannot load pretrained weights for {name} ({type(exc).__name__}: "
+            f"{textwrap.shorten(first, 160, placeholder=' ...')}); "
+            "put them in the Hugging Face cache (offline, HF_HUB_OFFLINE=1 reads only the cache, without "
+            "waiting for the network) or use --checkpoint PATH"
+        ) from None
 
 
 def _check_patch_multiple(model: nn.Module, img_size: int | None) -> None:

@@ -14,7 +14,6 @@ on the device, with the same arithmetic, so the model sees exactly what timm's o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -155,9 +154,38 @@ def class_folders(root: Path, order: ClassOrder | None = None) -> list[str]:
     return natural if order == "natural" else by_name
 
 
-def _list_folder(root: Path, order: ClassOrder | None = None) -> tuple[list[str], list[ImageRecord]]:
-    from torchvision.datasets.folder import make_dataset
+def _walk_class(root: Path, name: str, label: int) -> Iterator[tuple[ImageRecord, bool, str]]:
+    """The image files of class folder ``root/name`` as torchvision's ``make_dataset`` finds
+    them (recursively, folders and files sorted by name, by extension), each with whether
+    its path passes through a folder link, and its real path.
 
+    Folder links are followed, except to a folder above on the way there, or to ``root``
+    or one of its ancestors: a link loop ends at once and never leads into another class.
+    """
+    top = root / name
+    real_root = Path(os.path.realpath(root))
+    # Per folder: whether a link leads to it, and the real folders above it on the way.
+    linked, above = {str(top): top.is_symlink()}, {str(top): ()}
+    folders = []
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in above[folder] or real_root.is_relative_to(real):
+            subfolders[:] = []
+            continue
+        for sub in subfolders:
+            path = os.path.join(folder, sub)
+            linked[path], above[path] = linked[folder] or os.path.islink(path), (*above[folder], real)
+        folders.append((folder, files, real))
+    for folder, files, real in sorted(folders):
+        for file in sorted(files):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                path = Path(folder, file)
+                real_file = os.path.realpath(path) if path.is_symlink() else os.path.join(real, file)
+                record = ImageRecord(name=path.relative_to(root).as_posix(), label=label, path=path)
+                yield record, linked[folder], real_file
+
+
+def _list_folder(root: Path, order: ClassOrder | None = None) -> tuple[list[str], list[ImageRecord]]:
     if not root.exists():
         raise PomtError(f"--data {root} does not exist: give an image folder (one subfolder per class) or 'digits'")
     if not root.is_dir():
@@ -165,20 +193,18 @@ def _list_folder(root: Path, order: ClassOrder | None = None) -> tuple[list[str]
     classes = class_folders(root, order)
     if not classes:
         raise PomtError(f"--data {root} has no class folders: put each class's images in a subfolder")
-    samples = []
-    for label, name in enumerate(classes):
-        # One class at a time: make_dataset refuses a class without images unless given
-        # allow_empty, which torchvision 0.16 (torch 2.1's) lacks; such a class lists nothing.
-        with contextlib.suppress(FileNotFoundError):
-            samples += make_dataset(root, {name: label}, extensions=IMAGE_EXTENSIONS)
-    records = []
-    for path, label in samples:
-        name = Path(path).relative_to(root).as_posix()
+    found = [
+        item for label, name in enumerate(classes) for item in _walk_class(root, name, label)
         # Hidden files and folders inside a class (.ipynb_checkpoints, macOS's ._ files) are not images of the set.
-        if not any(part.startswith(".") for part in name.split("/")[1:]):
-            records.append(ImageRecord(name=name, label=label, path=Path(path)))
-    # make_dataset lists the folders by name; a stable sort puts them in class order.
-    return classes, sorted(records, key=lambda r: r.label)
+        if not any(part.startswith(".") for part in item[0].name.split("/")[1:])
+    ]
+    # A file that folder links show more than once counts once: where no link leads to it, else first.
+    chosen: dict[str, tuple[ImageRecord, bool]] = {}
+    for record, linked, real in found:
+        if real not in chosen or (chosen[real][1] and not linked):
+            chosen[real] = (record, linked)
+    kept = {id(record) for record, _ in chosen.values()}
+    return classes, [record for record, _, _ in found if id(record) in kept]
 
 
 def _list_digits() -> tuple[list[str], list[ImageRecord]]:
@@ -222,10 +248,12 @@ def list_images(spec: str | Path, limit: int | None = None, class_order: ClassOr
             both orders agree, as they do for ImageNet's synset folders.
 
     Raises:
-        PomtError: missing or empty folder, no class folders, class folders that the two
-            orders number differently without ``class_order``, limit below 1 or above the
-            number of images.
+        PomtError: empty ``spec``, missing or empty folder, no class folders, class
+            folders that the two orders number differently without ``class_order``, limit
+            below 1 or above the number of images.
     """
+    if not str(spec).strip():  # Path("") is the working folder
+        raise PomtError(f"--data is empty: give an image folder (one subfolder per class) or '{DIGITS}'")
     if str(spec) == DIGITS:
         source, (classes, records) = DIGITS, _list_digits()
     else:

@@ -22,6 +22,9 @@ clocks_app = typer.Typer(
     no_args_is_help=True,
 )
 
+#: Characters of a status command's output that ``pomt clocks status`` prints (rich takes seconds per 100 kB).
+SHOWN_CHARS = 16000
+
 PresetOption = Annotated[str, typer.Option("--device", callback=preset_path, help=f"Device preset ({presets_text()}) or a preset .toml file.")]
 GpuOption = Annotated[str | None, typer.Option(
     "--torch-device", help="The torch device whose GPU is meant (cuda:1 -> that GPU for nvidia-smi) (default: the "
@@ -67,7 +70,10 @@ def status(
                         f"is this a {preset.display_name}?")
     for result in ctl.status():
         out.print(Text(f"$ {result.shell}", style="dim"))
-        out.print(result.output)
+        shown = result.output[:SHOWN_CHARS]
+        if len(result.output) > len(shown):
+            shown += f"\n(... {len(result.output) - len(shown)} more characters: run it by hand to see them)"
+        out.print(shown)
         if result.returncode:
             out.print(f"(exit {result.returncode})")
 

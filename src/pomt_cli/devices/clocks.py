@@ -8,9 +8,11 @@ import fcntl
 import json
 import os
 import re
+import selectors
 import shlex
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,14 @@ from pomt_cli.formats.outputs import atomic_write_text
 
 #: Seconds a clock command may run before it counts as failed.
 COMMAND_TIMEOUT_S = 60.0
+
+#: Bytes kept of each of a clock command's two streams; the rest is read and dropped.
+OUTPUT_LIMIT = 1 << 20
+
+#: Terminal escape sequences (CSI, OSC, two-character) and control characters other than
+#: newline and tab (C0, DEL, C1): tool output is printed and recorded without them.
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 STATE_FILE = "state.json"
@@ -55,6 +65,49 @@ def _substitute(argv: list[str], values: dict[str, str]) -> list[str]:
     return [PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), arg) for arg in argv]
 
 
+def plain_text(data: bytes) -> str:
+    """Tool output as text: UTF-8 (bytes that are not: U+FFFD), without escape sequences or
+    control characters other than newline and tab."""
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+def _capture(argv: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
+    """Run ``argv``; (exit code, stdout, stderr), each stream cut at :data:`OUTPUT_LIMIT` bytes.
+
+    Both streams are read to their end as they come (a tool that prints without bound
+    neither fills memory nor blocks on a full pipe).
+
+    Raises:
+        subprocess.TimeoutExpired: it ran past ``timeout_s`` (it is killed), or something it
+            started kept its output open that long.
+        OSError: it could not be started.
+    """
+    deadline = time.monotonic() + timeout_s
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        with selectors.DefaultSelector() as selector:
+            for stream in (proc.stdout, proc.stderr):
+                selector.register(stream, selectors.EVENT_READ)
+            while selector.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    proc.kill()
+                    raise subprocess.TimeoutExpired(argv, timeout_s)
+                for key, _ in selector.select(left):
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                    buffer = kept[key.fd]
+                    buffer += chunk[:max(OUTPUT_LIMIT - len(buffer), 0)]
+        try:
+            returncode = proc.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        return returncode, bytes(kept[proc.stdout.fileno()]), bytes(kept[proc.stderr.fileno()])
+
+
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0][:200] if lines else ""
@@ -75,7 +128,8 @@ class CommandResult(BaseModel):
 
     @property
     def shell(self) -> str:
-        return shlex.join(self.argv)
+        """The command as a shell line, printable (see :func:`plain_text`)."""
+        return plain_text(shlex.join(self.argv).encode())
 
 
 class ClockController:
@@ -168,13 +222,12 @@ class ClockController:
         if exe is None:
             return CommandResult(argv=argv, returncode=127, output=f"{argv[0]}: command not found")
         try:
-            done = subprocess.run([exe, *argv[1:]], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=COMMAND_TIMEOUT_S, check=False)
+            returncode, stdout, stderr = _capture([exe, *argv[1:]], COMMAND_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return CommandResult(argv=argv, returncode=124, output=f"timed out after {COMMAND_TIMEOUT_S:.0f} s")
-        except OSError as exc:
-            return CommandResult(argv=argv, returncode=126, output=str(exc))
-        return CommandResult(argv=argv, returncode=done.returncode, output=(done.stdout + done.stderr).strip())
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
+            return CommandResult(argv=argv, returncode=126, output=plain_text(str(exc).encode()))
+        return CommandResult(argv=argv, returncode=returncode, output=plain_text(stdout + stderr).strip())
 
     def _or_unlocked(self, joint: str = ", or pass") -> str:
         """The way on without locking, for a measurement; nothing for ``pomt clocks lock``."""
@@ -330,14 +383,29 @@ class ClockRestoreError(PomtError):
     """Restoring the clocks failed after a measurement that finished: its results are sound."""
 
 
-def _make_state_dir(path: Path, or_unlocked: str) -> None:
+def _make_state_dir(path: Path, or_unlocked: str) -> list[Path]:
+    """Create ``path`` and its missing parents; the folders created, deepest first."""
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        _remove_empty(created)
         raise PomtError(
             f"cannot create the clock state folder {path} ({exc.strerror or exc}): set POMT_STATE_DIR to a writable "
             f"folder{or_unlocked}"
         ) from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 @contextmanager
@@ -349,13 +417,17 @@ def clock_lock(ctl: ClockController) -> Iterator[None]:
     it would otherwise record the first run's lock as its own and have the clocks
     restored under it. The lock goes with the process (a crash frees it).
 
+    Folders it created are removed again when the block fails and leaves them empty (a
+    refused lock changes nothing).
+
     Raises:
         PomtError: another process holds it, or the folder cannot be created or opened.
     """
-    _make_state_dir(ctl.state_dir, ctl._or_unlocked())
+    created = _make_state_dir(ctl.state_dir, ctl._or_unlocked())
     try:
         fd = os.open(ctl.state_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as exc:
+        _remove_empty(created)
         raise PomtError(f"cannot open the clock state folder {ctl.state_dir} ({exc.strerror or exc})") from None
     try:
         try:
@@ -367,7 +439,11 @@ def clock_lock(ctl: ClockController) -> Iterator[None]:
                 f"another pomt process is using the clocks of {ctl.preset.name} (it holds {ctl.state_dir}): "
                 "wait for it to finish, then run again"
             ) from None
-        yield
+        try:
+            yield
+        except BaseException:
+            _remove_empty(created)  # still locked: no other pomt process has put anything in it
+            raise
     finally:
         os.close(fd)
 
