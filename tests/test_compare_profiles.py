@@ -18,7 +18,7 @@ def files_under(root: Path) -> dict[str, bytes]:
 def folder(tmp_path) -> Path:
     write_latency(tmp_path / "a.parquet")
     write_latency(tmp_path / "b.parquet")
-    write_latency(tmp_path / "rows0.parquet", {1: {}, 4: {}}, grid=sorted(LAT_B1, reverse=True))
+    write_latency(tmp_path / "rows0.parquet", {1: {}, 4: {}}, grid=sorted(LAT_B1, reverse=True), complete=False)
     write_latency(tmp_path / "oom.parquet", {b: dict.fromkeys(LAT_B1) for b in (1, 4)})
     write_accuracy(tmp_path / "acc.parquet")
     (tmp_path / "folder.parquet").mkdir()
