@@ -210,10 +210,10 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
     names = sorted(p.name for p in out.iterdir())
     for prefix, suffixes in {"latency_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3": ("parquet", "png"),
                              "accuracy_digits-vit_float32_pomt-layers0-1-2-3_digits": ("parquet", "png"),
-                             "compute_r_digits-vit_cpu_bs1-32_float32": ("json", "png")}.items():
+                             "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3": ("json", "png")}.items():
         for suffix in suffixes:
             assert f"{prefix}.{suffix}" in names
-    report = json.loads((out / "compute_r_digits-vit_cpu_bs1-32_float32.json").read_text())
+    report = json.loads((out / "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.json").read_text())
     bench = [n for n in names if n.startswith("bench_digits-vit_cpu_bs1-32_float32_none_") and n.endswith(".csv")]
     assert len(bench) == 1
     # The CSV read with the parquet's types: where every choice is R = 0 (refine on a busy
@@ -252,7 +252,7 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
         if choice["R"]:
             assert f"refined ratio {choice['latency_ratio']:.3f}" in summary
     for image in ("latency_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.png",
-                  "compute_r_digits-vit_cpu_bs1-32_float32.png"):
+                  "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.png"):
         assert f"]({image})" in summary
     assert set(frame["setting"].to_list()) <= {line.split(" | ")[1] for line in summary.splitlines()
                                                if line.startswith("| 1 |") or line.startswith("| 32 |")}
@@ -336,7 +336,7 @@ def test_slower_than_none_needs_the_intervals_apart_not_only_the_medians():
 
 
 def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pomt, demo_dir):
-    path = demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32.json"
+    path = demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.json"
     other = pomt("bench", "--model", "deit_tiny_patch16_224", "--r-from", str(path), "--output-dir", str(tmp_path / "o"))
     assert other.returncode == 2 and "computed for digits-vit, not deit_tiny_patch16_224" in other.stderr
     batch = pomt("bench", "--model", "digits-vit", "--r-from", str(path), "--batch-size", "4",
@@ -365,7 +365,7 @@ def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pom
 def test_r_from_a_report_of_another_geometry_or_dtype_is_refused(tmp_path, capsys, demo_dir, field, value, message):
     """R counts the profiled model's tokens, and its predicted ratio belongs to the profile's dtype:
     a report of another input size (another N) or dtype would bench and predict the wrong setting."""
-    data = json.loads((demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32.json").read_text())
+    data = json.loads((demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.json").read_text())
     if field == "dtype":
         data["latency"]["dtype"] = value
     else:

@@ -471,6 +471,32 @@ def test_reports_of_profiles_at_another_input_size_or_of_graph_replays_keep_thei
         assert latency["path"] == str(profiles[kind].resolve())
 
 
+def test_reports_of_another_workload_layers_or_estimator_keep_their_own_names(tmp_path, capsys):
+    # One device, batch sizes and dtype: the POMT workload at layers 0 and 2, the proxy with
+    # the random estimator, and the proxy with the topk estimator. A proxy run must not
+    # overwrite a (refined) POMT report in the same folder, nor one estimator the other.
+    lat, acc = write_layered(tmp_path)
+    proxy = write_latency(tmp_path / "proxy.parquet", {4: LAT_B4, 1: LAT_B1}, device_preset="cpu", dtype="float32")
+    pairs = {"pomt": (lat, acc), "random": (proxy, write_accuracy(tmp_path / "random.parquet")),
+             "topk": (proxy, write_accuracy(tmp_path / "topk.parquet", estimator="topk"))}
+    out_dir = tmp_path / "runs"
+    for latency, accuracy in pairs.values():
+        code, _, err = run_in_process(["compute-r", "--latency", str(latency), "--accuracy", str(accuracy),
+                                       "--output-dir", str(out_dir)], capsys)
+        assert code == 0, err
+    base = f"compute_r_{MODEL.replace('_', '-')}_cpu_bs4-1_float32"
+    names = {"pomt": f"{base}_pomt-layers0-2", "random": base, "topk": f"{base}_acc-topk"}
+    assert sorted(p.name for p in out_dir.glob("*.json")) == sorted(f"{n}.json" for n in names.values())
+    for kind, stem in names.items():
+        report = read_report(out_dir / f"{stem}.json")
+        assert report.accuracy.path == str(pairs[kind][1].resolve())
+        assert report.workload == ("pomt" if kind == "pomt" else "proxy")
+    # A report under an older name (without these parts) is still read when named.
+    old = out_dir / f"{base}_old.json"
+    old.write_bytes((out_dir / f"{names['pomt']}.json").read_bytes())
+    assert read_report(old).layers == [0, 2]
+
+
 def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments after compute-r, a part of the expected message); profiles written."""
     folder = tmp_path / "inputs"
