@@ -93,9 +93,12 @@ def render(result: AccuracyResult) -> None:
     """Images, timings, skipped images and the summary table, then the files."""
     run, meta = result.run, result.run.meta
     workers_note = f" in {result.world_size} processes" if result.world_size > 1 else ""
-    out.print(f"{meta.num_images} images of {meta.num_classes} classes, {len(meta.grid)} grid points{workers_note}: "
+    layers = len(meta.layers or []) if takes_layer(meta.estimator) else 1
+    points = f"{len(meta.grid)} grid points" + (f" \u00d7 {layers} layers" if layers > 1 else "")
+    passes = run.local_images * len(meta.grid) * layers
+    out.print(f"{meta.num_images} images of {meta.num_classes} classes, {points}{workers_note}: "
               f"decoded in {run.decode_s:.1f} s, evaluated in {run.evaluate_s:.1f} s "
-              f"({run.local_images * len(meta.grid) / max(run.evaluate_s, 1e-9):.0f} image passes/s per process)")
+              f"({passes / max(run.evaluate_s, 1e-9):.0f} image passes/s per process)")
     if meta.skipped:
         shown = "; ".join(f"{s.image} ({s.reason})" for s in meta.skipped[:3])
         more = f" and {len(meta.skipped) - 3} more" if len(meta.skipped) > 3 else ""
