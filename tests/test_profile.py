@@ -485,6 +485,7 @@ def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
         (["--method", "pomt", "--layer", "-1"], "(layer 0..11)"),
         (["--layer", "3"], "--layer applies to --method pomt only"),
         (["--method", "best"], "Invalid value for '--method'"),
+        (["--min-samples", "10001"], "--min-samples"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, args, message):

@@ -41,6 +41,7 @@ from pomt_cli.console import plain_console, print_path
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.measure.steps import MAX_STEP_WIDTH, VISITS_AGREE, visits_agree
 from pomt_cli.measure.runtimes import Runtime
+from pomt_cli.measure.timing import MAX_SAMPLES
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
 from pomt_cli.pipelines import BUDGET_S, ProfileResult, ProfileSettings
@@ -191,7 +192,8 @@ def profile(
     compile_backend: CompileBackendOption = "inductor",
     rel_precision: RelPrecisionOption = 0.01,
     budget: ProfileBudgetOption = BUDGET_S,
-    min_samples: Annotated[int, typer.Option("--min-samples", min=1, help="Timed calls per point at least.")] = 10,
+    min_samples: Annotated[int, typer.Option(
+        "--min-samples", min=1, max=MAX_SAMPLES, help="Timed calls per point at least.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls per point first.")] = 3,
     passes: Annotated[int, typer.Option(
         "--passes", min=1, help="Sweeps over the grid in fresh shuffled orders; each point's samples are pooled.")] = 2,
