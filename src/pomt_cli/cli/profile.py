@@ -226,6 +226,6 @@ def profile(
         layers=parse_layers(layer), threads=threads, lock_clocks=lock_clocks, output_dir=output_dir,
         resume=resume, top_steps=top_steps, command=ctx.obj,
     )
-    with RichReporter() as reporter:
+    with RichReporter(command=ctx.obj) as reporter:
         result = run_profile(settings, reporter)
     render(result)
