@@ -62,7 +62,11 @@ class RichReporter(Reporter):
     def close(self) -> None:
         """Stop the bars (before the results are printed)."""
         if self._progress is not None:
-            self._progress.stop()
+            if self._progress.live.transient and not self._progress.console.is_interactive:
+                # Nothing is left in a file or pipe; Progress.stop would still end it with an empty line.
+                self._progress.live.stop()
+            else:
+                self._progress.stop()
         self._progress, self._tasks = None, {}
 
     def __enter__(self) -> RichReporter:
