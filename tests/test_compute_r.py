@@ -344,6 +344,19 @@ def test_the_table_names_the_unpruned_latency_its_saving_is_against(tmp_path, ca
     assert code == 0, err
     assert ("R = 0 (n* = 17 of 17 tokens kept) at batch 1: pruning does not pay here: no pruned point is faster "
             "than the unpruned model") in " ".join(out.split()) and "beyond both intervals" in " ".join(out.split())
+    # Said once, on the R line: not again as a note.
+    assert " ".join(out.split()).count("pruning does not pay here") == 1
+
+
+def test_an_unpruned_choice_that_pays_claims_no_saving(tmp_path, capsys):
+    # With alpha = 0 only accuracy counts: the unpruned model wins although pruned points are faster.
+    lat, acc = write_layered(tmp_path)
+    code, out, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
+                                     str(tmp_path / "r"), "--batch-size", "4", "--alpha", "0"], capsys)
+    assert code == 0, err
+    line = " ".join(out.split("Best candidates")[0].split()).split(" note: ")[0]
+    assert line == ("R = 0 (n* = 17 of 17 tokens kept) at batch 4: no pruning: the unpruned model (10.100 ms) "
+                    "scores best (largest utility)")
 
 
 def test_one_profile_with_layers_and_one_without_is_refused(tmp_path):
