@@ -126,7 +126,7 @@ def _ranges(values: list[int], most: int = 6) -> str:
 
 def budget_note(frame: pl.DataFrame, rel_precision: float, budget_s: float) -> str | None:
     """Which points place no step because they stopped on their time budget short of the precision, by
-    batch size; None if none did.
+    batch size (and POMT's layer, when the profile has layers); None if none did.
 
     A point that stopped on its budget places no step unless its visits' medians agree
     (:func:`pomt_cli.measure.steps.find_steps`); profiles written before the visits' medians
@@ -137,8 +137,13 @@ def budget_note(frame: pl.DataFrame, rel_precision: float, budget_s: float) -> s
     short = frame.filter((frame["status"] == "budget") & ~visits_agree(frame))
     if short.is_empty():
         return None
-    where = "; ".join(f"batch {b}: n = {_ranges(part['tokens'].to_list())}"
-                      for (b,), part in short.sort("batch_size").group_by(["batch_size"], maintain_order=True))
+    if "layer" in short.columns and short["layer"].is_not_null().any():  # one curve per (layer, batch size)
+        where = "; ".join(f"layer {layer}, batch {b}: n = {_ranges(part['tokens'].to_list())}"
+                          for (layer, b), part in short.sort("layer", "batch_size").group_by(
+                              ["layer", "batch_size"], maintain_order=True))
+    else:
+        where = "; ".join(f"batch {b}: n = {_ranges(part['tokens'].to_list())}"
+                          for (b,), part in short.sort("batch_size").group_by(["batch_size"], maintain_order=True))
     agree = f" and their visits did not agree within {VISITS_AGREE:.0%}" if recorded else ""
     return (f"{short.height} point(s) did not reach \u00b1{rel_precision:.1%} within {budget_s:g} s{agree} "
             f"({where}); they place no step: raise --budget or --rel-precision, or lock the clocks")
