@@ -610,6 +610,18 @@ def test_no_match_lists_the_candidates(tmp_path, capsys):
     assert "--latency FILE" in err and not list(tmp_path.glob("*.json"))
 
 
+def test_a_folder_with_only_an_interrupted_latency_profile_says_so(tmp_path, capsys):
+    lat = write_latency(tmp_path / "lat.parquet", complete=False)
+    write_accuracy(tmp_path / "acc.parquet")
+    code, _, err = run_in_process(["compute-r", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"the only latency profile(s) in {tmp_path} (--output-dir) were interrupted: {lat}: finish one" in err
+    assert "--resume FILE" in err and "--latency FILE" in err and not list(tmp_path.glob("*.json"))
+    # Named, it is read: compute-r chooses from the points it has.
+    code, out, err = run_in_process(["compute-r", "--latency", str(lat), "--output-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+
+
 def test_no_profile_at_all_says_what_to_run(tmp_path, capsys):
     write_accuracy(tmp_path / "acc.parquet")
     code, _, err = run_in_process(["compute-r", "--output-dir", str(tmp_path / "empty")], capsys)

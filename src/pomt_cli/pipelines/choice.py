@@ -6,7 +6,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pomt_cli.formats.accuracy import RANDOM
-from pomt_cli.formats.lookup import find_profile_pair
+from pomt_cli.errors import PomtError
+from pomt_cli.formats.latency import read_latency
+from pomt_cli.formats.lookup import find_profile_pair, find_profiles
 from pomt_cli.formats.outputs import OutputSet, check_output_dir, output_stem
 from pomt_cli.formats.report import Report, write_report
 from pomt_cli.measure.runtimes import Runtime
@@ -48,6 +50,8 @@ def compute_r(settings: ComputeRSettings, reporter: Reporter = SILENT) -> Comput
     s = settings
     check_output_dir(s.output_dir)
     latency, accuracy = s.latency, s.accuracy
+    if latency is None and not find_profiles(s.output_dir, "latency"):
+        _refuse_interrupted_only(s.output_dir)
     if latency is None or accuracy is None:
         found_latency, found_accuracy = find_profile_pair(s.output_dir, latency, accuracy)
         for label, given, path in (("latency", latency, found_latency), ("accuracy", accuracy, found_accuracy)):
@@ -65,6 +69,28 @@ def compute_r(settings: ComputeRSettings, reporter: Reporter = SILENT) -> Comput
         paths = files.commit()
     return ComputeRResult(selection=selection, latency=Path(latency), accuracy=Path(accuracy),
                           report=paths["json"], plot=paths["png"])
+
+
+def _refuse_interrupted_only(folder: Path) -> None:
+    """Refuse a folder whose only latency profiles were interrupted (compute-r looks past them).
+
+    Raises:
+        PomtError: ``folder`` holds interrupted latency profiles and no complete one.
+    """
+    interrupted = []
+    for path in sorted(Path(folder).glob("*.parquet")) if Path(folder).is_dir() else []:
+        try:
+            _, meta = read_latency(path)
+        except PomtError:  # another kind of file, or damaged: not a latency profile to finish
+            continue
+        if meta.recorded("complete") is False:
+            interrupted.append(path)
+    if interrupted:
+        shown = ", ".join(map(str, interrupted[:2])) + (f" and {len(interrupted) - 2} more" if len(interrupted) > 2
+                                                        else "")
+        raise PomtError(f"the only latency profile(s) in {folder} (--output-dir) were interrupted: {shown}: finish "
+                        "one with the pomt profile command it was started with plus --resume FILE, or give "
+                        "--latency FILE to choose from its points")
 
 
 def report_stem(report: Report) -> str:
