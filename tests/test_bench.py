@@ -181,6 +181,13 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
         (["--method", "tome", "--tome-r", "-1"], "tome r=-1: r=-1 at block 0 is negative"),
         (["-r", "5", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
         (["--batch-size", "0"], "below 1"),
+        # Options that would be ignored.
+        (["--method", "tome", "--tome-r", "2", "-r", "10"], "-r sets POMT's R, but --method names only tome"),
+        (["--method", "none", "--r-from", "x.json"], "--r-from sets POMT's R, but --method names only none"),
+        (["--method", "tome", "--layer", "1"], "--layer applies to POMT only"),
+        (["--layer", "1"], "--layer applies to POMT only"),
+        (["-r", "5", "--limit", "5"], "--limit applies to the accuracy measured on --data"),
+        (["-r", "5", "--class-order", "name"], "--class-order applies to the accuracy measured on --data"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, pomt, args, message):
