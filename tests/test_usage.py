@@ -197,6 +197,23 @@ def test_the_accuracy_line_counts_every_layer_in_the_passes(estimator, layers, e
                                                                                          " in 2 processes: decoded")
 
 
+@pytest.mark.parametrize("args", [
+    ["profile", "--output-dir", "runs/a\nb"],
+    ["estimate-accuracy", "--data", "digits", "--output-dir", "runs\tx"],
+    ["compute-r", "--output-dir", "runs/a\nb"],
+    ["bench", "--output-dir", "a\rb"],
+    ["demo", "--output-dir", "runs/demo\n"],
+    ["export", "--output", "m\n.onnx"],
+])
+def test_an_output_path_with_a_control_character_is_refused_in_one_line(args, tmp_path, monkeypatch, capsys):
+    # Every file written is named on one line: a newline in the folder's name would break it.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_in_process(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds a control character (a newline, a tab...): give a name without one" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # What timm 1.0.3 and 1.0.9 do when they are imported (timm/models/hrnet.py).
 OLD_TIMM_IMPORT = """
 import sys, torch

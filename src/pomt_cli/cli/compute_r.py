@@ -10,7 +10,7 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from pomt_cli.cli.options import parse_int_list, user_path
+from pomt_cli.cli.options import output_path, parse_int_list, user_path
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.errors import PomtError
@@ -175,7 +175,7 @@ def compute_r(
     batch_size: Annotated[str | None, typer.Option(
         "--batch-size", help="Only these batch sizes of the latency profile, comma-separated (default: all).")] = None,
     output_dir: Annotated[Path, typer.Option(
-        "--output-dir", callback=user_path, help="Folder for the report and its plot, and where profiles not given are found.")
+        "--output-dir", callback=output_path, help="Folder for the report and its plot, and where profiles not given are found.")
     ] = Path("runs"),
 ) -> None:
     """Choose R, the tokens to prune: where the latency saved pays for the accuracy lost."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pomt_cli.cli.options import CheckpointOption, DtypeOption, Method, ModelOption, SeedOption, user_path
+from pomt_cli.cli.options import CheckpointOption, DtypeOption, Method, ModelOption, SeedOption, output_path
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.errors import PomtError
 from pomt_cli.export import check_output_file, export_onnx, require_onnx
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
 
 def export(
-    output: Annotated[Path, typer.Option("--output", callback=user_path, help="The .onnx file to write (its folder must exist).")],
+    output: Annotated[Path, typer.Option("--output", callback=output_path, help="The .onnx file to write (its folder must exist).")],
     model: ModelOption = DEFAULT_MODEL,
     method: Annotated[Method, typer.Option("--method", help="The token reduction built into the graph.")] = Method.none,
     r: Annotated[int | None, typer.Option("-r", "--r", min=0, help="POMT: tokens pruned in block --layer; ToMe: "

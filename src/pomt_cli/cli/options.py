@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -134,6 +135,16 @@ def user_path(value: Path | None) -> Path | None:
         raise typer.BadParameter(f"{value}: the home folder is unknown ($HOME is not set); give the full path") from None
 
 
+def output_path(value: Path | None) -> Path | None:
+    """The callback of an output path: :func:`user_path`, refused where it holds a control character
+    (a newline or a tab would break the one line that names each file written)."""
+    path = user_path(value)
+    if path is not None and any(unicodedata.category(c) == "Cc" for c in str(path)):
+        raise typer.BadParameter(f"{str(path)!r} holds a control character (a newline, a tab...): give a name "
+                                 "without one")
+    return path
+
+
 def preset_path(value: str | None) -> str | None:
     """The callback of ``--device``: a preset's name as given, a path with its ``~`` expanded."""
     path = user_path(None if value is None else Path(value))
@@ -191,7 +202,7 @@ ThreadsOption = Annotated[int | None, typer.Option(
     "--threads", min=1, help="CPU threads for torch (default: torch's choice).")]
 LockClocksOption = Annotated[bool, typer.Option(
     "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (restored after).")]
-OutputDirOption = Annotated[Path, typer.Option("--output-dir", callback=user_path, help="Folder for the files written.")]
+OutputDirOption = Annotated[Path, typer.Option("--output-dir", callback=output_path, help="Folder for the files written.")]
 RuntimeOption = Annotated[Runtime, typer.Option(
     "--runtime", help="What runs the timed forward passes: eager PyTorch, torch.compile (fullgraph, warmed up per "
     "shape) or ONNX Runtime (one exported graph per shape, cached; needs the onnx extra).")]
