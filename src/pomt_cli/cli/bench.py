@@ -239,8 +239,9 @@ def bench(
     ctx: typer.Context,
     model: ModelOption = DEFAULT_MODEL,
     method: Annotated[list[Method], typer.Option(
-        "--method", help=f"Repeat for a comparison (default: all, pomt when -r or --r-from is given). {BASELINE} is "
-        "always included.")] = [],  # noqa: B006 (typer's way of a repeated option)
+        "--method", metavar=f"<{'|'.join(m.value for m in Method)}>", help="Repeat for a comparison "
+        "(default: all that have a setting: tome and topk, and pomt with -r or --r-from). "
+        f"{BASELINE} is always included.")] = [],  # noqa: B006 (typer's way of a repeated option)
     r: Annotated[int | None, typer.Option("-r", "--r", help="POMT: tokens pruned in block --layer.")] = None,
     r_from: Annotated[Path | None, typer.Option(
         "--r-from", callback=user_path, help="POMT's R per batch size from a compute-r report (.json).")] = None,

@@ -162,7 +162,7 @@ def compute_r(
         "--latency", callback=user_path, help="Latency profile (.parquet from pomt profile; default: the newest in --output-dir "
         "that matches the accuracy profile).")] = None,
     accuracy: Annotated[Path | None, typer.Option(
-        "--accuracy", callback=user_path, help="Accuracy profile (.parquet from pomt estimate-accuracy; default: the newest in "
+        "--accuracy", callback=user_path, help="pomt estimate-accuracy's profile (.parquet; default: the newest in "
         "--output-dir that matches the latency profile).")] = None,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help=f"Utility weight of latency in [0, 1] (default {DEFAULT_ALPHA:g}); n* maximises the "

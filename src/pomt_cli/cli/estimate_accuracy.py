@@ -22,9 +22,9 @@ from pomt_cli.cli.options import (
     LimitOption,
     ModelOption,
     OutputDirOption,
-    SeedOption,
     TokensOption,
     parse_layers,
+    seed_option,
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
@@ -36,6 +36,8 @@ from pomt_cli.pipelines import estimate_accuracy as run_estimate_accuracy
 
 out = plain_console()
 
+#: What --seed seeds in estimate-accuracy: the random estimator's patch order.
+OrderSeedOption = seed_option("Seeds the random estimator's patch order.")
 #: Rows of the summary table (evenly spaced grid points, the ends included).
 TABLE_ROWS = 12
 
@@ -126,7 +128,7 @@ def estimate_accuracy(
     layer: Annotated[str | None, typer.Option(
         "--layer", help="POMT's pruning blocks, comma-separated (for --estimator pomt; default 3): one curve "
         "each.")] = None,
-    seed: SeedOption = 0,
+    seed: OrderSeedOption = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     dtype: DtypeOption = Dtype.float32,
     torch_device: Annotated[str, typer.Option(

@@ -17,7 +17,6 @@ from pomt_cli.formats.latency import WORKLOADS
 from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
 from pomt_cli.models import MODEL_HELP
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange
-from pomt_cli.pipelines import BUDGET_S, ROUND_BUDGET_S
 from pomt_cli.pruning import method_names
 
 T = TypeVar("T")
@@ -193,11 +192,16 @@ RelPrecisionOption = Annotated[float, typer.Option(
     help="Stop timing once the 95% CI of the median is within this fraction.")]
 ProfileBudgetOption = Annotated[float, typer.Option(
     "--budget", callback=seconds,
-    help=f"Seconds of timing per grid point at most, warm-up included (default {BUDGET_S:g}).")]
+    help="Seconds of timing per grid point at most, warm-up included.")]
 BenchBudgetOption = Annotated[float, typer.Option(
     "--budget", callback=seconds,
-    help=f"Seconds of timing per method and round at most (default {ROUND_BUDGET_S:g}).")]
-SeedOption = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seeds the inputs and every random order.")]
+    help="Seconds of timing per method and round at most.")]
+def seed_option(help: str) -> object:
+    """``--seed`` (0 to :data:`SEED_MAX`) with what it seeds in this command."""
+    return Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help=help)]
+
+
+SeedOption = seed_option("Seeds the inputs and every random order.")
 ThreadsOption = Annotated[int | None, typer.Option(
     "--threads", min=1, help="CPU threads for torch (default: torch's choice).")]
 LockClocksOption = Annotated[bool, typer.Option(

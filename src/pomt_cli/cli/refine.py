@@ -92,7 +92,8 @@ def _check_rewritable(report: Path) -> None:
 
 def refine(
     ctx: typer.Context,
-    report: Annotated[Path, typer.Argument(callback=user_path, help="The compute-r report (.json); rewritten in place.")],
+    report: Annotated[Path, typer.Argument(
+        callback=user_path, metavar="REPORT", help="The compute-r report (.json); rewritten in place.")],
     candidates: Annotated[int, typer.Option(
         "--candidates", min=1, help="Pruned candidates per batch size, the best by the report's criterion.")
     ] = REFINE_CANDIDATES,
