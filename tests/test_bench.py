@@ -181,6 +181,13 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
         (["--method", "tome", "--tome-r", "-1"], "tome r=-1: r=-1 at block 0 is negative"),
         (["-r", "5", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
         (["--batch-size", "0"], "below 1"),
+        # Options that would be ignored.
+        (["--method", "tome", "--tome-r", "2", "-r", "10"], "-r sets POMT's R, but --method names only tome"),
+        (["--method", "none", "--r-from", "x.json"], "--r-from sets POMT's R, but --method names only none"),
+        (["--method", "tome", "--layer", "1"], "--layer applies to POMT only"),
+        (["--layer", "1"], "--layer applies to POMT only"),
+        (["-r", "5", "--limit", "5"], "--limit applies to the accuracy measured on --data"),
+        (["-r", "5", "--class-order", "name"], "--class-order applies to the accuracy measured on --data"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, pomt, args, message):
@@ -210,10 +217,10 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
     names = sorted(p.name for p in out.iterdir())
     for prefix, suffixes in {"latency_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3": ("parquet", "png"),
                              "accuracy_digits-vit_float32_pomt-layers0-1-2-3_digits": ("parquet", "png"),
-                             "compute_r_digits-vit_cpu_bs1-32_float32": ("json", "png")}.items():
+                             "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3": ("json", "png")}.items():
         for suffix in suffixes:
             assert f"{prefix}.{suffix}" in names
-    report = json.loads((out / "compute_r_digits-vit_cpu_bs1-32_float32.json").read_text())
+    report = json.loads((out / "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.json").read_text())
     bench = [n for n in names if n.startswith("bench_digits-vit_cpu_bs1-32_float32_none_") and n.endswith(".csv")]
     assert len(bench) == 1
     # The CSV read with the parquet's types: where every choice is R = 0 (refine on a busy
@@ -252,7 +259,7 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
         if choice["R"]:
             assert f"refined ratio {choice['latency_ratio']:.3f}" in summary
     for image in ("latency_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.png",
-                  "compute_r_digits-vit_cpu_bs1-32_float32.png"):
+                  "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.png"):
         assert f"]({image})" in summary
     assert set(frame["setting"].to_list()) <= {line.split(" | ")[1] for line in summary.splitlines()
                                                if line.startswith("| 1 |") or line.startswith("| 32 |")}
@@ -336,7 +343,7 @@ def test_slower_than_none_needs_the_intervals_apart_not_only_the_medians():
 
 
 def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pomt, demo_dir):
-    path = demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32.json"
+    path = demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.json"
     other = pomt("bench", "--model", "deit_tiny_patch16_224", "--r-from", str(path), "--output-dir", str(tmp_path / "o"))
     assert other.returncode == 2 and "computed for digits-vit, not deit_tiny_patch16_224" in other.stderr
     batch = pomt("bench", "--model", "digits-vit", "--r-from", str(path), "--batch-size", "4",
@@ -365,7 +372,7 @@ def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pom
 def test_r_from_a_report_of_another_geometry_or_dtype_is_refused(tmp_path, capsys, demo_dir, field, value, message):
     """R counts the profiled model's tokens, and its predicted ratio belongs to the profile's dtype:
     a report of another input size (another N) or dtype would bench and predict the wrong setting."""
-    data = json.loads((demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32.json").read_text())
+    data = json.loads((demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.json").read_text())
     if field == "dtype":
         data["latency"]["dtype"] = value
     else:  # the same R of a larger model: its choices keep R + n = N

@@ -344,6 +344,19 @@ def test_the_table_names_the_unpruned_latency_its_saving_is_against(tmp_path, ca
     assert code == 0, err
     assert ("R = 0 (n* = 17 of 17 tokens kept) at batch 1: pruning does not pay here: no pruned point is faster "
             "than the unpruned model") in " ".join(out.split()) and "beyond both intervals" in " ".join(out.split())
+    # Said once, on the R line: not again as a note.
+    assert " ".join(out.split()).count("pruning does not pay here") == 1
+
+
+def test_an_unpruned_choice_that_pays_claims_no_saving(tmp_path, capsys):
+    # With alpha = 0 only accuracy counts: the unpruned model wins although pruned points are faster.
+    lat, acc = write_layered(tmp_path)
+    code, out, err = run_in_process(["compute-r", "--latency", str(lat), "--accuracy", str(acc), "--output-dir",
+                                     str(tmp_path / "r"), "--batch-size", "4", "--alpha", "0"], capsys)
+    assert code == 0, err
+    line = " ".join(out.split("Best candidates")[0].split()).split(" note: ")[0]
+    assert line == ("R = 0 (n* = 17 of 17 tokens kept) at batch 4: no pruning: the unpruned model (10.100 ms) "
+                    "scores best (largest utility)")
 
 
 def test_one_profile_with_layers_and_one_without_is_refused(tmp_path):
@@ -471,6 +484,32 @@ def test_reports_of_profiles_at_another_input_size_or_of_graph_replays_keep_thei
         assert latency["path"] == str(profiles[kind].resolve())
 
 
+def test_reports_of_another_workload_layers_or_estimator_keep_their_own_names(tmp_path, capsys):
+    # One device, batch sizes and dtype: the POMT workload at layers 0 and 2, the proxy with
+    # the random estimator, and the proxy with the topk estimator. A proxy run must not
+    # overwrite a (refined) POMT report in the same folder, nor one estimator the other.
+    lat, acc = write_layered(tmp_path)
+    proxy = write_latency(tmp_path / "proxy.parquet", {4: LAT_B4, 1: LAT_B1}, device_preset="cpu", dtype="float32")
+    pairs = {"pomt": (lat, acc), "random": (proxy, write_accuracy(tmp_path / "random.parquet")),
+             "topk": (proxy, write_accuracy(tmp_path / "topk.parquet", estimator="topk"))}
+    out_dir = tmp_path / "runs"
+    for latency, accuracy in pairs.values():
+        code, _, err = run_in_process(["compute-r", "--latency", str(latency), "--accuracy", str(accuracy),
+                                       "--output-dir", str(out_dir)], capsys)
+        assert code == 0, err
+    base = f"compute_r_{MODEL.replace('_', '-')}_cpu_bs4-1_float32"
+    names = {"pomt": f"{base}_pomt-layers0-2", "random": base, "topk": f"{base}_acc-topk"}
+    assert sorted(p.name for p in out_dir.glob("*.json")) == sorted(f"{n}.json" for n in names.values())
+    for kind, stem in names.items():
+        report = read_report(out_dir / f"{stem}.json")
+        assert report.accuracy.path == str(pairs[kind][1].resolve())
+        assert report.workload == ("pomt" if kind == "pomt" else "proxy")
+    # A report under an older name (without these parts) is still read when named.
+    old = out_dir / f"{base}_old.json"
+    old.write_bytes((out_dir / f"{names['pomt']}.json").read_bytes())
+    assert read_report(old).layers == [0, 2]
+
+
 def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments after compute-r, a part of the expected message); profiles written."""
     folder = tmp_path / "inputs"
@@ -569,6 +608,18 @@ def test_no_match_lists_the_candidates(tmp_path, capsys):
     assert "no latency profile matches an accuracy profile" in err
     assert "lat.parquet (vit_tiny_patch16_224, N=17)" in err and "acc_other.parquet (deit_tiny_patch16_224, N=197)" in err
     assert "--latency FILE" in err and not list(tmp_path.glob("*.json"))
+
+
+def test_a_folder_with_only_an_interrupted_latency_profile_says_so(tmp_path, capsys):
+    lat = write_latency(tmp_path / "lat.parquet", complete=False)
+    write_accuracy(tmp_path / "acc.parquet")
+    code, _, err = run_in_process(["compute-r", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"the only latency profile(s) in {tmp_path} (--output-dir) were interrupted: {lat}: finish one" in err
+    assert "--resume FILE" in err and "--latency FILE" in err and not list(tmp_path.glob("*.json"))
+    # Named, it is read: compute-r chooses from the points it has.
+    code, out, err = run_in_process(["compute-r", "--latency", str(lat), "--output-dir", str(tmp_path)], capsys)
+    assert code == 0, err
 
 
 def test_no_profile_at_all_says_what_to_run(tmp_path, capsys):

@@ -140,3 +140,36 @@ def test_settings_refuse_misspelled_and_impossible_fields_when_made(make, match)
     """A library caller's typo must not fall back to a default silently (batch_size= profiling batch 1)."""
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_demo_where_pruning_never_pays_leaves_tome_and_topk_out_and_says_so(tmp_path, monkeypatch):
+    # refine (stood in for here) found no candidate faster at any batch size: R = 0 everywhere.
+    # ToMe and Top-K would then be benched at r = 1 each, matching nothing POMT removes.
+    from pomt_cli.formats.report import write_report
+    from pomt_cli.pipelines.refinement import RefineResult
+
+    steps = []
+
+    class Steps(Reporter):
+        def step(self, title, args) -> None:
+            steps.append((title, list(args)))
+
+    def unpruned(settings, reporter):
+        report = read_report(settings.report)
+        choices = [c.model_copy(update=dict(
+            R=0, tokens=c.reference_tokens, latency_ms=c.reference_ms, latency_saved_pct=0.0,
+            accuracy=c.accuracy + c.accuracy_lost, accuracy_lost=0.0, pays=False, layer=None, latency_ratio=None,
+            latency_ratio_low=None, latency_ratio_high=None, unpruned_ms=None)) for c in report.choices]
+        report = report.model_copy(update=dict(choices=choices, R=0, tokens=choices[0].tokens, layer=None))
+        write_report(report, settings.report)
+        return RefineResult(report=report, before=[], rechoices={}, path=settings.report, plot=None)
+
+    monkeypatch.setattr(demonstration, "refine", unpruned)
+    result = pipelines.demo(pipelines.DemoSettings(output_dir=tmp_path / "demo", device="cpu", budget_s=0.02),
+                            Steps())
+    title, args = steps[-1]
+    assert args[0] == "bench" and "--tome-r" not in args and "--topk-r" not in args
+    assert "ToMe and Top-K are left out" in title
+    assert sorted(set(result.benched.frame["method"].to_list())) == ["none"]
+    summary = result.summary.read_text()
+    assert "## The methods compared\n\nR = 0 at every batch size: POMT prunes nothing here, so ToMe and Top-K" in summary

@@ -7,6 +7,7 @@ what was re-measured, what was written, and how bad input is refused.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -486,6 +487,7 @@ def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
         (["--method", "pomt", "--layer", "-1"], "(layer 0..11)"),
         (["--layer", "3"], "--layer applies to --method pomt only"),
         (["--method", "best"], "Invalid value for '--method'"),
+        (["--min-samples", "10001"], "--min-samples"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, args, message):
@@ -608,8 +610,34 @@ def test_ctrl_c_restores_the_clocks_and_keeps_progress_for_resume(tmp_path):
     assert json.loads(pl.read_parquet_metadata(parquet)["pomt"])["complete"] is False
     assert not any((tools.state / "clocks").glob("*/state.json"))
     # The one interrupt line names what was saved and how to go on; the clocks were reset once.
-    assert f"interrupted: {frame.height} points saved in {parquet}; continue with --resume {parquet}" in err
+    assert f"interrupted: {frame.height} points saved in {parquet}; continue with: pomt profile" in err
+    assert f" --resume {parquet}" in err
     assert calls.count("nvidia-smi -i 0 --reset-gpu-clocks") == 1
+
+
+def test_the_interrupted_hint_is_a_command_that_finishes_the_profile(tmp_path):
+    # --resume alone would take the default model and grid and be refused: the hint repeats the options.
+    out_dir = tmp_path / "runs"
+    cmd = ["profile", "--model", "digits-vit", "--device", "cpu", "--no-lock-clocks", "--tokens", "65:5:2",
+           "--threads", "1", "--passes", "1", "--remeasure", "0", "--budget", "0.2", "--min-samples", "3",
+           "--warmup", "1", "--output-dir", str(out_dir)]
+    proc = subprocess.Popen([sys.executable, "-m", "pomt_cli", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
+    parquet = out_dir / "latency_digits-vit_cpu_bs1_float32.parquet"
+    deadline = time.monotonic() + 120
+    while not parquet.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    hint = next(line for line in err.splitlines() if line.startswith("interrupted:"))
+    command = hint.split("; continue with: ", 1)[1]
+    assert command.startswith("pomt profile --model digits-vit") and command.endswith(f"--resume {parquet}")
+    resumed = subprocess.run([sys.executable, "-m", "pomt_cli", *shlex.split(command)[1:]], capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    frame, meta = read_latency_profile(parquet)
+    assert meta.complete and meta.resumed_rows > 0 and frame["tokens"].to_list() == list(range(65, 4, -2))
 
 
 def test_a_point_that_spent_its_budget_is_not_visited_again_for_its_noise():

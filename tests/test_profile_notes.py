@@ -31,3 +31,17 @@ def test_the_note_goes_by_batch_size_with_each_n_once():
     })
     note = budget_note(frame, 0.02, 0.5)
     assert note.startswith("5 point(s) did not reach \u00b12.0% within 0.5 s (batch 1: n = 5, 8; batch 4: n = 8-9);")
+
+
+def test_the_note_of_a_profile_with_layers_goes_by_layer_and_batch_size():
+    # 8 points per layer at two layers: each (layer, batch size) curve is listed, so 16 points show 16.
+    frame = pl.DataFrame({
+        "layer": [1] * 4 + [3] * 4 + [1, 3],
+        "batch_size": [1, 1, 2, 2] * 2 + [1, 2],
+        "tokens": [17, 77] * 4 + [197, 137],
+        "status": ["budget"] * 8 + ["ok", "budget"],
+    })
+    note = budget_note(frame, 0.01, 0.05)
+    assert note.startswith("9 point(s) did not reach \u00b11.0% within 0.05 s (layer 1, batch 1: n = 17, 77; "
+                           "layer 1, batch 2: n = 17, 77; layer 3, batch 1: n = 17, 77; "
+                           "layer 3, batch 2: n = 17, 77, 137);")

@@ -39,3 +39,21 @@ def test_bars_counts_and_times_fit_80_columns_and_a_long_description_is_cut(monk
     assert lines[2].startswith("timing batch 64, pomt r=56 @3 (capped") and "\u2026" in lines[2]
     assert "round 2" in rendered(reporter, 120)[2]
     reporter.close()
+
+
+def test_an_error_after_bars_leaves_nothing_in_a_file_so_that_its_line_is_the_only_one(monkeypatch):
+    # Standard error redirected to a file: the error line (printed after the reporter) must be the
+    # only line there, with no empty line from the bars before it.
+    stream = io.StringIO()
+    monkeypatch.setattr(progress_module, "err", Console(file=stream, width=80))
+    try:
+        with RichReporter() as reporter:
+            reporter.grid(GridProgress("measure", 1, 65, 3, 16))
+            raise RuntimeError("restoring the clocks failed")
+    except RuntimeError:
+        pass
+    assert stream.getvalue() == ""
+    # Without an error the bars' last state stays in the file, on its own line.
+    with RichReporter() as reporter:
+        reporter.grid(GridProgress("measure", 1, 65, 3, 16))
+    assert stream.getvalue().startswith("measuring batch 1, n=65") and stream.getvalue().endswith("\n")

@@ -8,6 +8,7 @@ to end on the bundled digits model with a coarse grid and small budgets.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -265,6 +266,14 @@ def refused(args: list[str], capsys, message: str, unchanged: Path | None = None
 def test_bad_input_is_refused_in_one_line(tmp_path, digits_report, capsys):
     report = copy_report(digits_report, tmp_path / "r")
     refused(["refine", str(tmp_path / "none.json")], capsys, "does not exist")
+    refused(["refine", str(report.parent)], capsys,
+            f"report {report.parent} is a folder: give the .json file written by pomt compute-r, e.g. {report}")
+    # A folder refine cannot rewrite the report in (a read-only mount; root writes elsewhere).
+    writable = os.access
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: Path(path) != report.parent and writable(path, mode))
+        refused(["refine", str(report)], capsys,
+                f"cannot rewrite report {report}: its folder {report.parent} is not writable", report)
     (tmp_path / "text.json").write_text("{}")
     refused(["refine", str(tmp_path / "text.json")], capsys, "is not a pomt compute-r report")
     for option, value in (("--candidates", "0"), ("--budget", "0"), ("--rounds", "0")):

@@ -179,6 +179,41 @@ def test_the_accuracy_table_reads_whole_at_80_columns():
     assert sum(1 for line in text.splitlines() if line.strip()[:2] in ("3 ", "11")) == 24
 
 
+@pytest.mark.parametrize("estimator, layers, expected", [
+    ("pomt", [0, 1, 2, 3], "8 grid points \u00d7 4 layers: decoded in 0.5 s, evaluated in 2.0 s (1000 image"),
+    ("random", None, "8 grid points: decoded in 0.5 s, evaluated in 2.0 s (250 image"),
+])
+def test_the_accuracy_line_counts_every_layer_in_the_passes(estimator, layers, expected, monkeypatch, capsys):
+    # 62.5 images at 8 grid points and 4 POMT layers in 2 s: 1000 passes/s, not 250.
+    from pomt_cli.cli import estimate_accuracy
+
+    monkeypatch.setattr(estimate_accuracy, "summary_table", lambda run: "")
+    meta = SimpleNamespace(estimator=estimator, layers=layers, grid=list(range(65, 1, -8)), num_images=125,
+                           num_classes=10, skipped=[])
+    run = SimpleNamespace(meta=meta, decode_s=0.5, evaluate_s=2.0, local_images=62.5)
+    estimate_accuracy.render(SimpleNamespace(run=run, world_size=2, profile="a.parquet", plot="a.png"))
+    text = " ".join(capsys.readouterr().out.split()).split(" accuracy profile:")[0]
+    assert text == f"125 images of 10 classes, {expected} passes/s per process)".replace(": decoded",
+                                                                                         " in 2 processes: decoded")
+
+
+@pytest.mark.parametrize("args", [
+    ["profile", "--output-dir", "runs/a\nb"],
+    ["estimate-accuracy", "--data", "digits", "--output-dir", "runs\tx"],
+    ["compute-r", "--output-dir", "runs/a\nb"],
+    ["bench", "--output-dir", "a\rb"],
+    ["demo", "--output-dir", "runs/demo\n"],
+    ["export", "--output", "m\n.onnx"],
+])
+def test_an_output_path_with_a_control_character_is_refused_in_one_line(args, tmp_path, monkeypatch, capsys):
+    # Every file written is named on one line: a newline in the folder's name would break it.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_in_process(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds a control character (a newline, a tab...): give a name without one" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # What timm 1.0.3 and 1.0.9 do when they are imported (timm/models/hrnet.py).
 OLD_TIMM_IMPORT = """
 import sys, torch

@@ -40,12 +40,13 @@ from pomt_cli.cli.options import (
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.devices.torch_device import short_device_name
+from pomt_cli.errors import PomtError
 from pomt_cli.measure.runtimes import PROVIDER_ALIASES
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
 from pomt_cli.pipelines import ROUND_BUDGET_S, ROUNDS, BenchResult, BenchSettings
 from pomt_cli.pipelines import bench as run_bench
-from pomt_cli.pruning import tome, topk
+from pomt_cli.pruning import pomt, tome, topk
 
 out = plain_console()
 
@@ -211,12 +212,36 @@ def render(result: BenchResult) -> None:
     print_path(out, "       ", result.parquet)
 
 
+def check_options(methods: list[str], r: int | None, r_from: Path | None, layer: int | None, data: str | None,
+                  limit: int | None, class_order: object) -> None:
+    """Refuse options that would be ignored: a setting of POMT where POMT does not run, accuracy
+    options without ``--data``.
+
+    Raises:
+        PomtError: ``-r``/``--r-from`` with ``--method`` naming only other methods; ``--layer``
+            where POMT does not run; ``--limit`` or ``--class-order`` without ``--data``.
+    """
+    pomt_name = pomt.Pomt.name
+    given_r = "-r" if r is not None else "--r-from" if r_from is not None else None
+    if methods and pomt_name not in methods and given_r:
+        raise PomtError(f"{given_r} sets POMT's R, but --method names only {', '.join(methods)}: add --method "
+                        f"{pomt_name}, or leave out {given_r}")
+    if layer is not None and (pomt_name not in methods if methods else not given_r):
+        raise PomtError("--layer applies to POMT only, which this bench does not run: give -r R (or --r-from "
+                        "REPORT) with it, or leave out --layer")
+    for option, value in (("--limit", limit), ("--class-order", class_order)):
+        if value is not None and data is None:
+            raise PomtError(f"{option} applies to the accuracy measured on --data, which is not given: add --data "
+                            f"FOLDER, or leave out {option}")
+
+
 def bench(
     ctx: typer.Context,
     model: ModelOption = DEFAULT_MODEL,
     method: Annotated[list[Method], typer.Option(
-        "--method", help=f"Repeat for a comparison (default: all, pomt when -r or --r-from is given). {BASELINE} is "
-        "always included.")] = [],  # noqa: B006 (typer's way of a repeated option)
+        "--method", metavar=f"<{'|'.join(m.value for m in Method)}>", help="Repeat for a comparison "
+        "(default: all that have a setting: tome and topk, and pomt with -r or --r-from). "
+        f"{BASELINE} is always included.")] = [],  # noqa: B006 (typer's way of a repeated option)
     r: Annotated[int | None, typer.Option("-r", "--r", help="POMT: tokens pruned in block --layer.")] = None,
     r_from: Annotated[Path | None, typer.Option(
         "--r-from", callback=user_path, help="POMT's R per batch size from a compute-r report (.json).")] = None,
@@ -257,6 +282,7 @@ def bench(
 ) -> None:
     """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
     out.print(model_line(model))
+    check_options([m.value for m in method], r, r_from, layer, data, limit, class_order)
     settings = BenchSettings(
         model=model, methods=[m.value for m in method], r=r, r_from=r_from, layer=layer,
         method_r={tome.Tome.name: tome_r, topk.Topk.name: topk_r},

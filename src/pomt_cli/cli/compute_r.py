@@ -10,7 +10,7 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from pomt_cli.cli.options import parse_int_list, user_path
+from pomt_cli.cli.options import output_path, parse_int_list, user_path
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.errors import PomtError
@@ -66,9 +66,13 @@ def selection_settings(
     return SelectionSettings(alpha=DEFAULT_ALPHA if alpha is None else alpha)
 
 
-def r_line(choice: Choice, num_tokens: int) -> str:
+def r_line(choice: Choice, num_tokens: int, criterion: str = "utility") -> str:
     """``R = 56 at layer 3 (n* = 141 of 197 tokens kept) at batch 4: predicted ...``."""
     line = f"{choice.setting_text} (n* = {choice.tokens} of {num_tokens} tokens kept) at batch {choice.batch_size}"
+    if choice.pays and choice.R == 0:
+        # Pruned points pay, yet the criterion prefers the unpruned model: there is no saving to predict.
+        return (f"{line}: no pruning: the unpruned model ({choice.latency_ms:.3f} ms) scores best "
+                f"({_CRITERION_TITLES[criterion]})")
     return f"{line}: {prediction_text(choice)}"
 
 
@@ -82,7 +86,8 @@ def _percent_change(ratio: float) -> str:
 def prediction_text(choice: Choice) -> str:
     """The predicted latency and saving of a choice, and which workload predicts them."""
     if not choice.pays:
-        return (f"pruning does not pay here: no pruned point is faster than the unpruned model "
+        against = "the unpruned model" if choice.R == 0 else f"n = {choice.reference_tokens}"
+        return (f"pruning does not pay here: no pruned point is faster than {against} "
                 f"({choice.latency_ms:.3f} ms predicted) beyond both intervals")
     if choice.latency_ratio is not None and choice.unpruned_ms is not None:
         # The saving bench checks: against the unpruned point of the chosen curve. A choice that
@@ -139,9 +144,10 @@ def render(result: ComputeRResult) -> None:
     """R per batch size, the notes, the best candidates, then the files."""
     report = result.selection.report
     for choice in report.choices:
-        out.print(r_line(choice, report.num_tokens))
+        out.print(r_line(choice, report.num_tokens, report.criterion))
     for note in report.notes:
-        out.print(f"note: {note}")
+        if ": pruning does not pay here: " not in note:  # the R line says it
+            out.print(f"note: {note}")
     for choice in report.choices:
         out.print(candidates_table(result.selection.candidates[choice.batch_size], report, choice.batch_size))
     if report.workload == "pomt":
@@ -156,7 +162,7 @@ def compute_r(
         "--latency", callback=user_path, help="Latency profile (.parquet from pomt profile; default: the newest in --output-dir "
         "that matches the accuracy profile).")] = None,
     accuracy: Annotated[Path | None, typer.Option(
-        "--accuracy", callback=user_path, help="Accuracy profile (.parquet from pomt estimate-accuracy; default: the newest in "
+        "--accuracy", callback=user_path, help="pomt estimate-accuracy's profile (.parquet; default: the newest in "
         "--output-dir that matches the latency profile).")] = None,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help=f"Utility weight of latency in [0, 1] (default {DEFAULT_ALPHA:g}); n* maximises the "
@@ -169,7 +175,7 @@ def compute_r(
     batch_size: Annotated[str | None, typer.Option(
         "--batch-size", help="Only these batch sizes of the latency profile, comma-separated (default: all).")] = None,
     output_dir: Annotated[Path, typer.Option(
-        "--output-dir", callback=user_path, help="Folder for the report and its plot, and where profiles not given are found.")
+        "--output-dir", callback=output_path, help="Folder for the report and its plot, and where profiles not given are found.")
     ] = Path("runs"),
 ) -> None:
     """Choose R, the tokens to prune: where the latency saved pays for the accuracy lost."""

@@ -10,7 +10,7 @@ import typer
 from rich.rule import Rule
 
 from pomt_cli.cli import bench, compute_r, estimate_accuracy, profile, refine
-from pomt_cli.cli.options import DeviceOption, TorchDeviceOption, seconds, user_path
+from pomt_cli.cli.options import DeviceOption, TorchDeviceOption, output_path, seconds
 from pomt_cli.cli.progress import RichReporter, err
 from pomt_cli.console import plain_console, print_path
 from pomt_cli.pipelines import (
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
 def demo(
     ctx: typer.Context,
     output_dir: Annotated[Path, typer.Option(
-        "--output-dir", callback=user_path, help="Folder for every file and the summary.")] = Path("runs/demo"),
+        "--output-dir", callback=output_path, help="Folder for every file and the summary.")] = Path("runs/demo"),
     device: DeviceOption = None,
     torch_device: TorchDeviceOption = None,
     lock_clocks: Annotated[bool, typer.Option(

@@ -22,9 +22,9 @@ from pomt_cli.cli.options import (
     LimitOption,
     ModelOption,
     OutputDirOption,
-    SeedOption,
     TokensOption,
     parse_layers,
+    seed_option,
 )
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
@@ -36,6 +36,8 @@ from pomt_cli.pipelines import estimate_accuracy as run_estimate_accuracy
 
 out = plain_console()
 
+#: What --seed seeds in estimate-accuracy: the random estimator's patch order.
+OrderSeedOption = seed_option("Seeds the random estimator's patch order.")
 #: Rows of the summary table (evenly spaced grid points, the ends included).
 TABLE_ROWS = 12
 
@@ -93,9 +95,12 @@ def render(result: AccuracyResult) -> None:
     """Images, timings, skipped images and the summary table, then the files."""
     run, meta = result.run, result.run.meta
     workers_note = f" in {result.world_size} processes" if result.world_size > 1 else ""
-    out.print(f"{meta.num_images} images of {meta.num_classes} classes, {len(meta.grid)} grid points{workers_note}: "
+    layers = len(meta.layers or []) if takes_layer(meta.estimator) else 1
+    points = f"{len(meta.grid)} grid points" + (f" \u00d7 {layers} layers" if layers > 1 else "")
+    passes = run.local_images * len(meta.grid) * layers
+    out.print(f"{meta.num_images} images of {meta.num_classes} classes, {points}{workers_note}: "
               f"decoded in {run.decode_s:.1f} s, evaluated in {run.evaluate_s:.1f} s "
-              f"({run.local_images * len(meta.grid) / max(run.evaluate_s, 1e-9):.0f} image passes/s per process)")
+              f"({passes / max(run.evaluate_s, 1e-9):.0f} image passes/s per process)")
     if meta.skipped:
         shown = "; ".join(f"{s.image} ({s.reason})" for s in meta.skipped[:3])
         more = f" and {len(meta.skipped) - 3} more" if len(meta.skipped) > 3 else ""
@@ -123,7 +128,7 @@ def estimate_accuracy(
     layer: Annotated[str | None, typer.Option(
         "--layer", help="POMT's pruning blocks, comma-separated (for --estimator pomt; default 3): one curve "
         "each.")] = None,
-    seed: SeedOption = 0,
+    seed: OrderSeedOption = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     dtype: DtypeOption = Dtype.float32,
     torch_device: Annotated[str, typer.Option(

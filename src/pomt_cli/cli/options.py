@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -16,7 +17,6 @@ from pomt_cli.formats.latency import WORKLOADS
 from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
 from pomt_cli.models import MODEL_HELP
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange
-from pomt_cli.pipelines import BUDGET_S, ROUND_BUDGET_S
 from pomt_cli.pruning import method_names
 
 T = TypeVar("T")
@@ -134,6 +134,16 @@ def user_path(value: Path | None) -> Path | None:
         raise typer.BadParameter(f"{value}: the home folder is unknown ($HOME is not set); give the full path") from None
 
 
+def output_path(value: Path | None) -> Path | None:
+    """The callback of an output path: :func:`user_path`, refused where it holds a control character
+    (a newline or a tab would break the one line that names each file written)."""
+    path = user_path(value)
+    if path is not None and any(unicodedata.category(c) == "Cc" for c in str(path)):
+        raise typer.BadParameter(f"{str(path)!r} holds a control character (a newline, a tab...): give a name "
+                                 "without one")
+    return path
+
+
 def preset_path(value: str | None) -> str | None:
     """The callback of ``--device``: a preset's name as given, a path with its ``~`` expanded."""
     path = user_path(None if value is None else Path(value))
@@ -182,16 +192,21 @@ RelPrecisionOption = Annotated[float, typer.Option(
     help="Stop timing once the 95% CI of the median is within this fraction.")]
 ProfileBudgetOption = Annotated[float, typer.Option(
     "--budget", callback=seconds,
-    help=f"Seconds of timing per grid point at most, warm-up included (default {BUDGET_S:g}).")]
+    help="Seconds of timing per grid point at most, warm-up included.")]
 BenchBudgetOption = Annotated[float, typer.Option(
     "--budget", callback=seconds,
-    help=f"Seconds of timing per method and round at most (default {ROUND_BUDGET_S:g}).")]
-SeedOption = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seeds the inputs and every random order.")]
+    help="Seconds of timing per method and round at most.")]
+def seed_option(help: str) -> object:
+    """``--seed`` (0 to :data:`SEED_MAX`) with what it seeds in this command."""
+    return Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help=help)]
+
+
+SeedOption = seed_option("Seeds the inputs and every random order.")
 ThreadsOption = Annotated[int | None, typer.Option(
     "--threads", min=1, help="CPU threads for torch (default: torch's choice).")]
 LockClocksOption = Annotated[bool, typer.Option(
     "--lock-clocks/--no-lock-clocks", help="Lock the device's clocks while timing (restored after).")]
-OutputDirOption = Annotated[Path, typer.Option("--output-dir", callback=user_path, help="Folder for the files written.")]
+OutputDirOption = Annotated[Path, typer.Option("--output-dir", callback=output_path, help="Folder for the files written.")]
 RuntimeOption = Annotated[Runtime, typer.Option(
     "--runtime", help="What runs the timed forward passes: eager PyTorch, torch.compile (fullgraph, warmed up per "
     "shape) or ONNX Runtime (one exported graph per shape, cached; needs the onnx extra).")]

@@ -41,6 +41,7 @@ from pomt_cli.console import plain_console, print_path
 from pomt_cli.formats.latency import ClockState
 from pomt_cli.measure.steps import MAX_STEP_WIDTH, VISITS_AGREE, visits_agree
 from pomt_cli.measure.runtimes import Runtime
+from pomt_cli.measure.timing import MAX_SAMPLES
 from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
 from pomt_cli.pipelines import BUDGET_S, ProfileResult, ProfileSettings
@@ -125,7 +126,7 @@ def _ranges(values: list[int], most: int = 6) -> str:
 
 def budget_note(frame: pl.DataFrame, rel_precision: float, budget_s: float) -> str | None:
     """Which points place no step because they stopped on their time budget short of the precision, by
-    batch size; None if none did.
+    batch size (and POMT's layer, when the profile has layers); None if none did.
 
     A point that stopped on its budget places no step unless its visits' medians agree
     (:func:`pomt_cli.measure.steps.find_steps`); profiles written before the visits' medians
@@ -136,8 +137,13 @@ def budget_note(frame: pl.DataFrame, rel_precision: float, budget_s: float) -> s
     short = frame.filter((frame["status"] == "budget") & ~visits_agree(frame))
     if short.is_empty():
         return None
-    where = "; ".join(f"batch {b}: n = {_ranges(part['tokens'].to_list())}"
-                      for (b,), part in short.sort("batch_size").group_by(["batch_size"], maintain_order=True))
+    if "layer" in short.columns and short["layer"].is_not_null().any():  # one curve per (layer, batch size)
+        where = "; ".join(f"layer {layer}, batch {b}: n = {_ranges(part['tokens'].to_list())}"
+                          for (layer, b), part in short.sort("layer", "batch_size").group_by(
+                              ["layer", "batch_size"], maintain_order=True))
+    else:
+        where = "; ".join(f"batch {b}: n = {_ranges(part['tokens'].to_list())}"
+                          for (b,), part in short.sort("batch_size").group_by(["batch_size"], maintain_order=True))
     agree = f" and their visits did not agree within {VISITS_AGREE:.0%}" if recorded else ""
     return (f"{short.height} point(s) did not reach \u00b1{rel_precision:.1%} within {budget_s:g} s{agree} "
             f"({where}); they place no step: raise --budget or --rel-precision, or lock the clocks")
@@ -191,7 +197,8 @@ def profile(
     compile_backend: CompileBackendOption = "inductor",
     rel_precision: RelPrecisionOption = 0.01,
     budget: ProfileBudgetOption = BUDGET_S,
-    min_samples: Annotated[int, typer.Option("--min-samples", min=1, help="Timed calls per point at least.")] = 10,
+    min_samples: Annotated[int, typer.Option(
+        "--min-samples", min=1, max=MAX_SAMPLES, help="Timed calls per point at least.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls per point first.")] = 3,
     passes: Annotated[int, typer.Option(
         "--passes", min=1, help="Sweeps over the grid in fresh shuffled orders; each point's samples are pooled.")] = 2,
@@ -224,6 +231,6 @@ def profile(
         layers=parse_layers(layer), threads=threads, lock_clocks=lock_clocks, output_dir=output_dir,
         resume=resume, top_steps=top_steps, command=ctx.obj,
     )
-    with RichReporter() as reporter:
+    with RichReporter(command=ctx.obj) as reporter:
         result = run_profile(settings, reporter)
     render(result)

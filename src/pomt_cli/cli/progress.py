@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -19,10 +20,27 @@ err = plain_console(stderr=True, soft_wrap=True)
 BAR_WIDTH = 10
 
 
+def resume_command(command: str, path: Path) -> str:
+    """``command`` (a ``pomt profile`` line) with ``--resume path`` in place of any ``--resume`` it had.
+
+    ``--resume`` needs the options of the run it continues, so the hint repeats them all.
+    """
+    args: list[str] = []
+    words = iter(shlex.split(command))
+    for word in words:
+        if word == "--resume":
+            next(words, None)
+        elif not word.startswith("--resume="):
+            args.append(word)
+    return shlex.join([*args, "--resume", str(path)])
+
+
 class RichReporter(Reporter):
     """Draws one progress bar per phase on standard error, started with the phase's first event."""
 
-    def __init__(self, *, notes_to_stdout: bool = False) -> None:
+    def __init__(self, *, notes_to_stdout: bool = False, command: str | None = None) -> None:
+        """``command``: the command line being run; an interrupted profile's hint repeats it with ``--resume``."""
+        self._command = command
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
         self._notes = plain_console(soft_wrap=True) if notes_to_stdout else err
@@ -44,7 +62,11 @@ class RichReporter(Reporter):
     def close(self) -> None:
         """Stop the bars (before the results are printed)."""
         if self._progress is not None:
-            self._progress.stop()
+            if self._progress.live.transient and not self._progress.console.is_interactive:
+                # Nothing is left in a file or pipe; Progress.stop would still end it with an empty line.
+                self._progress.live.stop()
+            else:
+                self._progress.stop()
         self._progress, self._tasks = None, {}
 
     def __enter__(self) -> RichReporter:
@@ -72,7 +94,9 @@ class RichReporter(Reporter):
 
     def interrupted(self, saved: int, path: Path) -> None:
         self.close()
-        err.print(f"interrupted: {saved} points saved in {path}; continue with --resume {path}")
+        how = (f"continue with: {resume_command(self._command, path)}" if self._command
+               else f"continue with the same options and --resume {path}")
+        err.print(f"interrupted: {saved} points saved in {path}; {how}")
 
     def decoding(self, done: int, total: int) -> None:
         progress, task = self._task("decode", "decoding images")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from rich.table import Table
 from pomt_cli.cli.options import LockClocksOption, SeedOption, preset_path, presets_text, seconds, user_path
 from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
+from pomt_cli.errors import PomtError
 from pomt_cli.formats.report import Choice
 from pomt_cli.pipelines import ROUND_BUDGET_S, ROUNDS, RefineResult, RefineSettings
 from pomt_cli.pipelines import refine as run_refine
@@ -72,9 +74,26 @@ def render(result: RefineResult) -> None:
         print_path(out, "plot:  ", result.plot)
 
 
+def _check_rewritable(report: Path) -> None:
+    """Refuse a folder given as the report, or a report whose folder refine cannot rewrite it in.
+
+    Raises:
+        PomtError: ``report`` is a folder, or its folder is not writable.
+    """
+    if report.is_dir():
+        found = sorted(report.glob("compute_r_*.json"))
+        hint = f", e.g. {found[0]}" if found else ""
+        raise PomtError(f"report {report} is a folder: give the .json file written by pomt compute-r{hint}")
+    folder = report.parent
+    if report.is_file() and not os.access(folder, os.W_OK | os.X_OK):
+        raise PomtError(f"cannot rewrite report {report}: its folder {folder} is not writable: copy the report to "
+                        "a writable folder and refine the copy")
+
+
 def refine(
     ctx: typer.Context,
-    report: Annotated[Path, typer.Argument(callback=user_path, help="The compute-r report (.json); rewritten in place.")],
+    report: Annotated[Path, typer.Argument(
+        callback=user_path, metavar="REPORT", help="The compute-r report (.json); rewritten in place.")],
     candidates: Annotated[int, typer.Option(
         "--candidates", min=1, help="Pruned candidates per batch size, the best by the report's criterion.")
     ] = REFINE_CANDIDATES,
@@ -100,6 +119,7 @@ def refine(
     report (and its plot) is rewritten with the refined choice, which bench --r-from
     then predicts from.
     """
+    _check_rewritable(report)
     settings = RefineSettings(report=report, candidates=candidates, budget_s=budget, rounds=rounds, device=device,
                               torch_device=torch_device, lock_clocks=lock_clocks, threads=threads, seed=seed,
                               command=ctx.obj)

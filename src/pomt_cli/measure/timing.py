@@ -43,6 +43,8 @@ Mode = Literal["eager", "cuda_graph"]
 
 #: The most calls timed between two synchronisations on CUDA.
 MAX_CHUNK = 256
+#: The most timed calls of one measurement (``--min-samples`` takes at most this).
+MAX_SAMPLES = 10_000
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,7 @@ def measure(
     rel_precision: float = 0.01,
     budget_s: float = 1.0,
     min_samples: int = 10,
-    max_samples: int = 10_000,
+    max_samples: int = MAX_SAMPLES,
     warmup: int = 3,
     cuda_graphs: bool = False,
     confidence: float = 0.95,

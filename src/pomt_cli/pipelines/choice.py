@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pomt_cli.formats.lookup import find_profile_pair
+from pomt_cli.formats.accuracy import RANDOM
+from pomt_cli.errors import PomtError
+from pomt_cli.formats.latency import read_latency
+from pomt_cli.formats.lookup import find_profile_pair, find_profiles
 from pomt_cli.formats.outputs import OutputSet, check_output_dir, output_stem
 from pomt_cli.formats.report import Report, write_report
 from pomt_cli.measure.runtimes import Runtime
@@ -47,6 +50,8 @@ def compute_r(settings: ComputeRSettings, reporter: Reporter = SILENT) -> Comput
     s = settings
     check_output_dir(s.output_dir)
     latency, accuracy = s.latency, s.accuracy
+    if latency is None and not find_profiles(s.output_dir, "latency"):
+        _refuse_interrupted_only(s.output_dir)
     if latency is None or accuracy is None:
         found_latency, found_accuracy = find_profile_pair(s.output_dir, latency, accuracy)
         for label, given, path in (("latency", latency, found_latency), ("accuracy", accuracy, found_accuracy)):
@@ -57,20 +62,54 @@ def compute_r(settings: ComputeRSettings, reporter: Reporter = SILENT) -> Comput
     if s.command is not None:
         selection = replace(selection, report=selection.report.model_copy(update={"command": s.command}))
     report = selection.report
-    # A profile at another input size, of another runtime than eager or of CUDA graph replays
-    # gets its own report, as the profile its own file.
-    source = report.latency
-    stem = output_stem("compute_r", report.model, device=source.device_preset,
-                       batch_size=[c.batch_size for c in report.choices], dtype=source.dtype,
-                       img_size=source.img_size_option,
-                       extra=(*(() if report.runtime == Runtime.eager.value else (report.runtime,)),
-                              *(("cudagraphs",) if source.timing_mode == "cuda_graphs" else ())))
+    stem = report_stem(report)
     with OutputSet(s.output_dir, stem, ("json", "png")) as files:
         files.write("json", lambda tmp: write_report(report, tmp))
         files.write("png", lambda tmp: plot_selection(selection.curves, report, tmp, title=plot_title(report)))
         paths = files.commit()
     return ComputeRResult(selection=selection, latency=Path(latency), accuracy=Path(accuracy),
                           report=paths["json"], plot=paths["png"])
+
+
+def _refuse_interrupted_only(folder: Path) -> None:
+    """Refuse a folder whose only latency profiles were interrupted (compute-r looks past them).
+
+    Raises:
+        PomtError: ``folder`` holds interrupted latency profiles and no complete one.
+    """
+    interrupted = []
+    for path in sorted(Path(folder).glob("*.parquet")) if Path(folder).is_dir() else []:
+        try:
+            _, meta = read_latency(path)
+        except PomtError:  # another kind of file, or damaged: not a latency profile to finish
+            continue
+        if meta.recorded("complete") is False:
+            interrupted.append(path)
+    if interrupted:
+        shown = ", ".join(map(str, interrupted[:2])) + (f" and {len(interrupted) - 2} more" if len(interrupted) > 2
+                                                        else "")
+        raise PomtError(f"the only latency profile(s) in {folder} (--output-dir) were interrupted: {shown}: finish "
+                        "one with the pomt profile command it was started with plus --resume FILE, or give "
+                        "--latency FILE to choose from its points")
+
+
+def report_stem(report: Report) -> str:
+    """The file stem of a compute-r report: what it was chosen from, so that different inputs never share it.
+
+    The latency profile's device, batch sizes, dtype, input size, runtime and CUDA graphs
+    (as its own name has them); the POMT layers the choice was made among
+    (``pomt-layers3-6``); and, for the proxy workload, an accuracy estimator other than the
+    default ``random`` (``acc-topk``).
+    """
+    source = report.latency
+    estimator = report.accuracy.estimator
+    return output_stem(
+        "compute_r", report.model, device=source.device_preset, batch_size=[c.batch_size for c in report.choices],
+        dtype=source.dtype, img_size=source.img_size_option,
+        extra=(*(("pomt-layers" + "-".join(map(str, report.layers)),) if report.layers else ()),
+               *(() if report.runtime == Runtime.eager.value else (report.runtime,)),
+               *(("cudagraphs",) if source.timing_mode == "cuda_graphs" else ()),
+               *((f"acc-{estimator}",) if report.workload == "proxy" and estimator not in (None, RANDOM) else ())))
 
 
 def plot_title(report: Report) -> str:

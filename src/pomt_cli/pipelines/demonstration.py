@@ -40,6 +40,10 @@ DEMO_TOKENS = TokenRange(start=65, stop=5, stride=4)
 #: Seconds per profile point in the demo (refine: twice as long per setting and round; bench: four times
 #: as long per method and round).
 DEMO_BUDGET_S = 0.25
+#: The summary's heading of the bench table, and what follows it when R = 0 at every batch size.
+COMPARED = "## The methods compared\n\n"
+LEFT_OUT = ("R = 0 at every batch size: POMT prunes nothing here, so ToMe and Top-K, which the demo sets to "
+            "remove about as many tokens as POMT, are left out; bench timed the unpruned model alone.\n\n")
 
 
 class DemoSettings(Settings):
@@ -167,24 +171,33 @@ def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:
                                     lock_clocks=s.lock_clocks, command=s.command), reporter)
     reporter.finished(refined)
 
-    # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once.
+    # ToMe and Top-K remove about as many tokens over all blocks as POMT does at once; where POMT
+    # removes none at any batch size, they have nothing to match and are left out.
     report: Report = refined.report
-    per_block = max(1, math.ceil(max(c.R for c in report.choices) / digits.ARCHITECTURE["depth"]))
-    own_r = {m: per_block for m in method_names() if get_method(m).bench_r is not None and get_method(m).reduces}
-    reporter.step("the chosen (layer, R) against the baseline, ToMe and Top-K", [
+    most = max(c.R for c in report.choices)
+    per_block = math.ceil(most / digits.ARCHITECTURE["depth"])
+    own_r = {m: per_block for m in method_names()
+             if most and get_method(m).bench_r is not None and get_method(m).reduces}
+    methods = [] if own_r else [m for m in method_names() if get_method(m).bench_r is None or not get_method(m).reduces]
+    reporter.step("the chosen (layer, R) against the baseline, ToMe and Top-K" if own_r else
+                  "the unpruned model alone: R = 0 at every batch size, so ToMe and Top-K are left out", [
         "bench", "--model", digits.NAME, "--data", "digits", "--r-from", str(chosen.report),
+        *[arg for m in methods for arg in ("--method", m)],
         *[arg for m in own_r for arg in (f"--{m}-r", str(per_block))], "--budget", f"{2 * s.budget_s:g}",
         "--rounds", str(ROUNDS), "--output-dir", str(folder), *common])
     benched = bench(BenchSettings(
-        model=digits.NAME, data="digits", r_from=chosen.report, method_r=own_r, budget_s=2 * s.budget_s,
-        rounds=ROUNDS, device=device, torch_device=s.torch_device, lock_clocks=s.lock_clocks, output_dir=folder,
-        command=s.command), reporter)
+        model=digits.NAME, data="digits", r_from=chosen.report, methods=methods, method_r=own_r,
+        budget_s=2 * s.budget_s, rounds=ROUNDS, device=device, torch_device=s.torch_device,
+        lock_clocks=s.lock_clocks, output_dir=folder, command=s.command), reporter)
     reporter.finished(benched)
 
     files = {"latency": latency.profile, "latency_plot": latency.plot, "accuracy": accuracy.profile,
              "accuracy_plot": accuracy.plot, "report": chosen.report, "report_plot": chosen.plot,
              "bench": benched.parquet}
-    summary = write_summary(summary_path, summary_page(files, folder, device, time.perf_counter() - began))
+    page = summary_page(files, folder, device, time.perf_counter() - began)
+    if not own_r:
+        page = page.replace(COMPARED, COMPARED + LEFT_OUT, 1)
+    summary = write_summary(summary_path, page)
     return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, refined=refined, benched=benched,
                       summary=summary,
                       elapsed_s=time.perf_counter() - began)
