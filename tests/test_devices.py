@@ -298,7 +298,7 @@ def test_state_root_is_shared_between_processes(tmp_path):
 
 def test_a_long_device_name_is_shortened_where_a_reader_sees_it():
     """Titles once cut the name at 40 characters, mid-word: "Processor (2 logical co"."""
-    cpu = "Intel(R) Xeon(R) Processor (2 logical cores, torch using 1 threads)"
+    cpu = "Intel(R) Xeon(R) Processor (2 logical cores, torch using 1 thread)"
     assert short_device_name(cpu) == "Intel(R) Xeon(R) Processor"
     assert short_device_name("NVIDIA H100 80GB HBM3") == "NVIDIA H100 80GB HBM3"
     long = "AMD EPYC 7B13 64-Core Processor with a very long marketing name (8 logical cores)"

@@ -225,3 +225,13 @@ def test_a_bench_version_that_is_no_integer_from_1_is_damage(tmp_path, version, 
     frame.write_parquet(path, metadata={"pomt": json.dumps(data)})
     with pytest.raises(PomtError, match=message):
         read_bench(path)
+
+
+def test_a_bench_setting_has_a_layer_only_for_a_method_that_prunes_in_one_block():
+    from pomt_cli.formats.bench import MethodSetting
+
+    assert MethodSetting(method="pomt", r=4).layer == 3
+    assert MethodSetting(method="pomt", r=4, layer=1).layer == 1
+    for method in ("none", "tome", "topk"):
+        setting = MethodSetting(method=method, r=0, layer=3)  # as bench files before 2026-11-28 recorded them
+        assert setting.layer is None and setting.model_dump()["layer"] is None

@@ -27,8 +27,8 @@ SHOWN_CHARS = 16000
 
 PresetOption = Annotated[str, typer.Option("--device", callback=preset_path, help=f"Device preset ({presets_text()}) or a preset .toml file.")]
 GpuOption = Annotated[str | None, typer.Option(
-    "--torch-device", help="The torch device whose GPU is meant (cuda:1 -> that GPU for nvidia-smi) (default: the "
-    "preset's).")]
+    "--torch-device", help="The torch device whose GPU is meant, e.g. cuda:1 for that GPU's nvidia-smi "
+    "(default: the preset's).")]
 
 
 def register(app: typer.Typer) -> None:

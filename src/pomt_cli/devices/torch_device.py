@@ -94,7 +94,8 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     model = model or platform.processor() or platform.machine()
-    return f"{model} ({os.cpu_count()} logical cores, torch using {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{model} ({os.cpu_count()} logical cores, torch using {threads} thread{'' if threads == 1 else 's'})"
 
 
 def gpu_selector(device: torch.device | str | None) -> str:

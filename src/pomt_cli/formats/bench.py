@@ -89,7 +89,8 @@ class MethodSetting(BaseModel):
 
     method: str
     r: int | list[int] = 0
-    layer: int = 3
+    #: The block of a method that prunes in one (POMT; 3 when not given); None for the others.
+    layer: int | None = None
     #: Tokens each block removes on the model, as applied (ToMe's schedule after the
     #: per-block cap); filled in by :func:`pomt_cli.bench.fit_settings`.
     per_block: list[int] | None = None
@@ -101,6 +102,15 @@ class MethodSetting(BaseModel):
     def _registered(cls, method: str) -> str:
         get_method(method)
         return method
+
+    @model_validator(mode="after")
+    def _layer_of_its_method(self) -> MethodSetting:
+        takes = get_method(self.method).takes_layer
+        if takes and self.layer is None:
+            self.layer = 3
+        elif not takes:
+            self.layer = None
+        return self
 
     @property
     def label(self) -> str:
@@ -114,7 +124,7 @@ class MethodSetting(BaseModel):
         return get_method(self.method).slug(self.r, self.layer)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
-        return apply(model, self.method, r=self.r, layer=self.layer)
+        return apply(model, self.method, r=self.r, **({} if self.layer is None else {"layer": self.layer}))
 
 
 class BenchMeta(BaseModel):
