@@ -55,12 +55,14 @@ def _refined_text(choice: Choice, report: Report, before: Choice | None) -> str:
 SUMMARY_TITLE = "# pomt demo:"
 
 
-def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: float) -> str:
+def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: float,
+                 compared_note: str | None = None) -> str:
     """The demo's Markdown summary: what ran, R, the steps, the comparison, with the plots.
 
     ``paths`` names the demo's files: ``latency``, ``latency_plot``, ``accuracy``,
     ``accuracy_plot``, ``report``, ``report_plot`` and ``bench`` (its Parquet file); the
-    page links them relative to ``folder``.
+    page links them relative to ``folder``. ``compared_note`` opens the comparison's
+    section (why a method was left out).
     """
     latency, latency_meta = read_latency(paths["latency"])
     accuracy, accuracy_meta = read_accuracy(paths["accuracy"])
@@ -144,6 +146,7 @@ def summary_page(paths: dict[str, Path], folder: Path, device: str, elapsed_s: f
               f"![accuracy]({rel['accuracy_plot']})", "",
               accuracy_table,
               "", "## The methods compared", "",
+              *([compared_note, ""] if compared_note else []),
               f"Measured side by side with `pomt bench` (interleaved rounds). File: `{rel['bench']}`.", "",
               _markdown_table(bench, {
                   "batch": "batch_size", "method": "setting", "tokens out": "tokens_out",

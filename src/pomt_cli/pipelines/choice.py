@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pomt_cli.formats.accuracy import RANDOM
 from pomt_cli.errors import PomtError
+from pomt_cli.formats.accuracy import RANDOM
 from pomt_cli.formats.latency import read_latency
 from pomt_cli.formats.lookup import find_profile_pair, find_profiles
 from pomt_cli.formats.outputs import OutputSet, check_output_dir, output_stem

@@ -40,10 +40,9 @@ DEMO_TOKENS = TokenRange(start=65, stop=5, stride=4)
 #: Seconds per profile point in the demo (refine: twice as long per setting and round; bench: four times
 #: as long per method and round).
 DEMO_BUDGET_S = 0.25
-#: The summary's heading of the bench table, and what follows it when R = 0 at every batch size.
-COMPARED = "## The methods compared\n\n"
+#: What the summary's comparison says when R = 0 at every batch size.
 LEFT_OUT = ("R = 0 at every batch size: POMT prunes nothing here, so ToMe and Top-K, which the demo sets to "
-            "remove about as many tokens as POMT, are left out; bench timed the unpruned model alone.\n\n")
+            "remove about as many tokens as POMT, are left out; bench timed the unpruned model alone.")
 
 
 class DemoSettings(Settings):
@@ -194,9 +193,7 @@ def demo(settings: DemoSettings, reporter: Reporter = SILENT) -> DemoResult:
     files = {"latency": latency.profile, "latency_plot": latency.plot, "accuracy": accuracy.profile,
              "accuracy_plot": accuracy.plot, "report": chosen.report, "report_plot": chosen.plot,
              "bench": benched.parquet}
-    page = summary_page(files, folder, device, time.perf_counter() - began)
-    if not own_r:
-        page = page.replace(COMPARED, COMPARED + LEFT_OUT, 1)
+    page = summary_page(files, folder, device, time.perf_counter() - began, None if own_r else LEFT_OUT)
     summary = write_summary(summary_path, page)
     return DemoResult(latency=latency, accuracy=accuracy, chosen=chosen, refined=refined, benched=benched,
                       summary=summary,
