@@ -196,6 +196,8 @@ ProfileBudgetOption = Annotated[float, typer.Option(
 BenchBudgetOption = Annotated[float, typer.Option(
     "--budget", callback=seconds,
     help="Seconds of timing per method and round at most.")]
+
+
 def seed_option(help: str) -> object:
     """``--seed`` (0 to :data:`SEED_MAX`) with what it seeds in this command."""
     return Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help=help)]
