@@ -186,6 +186,8 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
         (["--method", "none", "--r-from", "x.json"], "--r-from sets POMT's R, but --method names only none"),
         (["--method", "tome", "--layer", "1"], "--layer applies to POMT only"),
         (["--layer", "1"], "--layer applies to POMT only"),
+        (["--method", "tome", "--topk-r", "2"], "--topk-r sets topk's r, but --method names only tome"),
+        (["--method", "pomt", "-r", "5", "--tome-r", "2"], "--tome-r sets tome's r, but --method names only pomt"),
         (["-r", "5", "--limit", "5"], "--limit applies to the accuracy measured on --data"),
         (["-r", "5", "--class-order", "name"], "--class-order applies to the accuracy measured on --data"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -213,13 +214,15 @@ def render(result: BenchResult) -> None:
 
 
 def check_options(methods: list[str], r: int | None, r_from: Path | None, layer: int | None, data: str | None,
-                  limit: int | None, class_order: object) -> None:
-    """Refuse options that would be ignored: a setting of POMT where POMT does not run, accuracy
-    options without ``--data``.
+                  limit: int | None, class_order: object, given_method_r: Sequence[str] = ()) -> None:
+    """Refuse options that would be ignored: a method's setting where the method does not run,
+    accuracy options without ``--data``.
 
     Raises:
         PomtError: ``-r``/``--r-from`` with ``--method`` naming only other methods; ``--layer``
-            where POMT does not run; ``--limit`` or ``--class-order`` without ``--data``.
+            where POMT does not run; ``--tome-r``/``--topk-r`` (those of ``given_method_r``)
+            with ``--method`` leaving that method out; ``--limit`` or ``--class-order``
+            without ``--data``.
     """
     pomt_name = pomt.Pomt.name
     given_r = "-r" if r is not None else "--r-from" if r_from is not None else None
@@ -229,6 +232,10 @@ def check_options(methods: list[str], r: int | None, r_from: Path | None, layer:
     if layer is not None and (pomt_name not in methods if methods else not given_r):
         raise PomtError("--layer applies to POMT only, which this bench does not run: give -r R (or --r-from "
                         "REPORT) with it, or leave out --layer")
+    for name in given_method_r:
+        if methods and name not in methods:
+            raise PomtError(f"--{name}-r sets {name}'s r, but --method names only {', '.join(methods)}: add "
+                            f"--method {name}, or leave out --{name}-r")
     for option, value in (("--limit", limit), ("--class-order", class_order)):
         if value is not None and data is None:
             raise PomtError(f"{option} applies to the accuracy measured on --data, which is not given: add --data "
@@ -282,7 +289,10 @@ def bench(
 ) -> None:
     """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
     out.print(model_line(model))
-    check_options([m.value for m in method], r, r_from, layer, data, limit, class_order)
+    given_method_r = [name for name, param in ((tome.Tome.name, "tome_r"), (topk.Topk.name, "topk_r"))
+                      # By name: Typer may vendor click, with its own ParameterSource.
+                      if getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE"]
+    check_options([m.value for m in method], r, r_from, layer, data, limit, class_order, given_method_r)
     settings = BenchSettings(
         model=model, methods=[m.value for m in method], r=r, r_from=r_from, layer=layer,
         method_r={tome.Tome.name: tome_r, topk.Topk.name: topk_r},
