@@ -223,14 +223,20 @@ def test_demo_runs_the_pipeline_into_one_folder(demo_dir):
         for suffix in suffixes:
             assert f"{prefix}.{suffix}" in names
     report = json.loads((out / "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.json").read_text())
-    bench = [n for n in names if n.startswith("bench_digits-vit_cpu_bs1-32_float32_none_") and n.endswith(".csv")]
-    assert len(bench) == 1
+    # With R = 0 at every batch size (refine on a busy machine) bench timed the unpruned model
+    # alone (ToMe and Top-K had nothing to match); else also POMT, ToMe and Top-K.
+    alone = all(c["R"] == 0 for c in report["choices"])
+    stem = "bench_digits-vit_cpu_bs1-32_float32_none" + ("." if alone else "_")
+    bench = [n for n in names if n.startswith(stem) and n.endswith(".csv")]
+    assert len(bench) == 1, names
     # The CSV read with the parquet's types: where every choice is R = 0 (refine on a busy
     # machine), the prediction columns are all empty and would otherwise read as text.
     types = pl.read_parquet_schema(out / bench[0].replace(".csv", ".parquet"))
     frame = pl.read_csv(out / bench[0], schema_overrides=types)
     pomt_rows = frame.filter(pl.col("method") == "pomt")
     pruned = [c for c in report["choices"] if c["R"] > 0]  # R = 0 is the unpruned model, benched as none
+    assert set(frame["method"]) == ({"none"} if alone else {"none", "pomt", "tome", "topk"})
+    assert ("so ToMe and Top-K" in (out / "summary.md").read_text()) == alone
     assert pomt_rows["tokens_out"].to_list() == [65 - c["R"] for c in pruned]
     assert report["workload"] == "pomt" and report["layers"] == [0, 1, 2, 3]
     # bench ran the report's (layer, R) and predicted it as its own unpruned ms times the profile's ratio.

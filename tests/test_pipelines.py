@@ -127,7 +127,6 @@ def test_demo_estimates_accuracy_where_it_measures_latency(tmp_path, monkeypatch
     [
         (lambda: ProfileSettings(batch_size=[1, 4]), "batch_size\n  Extra inputs are not permitted"),
         (lambda: ProfileSettings(batch_sizes=[0]), "batch_sizes.0\n  Input should be greater than 0"),
-        (lambda: ProfileSettings(workload="pomt", layers=[-1]), "layers.0\n  Input should be greater than or equal to 0"),
         (lambda: ComputeRSettings(batch_size=[4]), "batch_size\n  Extra inputs are not permitted"),
         (lambda: AccuracySettings(estimate=EstimateConfig(model="digits-vit", data="digits", estimater="pomt")),
          "estimater\n  Extra inputs are not permitted"),

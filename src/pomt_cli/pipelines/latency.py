@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, PositiveInt
 
 from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
 from pomt_cli.devices.presets import DevicePreset
@@ -61,7 +61,8 @@ class ProfileSettings(RuntimeSettings):
     remeasure: int = Field(2, ge=0)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     workload: Workload = "proxy"
-    layers: list[NonNegativeInt] | None = Field(None, description="POMT's blocks with workload pomt (default [3])")
+    layers: list[int] | None = Field(None, description="POMT's blocks with workload pomt (default [3]; their range "
+                                    "is checked against the model when the profile runs)")
     threads: int | None = Field(None, ge=1)
     lock_clocks: bool = True
     output_dir: Path = Path("runs")
