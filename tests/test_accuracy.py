@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -517,6 +518,14 @@ def hub_env(tmp_path: Path) -> dict[str, str]:
     return {**env, "HF_ENDPOINT": "http://pomt-hub.invalid", "HF_HOME": str(tmp_path / "hf")}
 
 
+# timm 1.0.3 (the lowest set) fails to import the huggingface_hub that pip installs beside it
+# today: there no pretrained weights load at all (one line says so), and these tests have
+# nothing to check.
+TIMM_USES_THE_HUB = pytest.mark.skipif(not importlib.import_module("timm.models._hub")._has_hf_hub,
+                                       reason=f"timm {timm.__version__} cannot use the installed huggingface_hub")
+
+
+@TIMM_USES_THE_HUB
 def test_pretrained_weights_without_the_hub_are_one_line_at_once(tmp_path):
     # Without network the hub client retried for ~50 s and printed 22 lines before pomt's error.
     out = tmp_path / "runs"
@@ -530,6 +539,7 @@ def test_pretrained_weights_without_the_hub_are_one_line_at_once(tmp_path):
     assert "HF_HUB_OFFLINE=1" in done.stderr and "--checkpoint" in done.stderr and not out.exists()
 
 
+@TIMM_USES_THE_HUB
 def test_pretrained_weights_without_the_hub_come_from_the_cache(tmp_path):
     torch.manual_seed(1)
     cached = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
