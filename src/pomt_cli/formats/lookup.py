@@ -54,18 +54,27 @@ def _profile_file(path: Path) -> ProfileFile | None:
     return ProfileFile(path, meta, (created, mtime))
 
 
-def find_profiles(folder: str | Path, kind: str) -> list[ProfileFile]:
-    """The profiles of one kind in ``folder`` (not its subfolders), newest first.
-
-    A latency profile that was interrupted (``complete`` false) is left out: ``--resume``
-    finishes it first.
-    """
+def _profiles(folder: str | Path, kind: str) -> list[ProfileFile]:
+    """Every profile of one kind in ``folder`` (not its subfolders), interrupted ones too, newest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found = [f for path in sorted(folder.glob("*.parquet")) if (f := _profile_file(path)) is not None]
-    found = [f for f in found if f.meta.kind == kind and not f.interrupted]
-    return sorted(found, key=lambda f: f.written, reverse=True)
+    return sorted((f for f in found if f.meta.kind == kind), key=lambda f: f.written, reverse=True)
+
+
+def find_profiles(folder: str | Path, kind: str) -> list[ProfileFile]:
+    """The profiles of one kind in ``folder`` (not its subfolders), newest first.
+
+    A latency profile that was interrupted (``complete`` false) is left out: ``--resume``
+    finishes it first (:func:`interrupted_profiles` lists those).
+    """
+    return [f for f in _profiles(folder, kind) if not f.interrupted]
+
+
+def interrupted_profiles(folder: str | Path) -> list[Path]:
+    """The latency profiles in ``folder`` whose run was interrupted, newest first."""
+    return [f.path for f in _profiles(folder, "latency") if f.interrupted]
 
 
 def _listing(files: list[ProfileFile]) -> str:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.accuracy import RANDOM
-from pomt_cli.formats.latency import read_latency
-from pomt_cli.formats.lookup import find_profile_pair, find_profiles
+from pomt_cli.formats.lookup import find_profile_pair, find_profiles, interrupted_profiles
 from pomt_cli.formats.outputs import OutputSet, check_output_dir, output_stem
 from pomt_cli.formats.report import Report, write_report
 from pomt_cli.measure.runtimes import Runtime
@@ -77,14 +76,7 @@ def _refuse_interrupted_only(folder: Path) -> None:
     Raises:
         PomtError: ``folder`` holds interrupted latency profiles and no complete one.
     """
-    interrupted = []
-    for path in sorted(Path(folder).glob("*.parquet")) if Path(folder).is_dir() else []:
-        try:
-            _, meta = read_latency(path)
-        except PomtError:  # another kind of file, or damaged: not a latency profile to finish
-            continue
-        if meta.recorded("complete") is False:
-            interrupted.append(path)
+    interrupted = interrupted_profiles(folder)
     if interrupted:
         shown = ", ".join(map(str, interrupted[:2])) + (f" and {len(interrupted) - 2} more" if len(interrupted) > 2
                                                         else "")
