@@ -296,7 +296,8 @@ def test_estimate_accuracy_command(tmp_path, pomt):
     assert "65\u00d75" in done.stdout and "entering each block, then leaving the last" in " ".join(done.stdout.split())
 
 
-def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, pomt):
+def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     # The held-out digits as PNG files, digit d in folder c{d+2}: numbered naturally (c2 .. c11)
     # the folders are the digits in order; sorted by name (c10, c11, c2, ...) every label is off.
     split = digits.digits_split("test")
@@ -306,13 +307,13 @@ def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, pomt
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     base = ["estimate-accuracy", "--model", "digits-vit", "--data", str(root), "--tokens", "65:65:1"]
-    refused = pomt(*base, "--output-dir", str(tmp_path / "none"), cwd=tmp_path)
-    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    assert "--class-order name or natural" in refused.stderr and not (tmp_path / "none").exists()
+    code, _, err = run_in_process([*base, "--output-dir", str(tmp_path / "none")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--class-order name or natural" in err and not (tmp_path / "none").exists()
     accuracy = {}
     for order in ("natural", "name"):
-        done = pomt(*base, "--class-order", order, "--output-dir", str(tmp_path / order), cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
+        code, _, err = run_in_process([*base, "--class-order", order, "--output-dir", str(tmp_path / order)], capsys)
+        assert code == 0, err
         (parquet,) = (tmp_path / order).glob("accuracy_*.parquet")
         frame, meta = read_accuracy(parquet)
         assert f"--class-order {order}" in meta.command
@@ -321,11 +322,12 @@ def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, pomt
     # bench's accuracy reads the folder the same way.
     bench = ["bench", "--model", "digits-vit", "--device", "cpu", "--method", "none", "--data", str(root),
              "--budget", "0.05", "--rounds", "1", "--no-lock-clocks"]
-    refused = pomt(*bench, "--output-dir", str(tmp_path / "bench-none"), cwd=tmp_path)
-    assert refused.returncode == 2 and "--class-order name or natural" in refused.stderr
+    code, _, err = run_in_process([*bench, "--output-dir", str(tmp_path / "bench-none")], capsys)
+    assert code == 2 and "--class-order name or natural" in err
     assert not (tmp_path / "bench-none").exists()
-    done = pomt(*bench, "--class-order", "natural", "--output-dir", str(tmp_path / "bench"), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    code, _, err = run_in_process([*bench, "--class-order", "natural", "--output-dir", str(tmp_path / "bench")],
+                                  capsys)
+    assert code == 0, err
     (parquet,) = (tmp_path / "bench").glob("bench_*.parquet")
     assert pl.read_parquet(parquet)["accuracy"].item() >= 90.0
 
@@ -343,14 +345,25 @@ def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, pomt
         (["--checkpoint", "NOFILE.safetensors"], "NOFILE"),
     ],
 )
-def test_bad_input_is_a_one_line_error(tmp_path, pomt, args, message):
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs"
     base = ["estimate-accuracy", "--model", "digits-vit", "--data", "digits", "--output-dir", str(out)]
-    done = pomt(*base, *args, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error:") and message in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    code, _, err = run_in_process([*base, *args], capsys)
+    assert code == 2, err
+    assert err.startswith("error:") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_bad_input_in_a_subprocess_is_one_line_too(tmp_path, pomt):
+    # The cases above run in this process; one runs as the user runs it.
+    out = tmp_path / "runs"
+    done = pomt("estimate-accuracy", "--model", "digits-vit", "--data", "digits", "--tokens", "65:0:5",
+                "--output-dir", str(out), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error:") and "STOP 0 must exceed" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.parametrize("command", [
@@ -367,12 +380,13 @@ def test_an_empty_data_option_is_refused(tmp_path, capsys, monkeypatch, command)
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_class_count_mismatch(tmp_path, pomt):
+def test_class_count_mismatch(tmp_path, capsys):
     root = image_folder(tmp_path / "val", {"a": 2, "b": 2}, size=(8, 8))
-    done = pomt("estimate-accuracy", "--model", "digits-vit", "--data", str(root), "--output-dir", str(tmp_path / "o"))
-    assert done.returncode == 2, done.stderr
-    assert done.stderr == (f"error: the model's head has 10 classes but --data {root} has 2: give a checkpoint "
-                           "trained on these classes, or a data set with one folder per model class\n")
+    code, _, err = run_in_process(["estimate-accuracy", "--model", "digits-vit", "--data", str(root),
+                                   "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2, err
+    assert err == (f"error: the model's head has 10 classes but --data {root} has 2: give a checkpoint "
+                   "trained on these classes, or a data set with one folder per model class\n")
     assert not (tmp_path / "o").exists()
 
 

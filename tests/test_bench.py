@@ -192,18 +192,30 @@ def test_bench_command_with_accuracy_on_digits(tmp_path, pomt):
         (["-r", "5", "--class-order", "name"], "--class-order applies to the accuracy measured on --data"),
     ],
 )
-def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, pomt, args, message):
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs"
-    done = pomt("bench", "--model", "digits-vit", "--no-lock-clocks", "--output-dir", str(out), *args, cwd=tmp_path)
+    code, _, err = run_in_process(["bench", "--model", "digits-vit", "--no-lock-clocks", "--output-dir", str(out),
+                                   *args], capsys)
+    assert code == 2, err
+    assert err.startswith("error:") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_bad_input_in_a_subprocess_is_one_line_too(tmp_path, pomt):
+    # The cases above run in this process; one runs as the user runs it.
+    out = tmp_path / "runs"
+    done = pomt("bench", "--model", "digits-vit", "--no-lock-clocks", "--output-dir", str(out), "--method", "pomt",
+                "-r", "70", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error:") and message in done.stderr, done.stderr
+    assert done.stderr.startswith("error:") and "r=70 is too large" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_random_weights_with_data_are_refused(tmp_path, pomt):
-    done = pomt("bench", "--model", "deit_tiny_patch16_224", "-r", "5", "--data", "digits",
-                "--output-dir", str(tmp_path / "o"))
-    assert done.returncode == 2 and "random weights" in done.stderr
+def test_random_weights_with_data_are_refused(tmp_path, capsys):
+    code, _, err = run_in_process(["bench", "--model", "deit_tiny_patch16_224", "-r", "5", "--data", "digits",
+                                   "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "random weights" in err and not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
@@ -350,24 +362,25 @@ def test_slower_than_none_needs_the_intervals_apart_not_only_the_medians():
     assert slower_than_none(none, none) is None
 
 
-def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, pomt, demo_dir):
+def test_r_from_a_report_of_another_model_or_batch_size_is_refused(tmp_path, capsys, demo_dir):
     path = demo_dir / "compute_r_digits-vit_cpu_bs1-32_float32_pomt-layers0-1-2-3.json"
-    other = pomt("bench", "--model", "deit_tiny_patch16_224", "--r-from", str(path), "--output-dir", str(tmp_path / "o"))
-    assert other.returncode == 2 and "computed for digits-vit, not deit_tiny_patch16_224" in other.stderr
-    batch = pomt("bench", "--model", "digits-vit", "--r-from", str(path), "--batch-size", "4",
-                 "--output-dir", str(tmp_path / "o"))
-    assert batch.returncode == 2 and "gives R for batch size(s) 1, 32, not for 4" in batch.stderr
+    out = ["--output-dir", str(tmp_path / "o")]
+    code, _, err = run_in_process(["bench", "--model", "deit_tiny_patch16_224", "--r-from", str(path), *out], capsys)
+    assert code == 2 and "computed for digits-vit, not deit_tiny_patch16_224" in err
+    code, _, err = run_in_process(["bench", "--model", "digits-vit", "--r-from", str(path), "--batch-size", "4", *out],
+                                  capsys)
+    assert code == 2 and "gives R for batch size(s) 1, 32, not for 4" in err
     data = json.loads(path.read_text())
     data["choices"][0]["layer"] = 9
     (tmp_path / "deeper.json").write_text(json.dumps(data))
-    deeper = pomt("bench", "--model", "digits-vit", "--r-from", str(tmp_path / "deeper.json"),
-                  "--output-dir", str(tmp_path / "o"))
-    assert deeper.returncode == 2 and len(deeper.stderr.strip().splitlines()) == 1
-    assert "chose layer 9 at batch 1, but digits-vit has 4 blocks (layer 0..3)" in deeper.stderr
+    code, _, err = run_in_process(["bench", "--model", "digits-vit", "--r-from", str(tmp_path / "deeper.json"), *out],
+                                  capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "chose layer 9 at batch 1, but digits-vit has 4 blocks (layer 0..3)" in err
     other_layer = 0 if data["choices"][1]["layer"] != 0 else 1
-    conflict = pomt("bench", "--model", "digits-vit", "--r-from", str(path), "--layer", str(other_layer),
-                    "--output-dir", str(tmp_path / "o"))
-    assert conflict.returncode == 2 and f"--layer {other_layer} contradicts --r-from" in conflict.stderr
+    code, _, err = run_in_process(["bench", "--model", "digits-vit", "--r-from", str(path), "--layer",
+                                   str(other_layer), *out], capsys)
+    assert code == 2 and f"--layer {other_layer} contradicts --r-from" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -59,49 +59,57 @@ def test_a_bad_choice_fails_at_parse_time_in_one_line(args, option, capsys):
     assert "is not one of" in err and f"`pomt {args[0]} --help`" in err
 
 
-def test_profile_help_lists_the_presets_and_the_choices():
+def _help(capsys, monkeypatch, *args: str, columns: int = 200) -> str:
+    """``pomt ARGS --help`` in this process at COLUMNS wide (help wraps to the terminal's width)."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, err = run_in_process([*args, "--help"], capsys)
+    assert code == 0, err
+    return out
+
+
+def test_profile_help_lists_the_presets_and_the_choices(capsys, monkeypatch):
     from pomt_cli.devices.presets import preset_names
 
-    env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
-    done = subprocess.run([sys.executable, "-m", "pomt_cli", "profile", "--help"], capture_output=True, text=True,
-                          env=env)
-    assert done.returncode == 0, done.stderr
-    text = " ".join(done.stdout.replace("\u2502", " ").split())
+    monkeypatch.setenv("TERM", "dumb")
+    text = " ".join(_help(capsys, monkeypatch, "profile").replace("\u2502", " ").split())
     assert f"({', '.join(preset_names())})" in text, text
     assert "proxy|pomt" in text and "float32|float16|bfloat16" in text, text
-    done = subprocess.run([sys.executable, "-m", "pomt_cli", "bench", "--help"], capture_output=True, text=True,
-                          env=env)
-    assert "none|pomt|tome|topk" in " ".join(done.stdout.replace("\u2502", " ").split()), done.stdout
+    text = " ".join(_help(capsys, monkeypatch, "bench").replace("\u2502", " ").split())
+    assert "none|pomt|tome|topk" in text, text
 
 
-def _help(*args: str) -> str:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "pomt_cli", *args, "--help"], capture_output=True, text=True,
-                          env=env, check=True).stdout
-
-
-def test_help_names_the_default_model_and_no_bool_after_version():
-    assert DEFAULT_MODEL in _help("profile") and DEFAULT_MODEL in _help("bench")
-    line = next(line for line in _help().splitlines() if "--version" in line)
+def test_help_names_the_default_model_and_no_bool_after_version(capsys, monkeypatch):
+    for command in ("profile", "bench"):
+        assert DEFAULT_MODEL in _help(capsys, monkeypatch, command)
+    line = next(line for line in _help(capsys, monkeypatch).splitlines() if "--version" in line)
     assert "<bool>" not in line and "Print the version" in line
-    assert "--install-completion" in _help()
+    assert "--install-completion" in _help(capsys, monkeypatch)
+
+
+def check_help_at_80_columns(command: str, text: str) -> None:
+    lines = text.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, text
+    assert "\u2026" not in text and "<bool>" not in text, text
+    # Typer before 0.22 escaped the brackets it adds ("\\[default: 3]") where markup is off.
+    assert "\\[" not in text, text
+    assert not [line for line in lines if line.rstrip().endswith("...") and not line.startswith("Usage:")], text
+    if command in ("profile", "bench", "estimate-accuracy", "export"):
+        assert DEFAULT_MODEL in text, text
 
 
 @pytest.mark.parametrize("command", ["", "profile", "estimate-accuracy", "compute-r", "refine", "bench", "demo", "export",
                                      "clocks", "clocks status", "clocks lock", "clocks restore"])
-def test_help_reads_whole_at_80_columns(command):
+def test_help_reads_whole_at_80_columns(command, capsys, monkeypatch):
+    check_help_at_80_columns(command, _help(capsys, monkeypatch, *command.split(), columns=80))
+
+
+def test_help_in_a_terminal_process_of_80_columns_reads_whole():
+    # The cases above run in this process; this one as the user runs it.
     env = {**os.environ, "COLUMNS": "80"}
-    done = subprocess.run([sys.executable, "-m", "pomt_cli", *command.split(), "--help"], capture_output=True,
-                          text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "pomt_cli", "bench", "--help"], capture_output=True, text=True,
+                          env=env)
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert lines and max(len(line) for line in lines) <= 80, done.stdout
-    assert "\u2026" not in done.stdout and "<bool>" not in done.stdout, done.stdout
-    # Typer before 0.22 escaped the brackets it adds ("\\[default: 3]") where markup is off.
-    assert "\\[" not in done.stdout, done.stdout
-    assert not [line for line in lines if line.rstrip().endswith("...") and not line.startswith("Usage:")], done.stdout
-    if command in ("profile", "bench", "estimate-accuracy", "export"):
-        assert DEFAULT_MODEL in done.stdout, done.stdout
+    check_help_at_80_columns("bench", done.stdout)
 
 
 def test_show_completion_prints_the_script_for_a_named_shell():
