@@ -270,11 +270,16 @@ def _curve(step_at: int, scale: float = 1.0) -> dict[int, float]:
     return {n: scale * (5.0 + 0.1 * n - (1.0 if n <= step_at else 0.0)) for n in range(40, 7, -4)}
 
 
+def _write(path: Path, curves: dict[int, dict[int, float]], **meta) -> Path:
+    """A float32 latency profile of :func:`_curve`'s curves, for a model of 40 tokens."""
+    return write_latency(path, curves, dtype="float32", num_tokens=40, **meta)
+
+
 def test_compare_profiles_of_two_runs_gives_their_agreement_and_steps(tmp_path, capsys):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-    one = write_latency(tmp_path / "a" / "latency.parquet", {1: _curve(24)}, dtype="float32")
-    two = write_latency(tmp_path / "b" / "latency.parquet", {1: _curve(24, 1.02)}, dtype="float32")
+    one = _write(tmp_path / "a" / "latency.parquet", {1: _curve(24)})
+    two = _write(tmp_path / "b" / "latency.parquet", {1: _curve(24, 1.02)})
     code, out, _ = _compare([one, two], capsys)
     assert code == 0
     flat = " ".join(out.replace("\u2502", " ").split())
@@ -284,8 +289,7 @@ def test_compare_profiles_of_two_runs_gives_their_agreement_and_steps(tmp_path, 
 
 
 def test_compare_profiles_of_three_runtimes_says_where_their_steps_differ(tmp_path, capsys):
-    paths = [write_latency(tmp_path / f"{runtime}.parquet", {1: _curve(step), 4: _curve(24, 4.0)}, dtype="float32",
-                           runtime=runtime)
+    paths = [_write(tmp_path / f"{runtime}.parquet", {1: _curve(step), 4: _curve(24, 4.0)}, runtime=runtime)
              for runtime, step in (("eager", 24), ("onnxruntime", 16), ("compile", 24))]
     code, out, _ = _compare(paths, capsys)
     assert code == 0
@@ -296,7 +300,7 @@ def test_compare_profiles_of_three_runtimes_says_where_their_steps_differ(tmp_pa
             "eager, compile); compile 28\u219224 \u221218% (not in onnxruntime)") in flat
     assert "batch 4: the same steps in every profile" in flat
     # Profiles of another grid are refused in one line.
-    other = write_latency(tmp_path / "other.parquet", {1: {40: 9.0, 36: 8.6, 30: 8.0}}, dtype="float32")
+    other = _write(tmp_path / "other.parquet", {1: {40: 9.0, 36: 8.6, 30: 8.0}})
     code, _, err = _compare([paths[0], other], capsys)
     assert code == 2 and "on another grid" in err and len(err.strip().splitlines()) == 1
 

@@ -184,6 +184,12 @@ def test_refine_refuses_a_report_of_another_model_than_its_latency_profile(tmp_p
     ({"batch_sizes": [7]}, r"has batch sizes 1, 4 in its rows, but its metadata lists 7"),
     ({"batch_sizes": []}, r"has batch sizes 1, 4 in its rows, but its metadata lists none"),
     ({"batch_sizes": [1, 4, 8]}, r"has batch sizes 1, 4 in its rows, but its metadata lists 1, 4, 8"),
+    # Token counts beyond the model's, or rows the grid does not list.
+    ({"num_tokens": 15}, r"grid holds n = 17, outside 2\.\.15 \(the model's 15 tokens, 1 of them prefix\)"),
+    ({"grid": [17, 15, 40]}, r"grid holds n = 40, outside 2\.\.17"),
+    ({"grid": [17, 15, 13]}, r"has rows at n = 3, 5, 7 and 2 more, which its grid \(3 points from 17 to 13\) does "
+                             r"not list: is it damaged\?"),
+    ({"grid": []}, r"has rows at n = 3, 5, 7 and 5 more, which its grid \(empty\) does not list"),
 ])
 def test_latency_metadata_that_contradicts_the_rows_is_damage(tmp_path, meta, message):
     lat = rewrite(write_latency(tmp_path / "lat.parquet"), **meta)
@@ -202,6 +208,17 @@ def test_an_interrupted_profile_may_lack_listed_batch_sizes_and_layers(tmp_path)
     rewrite(lat, batch_sizes=[4, 1], layers=[5])
     with pytest.raises(PomtError, match="has layers 0, 2 in its rows, but its metadata lists 5"):
         read_latency(lat)
+
+
+def test_accuracy_rows_must_lie_on_the_grid_within_the_models_tokens(tmp_path):
+    acc = write_accuracy(tmp_path / "acc.parquet")
+    rewrite(acc, grid=[17, 16])
+    with pytest.raises(PomtError, match=r"has rows at n = 2, 3, 4 and 11 more, which its grid \(2 points from 17 "
+                       r"to 16\) does not list"):
+        read_accuracy(acc)
+    rewrite(acc, num_tokens=9, grid=list(range(17, 1, -1)))
+    with pytest.raises(PomtError, match=r"grid holds n = 17, outside 2\.\.9 .*write it again with pomt"):
+        read_accuracy(acc)
 
 
 def test_accuracy_layers_must_be_the_metadatas(tmp_path):

@@ -96,6 +96,10 @@ class ProfileMeta(BaseModel):
     def _prefix_below_tokens(self) -> ProfileMeta:
         if self.num_prefix >= self.num_tokens:
             raise ValueError(f"num_prefix {self.num_prefix} is not below num_tokens {self.num_tokens}")
+        outside = [n for n in self.grid if not self.num_prefix < n <= self.num_tokens]
+        if outside:
+            raise ValueError(f"grid holds n = {outside[0]}, outside {self.num_prefix + 1}..{self.num_tokens} "
+                             f"(the model's {self.num_tokens} tokens, {self.num_prefix} of them prefix)")
         return self
 
     def recorded(self, field: str) -> object:
@@ -103,11 +107,18 @@ class ProfileMeta(BaseModel):
         return getattr(self, field) if field in self.model_fields_set else None
 
     def check_rows(self, path: Path, frame: pl.DataFrame) -> None:
-        """Check that the rows agree with the metadata; the kinds check their batch sizes and layers.
+        """Check that the rows' token counts are the grid's (within the model's tokens, as the
+        metadata's validation checks); the kinds check also their batch sizes and layers.
 
         Raises:
             PomtError: one line naming the file, the column and what the metadata says.
         """
+        extra = sorted(set(frame["tokens"].to_list()) - set(self.grid))
+        if extra:
+            shown = ", ".join(map(str, extra[:3])) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            grid = f"{len(self.grid)} points from {max(self.grid)} to {min(self.grid)}" if self.grid else "empty"
+            raise PomtError(f"{path} has rows at n = {shown}, which its grid ({grid}) does not list: is it "
+                            "damaged? write it again with pomt")
 
 
 def check_listed(path: Path, column: str, found: set, listed: list | None, whole: bool) -> None:
