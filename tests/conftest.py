@@ -21,22 +21,12 @@ from pomt_cli import versions
 from pomt_cli.formats.common import ProfileMeta, write_profile
 from pomt_cli.measure.runtimes import Runtime
 
-# The tests run in pytest-xdist's workers, one per core (pyproject.toml: -n auto): each worker
-# computes with its share of the cores (at most two threads), so that they do not oversubscribe
-# the machine. The commands that tests start as processes use torch's own default.
+# The tests run in pytest-xdist's workers, one per core, each test file in one worker, so that
+# a module's fixtures are made once (pyproject.toml: -n auto --dist loadfile). Each worker
+# computes with its share of the cores (at most two threads), so that the workers do not
+# oversubscribe the machine. The commands that tests start as processes use torch's default.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads(), (os.cpu_count() or 1) // _workers)))
-
-#: Module-scoped fixtures that take seconds (a demo, a bench, a profile): the tests that use one
-#: run in one worker, so that it is made once (pyproject.toml: --dist loadgroup).
-SHARED_FIXTURES = ("demo_dir", "digits_run", "bench_file", "several", "digits_report", "h200_model")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))
 
 
 def needs(feature: versions.Feature) -> pytest.MarkDecorator:
