@@ -21,9 +21,12 @@ import pomt_cli
 PACKAGE = Path(pomt_cli.__file__).parent
 
 #: The layers, lowest first; a module may import its own layer and the layers below.
-#: ``options`` parses option values that the library shares (dtypes, token grids).
+#: ``options`` parses option values that the library shares (dtypes, token grids);
+#: ``names`` and ``defaults`` hold what ``--help`` shows, in the standard library alone, for
+#: every layer above to import.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("pomt_cli", "pomt_cli.errors", "pomt_cli.versions", "pomt_cli.pruning")),
+    ("core", ("pomt_cli", "pomt_cli.errors", "pomt_cli.versions", "pomt_cli.names", "pomt_cli.defaults",
+              "pomt_cli.pruning")),
     ("formats", ("pomt_cli.formats",)),
     ("models", ("pomt_cli.models", "pomt_cli.digits", "pomt_cli.options")),
     ("library", ("pomt_cli.selection", "pomt_cli.accuracy", "pomt_cli.measure", "pomt_cli.devices",

@@ -1,4 +1,11 @@
-"""The one exception type that reaches the user as a one-line message with exit code 2."""
+"""The one exception type that reaches the user as a one-line message with exit code 2.
+
+:func:`describe_os_error` makes that line for an ``OSError`` (a full disk, a name too long).
+"""
+
+from __future__ import annotations
+
+import os
 
 
 class PomtError(Exception):
@@ -16,3 +23,14 @@ class PruningError(PomtError, ValueError):
 
     Also a ``ValueError``, as these errors were before this class existed.
     """
+
+
+def describe_os_error(exc: OSError, what: str = "") -> str:
+    """One line naming the path and the cause: ``cannot write runs/x.parquet: No space left on device``."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None:
+        target = os.fsdecode(exc.filename)
+        if exc.filename2 is not None:
+            target += f" -> {os.fsdecode(exc.filename2)}"
+        return f"{what or 'cannot use'} {target}: {cause}"
+    return f"{what}: {cause}" if what else cause

@@ -19,20 +19,18 @@ import timm
 import torch
 from torch import nn
 
-from pomt_cli import digits
+from pomt_cli import defaults, digits
+from pomt_cli.defaults import DEFAULT_MODEL
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import pomt_file_kind
 from pomt_cli.pruning.geometry import TokenGeometry, geometry
 
 WeightsSource = Literal["pretrained", "checkpoint", "bundled", "random"]
 
+#: The help of every ``--model`` option (defined in :mod:`pomt_cli.defaults`, which ``--help`` reads without timm).
+MODEL_HELP = defaults.MODEL_HELP
 #: Seconds the look-up of the hub's host may take before the hub counts as unreachable.
 HUB_LOOKUP_S = 3.0
-
-#: The paper's model: what ``--model`` means when it is left out.
-DEFAULT_MODEL = "deit_small_patch16_224"
-#: The help of every ``--model`` option (the default named once, where it wraps at 80 columns).
-MODEL_HELP = f"timm model name, or digits-vit (bundled, trained). Default: {DEFAULT_MODEL}, the paper's."
 
 
 def model_line(name: str) -> str:

@@ -1,40 +1,50 @@
-"""Typed values shared by the library's settings: dtypes, kept-token ranges, layer checks."""
+"""Typed values shared by the library's settings: dtypes, kept-token ranges, layer checks.
+
+Standard library only (a dtype's torch type is looked up when it is asked for), so that
+the command line's options use these types without importing torch or pydantic.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
-
-import torch
-from pydantic import BaseModel, ConfigDict
+from typing import TYPE_CHECKING, Any
 
 from pomt_cli.errors import PomtError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+if TYPE_CHECKING:
+    from torch import dtype as TorchDtype
+
 #: The largest --seed: seeds are combined with token counts into torch's 64-bit seeds.
 SEED_MAX = 2**32 - 1
 
 
 class Dtype(str, Enum):
-    """The floating-point types a model runs in."""
+    """The floating-point types a model runs in, each named as torch names it."""
 
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
 
     @property
-    def torch(self) -> torch.dtype:
-        return DTYPES[self.value]
+    def torch(self) -> TorchDtype:
+        """The torch dtype of this name (torch is imported here, when a model is about to run)."""
+        import torch as torch_module
+
+        return getattr(torch_module, self.value)
 
 
-class TokenRange(BaseModel):
+def __getattr__(name: str) -> Any:
+    """``DTYPES``, each dtype's name -> its torch dtype, made when first asked for (it imports torch)."""
+    if name == "DTYPES":
+        return {d.value: d.torch for d in Dtype}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class TokenRange:
     """A grid of kept-token counts ``START:STOP:STRIDE``, both ends inclusive, running downwards."""
-
-    model_config = ConfigDict(frozen=True)
 
     start: int
     stop: int

@@ -45,6 +45,7 @@ from pathlib import Path
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pomt_cli.defaults import DEFAULT_ALPHA, REFINE_CANDIDATES
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import GEOMETRY_FIELDS
 from pomt_cli.formats.accuracy import AccuracyMeta, read_accuracy
@@ -52,7 +53,6 @@ from pomt_cli.formats.latency import LatencyMeta, read_latency
 from pomt_cli.formats.report import Choice, Criterion, ProfileInput, Report, sha256_file
 from pomt_cli.measure.steps import VISITS_AGREE, visit_spread
 
-DEFAULT_ALPHA = 0.5
 #: Candidates listed per batch size.
 TOP_CANDIDATES = 10
 #: Utilities closer than this count as a tie (broken towards the larger n).
@@ -528,10 +528,6 @@ def compute_r(
 
 # Refining a choice (``pomt refine``): the candidates measured again side by side, and the
 # choice made again among them.
-
-#: Pruned candidates per batch size that ``pomt refine`` measures again by default.
-REFINE_CANDIDATES = 3
-
 
 def refine_candidates(curve: pl.DataFrame, settings: SelectionSettings, batch_size: int,
                       count: int = REFINE_CANDIDATES) -> pl.DataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 import re
 import shlex
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from pomt_cli.devices.bundled import bundled_dir, preset_names
 from pomt_cli.errors import PomtError
 
 if sys.version_info >= (3, 11):
@@ -111,15 +111,6 @@ class DevicePreset(BaseModel):
         return shlex.quote(self._device_arg or self.name)
 
 
-def _builtin_dir() -> Path:
-    return Path(str(importlib.resources.files("pomt_cli") / "configs" / "devices"))
-
-
-def preset_names() -> list[str]:
-    """Names of the bundled presets, sorted."""
-    return sorted(p.stem for p in _builtin_dir().glob("*.toml"))
-
-
 def load_preset(name_or_path: str | Path) -> DevicePreset:
     """A bundled preset by name (``orin``, ``h100``...) or a preset from a TOML file.
 
@@ -130,7 +121,7 @@ def load_preset(name_or_path: str | Path) -> DevicePreset:
     text = str(name_or_path)
     path = Path(text)
     if not (text.endswith(".toml") or os.sep in text or path.is_file()):
-        path = _builtin_dir() / f"{text}.toml"
+        path = bundled_dir() / f"{text}.toml"
         if not path.is_file():
             raise PomtError(
                 f"unknown device {text!r}: use one of {', '.join(preset_names())} or the path of a .toml preset"
@@ -155,7 +146,7 @@ def load_preset(name_or_path: str | Path) -> DevicePreset:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "file"
         raise PomtError(f"device preset {path} is invalid at {where}: {first['msg']}") from None
-    if path.parent != _builtin_dir():
+    if path.parent != bundled_dir():
         preset._device_arg = text
     return preset
 

@@ -10,13 +10,10 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from pomt_cli.formats.common import ProfileMeta, check_listed, read_checked
 from pomt_cli.formats.outputs import output_stem
+from pomt_cli.names import RANDOM
 from pomt_cli.pruning import method_names
 from pomt_cli.pruning.registry import Method
 from pomt_cli.pruning.registry import get as get_method
-
-
-#: The paper's estimate, which is no pruning method: random tokens kept from the start.
-RANDOM = "random"
 
 
 def estimators() -> tuple[str, ...]:

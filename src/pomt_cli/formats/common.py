@@ -6,10 +6,7 @@ import datetime as _dt
 import json
 import math
 import platform
-import shlex
-import sys
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Literal, TypeVar
 
 import polars as pl
@@ -19,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pomt_cli import __version__
 from pomt_cli.errors import PomtError
+from pomt_cli.formats.command import command_line
 from pomt_cli.formats.outputs import atomic_output
 
 
@@ -61,11 +59,6 @@ def newer_version(data: dict, current: int) -> int | None:
     """
     version = data.get("format_version")
     return version if type(version) is int and version > current else None
-
-
-def command_line(args: Sequence[str] | None = None) -> str:
-    """``pomt ARGS`` as a shell would read it (default: this process's arguments)."""
-    return shlex.join(["pomt", *(sys.argv[1:] if args is None else args)])
 
 
 class ProfileMeta(BaseModel):

@@ -26,9 +26,13 @@ from pathlib import Path
 
 import polars as pl
 
+from pomt_cli import errors
 from pomt_cli.errors import PomtError
 
 KINDS = ("latency", "accuracy", "compute_r", "bench", "demo")
+#: One line naming an OSError's path and cause (defined in :mod:`pomt_cli.errors`, which the command line
+#: imports without polars).
+describe_os_error = errors.describe_os_error
 
 
 def _slug(text: str) -> str:
@@ -52,17 +56,6 @@ def file_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
-
-
-def describe_os_error(exc: OSError, what: str = "") -> str:
-    """One line naming the path and the cause: ``cannot write runs/x.parquet: No space left on device``."""
-    cause = exc.strerror or str(exc) or type(exc).__name__
-    if exc.filename is not None:
-        target = os.fsdecode(exc.filename)
-        if exc.filename2 is not None:
-            target += f" -> {os.fsdecode(exc.filename2)}"
-        return f"{what or 'cannot use'} {target}: {cause}"
-    return f"{what}: {cause}" if what else cause
 
 
 def output_stem(

@@ -45,7 +45,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +55,10 @@ from pomt_cli import versions
 from pomt_cli.errors import PomtError
 from pomt_cli.export import TOLERANCE, difference, export_graph, require_onnx
 from pomt_cli.models import state_dict_sha256
+from pomt_cli.names import PROVIDER_ALIASES, Runtime
 from pomt_cli.formats.outputs import OutputSet
 from pomt_cli.pruning.geometry import forward_kept, model_name
 
-
-class Runtime(str, Enum):
-    """What runs the forward pass that is timed."""
-
-    eager = "eager"
-    compile = "compile"
-    onnxruntime = "onnxruntime"
-
-
-#: Short names accepted by ``--ort-providers``.
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                    "tensorrt": "TensorrtExecutionProvider"}
 
 #: Providers that run on a CUDA device (their input and output live in its memory).
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")

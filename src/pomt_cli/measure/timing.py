@@ -38,13 +38,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pomt_cli.defaults import MAX_SAMPLES
+
 Status = Literal["ok", "budget", "oom"]
 Mode = Literal["eager", "cuda_graph"]
 
 #: The most calls timed between two synchronisations on CUDA.
 MAX_CHUNK = 256
-#: The most timed calls of one measurement (``--min-samples`` takes at most this).
-MAX_SAMPLES = 10_000
 
 
 @dataclass(frozen=True)

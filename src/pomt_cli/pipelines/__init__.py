@@ -15,10 +15,11 @@ One module per pipeline, named for what it makes (the function is the command's 
 share. Every name is imported from here.
 """
 
+from pomt_cli.defaults import BUDGET_S, ROUND_BUDGET_S, ROUNDS
 from pomt_cli.pipelines.accuracy import AccuracyResult, AccuracySettings, estimate_accuracy
 from pomt_cli.pipelines.benchmark import BenchResult, BenchSettings, bench
 from pomt_cli.pipelines.choice import ComputeRResult, ComputeRSettings, compute_r
-from pomt_cli.pipelines.common import BUDGET_S, DEFAULT_LAYER, ROUND_BUDGET_S, ROUNDS, Reporter
+from pomt_cli.pipelines.common import DEFAULT_LAYER, Reporter
 from pomt_cli.pipelines.demonstration import (
     DEMO_BATCH_SIZES,
     DEMO_BUDGET_S,

@@ -22,6 +22,7 @@ from pomt_cli.bench import (
     runtimes_frame,
     time_runtimes,
 )
+from pomt_cli.defaults import ROUND_BUDGET_S, ROUNDS
 from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
 from pomt_cli.devices.torch_device import device_name, set_cpu_threads
 from pomt_cli.errors import PomtError
@@ -33,8 +34,6 @@ from pomt_cli.models import DEFAULT_MODEL, create_model, state_dict_sha256, vit_
 from pomt_cli.options import SEED_MAX, Dtype
 from pomt_cli.pipelines.common import (
     DEFAULT_LAYER,
-    ROUND_BUDGET_S,
-    ROUNDS,
     SILENT,
     Reporter,
     RuntimeSettings,

@@ -1,6 +1,7 @@
 """What the pipelines share: the :class:`Reporter`, the settings every command takes, clock helpers.
 
-``BUDGET_S`` and ``DEFAULT_LAYER`` are the defaults that several commands share.
+``DEFAULT_LAYER`` is POMT's block where nothing gives one; the defaults that ``--help`` shows
+(``BUDGET_S``, ``ROUNDS``...) are :mod:`pomt_cli.defaults`'s.
 """
 
 from __future__ import annotations
@@ -21,14 +22,6 @@ from pomt_cli.formats.latency import ClockState
 from pomt_cli.measure.grid import GridProgress
 from pomt_cli.measure.runtimes import Runtime, RuntimeOptions, check_runtime, runtime_info
 
-#: Seconds of timing per grid point at most (profile).
-BUDGET_S = 1.0
-#: Interleaved rounds of refine and bench, and their seconds of timing per setting and
-#: round at most. Six rounds of half a second give the interval of a ratio from the rounds
-#: (:mod:`pomt_cli.measure.ratio`) about half the width of three rounds of a second, in
-#: the same time (scripts/stats_check.py, table 5).
-ROUNDS = 6
-ROUND_BUDGET_S = 0.5
 #: POMT's pruning block when neither the settings nor a report give one.
 DEFAULT_LAYER = 3
 

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from pomt_cli import digits
 from pomt_cli.accuracy.evaluate import EstimateConfig
+from pomt_cli.defaults import DEMO_BUDGET_S, ROUNDS
 from pomt_cli.devices.presets import default_preset_name, load_preset
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.outputs import check_output_dir, write_set
@@ -23,7 +24,7 @@ from pomt_cli.options import TokenRange
 from pomt_cli.pipelines.accuracy import AccuracyResult, AccuracySettings, estimate_accuracy
 from pomt_cli.pipelines.benchmark import BenchResult, BenchSettings, bench
 from pomt_cli.pipelines.choice import ComputeRResult, ComputeRSettings, compute_r
-from pomt_cli.pipelines.common import ROUNDS, SILENT, Reporter, Settings
+from pomt_cli.pipelines.common import SILENT, Reporter, Settings
 from pomt_cli.pipelines.latency import ProfileResult, ProfileSettings, profile
 from pomt_cli.pipelines.refinement import RefineResult, RefineSettings, refine
 from pomt_cli.pruning import method_names
@@ -37,9 +38,6 @@ DEMO_BATCH_SIZES = [1, 32]
 DEMO_LAYERS = list(range(digits.ARCHITECTURE["depth"]))
 #: The kept-token grid of both profiles: N = 65 down to 5 in steps of 4 (16 points per curve).
 DEMO_TOKENS = TokenRange(start=65, stop=5, stride=4)
-#: Seconds per profile point in the demo (refine: twice as long per setting and round; bench: four times
-#: as long per method and round).
-DEMO_BUDGET_S = 0.25
 #: What the summary's comparison says when R = 0 at every batch size.
 LEFT_OUT = ("R = 0 at every batch size: POMT prunes nothing here, so ToMe and Top-K, which the demo sets to "
             "remove about as many tokens as POMT, are left out; bench timed the unpruned model alone.")

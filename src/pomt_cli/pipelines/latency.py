@@ -17,13 +17,13 @@ from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import write_profile
 from pomt_cli.formats.latency import ClockState, LatencyMeta, Workload, resume_rows
 from pomt_cli.formats.outputs import OutputSet, output_stem, write_error
+from pomt_cli.defaults import BUDGET_S
 from pomt_cli.measure.grid import GridProgress, LatencySettings
 from pomt_cli.measure.steps import cut_steps, find_curve_steps
 from pomt_cli.measure.workload import check_workload, profile_latency
 from pomt_cli.models import DEFAULT_MODEL, create_model, vit_geometry
 from pomt_cli.options import DTYPES, SEED_MAX, Dtype, TokenRange, check_layers, token_grid
 from pomt_cli.pipelines.common import (
-    BUDGET_S,
     DEFAULT_LAYER,
     SILENT,
     Reporter,

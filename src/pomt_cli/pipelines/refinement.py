@@ -11,6 +11,7 @@ import torch
 from pydantic import Field
 
 from pomt_cli.bench import BASELINE, BenchTiming, fit_settings, time_methods
+from pomt_cli.defaults import ROUND_BUDGET_S, ROUNDS
 from pomt_cli.devices.clocks import ClockRestoreError, locked_clocks
 from pomt_cli.devices.torch_device import set_cpu_threads
 from pomt_cli.errors import PomtError
@@ -34,8 +35,6 @@ from pomt_cli.models import create_model
 from pomt_cli.options import SEED_MAX, Dtype
 from pomt_cli.pipelines.choice import plot_title
 from pomt_cli.pipelines.common import (
-    ROUND_BUDGET_S,
-    ROUNDS,
     SILENT,
     Reporter,
     RuntimeSettings,
