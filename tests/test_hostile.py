@@ -459,5 +459,5 @@ def test_the_accuracy_summary_spreads_over_a_coarse_grid(monkeypatch):
                               "accuracy": [90.0, 80.0, 10.0], "top5": [99.0, 95.0, 50.0],
                               "block_tokens": [[65], [33], [2]]})
 
-    monkeypatch.setattr(ea, "describe", lambda meta: "t")
+    monkeypatch.setattr("pomt_cli.accuracy.evaluate.describe", lambda meta: "t")
     assert ea.summary_table(Run()).row_count == 3

@@ -26,9 +26,8 @@ from pomt_cli import __version__
 from pomt_cli.cli import bench, clocks, compute_r, demo, estimate_accuracy, export, profile, refine
 from pomt_cli.console import plain_console, substitute_unencodable
 from pomt_cli.devices.signals import Terminated, sigterm_raises
-from pomt_cli.errors import PomtError
-from pomt_cli.formats.outputs import describe_os_error
-from pomt_cli.formats.common import command_line
+from pomt_cli.errors import PomtError, describe_os_error
+from pomt_cli.formats.command import command_line
 
 app = typer.Typer(
     name="pomt",

@@ -1,17 +1,18 @@
-"""``pomt bench``: the pruned model against the baseline, ToMe and Top-K, side by side."""
+"""``pomt bench``: the pruned model against the baseline, ToMe and Top-K, side by side.
+
+The library (torch, timm, polars) is imported when the command runs, not when ``--help`` is read.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import polars as pl
 import typer
 from rich import box
 from rich.table import Table
 
-from pomt_cli.bench import BASELINE, check_choices, check_text
 from pomt_cli.cli.options import (
     AllowRandomOption,
     BenchBudgetOption,
@@ -38,16 +39,16 @@ from pomt_cli.cli.options import (
     parse_providers,
     user_path,
 )
-from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
-from pomt_cli.devices.torch_device import short_device_name
+from pomt_cli.defaults import DEFAULT_MODEL, ROUND_BUDGET_S, ROUNDS
 from pomt_cli.errors import PomtError
-from pomt_cli.measure.runtimes import PROVIDER_ALIASES
-from pomt_cli.models import DEFAULT_MODEL, model_line
+from pomt_cli.names import BASELINE, PROVIDER_ALIASES
 from pomt_cli.options import Dtype
-from pomt_cli.pipelines import ROUND_BUDGET_S, ROUNDS, BenchResult, BenchSettings
-from pomt_cli.pipelines import bench as run_bench
-from pomt_cli.pruning import pomt, tome, topk
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from pomt_cli.pipelines import BenchResult
 
 out = plain_console()
 
@@ -88,6 +89,8 @@ def _render(frame: pl.DataFrame, title: str, with_accuracy: bool, reference: str
     ``reference``'s ``none`` at the same batch size (``vs eager``, else ``vs ref``); the
     accuracy, which does not depend on the runtime, is a table of its own.
     """
+    import polars as pl
+
     runtimes = frame["runtime"].drop_nulls().unique(maintain_order=True).to_list()
     several = len(runtimes) > 1
     reference = reference or (runtimes[0] if runtimes else None)
@@ -173,6 +176,9 @@ def _runtime_text(info: dict | None) -> str:
 
 def render(result: BenchResult) -> None:
     """The tables of latency (and accuracy) and of predictions, the clocks, then the files."""
+    from pomt_cli.bench import check_choices, check_text
+    from pomt_cli.devices.torch_device import short_device_name
+
     meta, frame = result.meta, result.frame
     images = meta.num_images
     runtimes = ", ".join(_runtime_text(meta.runtimes_info.get(r)) for r in meta.runtimes)
@@ -224,6 +230,8 @@ def check_options(methods: list[str], r: int | None, r_from: Path | None, layer:
             with ``--method`` leaving that method out; ``--limit`` or ``--class-order``
             without ``--data``.
     """
+    from pomt_cli.pruning import pomt
+
     pomt_name = pomt.Pomt.name
     given_r = "-r" if r is not None else "--r-from" if r_from is not None else None
     if methods and pomt_name not in methods and given_r:
@@ -288,6 +296,12 @@ def bench(
     output_dir: OutputDirOption = Path("runs"),
 ) -> None:
     """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
+    from pomt_cli.cli.progress import RichReporter
+    from pomt_cli.models import model_line
+    from pomt_cli.pipelines import BenchSettings
+    from pomt_cli.pipelines import bench as run_bench
+    from pomt_cli.pruning import tome, topk
+
     out.print(model_line(model))
     given_method_r = [name for name, param in ((tome.Tome.name, "tome_r"), (topk.Topk.name, "topk_r"))
                       # By name: Typer may vendor click, with its own ParameterSource.

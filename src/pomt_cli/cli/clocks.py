@@ -1,18 +1,24 @@
-"""``pomt clocks status|lock|restore``: a device's clocks, by its preset's commands."""
+"""``pomt clocks status|lock|restore``: a device's clocks, by its preset's commands.
+
+The presets and the clock control (torch, pydantic) are imported when a command runs, not
+when ``--help`` is read.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
 
 from pomt_cli.cli.options import preset_path, presets_text
 from pomt_cli.console import plain_console
-from pomt_cli.devices.clocks import ClockController, clock_lock
-from pomt_cli.devices.presets import DevicePreset, load_preset
 from pomt_cli.errors import PomtError
+
+if TYPE_CHECKING:
+    from pomt_cli.devices.clocks import ClockController
+    from pomt_cli.devices.presets import DevicePreset
 
 out = plain_console()
 
@@ -41,6 +47,9 @@ def _heading(preset: DevicePreset) -> Text:
 
 
 def _controller(device: str, torch_device: str | None) -> tuple[DevicePreset, ClockController]:
+    from pomt_cli.devices.clocks import ClockController
+    from pomt_cli.devices.presets import load_preset
+
     preset = load_preset(device)
     # These commands measure nothing: their errors do not offer --no-lock-clocks.
     return preset, ClockController(preset, torch_device or preset.torch_device, measuring=False)
@@ -86,6 +95,8 @@ def lock(
                                           "nothing.")] = False,
 ) -> None:
     """Lock the clocks (saving their state first) until `pomt clocks restore`."""
+    from pomt_cli.devices.clocks import clock_lock
+
     preset, ctl = _controller(device, torch_device)
     if dry_run:
         plan = ctl.plan()
@@ -121,6 +132,8 @@ def restore(
     torch_device: GpuOption = None,
 ) -> None:
     """Put the clocks back as they were before `pomt clocks lock`."""
+    from pomt_cli.devices.clocks import clock_lock
+
     preset, ctl = _controller(device, torch_device)
     why = ctl.available()
     if why:

@@ -1,23 +1,28 @@
-"""``pomt compute-r``: R, the tokens to prune, from a latency profile and an accuracy profile."""
+"""``pomt compute-r``: R, the tokens to prune, from a latency profile and an accuracy profile.
+
+The library (torch, polars) is imported when the command runs, not when ``--help`` is read.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import polars as pl
 import typer
 from rich.table import Table
 
 from pomt_cli.cli.options import output_path, parse_int_list, user_path
-from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
+from pomt_cli.defaults import DEFAULT_ALPHA
 from pomt_cli.errors import PomtError
-from pomt_cli.pipelines import ComputeRResult, ComputeRSettings
-from pomt_cli.pipelines import compute_r as run_compute_r
-from pomt_cli.selection import DEFAULT_ALPHA, SelectionSettings
-from pomt_cli.formats.report import Choice, Report
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from pomt_cli.formats.report import Choice, Report
+    from pomt_cli.pipelines import ComputeRResult
+    from pomt_cli.selection import SelectionSettings
 
 out = plain_console()
 
@@ -43,6 +48,8 @@ def selection_settings(
         PomtError: several criteria, alpha outside [0, 1], an accuracy drop outside
             [0, 100], or a latency budget that is not a positive finite number.
     """
+    from pomt_cli.selection import SelectionSettings
+
     given = [name for name, value in (("--alpha", alpha), ("--latency-budget", latency_budget_ms),
                                       ("--max-accuracy-drop", max_accuracy_drop)) if value is not None]
     if len(given) > 1:
@@ -179,6 +186,10 @@ def compute_r(
     ] = Path("runs"),
 ) -> None:
     """Choose R, the tokens to prune: where the latency saved pays for the accuracy lost."""
+    from pomt_cli.cli.progress import RichReporter
+    from pomt_cli.pipelines import ComputeRSettings
+    from pomt_cli.pipelines import compute_r as run_compute_r
+
     settings = ComputeRSettings(
         latency=latency, accuracy=accuracy, selection=selection_settings(alpha, latency_budget, max_accuracy_drop),
         batch_sizes=parse_int_list(batch_size, "--batch-size") if batch_size is not None else None,

@@ -1,54 +1,22 @@
-"""``pomt demo``: the whole pipeline on the bundled digits model and data, into one folder with a summary page."""
+"""``pomt demo``: the whole pipeline on the bundled digits model and data, into one folder with a summary page.
+
+The pipelines and the progress of their steps (:mod:`pomt_cli.cli.demo_progress`) are imported
+when the command runs, not when ``--help`` is read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.rule import Rule
 
-from pomt_cli.cli import bench, compute_r, estimate_accuracy, profile, refine
 from pomt_cli.cli.options import DeviceOption, TorchDeviceOption, output_path, seconds
-from pomt_cli.cli.progress import RichReporter, err
 from pomt_cli.console import plain_console, print_path
-from pomt_cli.pipelines import (
-    DEMO_BUDGET_S,
-    AccuracyResult,
-    BenchResult,
-    ComputeRResult,
-    DemoSettings,
-    ProfileResult,
-    RefineResult,
-)
-from pomt_cli.pipelines import demo as run_demo
+from pomt_cli.defaults import DEMO_BUDGET_S
 
 out = plain_console()
-
-#: How each step's result is shown: as its own command shows it.
-_RENDER = {ProfileResult: profile.render, AccuracyResult: estimate_accuracy.render,
-           ComputeRResult: compute_r.render, RefineResult: refine.render,
-           BenchResult: bench.render}
-
-
-class DemoReporter(RichReporter):
-    """Progress bars as each command draws them, a rule before each step and its results after it."""
-
-    def step(self, title: str, args: Sequence[str]) -> None:
-        self.close()
-        out.print(Rule(f"pomt {args[0]}: {title}"))
-        out.print("$ pomt " + " ".join(args), style="dim")
-
-    def finished(self, result: object) -> None:
-        self.close()
-        _RENDER[type(result)](result)
-
-    def interrupted(self, saved: int, path: Path) -> None:
-        # demo has no --resume: a rerun starts over, the profile step's command resumes alone.
-        self.close()
-        err.print(f"interrupted: {saved} points saved in {path}; pomt demo starts over when run again (or add "
-                  f"--resume {path} to the pomt profile command above to continue that profile alone)")
 
 
 def register(app: typer.Typer) -> None:
@@ -68,6 +36,10 @@ def demo(
         "per setting and round; bench: twice as long per method and round; six rounds each).")] = DEMO_BUDGET_S,
 ) -> None:
     """Run profile, estimate-accuracy, compute-r, refine and bench on the bundled digits model; write a summary."""
+    from pomt_cli.cli.demo_progress import DemoReporter
+    from pomt_cli.pipelines import DemoSettings
+    from pomt_cli.pipelines import demo as run_demo
+
     settings = DemoSettings(output_dir=output_dir, device=device, torch_device=torch_device, lock_clocks=lock_clocks,
                             budget_s=budget, command=ctx.obj)
     with DemoReporter() as reporter:

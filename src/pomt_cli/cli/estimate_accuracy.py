@@ -1,17 +1,18 @@
-"""``pomt estimate-accuracy``: accuracy against kept tokens on labelled images, alone or under torchrun."""
+"""``pomt estimate-accuracy``: accuracy against kept tokens on labelled images, alone or under torchrun.
+
+The library (torch, timm) is imported when the command runs, not when ``--help`` is read.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from pomt_cli.accuracy.evaluate import AccuracyRun, EstimateConfig, describe
-from pomt_cli.formats.accuracy import takes_layer
 from pomt_cli.cli.options import (
     AllowRandomOption,
     CheckpointOption,
@@ -26,13 +27,14 @@ from pomt_cli.cli.options import (
     parse_layers,
     seed_option,
 )
-from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
+from pomt_cli.defaults import DEFAULT_MODEL
 from pomt_cli.errors import PomtError
-from pomt_cli.models import DEFAULT_MODEL, model_line
 from pomt_cli.options import Dtype
-from pomt_cli.pipelines import AccuracyResult, AccuracySettings
-from pomt_cli.pipelines import estimate_accuracy as run_estimate_accuracy
+
+if TYPE_CHECKING:
+    from pomt_cli.accuracy.evaluate import AccuracyRun
+    from pomt_cli.pipelines import AccuracyResult
 
 out = plain_console()
 
@@ -63,6 +65,8 @@ def summary_table(run: AccuracyRun, rows: int = TABLE_ROWS) -> Table:
     It reads whole at 80 columns: the number columns are as wide as their widest cell and
     never wrap; only the tokens per block fold, between numbers.
     """
+    from pomt_cli.accuracy.evaluate import describe
+
     layered = run.frame["layer"].is_not_null().any()
     cells = []
     for _, frame in run.frame.group_by("layer", maintain_order=True):
@@ -93,6 +97,8 @@ def summary_table(run: AccuracyRun, rows: int = TABLE_ROWS) -> Table:
 
 def render(result: AccuracyResult) -> None:
     """Images, timings, skipped images and the summary table, then the files."""
+    from pomt_cli.formats.accuracy import takes_layer
+
     run, meta = result.run, result.run.meta
     workers_note = f" in {result.world_size} processes" if result.world_size > 1 else ""
     layers = len(meta.layers or []) if takes_layer(meta.estimator) else 1
@@ -139,6 +145,13 @@ def estimate_accuracy(
     output_dir: OutputDirOption = Path("runs"),
 ) -> None:
     """Estimate accuracy against kept tokens n on labelled images; the file that compute-r joins with a latency profile."""
+    from pomt_cli.accuracy.evaluate import EstimateConfig
+    from pomt_cli.cli.progress import RichReporter
+    from pomt_cli.formats.accuracy import takes_layer
+    from pomt_cli.models import model_line
+    from pomt_cli.pipelines import AccuracySettings
+    from pomt_cli.pipelines import estimate_accuracy as run_estimate_accuracy
+
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun the first process speaks for all
     if main_process:
         out.print(model_line(model))

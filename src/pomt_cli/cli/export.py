@@ -1,4 +1,7 @@
-"""``pomt export``: a patched model as an ONNX file, checked against PyTorch with ONNX Runtime."""
+"""``pomt export``: a patched model as an ONNX file, checked against PyTorch with ONNX Runtime.
+
+The library (torch, timm) is imported when the command runs, not when ``--help`` is read.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,9 @@ import typer
 
 from pomt_cli.cli.options import CheckpointOption, DtypeOption, Method, ModelOption, output_path, seed_option
 from pomt_cli.console import plain_console, print_path
+from pomt_cli.defaults import DEFAULT_MODEL
 from pomt_cli.errors import PomtError
-from pomt_cli.export import check_output_file, export_onnx, require_onnx
-from pomt_cli.models import DEFAULT_MODEL, create_model, model_line, weights_source
 from pomt_cli.options import Dtype
-from pomt_cli.pruning import method_names
-from pomt_cli.pruning.registry import get as get_method
 
 out = plain_console()
 
@@ -44,6 +44,11 @@ def export(
     seed: CheckSeedOption = 0,
 ) -> None:
     """Export the model with a token reduction to ONNX (static shapes), check it with ONNX Runtime, keep it only if it matches."""
+    from pomt_cli.export import check_output_file, export_onnx, require_onnx
+    from pomt_cli.models import create_model, model_line, weights_source
+    from pomt_cli.pruning import method_names
+    from pomt_cli.pruning.registry import get as get_method
+
     out.print(model_line(model))
     require_onnx()
     check_output_file(output)

@@ -1,4 +1,9 @@
-"""Options shared by the commands, each defined once (name, default, help, range), and the parsers of their text."""
+"""Options shared by the commands, each defined once (name, default, help, range), and the parsers of their text.
+
+Every name they need comes from a module of the standard library, typer and rich alone
+(:mod:`pomt_cli.names`, :mod:`pomt_cli.defaults`, :mod:`pomt_cli.options`...), so that
+``--help``, completion and a refused option answer without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,18 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from pomt_cli.formats.accuracy import estimators
-from pomt_cli.devices.presets import preset_names
+from pomt_cli.defaults import MODEL_HELP
+from pomt_cli.devices.bundled import preset_names
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.latency import WORKLOADS
-from pomt_cli.measure.runtimes import PROVIDER_ALIASES, Runtime
-from pomt_cli.models import MODEL_HELP
+from pomt_cli.names import ESTIMATORS, METHODS, PROVIDER_ALIASES, WORKLOADS, Runtime
 from pomt_cli.options import SEED_MAX, Dtype, TokenRange
-from pomt_cli.pruning import method_names
 
 T = TypeVar("T")
 
-#: The registered token-reduction methods (``--help`` lists them; another value fails at parse time).
-Method = Enum("Method", {name: name for name in method_names()}, type=str)
+#: The built-in token-reduction methods (``--help`` lists them; another value fails at parse time).
+Method = Enum("Method", {name: name for name in METHODS}, type=str)
 #: The accuracy estimators: ``random`` and every reducing method.
-Estimator = Enum("Estimator", {name: name for name in estimators()}, type=str)
+Estimator = Enum("Estimator", {name: name for name in ESTIMATORS}, type=str)
 #: What ``pomt profile`` times: the all-blocks proxy or the POMT-patched model.
 Workload = Enum("Workload", {name: name for name in WORKLOADS}, type=str)
 

@@ -1,12 +1,14 @@
-"""``pomt profile``: a device's latency against kept tokens, its largest steps and a plot."""
+"""``pomt profile``: a device's latency against kept tokens, its largest steps and a plot.
+
+The library (torch, polars) is imported when the command runs, not when ``--help`` is read.
+"""
 
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import polars as pl
 import typer
 from rich.table import Table
 
@@ -36,16 +38,16 @@ from pomt_cli.cli.options import (
     parse_providers,
     parse_layers,
 )
-from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
-from pomt_cli.formats.latency import ClockState
-from pomt_cli.measure.steps import MAX_STEP_WIDTH, VISITS_AGREE, visits_agree
-from pomt_cli.measure.runtimes import Runtime
-from pomt_cli.measure.timing import MAX_SAMPLES
-from pomt_cli.models import DEFAULT_MODEL, model_line
+from pomt_cli.defaults import BUDGET_S, DEFAULT_MODEL, MAX_SAMPLES
+from pomt_cli.names import Runtime
 from pomt_cli.options import Dtype
-from pomt_cli.pipelines import BUDGET_S, ProfileResult, ProfileSettings
-from pomt_cli.pipelines import profile as run_profile
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from pomt_cli.formats.latency import ClockState
+    from pomt_cli.pipelines import ProfileResult
 
 out = plain_console()
 
@@ -62,6 +64,10 @@ def steps_tables(steps: pl.DataFrame, batch_sizes: list[int], grid: list[int],
     ``unlisted`` counts, per (layer, batch size), the steps beyond those in ``steps``; a
     line under the table says how many, so that a cut list is not taken for the whole.
     """
+    import polars as pl
+
+    from pomt_cli.measure.steps import MAX_STEP_WIDTH
+
     rendered: list[Table | str] = []
     stride = min((a - b for a, b in zip(grid, grid[1:])), default=1)
     for layer, b in itertools.product(layers or [None], batch_sizes):
@@ -133,6 +139,8 @@ def budget_note(frame: pl.DataFrame, rel_precision: float, budget_s: float) -> s
     were recorded lack them, and then every such point places none. On a GPU they are
     typically where eager timing is bound by the host and drifts with unlocked clocks.
     """
+    from pomt_cli.measure.steps import VISITS_AGREE, visits_agree
+
     recorded = "visit_low_ms" in frame.columns and "visit_high_ms" in frame.columns
     short = frame.filter((frame["status"] == "budget") & ~visits_agree(frame))
     if short.is_empty():
@@ -219,6 +227,11 @@ def profile(
     top_steps: Annotated[int, typer.Option("--top-steps", min=1, help="Steps listed per batch size.")] = 8,
 ) -> None:
     """Measure latency against kept tokens n: the device's latency-workload curve, its largest steps and a plot."""
+    from pomt_cli.cli.progress import RichReporter
+    from pomt_cli.models import model_line
+    from pomt_cli.pipelines import ProfileSettings
+    from pomt_cli.pipelines import profile as run_profile
+
     out.print(model_line(model))
     settings = ProfileSettings(
         model=model, device=device, torch_device=torch_device, batch_sizes=parse_int_list(batch_size, "--batch-size"),

@@ -1,23 +1,26 @@
-"""``pomt refine``: compute-r's best candidates measured again beside the unpruned model, and R chosen again."""
+"""``pomt refine``: compute-r's best candidates measured again beside the unpruned model, and R chosen again.
+
+The library (torch, timm) is imported when the command runs, not when ``--help`` is read.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
 from pomt_cli.cli.options import LockClocksOption, SeedOption, preset_path, presets_text, seconds, user_path
-from pomt_cli.cli.progress import RichReporter
 from pomt_cli.console import plain_console, print_path
+from pomt_cli.defaults import REFINE_CANDIDATES, ROUND_BUDGET_S, ROUNDS
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.report import Choice
-from pomt_cli.pipelines import ROUND_BUDGET_S, ROUNDS, RefineResult, RefineSettings
-from pomt_cli.pipelines import refine as run_refine
-from pomt_cli.selection import REFINE_CANDIDATES
+
+if TYPE_CHECKING:
+    from pomt_cli.formats.report import Choice
+    from pomt_cli.pipelines import RefineResult
 
 out = plain_console()
 
@@ -119,6 +122,10 @@ def refine(
     report (and its plot) is rewritten with the refined choice, which bench --r-from
     then predicts from.
     """
+    from pomt_cli.cli.progress import RichReporter
+    from pomt_cli.pipelines import RefineSettings
+    from pomt_cli.pipelines import refine as run_refine
+
     _check_rewritable(report)
     settings = RefineSettings(report=report, candidates=candidates, budget_s=budget, rounds=rounds, device=device,
                               torch_device=torch_device, lock_clocks=lock_clocks, threads=threads, seed=seed,
