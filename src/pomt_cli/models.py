@@ -19,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from pomt_cli import defaults, digits
+from pomt_cli import digits
 from pomt_cli.defaults import DEFAULT_MODEL
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import pomt_file_kind
@@ -27,8 +27,6 @@ from pomt_cli.pruning.geometry import TokenGeometry, geometry
 
 WeightsSource = Literal["pretrained", "checkpoint", "bundled", "random"]
 
-#: The help of every ``--model`` option (defined in :mod:`pomt_cli.defaults`, which ``--help`` reads without timm).
-MODEL_HELP = defaults.MODEL_HELP
 #: Seconds the look-up of the hub's host may take before the hub counts as unreachable.
 HUB_LOOKUP_S = 3.0
 

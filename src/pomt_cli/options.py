@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pomt_cli.errors import PomtError
 
@@ -33,13 +33,6 @@ class Dtype(str, Enum):
         import torch as torch_module
 
         return getattr(torch_module, self.value)
-
-
-def __getattr__(name: str) -> Any:
-    """``DTYPES``, each dtype's name -> its torch dtype, made when first asked for (it imports torch)."""
-    if name == "DTYPES":
-        return {d.value: d.torch for d in Dtype}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import ProfileMeta, check_listed, read_checked
-from pomt_cli import names
 
 
 class ClockState(BaseModel):
@@ -58,9 +57,6 @@ SCHEMA: dict[str, pl.DataType] = {
 
 
 Workload = Literal["proxy", "pomt"]
-#: The workloads' names (defined in :mod:`pomt_cli.names`, which ``--help`` reads without torch).
-WORKLOADS = names.WORKLOADS
-
 
 #: What runs the timed forward passes (``pomt_cli.measure.runtimes.Runtime``'s values).
 RuntimeName = Literal["eager", "compile", "onnxruntime"]

@@ -26,13 +26,9 @@ from pathlib import Path
 
 import polars as pl
 
-from pomt_cli import errors
 from pomt_cli.errors import PomtError
 
 KINDS = ("latency", "accuracy", "compute_r", "bench", "demo")
-#: One line naming an OSError's path and cause (defined in :mod:`pomt_cli.errors`, which the command line
-#: imports without polars).
-describe_os_error = errors.describe_os_error
 
 
 def _slug(text: str) -> str:

@@ -13,7 +13,7 @@ from pomt_cli.measure.grid import GridProgress, LatencySettings, ProgressFn, run
 from pomt_cli.measure.runtimes import KeptTokens, Prepared, Runtime, prepare, weights_digest
 from pomt_cli.measure.timing import Measurement, Task, is_out_of_memory, measure, release_memory
 from pomt_cli.models import vit_geometry
-from pomt_cli.options import DTYPES, check_layers
+from pomt_cli.options import Dtype, check_layers
 from pomt_cli.pruning import apply, remove
 
 
@@ -64,7 +64,7 @@ def profile_latency(
     finished: list[pl.DataFrame] = []
     digest = None
     if settings.runtime is Runtime.onnxruntime:
-        digest = weights_digest(model.to(dtype=DTYPES[settings.dtype]))
+        digest = weights_digest(model.to(dtype=Dtype(settings.dtype).torch))
     per_layer = len(settings.points()) * settings.passes
     offset = 0
     for i, layer in enumerate(layers):
@@ -102,7 +102,7 @@ def check_workload(model: nn.Module, settings: LatencySettings, *, device: torch
     if settings.runtime is Runtime.eager:
         return
     g = vit_geometry(model)
-    dtype = DTYPES[settings.dtype]
+    dtype = Dtype(settings.dtype).torch
     model = model.eval().to(device=device, dtype=dtype)
     batch_size, tokens = settings.batch_sizes[0], min(settings.grid)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -145,7 +145,7 @@ def _profile_curve(
     bad = [n for n in settings.grid if not g.num_prefix < n <= g.num_tokens]
     if bad:
         raise PomtError(f"token counts {bad[:5]} do not fit {g.describe()}: use n in {g.num_prefix + 1}..{g.num_tokens}")
-    dtype = DTYPES[settings.dtype]
+    dtype = Dtype(settings.dtype).torch
     try:
         model = model.eval().to(device=device, dtype=dtype)
     except Exception as exc:

@@ -22,7 +22,7 @@ from pomt_cli.measure.grid import GridProgress, LatencySettings
 from pomt_cli.measure.steps import cut_steps, find_curve_steps
 from pomt_cli.measure.workload import check_workload, profile_latency
 from pomt_cli.models import DEFAULT_MODEL, create_model, vit_geometry
-from pomt_cli.options import DTYPES, SEED_MAX, Dtype, TokenRange, check_layers, token_grid
+from pomt_cli.options import SEED_MAX, Dtype, TokenRange, check_layers, token_grid
 from pomt_cli.pipelines.common import (
     DEFAULT_LAYER,
     SILENT,
@@ -220,6 +220,6 @@ def _measure(net: torch.nn.Module, settings: LatencySettings, tdev: torch.device
         if saved.frame is not None:
             reporter.interrupted(saved.frame.height, parquet)
         raise
-    received = pomt.received_path(tdev, DTYPES[settings.dtype]) if settings.workload == "pomt" else None
+    received = pomt.received_path(tdev, Dtype(settings.dtype).torch) if settings.workload == "pomt" else None
     return frame, saved.meta.model_copy(update={"complete": True, "elapsed_s": saved.elapsed_s(),
                                                 "pomt_received": received}), unrestored
