@@ -4,7 +4,9 @@ The ideal of a method is the unpatched model's own sub-layers run at the token c
 method produces (tokens dropped by slicing, so choosing and merging tokens cost nothing).
 ``pomt(lean)`` and ``pomt(explicit)`` force POMT's two ways of scoring (log-probabilities
 from fused attention, or the full softmax matrix as the paper's code); ``pomt`` is the
-default, which picks one by device and dtype. Variants are timed with pomt's
+default, which picks one by device and dtype. On CUDA, ``pomt(ops)`` is the default block
+with its reduction by tensor operations (sorts, gathers, a mean) in place of its Triton
+kernel. Variants are timed with pomt's
 timing engine in interleaved rounds within one process (a fresh shuffled order each
 round, samples pooled over rounds), so ratios compare like with like. Prints a table per
 (batch size, dtype, timing mode).
@@ -83,13 +85,16 @@ class Variant:
     setting: dict
     counts: list[int]
     scoring: str | None = None  # POMT's scoring forced to "lean" or "explicit"; None: the default
+    prune_kernel: bool = True  # False: POMT's reduction by tensor operations, not its Triton kernel
     tome_module: types.SimpleNamespace | None = None  # another version of tome.py (tome(before))
 
 
 def variants(model: torch.nn.Module, settings: dict[str, dict],
              tome_before: types.SimpleNamespace | None = None) -> list[Variant]:
-    """none, then each method followed by its ideal (and POMT's explicit block after POMT,
+    """none, then each method followed by its ideal (and POMT's lean and explicit blocks after POMT,
+    with ``pomt(ops)``, its reduction by tensor operations, where its Triton kernel can run: CUDA;
     ToMe's other version after ToMe)."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
     out = [Variant("none", "none", {}, [])]
     for method, setting in settings.items():
         counts = planned_token_counts(apply(model, method, **setting))
@@ -97,6 +102,8 @@ def variants(model: torch.nn.Module, settings: dict[str, dict],
         out.append(Variant(method, method, setting, counts))
         if method == "pomt":
             out += [Variant(f"pomt({s})", method, setting, counts, scoring=s) for s in ("lean", "explicit")]
+            if on_cuda:
+                out.append(Variant("pomt(ops)", method, setting, counts, prune_kernel=False))
         if method == "tome" and tome_before is not None:
             out.append(Variant("tome(before)", method, setting, counts, tome_module=tome_before))
         out.append(Variant(f"ideal({method})", "ideal", setting, counts))
@@ -111,9 +118,10 @@ def prepare(model: torch.nn.Module, images: torch.Tensor, variant: Variant) -> C
     apply(model, variant.method, **variant.setting)
     if variant.tome_module is not None:
         patch.tome = variant.tome_module  # time_variants puts CURRENT_TOME back
-    if variant.scoring is not None:
+    if variant.scoring is not None or not variant.prune_kernel:
         for blk in model.blocks:
-            blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring=variant.scoring)
+            blk.pomt_plan = dataclasses.replace(blk.pomt_plan, scoring=variant.scoring or blk.pomt_plan.scoring,
+                                                prune_kernel=variant.prune_kernel)
     return lambda: model(images)
 
 

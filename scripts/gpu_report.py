@@ -33,15 +33,15 @@ environment, that section's child raises at its start.
 Sections:
 - core: the pruning core against the unpatched model and each method's ideal
   (``scripts/bench_core.py``), batch 1, 4, 64, 256, float16 and float32, eager and CUDA
-  graphs; and the lean POMT scores against exact ones on the device.
+  graphs, with POMT's reduction by its Triton kernel and by tensor operations
+  (``pomt(ops)``) side by side; and the lean POMT scores against exact ones on the device.
 - profile: pairs of consecutive full profiles, in this order: batch 64 float32 eager
-  with ``--budget 0.1 --warmup 1 --passes 2`` (``bs64_float32_eager_fast``: the settings
-  for which ``scripts/replay_timing.py`` and ``scripts/simulate_profile.py`` predict
-  21-25 s of measuring and about 30 s in all with re-measuring and start-up,
-  docs/PERFORMANCE.md), batch 1 and 4 float16 with CUDA graphs, and batch 64 float32 eager with the defaults (about
-  115 s a run on the H200, so the section's limit cuts the second run); wall time,
-  agreement per point, steps (each run's largest 8, and the two runs' whole step lists
-  compared). ``--profiles`` picks others, in the order given.
+  with ``--budget 0.1 --warmup 1 --passes 2`` (``bs64_float32_eager_fast``: 25-26 s a run
+  on the H200, docs/PERFORMANCE.md), and batch 1 and 4 float16 with CUDA graphs; wall
+  time, agreement per point, steps (each run's largest 8, and the two runs' whole step
+  lists compared). ``--profiles`` picks others, in the order given, such as
+  ``bs64_float32_eager`` (batch 64 float32 with the default settings: about 115 s a run on
+  the H200, which the section's default limit cuts).
 - engine: where a profile's time goes. Every visit of a 25-point grid (n = 197, 189, ...,
   5) at batch 64 float32 eager and at batch 4 float16 with CUDA graphs, with the
   profile's default settings, through the library's ``profile_latency``: each visit's
@@ -82,12 +82,12 @@ sys.path.insert(0, str(SCRIPTS))
 from pomt_cli.formats.outputs import atomic_output, atomic_write_text  # noqa: E402
 
 SECTIONS = ("core", "profile", "engine", "bench", "accuracy", "runtimes")
-#: Each section's default limit (s). Together 470 s, so that with the children's start-up (about
+#: Each section's default limit (s). Together 430 s, so that with the children's start-up (about
 #: 7 s on the H200) a whole report stays within 8 minutes; what a limit cuts short is reported as
-#: such. Measured on the H200 (2026-11-28): core 106 s, engine 30 s, bench 23 s, accuracy 31 s; the
-#: profile section would need about 350 s for its three default profiles twice, so it is cut at its limit.
-#: The core section has 5 s more since it also traces the kernels of POMT's block (a few seconds).
-LIMITS_S = {"core": 115, "profile": 215, "engine": 35, "bench": 30, "accuracy": 35, "runtimes": 40}
+#: such. Measured on the H200 (2026-11-28): core 125 s (with ``pomt(ops)`` and the kernel traces),
+#: profile 64 s for the short pair and about 120 s with the CUDA-graph pair, engine 23-30 s, bench
+#: 20-23 s, accuracy 27-31 s, runtimes 10 s.
+LIMITS_S = {"core": 130, "profile": 160, "engine": 35, "bench": 30, "accuracy": 35, "runtimes": 40}
 SMOKE_LIMITS_S = {"core": 40, "profile": 40, "engine": 30, "bench": 30, "accuracy": 40, "runtimes": 40}
 
 FULL = {
@@ -101,13 +101,14 @@ FULL = {
     "profiles": [("bs64_float32_eager", ["--batch-size", "64", "--dtype", "float32"]),
                  ("bs1-4_float16_cudagraphs", ["--batch-size", "1,4", "--dtype", "float16", "--cuda-graphs"]),
                  ("bs4_float16_cudagraphs", ["--batch-size", "4", "--dtype", "float16", "--cuda-graphs"]),
-                 # The settings scripts/replay_timing.py and scripts/simulate_profile.py predict to
-                 # meet 30 s (docs/PERFORMANCE.md); two passes, so that every point's visits can agree.
+                 # The 30 s target's settings: predicted by scripts/replay_timing.py and
+                 # scripts/simulate_profile.py, measured on the H200 (docs/PERFORMANCE.md); two
+                 # passes, so that every point's visits can agree.
                  ("bs64_float32_eager_fast", ["--batch-size", "64", "--dtype", "float32", "--budget", "0.1",
                                               "--warmup", "1", "--passes", "2"])],
-    # The new measurement first: the candidate for 30 s (2 x ~30 s predicted), then the two the
-    # H200 measured on 2026-11-28 (2 x 34 s, then 2 x 115 s: the second is cut at the limit).
-    "profile_names": ["bs64_float32_eager_fast", "bs1-4_float16_cudagraphs", "bs64_float32_eager"],
+    # The 30 s target's profile (2 x 25-26 s on the H200), then the CUDA-graph pair (2 x 22-45 s).
+    # The default settings at batch 64 (2 x 115 s) are not run by default: the fourth H200 run has them.
+    "profile_names": ["bs64_float32_eager_fast", "bs1-4_float16_cudagraphs"],
     "watch": {64: [(177, 176), (89, 88)]},
     "engine_model": "deit_small_patch16_224", "engine_tokens": (197, 1, -8),
     "engine_runs": [("bs64_float32_eager", 64, "float32", False), ("bs4_float16_cudagraphs", 4, "float16", True)],
@@ -293,6 +294,8 @@ def section_core(cfg: dict, out: SectionWriter, folder: Path) -> None:
                                       "seconds": round(time.perf_counter() - began, 1), "variants": ratios(ms)})
                 out.put("received_kernel", {f"{device} {str(dtype).removeprefix('torch.')}":
                                             pomt.received_path(device, dtype) for device, dtype in pomt.RECEIVED_KERNEL})
+                out.put("prune_kernel", {f"{device} {str(dtype).removeprefix('torch.')}":
+                                         pomt.prune_path(device, dtype) for device, dtype in pomt.PRUNE_KERNEL})
 
 
 #: Forward passes per trace of :func:`kernel_times` (two traces per variant, each after three
@@ -748,7 +751,9 @@ def md_core(core: dict) -> list[str]:
              "its ideal. `pomt` is the default block (in float16/bfloat16 on CUDA: fused attention and a Triton "
              "kernel for the attention received); `pomt(lean)` and `pomt(explicit)` force its other two ways of "
              "scoring: log-probabilities from fused attention by a chunked matrix product, or the full softmax "
-             "matrix (the paper's way).", ""]
+             "matrix (the paper's way). On CUDA every POMT block keeps and averages its tokens by one Triton kernel; "
+             "`pomt(ops)` is the default block with that reduction by tensor operations (sorts, gathers, a mean) "
+             "instead.", ""]
     for s in core.get("scores", []):
         product = (f"chunked product {s['product_max_rel_error']:.2e} (same order: {s['product_same_order']}), "
                    if "product_max_rel_error" in s else "")
@@ -758,6 +763,8 @@ def md_core(core: dict) -> list[str]:
                      f"{s['explicit_max_rel_error']:.2e} (same order: {s['explicit_same_order']})")
     for where, state in core.get("received_kernel", {}).items():
         lines.append(f"- the attention received, {where}, by the default block: {state}")
+    for where, state in core.get("prune_kernel", {}).items():
+        lines.append(f"- the reduction (kept tokens and the mean of the rest), {where}: {state}")
     lines += md_kernels(core.get("kernels", []))
     tables = core.get("tables", [])
     if not tables:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from conftest import load_script
 import timm
 import torch
 
-from pomt_cli.pruning import remove
+from pomt_cli.pruning import apply, planned_token_counts, remove
 
 bench_core = load_script("bench_core")
 
@@ -34,6 +35,19 @@ def test_top_level_ops_count_pomt_block_over_its_ideal():
     assert ops["pomt(explicit)"] > ops["ideal(pomt)"]
     assert ops["pomt"] == ops["pomt(explicit)"]  # float32 on the CPU: the default is the explicit block
     assert ops["pomt(lean)"] > ops["pomt(explicit)"]
+    assert "pomt(ops)" not in ops  # the reduction's kernel runs on CUDA only: on the CPU it is pomt itself
+
+
+def test_the_ops_variant_forces_the_reduction_by_tensor_operations():
+    model = timm.create_model(bench_core.TINY_MODEL, pretrained=False, **bench_core.TINY_KWARGS).eval()
+    counts = planned_token_counts(apply(model, "pomt", **bench_core.TINY_POMT["pomt"]))
+    variant = bench_core.Variant("pomt(ops)", "pomt", bench_core.TINY_POMT["pomt"], counts, prune_kernel=False)
+    bench_core.prepare(model, torch.randn(1, 3, 32, 32), variant)
+    plans = [blk.pomt_plan for blk in model.blocks]
+    assert {plan.prune_kernel for plan in plans} == {False} and {plan.scoring for plan in plans} == {"auto"}
+    bench_core.prepare(model, torch.randn(1, 3, 32, 32), dataclasses.replace(variant, scoring="lean"))
+    assert {(blk.pomt_plan.prune_kernel, blk.pomt_plan.scoring) for blk in model.blocks} == {(False, "lean")}
+    remove(model)
 
 
 def test_bad_input_is_one_line_with_exit_code_2(capsys):

@@ -1,4 +1,4 @@
-"""When POMT's block uses the Triton kernel of received attention, and when it falls back.
+"""When POMT's block uses its Triton kernels (received attention, the reduction), and when it falls back.
 
 The kernel's own arithmetic is checked by ``triton_interpreted_checks.py``, which the first
 test runs under Triton's interpreter in a child process. The others replace the kernel
@@ -52,16 +52,17 @@ def test_the_kernel_passes_its_checks_under_triton_s_interpreter():
                            str(TESTS / "triton_interpreted_checks.py")],
                           cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "\n12 passed" in done.stdout, done.stdout[-2000:]
+    assert "\n25 passed" in done.stdout, done.stdout[-2000:]
 
 
 DIVISIBLE_BY_16 = ("q_ptr", "k_ptr", "lse_ptr", "out_ptr", "stride_qb", "stride_qh", "stride_qn", "stride_kb",
                    "stride_kh", "stride_kn")
 
 
-def ahead_of_time_source(kernel, arg_types: dict[str, str], constexprs: dict[str, int]):
+def ahead_of_time_source(kernel, arg_types: dict[str, str], constexprs: dict[str, int],
+                         divisible: tuple[str, ...] = DIVISIBLE_BY_16):
     """``kernel`` specialised for ahead-of-time compilation: its arguments' ``arg_types``, its
-    ``constexprs``' values, and the arguments of :data:`DIVISIBLE_BY_16` divisible by 16.
+    ``constexprs``' values, and the arguments named in ``divisible`` divisible by 16.
 
     Triton 3.2 and newer (torch 2.6 and newer) take arguments by name and the divisibility as
     attributes; Triton 3.0 and 3.1 (torch 2.4, 2.5) by index, without the constexprs in the
@@ -71,14 +72,14 @@ def ahead_of_time_source(kernel, arg_types: dict[str, str], constexprs: dict[str
 
     index = kernel.arg_names.index
     if "constexprs" in inspect.signature(ASTSource).parameters:
-        attrs = {(index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
+        attrs = {(index(name),): [["tt.divisibility", 16]] for name in divisible}
         return ASTSource(fn=kernel, signature={**arg_types, **dict.fromkeys(constexprs, "constexpr")}, attrs=attrs,
                          constexprs=constexprs)
     from triton.compiler.compiler import AttrsDescriptor
 
     return ASTSource(fn=kernel, signature={index(name): t for name, t in arg_types.items() if name not in constexprs},
                      constants={index(name): v for name, v in constexprs.items()},
-                     attrs=AttrsDescriptor(divisible_by_16={index(name) for name in DIVISIBLE_BY_16}))
+                     attrs=AttrsDescriptor(divisible_by_16={index(name) for name in divisible}))
 
 
 @pytest.mark.parametrize("arch", [80, 87, 90])  # A100, Jetson AGX Orin, H100
@@ -116,6 +117,34 @@ def test_the_kernel_compiles_to_gpu_code_without_a_gpu_and_spills_no_registers(a
             assert "0 bytes spill stores, 0 bytes spill loads" in done.stdout + done.stderr, (dtype, width, done.stderr)
 
 
+@pytest.mark.parametrize("arch", [80, 87, 90])
+def test_the_reduction_kernel_compiles_to_gpu_code_without_a_gpu_and_spills_no_registers(arch, monkeypatch, tmp_path):
+    triton = need_triton()
+    from triton.backends.compiler import GPUTarget
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delitem(sys.modules, "pomt_cli.pruning.triton_prune", raising=False)
+    from pomt_cli.pruning import triton_prune
+
+    kernel = triton_prune._keep_mean_kernel
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    divisible = ("x_ptr", "s_ptr", "out_ptr", "stride_xn", "stride_on")  # deit_small: 384 channels
+    for dtype in ("fp16", "bf16", "fp32"):
+        arg_types = dict.fromkeys(kernel.arg_names, "i32")
+        arg_types.update(x_ptr=f"*{dtype}", s_ptr="*fp32", out_ptr=f"*{dtype}", inv_dropped="fp32")
+        constexprs = {"BLOCK_I": triton_prune.BLOCK_TOKENS, "BLOCK_J": triton_prune.BLOCK_TOKENS,
+                      "BLOCK_C": triton_prune.BLOCK_CHANNELS}
+        compiled = triton.compile(ahead_of_time_source(kernel, arg_types, constexprs, divisible),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": triton_prune.NUM_WARPS})
+        assert len(compiled.asm["cubin"]) > 1000, dtype
+        (tmp_path / "k.ptx").write_text(compiled.asm["ptx"])
+        done = subprocess.run([str(ptxas), "-v", f"-arch=sm_{arch}{'a' if arch == 90 else ''}",
+                               str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "0 bytes spill stores, 0 bytes spill loads" in done.stdout + done.stderr, (dtype, done.stderr)
+
+
 def test_small_batches_get_narrower_blocks_of_keys_so_that_every_processor_works():
     need_triton()
     from pomt_cli.pruning.triton_received import block_keys
@@ -137,10 +166,13 @@ def half_block():
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """The kernel module replaced by a stand-in whose ``received_attention`` the test sets."""
+    """The kernel module replaced by a stand-in whose ``received_attention`` the test sets (the
+    reduction's kernel module is missing: that kernel is off)."""
     module = types.ModuleType("pomt_cli.pruning.triton_received")
     monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(sys.modules, "pomt_cli.pruning.triton_prune", None)
     monkeypatch.setattr(pomt, "RECEIVED_KERNEL", {})
+    monkeypatch.setattr(pomt, "PRUNE_KERNEL", {})
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the kernel path run on CPU tensors
     return module
 
@@ -281,3 +313,82 @@ def test_a_profile_of_the_pomt_workload_records_the_path_and_one_of_the_proxy_do
     code, _, err = run_in_process([*common, "--output-dir", str(tmp_path / "x")], capsys)
     assert code == 0, err
     assert read_latency(next((tmp_path / "x").glob("*.parquet")))[1].pomt_received is None
+
+
+@pytest.fixture
+def prune_stand_in(monkeypatch):
+    """The reduction's kernel module replaced by a stand-in whose ``keep_mean`` the test sets."""
+    module = types.ModuleType("pomt_cli.pruning.triton_prune")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(pomt, "PRUNE_KERNEL", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the kernel path run on CPU tensors
+    return module
+
+
+def tokens_and_scores(dtype=torch.float32):
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(3, 50, 16, generator=g).to(dtype), torch.randn(3, 49, generator=g)
+
+
+def by_operations(x, scores, r, p):
+    return pomt.prune_keep_mean(x, scores, r, p, kernel=False)
+
+
+def test_a_reduction_kernel_that_agrees_is_checked_once_then_used(prune_stand_in):
+    calls = []
+
+    def agrees(x, scores, r, p):  # the mean one rounding step off: within the check's bound
+        calls.append(1)
+        out = by_operations(x, scores, r, p).clone()
+        out[:, -1] = torch.nextafter(out[:, -1], torch.full_like(out[:, -1], float("inf")))
+        return out
+
+    prune_stand_in.keep_mean = agrees
+    x, scores = tokens_and_scores()
+    first = pomt.prune_keep_mean(x, scores, 10, 1)
+    assert pomt.PRUNE_KERNEL == {("cpu", torch.float32): "triton"}
+    assert pomt.prune_path("cpu", torch.float32) == "triton kernel"
+    second = pomt.prune_keep_mean(x, scores, 10, 1)
+    assert len(calls) == 2 and torch.equal(first, second) and torch.equal(first, agrees(x, scores, 10, 1))
+
+
+@pytest.mark.parametrize(("wrong", "why"), [
+    (lambda out: out.flip(1), "off: its first result kept other tokens than the tensor operations"),
+    (lambda out: torch.cat([out[:, :-1], out[:, -1:] * 1.01], dim=1), "off: its first mean was "),
+])
+def test_a_reduction_kernel_with_a_wrong_result_is_turned_off(prune_stand_in, wrong, why):
+    prune_stand_in.keep_mean = lambda *args: wrong(by_operations(*args))
+    x, scores = tokens_and_scores()
+    got = pomt.prune_keep_mean(x, scores, 10, 1)
+    assert pomt.PRUNE_KERNEL[("cpu", torch.float32)].startswith(why)
+    assert pomt.prune_path("cpu", torch.float32).startswith(f"tensor operations (Triton kernel {why}")
+    assert torch.equal(got, by_operations(x, scores, 10, 1))
+
+
+def test_a_reduction_kernel_that_fails_is_turned_off_once(prune_stand_in):
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("PTX assembler not found\nmore lines")
+
+    prune_stand_in.keep_mean = broken
+    x, scores = tokens_and_scores()
+    for _ in range(2):
+        got = pomt.prune_keep_mean(x, scores, 10, 1)
+    assert len(calls) == 1 and torch.equal(got, by_operations(x, scores, 10, 1))
+    assert pomt.PRUNE_KERNEL == {("cpu", torch.float32): "off: RuntimeError: PTX assembler not found"}
+
+
+def test_the_reduction_kernel_is_not_tried_with_gradients_without_the_interpreter_or_when_told(prune_stand_in,
+                                                                                           monkeypatch):
+    prune_stand_in.keep_mean = lambda *args: pytest.fail("the kernel ran")
+    x, scores = tokens_and_scores()
+    pomt.prune_keep_mean(x.requires_grad_(), scores, 10, 1)
+    with torch.no_grad():
+        pomt.prune_keep_mean(x, scores, 10, 1, kernel=False)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with torch.no_grad():
+        pomt.prune_keep_mean(x, scores, 10, 1)
+    assert pomt.PRUNE_KERNEL == {}
+    assert pomt.prune_path("cpu", torch.float32) is None

@@ -412,6 +412,14 @@ def test_pomt_keeps_the_prefix_then_the_best_tokens_in_their_order_then_the_mean
     assert out[0, :, 0].tolist() == [0.0, 20.0, 30.0, 40.0, 30.0]
 
 
+def test_pomt_keeps_the_lower_index_among_equal_scores():
+    x = torch.arange(8.0).reshape(1, 8, 1)  # token i holds i; token 0 is the prefix
+    scores = torch.tensor([[0.5, 0.5, 0.9, 0.5, 0.5, 0.5, 0.5]])  # tokens 1..7: 3 first, then 1, 2, 4, ...
+    out = prune_keep_mean(x, scores, r=3, num_prefix=1)
+    # 8 - 3 - 1 - 1 = 3 kept: token 3, then the equal tokens of lowest index, 1 and 2; the mean of 4..7.
+    assert out[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 5.5]
+
+
 def test_topk_scores_are_the_class_tokens_attention_probabilities_averaged_over_heads():
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)

@@ -220,3 +220,31 @@ def test_the_recompile_limits_go_by_the_names_this_torch_has():
     with torch._dynamo.config.patch(limits):
         assert {name: getattr(torch._dynamo.config, name) for name in limits} == limits
     assert {name: getattr(torch._dynamo.config, name) for name in limits} == before
+
+
+@needs(versions.ONNX_EXPORT)
+def test_an_exported_pomt_reduction_breaks_ties_as_the_eager_one(tmp_path):
+    """Eager POMT sorts its scores stably (equal scores: the lower index first); an export
+    cannot carry a stable sort, and its TopK breaks ties by the lower index, the same rule."""
+    import warnings
+
+    import onnxruntime
+
+    from pomt_cli.pruning import pomt
+
+    class Reduction(torch.nn.Module):
+        def forward(self, x, scores):
+            return pomt.prune_keep_mean(x, scores, 3, 1)
+
+    x = torch.arange(60.0).reshape(2, 30, 1)
+    scores = torch.zeros(2, 29)
+    scores[:, 20:] = 1.0  # 9 tokens tie at the top, 20 at the bottom
+    scores[1, 3] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Reduction(), (x, scores), tmp_path / "r.onnx", dynamo=True, opset_version=18)
+    session = onnxruntime.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), (x, scores))})
+    expected = pomt.prune_keep_mean(x, scores, 3, 1)
+    assert expected[1, :, 0].tolist()[:5] == [30.0, 31.0, 32.0, 33.0, 34.0]  # the lowest of the tied tokens
+    assert torch.equal(torch.from_numpy(got), expected)

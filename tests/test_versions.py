@@ -137,7 +137,9 @@ def test_an_old_triton_turns_the_kernel_off_and_the_product_runs(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton.backends"
                         else real(name, *a))
     monkeypatch.delitem(sys.modules, "pomt_cli.pruning.triton_received", raising=False)
+    monkeypatch.delitem(sys.modules, "pomt_cli.pruning.triton_prune", raising=False)
     monkeypatch.setattr(pomt, "RECEIVED_KERNEL", {})
+    monkeypatch.setattr(pomt, "PRUNE_KERNEL", {})
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 16, dtype=torch.bfloat16) for _ in range(3))  # torch 2.1 has no CPU half
@@ -147,3 +149,8 @@ def test_an_old_triton_turns_the_kernel_off_and_the_product_runs(monkeypatch):
     assert pomt.received_path("cpu", torch.bfloat16).startswith(
         "chunked product (Triton kernel off: ImportError: Triton ")
     assert "is too old for the kernel: it needs Triton 3 (triton.backends)" in pomt.received_path("cpu", torch.bfloat16)
+    x, scores = torch.randn(2, 17, 8, dtype=torch.bfloat16), torch.randn(2, 16)
+    with torch.no_grad():
+        got = pomt.prune_keep_mean(x, scores, 5, 1)
+    assert torch.equal(got, pomt.prune_keep_mean(x, scores, 5, 1, kernel=False))
+    assert pomt.prune_path("cpu", torch.bfloat16).startswith("tensor operations (Triton kernel off: ImportError: Triton ")

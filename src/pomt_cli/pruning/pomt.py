@@ -29,6 +29,11 @@ _LSE_KERNEL: dict[tuple[str, torch.dtype], int | None] = {}
 #: not used (the chunked product of :func:`received_attention` is used instead).
 RECEIVED_KERNEL: dict[tuple[str, torch.dtype], str] = {}
 
+#: For each (device type, dtype) where the Triton kernel of the reduction
+#: (:mod:`triton_prune`) was tried: "triton" when its first call agreed with
+#: :func:`prune_keep_mean`'s tensor operations, otherwise why it is not used.
+PRUNE_KERNEL: dict[tuple[str, torch.dtype], str] = {}
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -130,14 +135,17 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return F.scaled_dot_product_attention(q, k, v, scale=scale), _explicit_lse(q, k, scale)
 
 
+def _interpreted(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on the host with Triton's interpreter on (``TRITON_INTERPRET=1``)."""
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _kernel_runs_here(q: torch.Tensor) -> bool:
     """Whether the Triton kernel may run on ``q``: float16/bfloat16 on CUDA (or on the host under
     Triton's interpreter, ``TRITON_INTERPRET=1``), outside traced and compiled graphs."""
     if q.dtype not in _HALF or tracing():
         return False
-    if q.device.type == "cuda":
-        return True
-    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return q.device.type == "cuda" or _interpreted(q)
 
 
 def _received_by_kernel(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
@@ -280,24 +288,78 @@ def importance_lean(
     return received + magnitude
 
 
-def prune_keep_mean(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int) -> torch.Tensor:
-    """Keep the prefix and the N - r - p - 1 best tokens, append the mean of the others.
+def _prune_kernel_runs_here(x: torch.Tensor, scores: torch.Tensor) -> bool:
+    """Whether the Triton kernel of the reduction may run: CUDA (or the interpreter), outside traced
+    and compiled graphs, and without gradients (the kernel has no backward)."""
+    if x.dtype not in (*_HALF, torch.float32) or tracing():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or scores.requires_grad):
+        return False
+    return x.device.type == "cuda" or _interpreted(x)
 
-    Kept tokens stay in their original order.
 
-    Args:
-        x: (B, N, C) tokens.
-        scores: (B, N - p) importance of the non-prefix tokens.
-        r: tokens to remove, 0 <= r <= N - p - 1.
-        num_prefix: p.
+def _pruned_by_kernel(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int) -> torch.Tensor | None:
+    """:func:`prune_keep_mean` by the Triton kernel, or None where it is missing or wrong.
+
+    The first call for a device and dtype checks the kernel against the tensor operations:
+    the same tokens in the same order, and a mean within 4 units of the dtype's precision
+    of the largest token value. The outcome is recorded in :data:`PRUNE_KERNEL`; a
+    missing or too old Triton, a kernel that fails to compile or a wrong result turns the
+    kernel off for that device and dtype. During a CUDA-graph capture an unchecked kernel
+    is not tried (the check cannot run there).
+    """
+    key = (x.device.type, x.dtype)
+    state = PRUNE_KERNEL.get(key)
+    if state is not None and state != "triton":
+        return None
+    if state is None and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        kernel = importlib.import_module("pomt_cli.pruning.triton_prune")  # imports Triton: only here
+        out = kernel.keep_mean(x, scores, r, num_prefix)
+    except Exception as exc:  # noqa: BLE001 - an optional accelerator: any failure means "use the operations"
+        if state == "triton":
+            raise
+        message = str(exc).strip()
+        PRUNE_KERNEL[key] = f"off: {type(exc).__name__}: {message.splitlines()[0][:160] if message else ''}"
+        return None
+    if state is None:
+        expected = _keep_mean_by_operations(x, scores, r, num_prefix)
+        if not torch.equal(out[:, :-1], expected[:, :-1]):
+            PRUNE_KERNEL[key] = "off: its first result kept other tokens than the tensor operations"
+            return None
+        error = float((out[:, -1].float() - expected[:, -1].float()).abs().max())
+        bound = 4 * torch.finfo(x.dtype).eps * float(x.abs().amax().float().clamp_min(1e-30))
+        if not error <= bound:
+            PRUNE_KERNEL[key] = f"off: its first mean was {error:.1e} away from the tensor operations'"
+            return None
+        PRUNE_KERNEL[key] = "triton"
+    return out
+
+
+def prune_path(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """How POMT's reduction ran on ``device`` in ``dtype``, in this process.
 
     Returns:
-        (B, N - r, C): prefix tokens, kept tokens, then the mean of the r + 1 discarded ones.
+        ``"triton kernel"``, ``"tensor operations (Triton kernel off: WHY)"``, or None
+        where the kernel was not tried (the CPU, or no POMT block ran).
     """
+    state = PRUNE_KERNEL.get((torch.device(device).type, dtype))
+    if state is None:
+        return None
+    return "triton kernel" if state == "triton" else f"tensor operations (Triton kernel {state})"
+
+
+def _keep_mean_by_operations(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int) -> torch.Tensor:
     B, N, C = x.shape
     p = num_prefix
     keep = N - r - p - 1
-    order = scores.argsort(dim=-1, descending=True)
+    if tracing():
+        # ONNX has no stable sort (an export fails on aten.sort.stable, even with stable=False);
+        # its TopK, which an exported sort becomes, breaks ties by the lower index: the same rule.
+        order = scores.argsort(dim=-1, descending=True)
+    else:
+        order = scores.argsort(dim=-1, descending=True, stable=True)
     kept_idx = order[:, :keep].sort(dim=-1).values + p
     dropped_idx = order[:, keep:] + p
     prefix_idx = torch.arange(p, device=x.device).expand(B, p)
@@ -305,6 +367,36 @@ def prune_keep_mean(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: i
     kept = x.gather(1, index.unsqueeze(-1).expand(-1, -1, C))
     dropped = x.gather(1, dropped_idx.unsqueeze(-1).expand(-1, -1, C)).mean(dim=1, keepdim=True)
     return torch.cat([kept, dropped], dim=1)
+
+
+def prune_keep_mean(
+    x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int, *, kernel: bool = True
+) -> torch.Tensor:
+    """Keep the prefix and the N - r - p - 1 best tokens, append the mean of the others.
+
+    Kept tokens stay in their original order. Of tokens with equal scores, the one with
+    the lower index is the better (the order of a stable descending sort).
+
+    On CUDA (float16, bfloat16, float32, without gradients), one Triton kernel does it
+    (:mod:`triton_prune`) where Triton is installed and the kernel passed its first-call
+    check (:func:`_pruned_by_kernel`); elsewhere, and with ``kernel=False``, tensor
+    operations: two sorts, two gathers, a mean and a concatenation.
+
+    Args:
+        x: (B, N, C) tokens.
+        scores: (B, N - p) importance of the non-prefix tokens.
+        r: tokens to remove, 0 <= r <= N - p - 1.
+        num_prefix: p.
+        kernel: whether the Triton kernel may be used.
+
+    Returns:
+        (B, N - r, C): prefix tokens, kept tokens, then the mean of the r + 1 discarded ones.
+    """
+    if kernel and _prune_kernel_runs_here(x, scores):
+        out = _pruned_by_kernel(x, scores, r, num_prefix)
+        if out is not None:
+            return out
+    return _keep_mean_by_operations(x, scores, r, num_prefix)
 
 
 @register
@@ -335,7 +427,7 @@ class Pomt(Method):
             o, lse = attention_lse(q, k, v, attn.scale)
             x = residual(block, x, o)
             scores = importance_lean(q, k, v, lse, attn.scale, p, kernel=plan.scoring != "lean")
-        return prune_keep_mean(x, scores, plan.r, p), size
+        return prune_keep_mean(x, scores, plan.r, p, kernel=plan.prune_kernel), size
 
     def estimator_setting(self, g, removed, layer):
         return {"r": removed, "layer": layer}

@@ -35,6 +35,10 @@ class BlockPlan:
     #: float16/bfloat16, where lean was measured faster than explicit (H200 and CPU,
     #: docs/PERFORMANCE.md), explicit in float32, where it was not.
     scoring: str = "auto"
+    #: POMT's reduction (keep the best tokens, append the mean of the rest): whether it may
+    #: run as one Triton kernel (CUDA, or Triton's interpreter; without gradients; where its
+    #: first-call check passed). False: tensor operations (sorts, gathers, a mean).
+    prune_kernel: bool = True
     #: ToMe: whether the model has a class token (A's unmerged tokens then stay in position order).
     class_token: bool = True
     #: Tokens the plan expects to enter the block (0: any). A model whose token count
