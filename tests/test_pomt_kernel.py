@@ -392,3 +392,14 @@ def test_the_reduction_kernel_is_not_tried_with_gradients_without_the_interprete
         pomt.prune_keep_mean(x, scores, 10, 1)
     assert pomt.PRUNE_KERNEL == {}
     assert pomt.prune_path("cpu", torch.float32) is None
+
+
+def test_the_reduction_kernel_s_check_waits_for_finite_tokens(prune_stand_in):
+    prune_stand_in.keep_mean = by_operations  # a kernel that agrees, but NaN never equals itself
+    x, scores = tokens_and_scores()
+    x[0, 3, 2] = float("nan")
+    got = pomt.prune_keep_mean(x, scores, 10, 1)
+    assert pomt.PRUNE_KERNEL == {} and torch.equal(got.isnan(), by_operations(x, scores, 10, 1).isnan())
+    x[0, 3, 2] = 0.0
+    pomt.prune_keep_mean(x, scores, 10, 1)
+    assert pomt.PRUNE_KERNEL == {("cpu", torch.float32): "triton"}

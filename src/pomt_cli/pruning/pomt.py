@@ -291,11 +291,11 @@ def importance_lean(
 def _prune_kernel_runs_here(x: torch.Tensor, scores: torch.Tensor) -> bool:
     """Whether the Triton kernel of the reduction may run: CUDA (or the interpreter), outside traced
     and compiled graphs, and without gradients (the kernel has no backward)."""
+    if not (x.is_cuda or _interpreted(x)):  # first, and cheap: the CPU's path pays for this line only
+        return False
     if x.dtype not in (*_HALF, torch.float32) or tracing():
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or scores.requires_grad):
-        return False
-    return x.device.type == "cuda" or _interpreted(x)
+    return not (torch.is_grad_enabled() and (x.requires_grad or scores.requires_grad))
 
 
 def _pruned_by_kernel(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int) -> torch.Tensor | None:
@@ -305,8 +305,9 @@ def _pruned_by_kernel(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix:
     the same tokens in the same order, and a mean within 4 units of the dtype's precision
     of the largest token value. The outcome is recorded in :data:`PRUNE_KERNEL`; a
     missing or too old Triton, a kernel that fails to compile or a wrong result turns the
-    kernel off for that device and dtype. During a CUDA-graph capture an unchecked kernel
-    is not tried (the check cannot run there).
+    kernel off for that device and dtype. Tokens that are not all finite leave the check to
+    a later call (the operations' result is returned). During a CUDA-graph capture an
+    unchecked kernel is not tried (the check cannot run there).
     """
     key = (x.device.type, x.dtype)
     state = PRUNE_KERNEL.get(key)
@@ -325,6 +326,8 @@ def _pruned_by_kernel(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix:
         return None
     if state is None:
         expected = _keep_mean_by_operations(x, scores, r, num_prefix)
+        if not bool(torch.isfinite(x).all()):
+            return expected  # NaN never equals itself: the check waits for finite tokens
         if not torch.equal(out[:, :-1], expected[:, :-1]):
             PRUNE_KERNEL[key] = "off: its first result kept other tokens than the tensor operations"
             return None
@@ -354,7 +357,7 @@ def _keep_mean_by_operations(x: torch.Tensor, scores: torch.Tensor, r: int, num_
     B, N, C = x.shape
     p = num_prefix
     keep = N - r - p - 1
-    if tracing():
+    if torch.onnx.is_in_onnx_export():
         # ONNX has no stable sort (an export fails on aten.sort.stable, even with stable=False);
         # its TopK, which an exported sort becomes, breaks ties by the lower index: the same rule.
         order = scores.argsort(dim=-1, descending=True)
