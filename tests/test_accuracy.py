@@ -233,6 +233,7 @@ def test_pomt_at_several_layers_is_one_curve_per_layer_each_as_alone():
     for layer in (0, 3):
         alone = run_estimate(EstimateConfig(**base, layer=layer), CPU)
         assert alone.frame["layer"].to_list() == [layer] * 3
+        assert accuracy_stem(alone.meta).endswith(f"_pomt-layer{layer}_digits")  # as latency_*_pomt-layer3
         mine = both.frame.filter(pl.col("layer") == layer)
         assert mine["correct"].to_list() == alone.frame["correct"].to_list()
         assert mine["block_tokens"].to_list() == alone.frame["block_tokens"].to_list()
@@ -569,3 +570,4 @@ def test_pretrained_weights_without_the_hub_come_from_the_cache(tmp_path):
                           timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == state_dict_sha256(cached), done.stderr
     assert done.stderr == ""
+

@@ -57,12 +57,12 @@ def test_a_compiled_pomt_profile_says_so_and_eager_names_stay(tmp_path, capsys):
             str(tmp_path), *FAST]
     code, _, err = run_in_process([*args, "--runtime", "compile", "--compile-backend", "eager"], capsys)
     assert code == 0, err
-    frame, meta = read_latency(tmp_path / "latency_digits-vit_cpu_bs1_float32_pomt-layers1_compile.parquet")
+    frame, meta = read_latency(tmp_path / "latency_digits-vit_cpu_bs1_float32_pomt-layer1_compile.parquet")
     assert frame.select("layer", "tokens").rows() == [(1, 65), (1, 45)]
     assert meta.runtime == "compile" and meta.runtime_info["compile_backend"] == "eager"
     code, _, err = run_in_process(args, capsys)
     assert code == 0, err
-    _, meta = read_latency(tmp_path / "latency_digits-vit_cpu_bs1_float32_pomt-layers1.parquet")
+    _, meta = read_latency(tmp_path / "latency_digits-vit_cpu_bs1_float32_pomt-layer1.parquet")
     assert meta.runtime == "eager" and meta.runtime_info["runtime"] == "eager"
 
 

@@ -9,7 +9,7 @@ import polars as pl
 from pydantic import AfterValidator, BaseModel, Field
 
 from pomt_cli.formats.common import ProfileMeta, check_listed, read_checked
-from pomt_cli.formats.outputs import output_stem
+from pomt_cli.formats.outputs import layers_part, output_stem
 from pomt_cli.names import RANDOM
 from pomt_cli.pruning import method_names
 from pomt_cli.pruning.registry import Method
@@ -106,10 +106,7 @@ def read_accuracy(path: str | Path) -> tuple[pl.DataFrame, AccuracyMeta]:
 
 def accuracy_stem(meta: AccuracyMeta) -> str:
     """The file stem of an accuracy profile: model, dtype, estimator (and POMT's layer), data set."""
-    estimator = meta.estimator
-    if takes_layer(meta.estimator):
-        layers = meta.layers or [meta.layer]
-        estimator += f"-layer{layers[0]}" if len(layers) == 1 else "-layers" + "-".join(map(str, layers))
+    estimator = layers_part(meta.estimator, meta.layers or [meta.layer]) if takes_layer(meta.estimator) else meta.estimator
     data_name = Path(meta.data).name if meta.data != "digits" else "digits"
     return output_stem("accuracy", meta.model, dtype=meta.dtype, img_size=meta.img_size_option,
                        extra=(estimator, data_name))

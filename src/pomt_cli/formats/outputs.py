@@ -91,6 +91,13 @@ def output_stem(
     return "_".join(parts)
 
 
+def layers_part(method: str, layers: Sequence[int]) -> str:
+    """The part of a file name that names a method's layers: ``pomt-layer3``, or ``pomt-layers3-6`` for several."""
+    if len(layers) == 1:
+        return f"{method}-layer{layers[0]}"
+    return f"{method}-layers" + "-".join(map(str, layers))
+
+
 def output_path(output_dir: str | Path, stem: str, suffix: str) -> Path:
     """``output_dir/stem.suffix`` (``suffix`` without the dot; ``plot.png`` adds a second part)."""
     return Path(output_dir) / f"{stem}.{suffix}"

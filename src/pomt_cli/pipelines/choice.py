@@ -8,7 +8,7 @@ from pathlib import Path
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.accuracy import RANDOM
 from pomt_cli.formats.lookup import find_profile_pair, find_profiles, interrupted_profiles
-from pomt_cli.formats.outputs import OutputSet, check_output_dir, output_stem
+from pomt_cli.formats.outputs import OutputSet, check_output_dir, layers_part, output_stem
 from pomt_cli.formats.report import Report, write_report
 from pomt_cli.measure.runtimes import Runtime
 from pomt_cli.pipelines.common import SILENT, Reporter, Settings
@@ -90,15 +90,15 @@ def report_stem(report: Report) -> str:
 
     The latency profile's device, batch sizes, dtype, input size, runtime and CUDA graphs
     (as its own name has them); the POMT layers the choice was made among
-    (``pomt-layers3-6``); and, for the proxy workload, an accuracy estimator other than the
-    default ``random`` (``acc-topk``).
+    (``pomt-layer3``, ``pomt-layers3-6``); and, for the proxy workload, an accuracy
+    estimator other than the default ``random`` (``acc-topk``).
     """
     source = report.latency
     estimator = report.accuracy.estimator
     return output_stem(
         "compute_r", report.model, device=source.device_preset, batch_size=[c.batch_size for c in report.choices],
         dtype=source.dtype, img_size=source.img_size_option,
-        extra=(*(("pomt-layers" + "-".join(map(str, report.layers)),) if report.layers else ()),
+        extra=(*((layers_part("pomt", report.layers),) if report.layers else ()),
                *(() if report.runtime == Runtime.eager.value else (report.runtime,)),
                *(("cudagraphs",) if source.timing_mode == "cuda_graphs" else ()),
                *((f"acc-{estimator}",) if report.workload == "proxy" and estimator not in (None, RANDOM) else ())))

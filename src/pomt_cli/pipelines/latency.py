@@ -16,7 +16,7 @@ from pomt_cli.devices.torch_device import device_name, set_cpu_threads, short_de
 from pomt_cli.errors import PomtError
 from pomt_cli.formats.common import write_profile
 from pomt_cli.formats.latency import ClockState, LatencyMeta, Workload, resume_rows
-from pomt_cli.formats.outputs import OutputSet, output_stem, write_error
+from pomt_cli.formats.outputs import OutputSet, layers_part, output_stem, write_error
 from pomt_cli.defaults import BUDGET_S
 from pomt_cli.measure.grid import GridProgress, LatencySettings
 from pomt_cli.measure.steps import cut_steps, find_curve_steps
@@ -164,7 +164,7 @@ def profile(settings: ProfileSettings, reporter: Reporter = SILENT) -> ProfileRe
     previous = previous_meta = None
     if s.resume is not None:
         previous, previous_meta = resume_rows(s.resume, meta)
-    workload_slug = () if layers is None else ("pomt-layers" + "-".join(map(str, layers)),)
+    workload_slug = () if layers is None else (layers_part("pomt", layers),)
     stem = output_stem("latency", s.model, device=preset.name, batch_size=s.batch_sizes, dtype=dtype,
                        img_size=s.img_size,
                        extra=(*workload_slug, *s.runtime_slug(), *(("cudagraphs",) if s.cuda_graphs else ())))
