@@ -27,7 +27,7 @@ from pomt_cli.accuracy.estimators import accuracy_grid, random_patch_order
 from pomt_cli.accuracy.evaluate import EstimateConfig, estimate_hits, run_estimate
 from pomt_cli.formats.accuracy import accuracy_stem
 from pomt_cli.pruning.registry import spread
-from pomt_cli.accuracy.data import Preprocess, balanced_subset, list_images, load_images
+from pomt_cli.accuracy.data import Preprocess, balanced_subset, describe_duplicates, list_images, load_images
 from pomt_cli.errors import PomtError
 from pomt_cli import models
 from pomt_cli.models import create_model, state_dict_sha256
@@ -72,6 +72,15 @@ def test_folder_links_count_each_image_once_under_its_own_class(tmp_path):
     (root / "c1" / "deep" / "loop").symlink_to("../..")
     listing = list_images(root)
     assert [(r.name, r.label) for r in listing.records] == direct and listing.available == 5
+    # The links to a sibling class showed its images again: each is named with the image it is.
+    c0 = [name for name, _ in direct[:2]]
+    c1 = [name for name, _ in direct[2:]]
+    assert listing.duplicates == (*((f"c0/sibling/{n[3:]}", n) for n in c1), *((f"c1/back/{n[3:]}", n) for n in c0))
+    assert describe_duplicates(listing.duplicates) == (
+        "counted once 5 image(s) that folder links showed a second time, leaving out "
+        f"c0/sibling/{c1[0][3:]} (the file of {c1[0]}); c0/sibling/{c1[1][3:]} (the file of {c1[1]}); "
+        f"c0/sibling/{c1[2][3:]} (the file of {c1[2]}) and 2 more")
+    assert describe_duplicates(()) is None and list_images(root / "c1").duplicates == ()
     # Images that only a link leads to are found through it, once.
     store = image_folder(tmp_path / "store", {"more": 2}) / "more"
     (root / "c1" / "linked").symlink_to(store)
@@ -320,17 +329,29 @@ def test_the_class_order_decides_the_labels_of_a_folder_of_digits(tmp_path, caps
         assert f"--class-order {order}" in meta.command
         accuracy[order] = frame["accuracy"].item()
     assert accuracy["natural"] >= 90.0 and accuracy["name"] <= 20.0
+    assert meta.duplicates == []
+    # A folder link that shows a class's images a second time: each counts once, and is listed.
+    (root / "c3" / "again").symlink_to("../c2")
+    again = sorted(f"c3/again/{p.name}" for p in (root / "c2").glob("*.png"))
+    code, out, err = run_in_process([*base, "--class-order", "natural", "--output-dir", str(tmp_path / "linked")],
+                                    capsys)
+    assert code == 0, err
+    _, meta = read_accuracy(next((tmp_path / "linked").glob("accuracy_*.parquet")))
+    assert [(d.image, d.counted_as) for d in meta.duplicates] == [(n, "c2/" + n.split("/")[-1]) for n in again]
+    assert meta.num_images == 120 and meta.images_available == 120
+    assert f"counted once {len(again)} image(s) that folder links showed a second time" in " ".join(out.split())
     # bench's accuracy reads the folder the same way.
     bench = ["bench", "--model", "digits-vit", "--device", "cpu", "--method", "none", "--data", str(root),
              "--budget", "0.05", "--rounds", "1", "--no-lock-clocks"]
     code, _, err = run_in_process([*bench, "--output-dir", str(tmp_path / "bench-none")], capsys)
     assert code == 2 and "--class-order name or natural" in err
     assert not (tmp_path / "bench-none").exists()
-    code, _, err = run_in_process([*bench, "--class-order", "natural", "--output-dir", str(tmp_path / "bench")],
-                                  capsys)
+    code, out, err = run_in_process([*bench, "--class-order", "natural", "--output-dir", str(tmp_path / "bench")],
+                                    capsys)
     assert code == 0, err
     (parquet,) = (tmp_path / "bench").glob("bench_*.parquet")
     assert pl.read_parquet(parquet)["accuracy"].item() >= 90.0
+    assert f"counted once {len(again)} image(s)" in " ".join(out.split())
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,8 @@ class Listing:
         records: the images used (all of them, or a ``limit`` subset).
         available: images in the data set before ``limit``.
         limit: the subset size asked for, if any.
+        duplicates: ``(name, counted_as)`` of each image file that folder links showed
+            again under another name: it is counted once, as ``counted_as``.
     """
 
     source: str
@@ -82,6 +84,7 @@ class Listing:
     records: list[ImageRecord]
     available: int
     limit: int | None = None
+    duplicates: tuple[tuple[str, str], ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -185,7 +188,8 @@ def _walk_class(root: Path, name: str, label: int) -> Iterator[tuple[ImageRecord
                 yield record, linked[folder], real_file
 
 
-def _list_folder(root: Path, order: ClassOrder | None = None) -> tuple[list[str], list[ImageRecord]]:
+def _list_folder(root: Path, order: ClassOrder | None = None
+                 ) -> tuple[list[str], list[ImageRecord], tuple[tuple[str, str], ...]]:
     if not root.exists():
         raise PomtError(f"--data {root} does not exist: give an image folder (one subfolder per class) or 'digits'")
     if not root.is_dir():
@@ -204,16 +208,27 @@ def _list_folder(root: Path, order: ClassOrder | None = None) -> tuple[list[str]
         if real not in chosen or (chosen[real][1] and not linked):
             chosen[real] = (record, linked)
     kept = {id(record) for record, _ in chosen.values()}
-    return classes, [record for record, _, _ in found if id(record) in kept]
+    duplicates = tuple((record.name, chosen[real][0].name) for record, _, real in found if id(record) not in kept)
+    return classes, [record for record, _, _ in found if id(record) in kept], duplicates
 
 
-def _list_digits() -> tuple[list[str], list[ImageRecord]]:
+def _list_digits() -> tuple[list[str], list[ImageRecord], tuple[tuple[str, str], ...]]:
     split = digits.digits_split("test")
     records = [
         ImageRecord(name=f"digits/test/{int(i):05d}", label=int(y), pixels=px)
         for px, y, i in zip(split.pixels, split.labels, split.indices)
     ]
-    return list(digits.CLASSES), sorted(records, key=lambda r: (r.label, r.name))
+    return list(digits.CLASSES), sorted(records, key=lambda r: (r.label, r.name)), ()
+
+
+def describe_duplicates(duplicates: Sequence[tuple[str, str]], shown: int = 3) -> str | None:
+    """One line on the images that folder links showed twice (None where there were none)."""
+    if not duplicates:
+        return None
+    listed = "; ".join(f"{name} (the file of {kept})" for name, kept in duplicates[:shown])
+    more = f" and {len(duplicates) - shown} more" if len(duplicates) > shown else ""
+    return (f"counted once {len(duplicates)} image(s) that folder links showed a second time, leaving out "
+            f"{listed}{more}")
 
 
 def check_classes(model, listing: Listing, spec: str | Path) -> None:
@@ -255,10 +270,10 @@ def list_images(spec: str | Path, limit: int | None = None, class_order: ClassOr
     if not str(spec).strip():  # Path("") is the working folder
         raise PomtError(f"--data is empty: give an image folder (one subfolder per class) or '{DIGITS}'")
     if str(spec) == DIGITS:
-        source, (classes, records) = DIGITS, _list_digits()
+        source, (classes, records, duplicates) = DIGITS, _list_digits()
     else:
         root = Path(spec).expanduser().resolve()
-        source, (classes, records) = str(root), _list_folder(root, class_order)
+        source, (classes, records, duplicates) = str(root), _list_folder(root, class_order)
     if not records:
         raise PomtError(
             f"--data {spec} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders)"
@@ -271,7 +286,8 @@ def list_images(spec: str | Path, limit: int | None = None, class_order: ClassOr
         chosen = balanced_subset(records, len(classes), limit)
     else:
         chosen = records
-    return Listing(source=source, classes=classes, records=chosen, available=len(records), limit=limit)
+    return Listing(source=source, classes=classes, records=chosen, available=len(records), limit=limit,
+                   duplicates=duplicates)
 
 
 @dataclass(frozen=True)

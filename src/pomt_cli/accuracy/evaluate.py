@@ -20,7 +20,7 @@ from pomt_cli.accuracy.data import (ClassOrder, LabelledImages, Listing, Preproc
 from pomt_cli.accuracy.distributed import Processes, gather
 from pomt_cli.accuracy.estimators import accuracy_grid, random_patch_order, reduction
 from pomt_cli.errors import PomtError
-from pomt_cli.formats.accuracy import AccuracyMeta, Estimator, FRAME_SCHEMA, RANDOM, SkippedImage, accuracy_stem, estimator_method, takes_layer
+from pomt_cli.formats.accuracy import AccuracyMeta, DuplicateImage, Estimator, FRAME_SCHEMA, RANDOM, SkippedImage, accuracy_stem, estimator_method, takes_layer
 from pomt_cli.formats.common import write_profile
 from pomt_cli.formats.outputs import write_set
 from pomt_cli.models import create_model, state_dict_sha256, vit_geometry, weights_source
@@ -255,6 +255,7 @@ def run_estimate(
         weights_file=str(Path(config.checkpoint).resolve()) if config.checkpoint else None,
         weights_sha256=weights_sha, data=listing.source, num_images=images, num_classes=listing.num_classes,
         limit=config.limit, images_available=listing.available, skipped=skipped,
+        duplicates=[DuplicateImage(image=name, counted_as=kept) for name, kept in listing.duplicates],
         images_sha256=hashlib.sha256("\n".join(used).encode()).hexdigest(), images=used,
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.data_config.items()},
         batch_size=config.batch_size, device_type=procs.device.type,

@@ -187,6 +187,10 @@ def render(result: BenchResult) -> None:
              + (f", {images} images" if images else ""))
     if result.skipped:
         out.print(f"skipped {len(result.skipped)} unreadable image(s), e.g. {result.skipped[0][0]}")
+    if result.duplicates:
+        from pomt_cli.accuracy.data import describe_duplicates
+
+        out.print(describe_duplicates(result.duplicates))
     refined = any(c.refined for c in result.choices.values())
     for table in _render(frame, title, images is not None, meta.runtime, refined):
         out.print(table)

@@ -111,6 +111,11 @@ def render(result: AccuracyResult) -> None:
         shown = "; ".join(f"{s.image} ({s.reason})" for s in meta.skipped[:3])
         more = f" and {len(meta.skipped) - 3} more" if len(meta.skipped) > 3 else ""
         out.print(f"skipped {len(meta.skipped)} unreadable image(s): {shown}{more} (all listed in the profile)")
+    if meta.duplicates:
+        from pomt_cli.accuracy.data import describe_duplicates
+
+        line = describe_duplicates([(d.image, d.counted_as) for d in meta.duplicates])
+        out.print(f"{line} (all listed in the profile)")
     out.print(summary_table(run))
     print_path(out, "accuracy profile:", result.profile)
     print_path(out, "plot:            ", result.plot)

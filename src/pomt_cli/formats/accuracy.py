@@ -58,6 +58,13 @@ class SkippedImage(BaseModel):
     reason: str
 
 
+class DuplicateImage(BaseModel):
+    """An image file that folder links showed twice: counted once, as ``counted_as``."""
+
+    image: str
+    counted_as: str
+
+
 class AccuracyMeta(ProfileMeta):
     """Metadata of an accuracy profile (see docs/FORMATS.md).
 
@@ -79,6 +86,8 @@ class AccuracyMeta(ProfileMeta):
     limit: int | None = None
     images_available: int | None = None
     skipped: list[SkippedImage] | None = None
+    duplicates: list[DuplicateImage] | None = Field(
+        None, description="image files reached again through folder links, left out (None: written before 2026-11-28)")
     images_sha256: str | None = Field(None, description="SHA-256 of the evaluated image names, one per line, in order")
     images: list[str] | None = None
     preprocessing: dict | None = None

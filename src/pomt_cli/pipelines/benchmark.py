@@ -108,6 +108,8 @@ class BenchResult:
     csv: Path
     parquet: Path
     report_runtime: str | None = None
+    #: ``(name, counted_as)`` of the images that folder links showed twice (counted once).
+    duplicates: tuple[tuple[str, str], ...] = ()
     #: The device the report's latency profile was measured on (its ``device_name``), where
     #: it is not this bench's: the predictions are that device's.
     report_device: str | None = None
@@ -327,4 +329,5 @@ def bench(settings: BenchSettings, reporter: Reporter = SILENT) -> BenchResult:
         elsewhere = report.latency.device_name
     return BenchResult(frame=frame, meta=meta, plan=plan, choices=choices,
                        skipped=list(labelled.skipped) if labelled else [], r_from=s.r_from, csv=csv, parquet=parquet,
-                       report_runtime=report_runtime, report_device=elsewhere)
+                       report_runtime=report_runtime, report_device=elsewhere,
+                       duplicates=listing.duplicates if listing else ())
