@@ -66,6 +66,14 @@ def test_help_and_version_import_no_heavy_package(args):
     (["demo", "--output-dir", "runs/a\nb"], "--output-dir"),
     (["profile", "--budgte", "1"], "--budgte"),
     (["refine"], "REPORT"),
+    # Options whose text the command reads before it imports the library.
+    (["profile", "--batch-size", "0"], "--batch-size"),
+    (["profile", "--layer", "1,x", "--method", "pomt"], "--layer"),
+    (["profile", "--ort-providers", ","], "--ort-providers"),
+    (["bench", "--batch-size", "4,a"], "--batch-size"),
+    (["bench", "--ort-providers", ","], "--ort-providers"),
+    (["estimate-accuracy", "--data", "digits", "--layer", "2,2"], "--layer"),
+    (["compute-r", "--latency", "l.parquet", "--accuracy", "a.parquet", "--batch-size", "-1"], "--batch-size"),
 ])
 def test_an_option_refused_while_parsing_imports_no_heavy_package(args, option):
     done, packages = imported(args)

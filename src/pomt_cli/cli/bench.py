@@ -300,6 +300,9 @@ def bench(
     output_dir: OutputDirOption = Path("runs"),
 ) -> None:
     """Time (and evaluate) the model with no pruning, POMT, ToMe and Top-K, side by side in one run."""
+    # The options' text first: a refusal then comes before torch is imported.
+    batch_sizes = parse_int_list(batch_size, "--batch-size") if batch_size else None
+    providers = parse_providers(ort_providers)
     from pomt_cli.cli.progress import RichReporter
     from pomt_cli.models import model_line
     from pomt_cli.pipelines import BenchSettings
@@ -314,12 +317,12 @@ def bench(
     settings = BenchSettings(
         model=model, methods=[m.value for m in method], r=r, r_from=r_from, layer=layer,
         method_r={tome.Tome.name: tome_r, topk.Topk.name: topk_r},
-        batch_sizes=parse_int_list(batch_size, "--batch-size") if batch_size else None, device=device,
+        batch_sizes=batch_sizes, device=device,
         torch_device=torch_device, dtype=dtype, pretrained=pretrained, checkpoint=checkpoint,
         allow_random_weights=allow_random_weights, img_size=img_size, data=data, limit=limit,
         class_order=class_order and class_order.value,
         eval_batch_size=eval_batch_size, cuda_graphs=cuda_graphs, runtimes=runtime,
-        ort_providers=parse_providers(ort_providers),
+        ort_providers=providers,
         compile_backend=given(ctx, "compile_backend", compile_backend),
         rel_precision=rel_precision, budget_s=budget,
         rounds=rounds, seed=seed, threads=threads, lock_clocks=lock_clocks, output_dir=output_dir, command=ctx.obj,

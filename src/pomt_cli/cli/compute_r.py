@@ -186,13 +186,15 @@ def compute_r(
     ] = Path("runs"),
 ) -> None:
     """Choose R, the tokens to prune: where the latency saved pays for the accuracy lost."""
+    # The options' text first: a refusal then comes before torch is imported.
+    batch_sizes = parse_int_list(batch_size, "--batch-size") if batch_size is not None else None
     from pomt_cli.cli.progress import RichReporter
     from pomt_cli.pipelines import ComputeRSettings
     from pomt_cli.pipelines import compute_r as run_compute_r
 
     settings = ComputeRSettings(
         latency=latency, accuracy=accuracy, selection=selection_settings(alpha, latency_budget, max_accuracy_drop),
-        batch_sizes=parse_int_list(batch_size, "--batch-size") if batch_size is not None else None,
+        batch_sizes=batch_sizes,
         output_dir=output_dir, command=ctx.obj,
     )
     with RichReporter(notes_to_stdout=True) as reporter:

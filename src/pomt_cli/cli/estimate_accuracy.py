@@ -150,6 +150,7 @@ def estimate_accuracy(
     output_dir: OutputDirOption = Path("runs"),
 ) -> None:
     """Estimate accuracy against kept tokens n on labelled images; the file that compute-r joins with a latency profile."""
+    layers = parse_layers(layer)  # the options' text first: a refusal then comes before torch is imported
     from pomt_cli.accuracy.evaluate import EstimateConfig
     from pomt_cli.cli.progress import RichReporter
     from pomt_cli.formats.accuracy import takes_layer
@@ -160,7 +161,6 @@ def estimate_accuracy(
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun the first process speaks for all
     if main_process:
         out.print(model_line(model))
-    layers = parse_layers(layer)
     if layers is not None and not takes_layer(estimator.value):
         raise PomtError(f"--layer applies to --estimator pomt only; the {estimator.value} estimator has no layer: "
                         "leave out --layer or add --estimator pomt")

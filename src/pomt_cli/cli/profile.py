@@ -227,6 +227,9 @@ def profile(
     top_steps: Annotated[int, typer.Option("--top-steps", min=1, help="Steps listed per batch size.")] = 8,
 ) -> None:
     """Measure latency against kept tokens n: the device's latency-workload curve, its largest steps and a plot."""
+    # The options' text first: a refusal then comes before torch is imported.
+    batch_sizes, layers, providers = parse_int_list(batch_size, "--batch-size"), parse_layers(layer), parse_providers(
+        ort_providers)
     from pomt_cli.cli.progress import RichReporter
     from pomt_cli.models import model_line
     from pomt_cli.pipelines import ProfileSettings
@@ -234,14 +237,14 @@ def profile(
 
     out.print(model_line(model))
     settings = ProfileSettings(
-        model=model, device=device, torch_device=torch_device, batch_sizes=parse_int_list(batch_size, "--batch-size"),
+        model=model, device=device, torch_device=torch_device, batch_sizes=batch_sizes,
         dtype=dtype, tokens=tokens, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size,
         cuda_graphs=cuda_graphs, runtime=runtime,
-        ort_providers=parse_providers(ort_providers),
+        ort_providers=providers,
         compile_backend=given(ctx, "compile_backend", compile_backend),
         rel_precision=rel_precision, budget_s=budget, min_samples=min_samples,
         warmup=warmup, passes=passes, remeasure=remeasure, seed=seed, workload=method.value,
-        layers=parse_layers(layer), threads=threads, lock_clocks=lock_clocks, output_dir=output_dir,
+        layers=layers, threads=threads, lock_clocks=lock_clocks, output_dir=output_dir,
         resume=resume, top_steps=top_steps, command=ctx.obj,
     )
     with RichReporter(command=ctx.obj) as reporter:
