@@ -197,7 +197,7 @@ def test_the_accuracy_line_counts_every_layer_in_the_passes(estimator, layers, e
 
     monkeypatch.setattr(estimate_accuracy, "summary_table", lambda run: "")
     meta = SimpleNamespace(estimator=estimator, layers=layers, grid=list(range(65, 1, -8)), num_images=125,
-                           num_classes=10, skipped=[])
+                           num_classes=10, skipped=[], duplicates=[])
     run = SimpleNamespace(meta=meta, decode_s=0.5, evaluate_s=2.0, local_images=62.5)
     estimate_accuracy.render(SimpleNamespace(run=run, world_size=2, profile="a.parquet", plot="a.png"))
     text = " ".join(capsys.readouterr().out.split()).split(" accuracy profile:")[0]
