@@ -449,6 +449,19 @@ def test_profile_of_the_pomt_model_writes_one_curve_per_layer(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("given, expected", [
+    ([], (0.1, 1, 2)),  # --budget 0.1 --warmup 1 --passes 2
+    (["--budget", "0.05", "--passes", "1"], (0.05, 1, 1)),  # what is given wins
+])
+def test_quick_sets_the_short_settings_and_given_options_win(tmp_path, capsys, given, expected):
+    code, _, err = run_in_process(["profile", "--device", "cpu", "--model", "digits-vit", "--tokens", "65:45:20",
+                                   "--no-lock-clocks", "--min-samples", "3", "--quick", *given,
+                                   "--output-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    _, meta = read_latency_profile(next(tmp_path.glob("*.parquet")))
+    assert (meta.budget_s, meta.warmup, meta.passes) == expected and "--quick" in meta.command
+
+
 def test_profile_resumes_an_interrupted_run(tmp_path, capsys):
     args = ["profile", *TINY, "--tokens", "197:97:50", "--output-dir", str(tmp_path), *FAST]
     assert run_in_process(args, capsys)[0] == 0

@@ -17,6 +17,10 @@ MAX_SAMPLES = 10_000
 
 #: Seconds of timing per grid point at most (profile).
 BUDGET_S = 1.0
+#: ``pomt profile --quick``: seconds per point, untimed calls per point, passes. On an H200
+#: at batch 64 float32 a full profile took 25-26 s so, against 112-119 s by default, and
+#: listed 5-10 of the 15 steps that the default profiles list (docs/PERFORMANCE.md).
+QUICK_BUDGET_S, QUICK_WARMUP, QUICK_PASSES = 0.1, 1, 2
 #: Interleaved rounds of refine and bench, and their seconds of timing per setting and
 #: round at most. Six rounds of half a second give the interval of a ratio from the rounds
 #: (:mod:`pomt_cli.measure.ratio`) about half the width of three rounds of a second, in
