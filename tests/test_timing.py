@@ -6,6 +6,7 @@ stopping rule, the statistics, the budget and the out-of-memory path can be chec
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -259,6 +260,21 @@ def test_a_warmup_call_longer_than_the_budget_still_leaves_one_timed_sample():
     # The one warm-up call (2.5 s) spent the whole 1 s budget; one call is timed all the same.
     assert (m.warmup_calls, m.samples, fn.calls, m.status) == (1, 1, 2, "budget")
     assert m.median_ms == pytest.approx(2500.0)
+
+
+def test_a_slow_first_call_leaves_the_timed_calls_half_the_budget():
+    # A first call of 1.5 s (lazy set-up, or a busy machine), then 10 ms calls: the warm-up ate
+    # the 1 s budget, and the timed calls still get 0.5 s, enough for an interval of the median.
+    clock = FakeClock()
+    fn = workload(clock, itertools.chain([1.5], constant(0.010)))
+    m = measure(fn, device="cpu", clock=clock, budget_s=1.0, warmup=3, min_samples=10)
+    assert m.warmup_calls == 1 and m.samples >= 10 and m.ci_low_ms is not None
+    assert m.median_ms == pytest.approx(10.0) and m.elapsed_s <= 1.5 + 0.5 + 0.010
+    # Where the warm-up left more than half the budget, the budget alone decides (as before).
+    clock = FakeClock()
+    fn = workload(clock, (0.004 if i % 2 else 0.006 for i in range(100_000)))
+    m = measure(fn, device="cpu", clock=clock, rel_precision=0.01, budget_s=0.5, warmup=2)
+    assert 0.5 <= m.elapsed_s <= 0.5 + 0.006
 
 
 def test_max_samples_caps_the_run():

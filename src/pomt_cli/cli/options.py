@@ -194,10 +194,10 @@ RelPrecisionOption = Annotated[float, typer.Option(
     help="Stop timing once the 95% CI of the median is within this fraction.")]
 ProfileBudgetOption = Annotated[float, typer.Option(
     "--budget", callback=seconds,
-    help="Seconds of timing per grid point at most, warm-up included.")]
+    help="Seconds of timing per grid point, warm-up included (the timed calls get half of it at least).")]
 BenchBudgetOption = Annotated[float, typer.Option(
     "--budget", callback=seconds,
-    help="Seconds of timing per method and round at most.")]
+    help="Seconds of timing per method and round, warm-up included (the timed calls get half of it at least).")]
 
 
 def seed_option(help: str) -> object:

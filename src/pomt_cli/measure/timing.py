@@ -390,7 +390,8 @@ def measure(
         device: where ``fn`` runs; decides the timer (CUDA events, or ``clock`` with a
             device synchronisation).
         rel_precision: stop once the CI of the median lies within this fraction of it.
-        budget_s: wall-clock seconds for this measurement, warm-up included. At least
+        budget_s: wall-clock seconds for this measurement, warm-up included; the timed
+            calls get at least half of it, even after a warm-up that took longer. At least
             one sample is always taken.
         min_samples: the fewest timed calls before the precision rule may stop.
         max_samples: the most timed calls.
@@ -441,8 +442,11 @@ def measure(
             if cuda_graphs:
                 estimate_ms = _time_with_clock(timed, 1, device, clock)[0]  # one replay untimed
             status: Status = "budget"
+            # The timed calls get half the budget at least: a warm-up that ate it (a slow first
+            # call: lazy set-up, compilation, a busy machine) must not leave a single sample.
+            timing_began = clock()
             while True:
-                remaining_ms = (budget_s - elapsed()) * 1e3
+                remaining_ms = max(budget_s - elapsed(), budget_s / 2 - (clock() - timing_began)) * 1e3
                 if samples and remaining_ms <= 0:
                     break
                 wanted = min_samples - len(samples) if len(samples) < min_samples else math.ceil(len(samples) / 4)
