@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -148,43 +149,65 @@ def _kernel_runs_here(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" or _interpreted(q)
 
 
+def _checked_kernel(states: dict[tuple[str, torch.dtype], str], key: tuple[str, torch.dtype],
+                    module: str, run: Callable, check: Callable[[torch.Tensor], str | None]) -> torch.Tensor | None:
+    """One of POMT's optional Triton kernels: its result, or None where it is missing, off or wrong.
+
+    ``states[key]`` records the outcome for a device type and dtype: ``"triton"`` once the
+    kernel's first result passed ``check`` (which returns None, or why it is wrong), else
+    ``"off: WHY"``: a missing or too old Triton, a kernel that fails to compile or a wrong
+    result turns the kernel off for that device and dtype. During a CUDA-graph capture an
+    unchecked kernel is not tried (its check cannot run there).
+
+    Args:
+        states: :data:`RECEIVED_KERNEL` or :data:`PRUNE_KERNEL`.
+        key: (device type, dtype).
+        module: the kernel's module, imported here only (it imports Triton).
+        run: called with the module, returns the kernel's result.
+        check: called with the first result.
+    """
+    state = states.get(key)
+    if state is not None and state != "triton":
+        return None
+    if state is None and key[0] == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        result = run(importlib.import_module(module))
+    except Exception as exc:  # noqa: BLE001 - an optional accelerator: any failure means "use the operations"
+        if state == "triton":
+            raise
+        message = str(exc).strip()
+        states[key] = f"off: {type(exc).__name__}: {message.splitlines()[0][:160] if message else ''}"
+        return None
+    if state is None:
+        why = check(result)
+        if why is not None:
+            states[key] = f"off: {why}"
+            return None
+        states[key] = "triton"
+    return result
+
+
 def _received_by_kernel(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
                         num_prefix: int) -> torch.Tensor | None:
     """:func:`received_attention` by the Triton kernel, or None where it is missing or wrong.
 
     The first call for a device and dtype checks the kernel against the explicit softmax
     of one image in float64 (within 1e-3 relative) and records the outcome in
-    :data:`RECEIVED_KERNEL`; a missing or too old Triton, a kernel that fails to compile or a wrong
-    result turns the kernel off for that device and dtype. During a CUDA-graph capture
-    an unchecked kernel is not tried (the check cannot run there).
+    :data:`RECEIVED_KERNEL` (:func:`_checked_kernel`).
     """
-    key = (q.device.type, q.dtype)
-    state = RECEIVED_KERNEL.get(key)
-    if state is not None and state != "triton":
-        return None
-    if state is None and q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    try:
-        kernel = importlib.import_module("pomt_cli.pruning.triton_received")  # imports Triton: only here
-        received = kernel.received_attention(q, k, lse, scale, num_prefix)
-    except Exception as exc:  # noqa: BLE001 - an optional accelerator: any failure means "use the product"
-        if state == "triton":
-            raise
-        message = str(exc).strip()
-        RECEIVED_KERNEL[key] = f"off: {type(exc).__name__}: {message.splitlines()[0][:160] if message else ''}"
-        return None
-    if state is None:
+
+    def check(received: torch.Tensor) -> str | None:
         # In float64, so that a float32 product in TF32 (torch.set_float32_matmul_precision)
         # cannot fail a correct kernel.
         p = num_prefix
         probabilities = ((q[:1].double() * scale) @ k[:1].double().transpose(-2, -1)).softmax(dim=-1)
         expected = probabilities.amax(dim=1)[:, p:, p:].sum(dim=1)
         error = float(((received[:1].double() - expected).abs() / expected.abs().clamp_min(1e-12)).max())
-        if not error <= 1e-3:
-            RECEIVED_KERNEL[key] = f"off: its first result was {error:.1e} away from the explicit softmax"
-            return None
-        RECEIVED_KERNEL[key] = "triton"
-    return received
+        return None if error <= 1e-3 else f"its first result was {error:.1e} away from the explicit softmax"
+
+    return _checked_kernel(RECEIVED_KERNEL, (q.device.type, q.dtype), "pomt_cli.pruning.triton_received",
+                           lambda kernel: kernel.received_attention(q, k, lse, scale, num_prefix), check)
 
 
 def received_path(device: torch.device | str, dtype: torch.dtype) -> str | None:
@@ -303,41 +326,24 @@ def _pruned_by_kernel(x: torch.Tensor, scores: torch.Tensor, r: int, num_prefix:
 
     The first call for a device and dtype checks the kernel against the tensor operations:
     the same tokens in the same order, and a mean within 4 units of the dtype's precision
-    of the largest token value. The outcome is recorded in :data:`PRUNE_KERNEL`; a
-    missing or too old Triton, a kernel that fails to compile or a wrong result turns the
-    kernel off for that device and dtype. Tokens that are not all finite leave the check to
-    a later call (the operations' result is returned). During a CUDA-graph capture an
-    unchecked kernel is not tried (the check cannot run there).
+    of the largest token value; the outcome is recorded in :data:`PRUNE_KERNEL`
+    (:func:`_checked_kernel`). Tokens that are not all finite leave the check, and the
+    kernel, to a later call (NaN never equals itself).
     """
     key = (x.device.type, x.dtype)
-    state = PRUNE_KERNEL.get(key)
-    if state is not None and state != "triton":
+    if key not in PRUNE_KERNEL and not bool(torch.isfinite(x).all()):
         return None
-    if state is None and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    try:
-        kernel = importlib.import_module("pomt_cli.pruning.triton_prune")  # imports Triton: only here
-        out = kernel.keep_mean(x, scores, r, num_prefix)
-    except Exception as exc:  # noqa: BLE001 - an optional accelerator: any failure means "use the operations"
-        if state == "triton":
-            raise
-        message = str(exc).strip()
-        PRUNE_KERNEL[key] = f"off: {type(exc).__name__}: {message.splitlines()[0][:160] if message else ''}"
-        return None
-    if state is None:
+
+    def check(out: torch.Tensor) -> str | None:
         expected = _keep_mean_by_operations(x, scores, r, num_prefix)
-        if not bool(torch.isfinite(x).all()):
-            return expected  # NaN never equals itself: the check waits for finite tokens
         if not torch.equal(out[:, :-1], expected[:, :-1]):
-            PRUNE_KERNEL[key] = "off: its first result kept other tokens than the tensor operations"
-            return None
+            return "its first result kept other tokens than the tensor operations"
         error = float((out[:, -1].float() - expected[:, -1].float()).abs().max())
         bound = 4 * torch.finfo(x.dtype).eps * float(x.abs().amax().float().clamp_min(1e-30))
-        if not error <= bound:
-            PRUNE_KERNEL[key] = f"off: its first mean was {error:.1e} away from the tensor operations'"
-            return None
-        PRUNE_KERNEL[key] = "triton"
-    return out
+        return None if error <= bound else f"its first mean was {error:.1e} away from the tensor operations'"
+
+    return _checked_kernel(PRUNE_KERNEL, key, "pomt_cli.pruning.triton_prune",
+                           lambda kernel: kernel.keep_mean(x, scores, r, num_prefix), check)
 
 
 def prune_path(device: torch.device | str, dtype: torch.dtype) -> str | None:
