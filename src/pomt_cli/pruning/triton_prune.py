@@ -38,6 +38,13 @@ BLOCK_CHANNELS = 64
 NUM_WARPS = 4
 
 
+@triton.jit
+def _scores_at(scores, tokens, ok):
+    """The scores of ``tokens`` (0 where not ``ok``), a NaN read as +inf."""
+    s = tl.load(scores + tokens, mask=ok, other=0.0)
+    return tl.where(s != s, float("inf"), s)
+
+
 # Arguments that change with the token count or r are not specialised, so that a profile
 # sweeping n compiles the kernel once per model.
 @triton.jit(do_not_specialize=["N", "KEEP", "stride_xb", "stride_sb", "stride_ob", "inv_dropped"])
@@ -59,14 +66,12 @@ def _keep_mean_kernel(x_ptr, s_ptr, out_ptr, stride_xb, stride_xn, stride_sb, st
     for first in range(0, M, BLOCK_I):
         mine = first + tl.arange(0, BLOCK_I)
         mine_ok = mine < M
-        s_mine = tl.load(scores + mine, mask=mine_ok, other=0.0)
-        s_mine = tl.where(s_mine != s_mine, float("inf"), s_mine)
+        s_mine = _scores_at(scores, mine, mine_ok)
         rank = tl.zeros([BLOCK_I], dtype=tl.int32)
         for other_first in range(0, M, BLOCK_J):
             other = other_first + tl.arange(0, BLOCK_J)
             other_ok = other < M
-            s_other = tl.load(scores + other, mask=other_ok, other=0.0)
-            s_other = tl.where(s_other != s_other, float("inf"), s_other)
+            s_other = _scores_at(scores, other, other_ok)
             ahead = (s_other[None, :] > s_mine[:, None]) | (
                 (s_other[None, :] == s_mine[:, None]) & (other[None, :] < mine[:, None]))
             rank += tl.sum((ahead & other_ok[None, :]).to(tl.int32), axis=1)
