@@ -193,14 +193,20 @@ def test_a_kernel_that_agrees_is_checked_once_then_used(stand_in):
     assert torch.equal(first, by_product(q, k, lse, scale, p) * (1 + 1e-4))  # the kernel's result, not the product's
 
 
-@needs(versions.CPU_FLOAT16)
-def test_a_kernel_that_fails_is_turned_off_once_and_the_product_is_used(stand_in):
-    calls = []
+def failing_kernel(calls: list):
+    """A stand-in kernel that fails as a missing ptxas does, counting its calls in ``calls``."""
 
     def broken(*args):
         calls.append(1)
         raise RuntimeError("PTX assembler not found\nmore lines")
 
+    return broken
+
+
+@needs(versions.CPU_FLOAT16)
+def test_a_kernel_that_fails_is_turned_off_once_and_the_product_is_used(stand_in):
+    calls = []
+    broken = failing_kernel(calls)
     stand_in.received_attention = broken
     q, k, lse, scale, p = half_block()
     for _ in range(2):
@@ -367,11 +373,7 @@ def test_a_reduction_kernel_with_a_wrong_result_is_turned_off(prune_stand_in, wr
 
 def test_a_reduction_kernel_that_fails_is_turned_off_once(prune_stand_in):
     calls = []
-
-    def broken(*args):
-        calls.append(1)
-        raise RuntimeError("PTX assembler not found\nmore lines")
-
+    broken = failing_kernel(calls)
     prune_stand_in.keep_mean = broken
     x, scores = tokens_and_scores()
     for _ in range(2):
